@@ -1,0 +1,133 @@
+"""MoE layer benchmark: fast index-based path vs a dense GEMM pair vs the dense one-hot einsum reference.
+
+Ratios are measured side by side in one run (DESIGN.md "Performance method"):
+  useful GF/s        = useful FLOPs / MoE time; useful FLOPs = 2 * M * 2 * D * F forward (x3 for fwd+bwd),
+                       M = kept token-choices (T*k when dropless)
+  dense-equivalence  = time of a dense pair gelu(x_MD @ w1_DF) @ w2_FD at the same M and dtype / MoE time
+  ref/fast           = einsum reference time / fast time (reference timed with fewer reps)
+
+Usage: python benchmarks/moe_layer.py [--quick] [--shapes T4096_D512 ...] [--modes dropless cf1.0 cf1.25]
+glibc reads MALLOC_MMAP_THRESHOLD_ at process start only, so the script re-executes itself with it set
+(large fresh tensors otherwise come from mmap and pay page faults on every allocation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34),
+               MALLOC_TOP_PAD_=str(1 << 28))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from raymoe.platform.moe import MoE  # noqa: E402
+from raymoe.platform.moe.reference import reference_forward  # noqa: E402
+
+SHAPES = {  # name: (T, D, F, E, k)
+    "T4096_D512_F2048_E8_k2": (4096, 512, 2048, 8, 2),
+    "T1024_D128_F512_E16_k2": (1024, 128, 512, 16, 2),
+    "T4096_D256_F128_E64_k8": (4096, 256, 128, 64, 8),
+    "T2048_D1024_F256_E32_k4": (2048, 1024, 256, 32, 4),
+}
+MODES = {"dropless": None, "cf1.0": 1.0, "cf1.25": 1.25}
+
+
+def _median_time(fn, reps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, run_ref: bool):
+    torch.manual_seed(0)
+    moe = MoE(D, Fd, num_experts=E, k=k, capacity_factor=cf or 1.0, drop_tokens=cf is not None,
+              min_capacity=4).train()
+    x = torch.randn(T, D, requires_grad=backward)
+    gy = torch.randn(T, D)
+    noise = moe.draw_noise(T)
+
+    def fast():
+        y, l_aux, _ = moe(x, noise=noise)
+        if backward:
+            torch.autograd.backward([y, l_aux], [gy, torch.ones(())])
+
+    def ref():
+        o = reference_forward(moe, x, noise=noise)
+        if backward:
+            torch.autograd.backward([o.y, o.l_aux], [gy, torch.ones(())])
+
+    fast()
+    M = int(moe.last_stats.kept_counts.sum())
+    xd = torch.randn(M, D, requires_grad=backward)
+    w1 = (torch.randn(D, Fd) * 0.02).requires_grad_(backward)
+    w2 = (torch.randn(Fd, D) * 0.02).requires_grad_(backward)
+    gd = torch.randn(M, D)
+
+    def dense():
+        y = F.gelu(xd @ w1, approximate="tanh") @ w2
+        if backward:
+            y.backward(gd)
+
+    t_dense, t_fast = [], []
+    for _ in range(reps):  # interleave so load changes from other processes hit both alike
+        t_dense.append(_median_time(dense, 1, 1 if not t_dense else 0))
+        t_fast.append(_median_time(fast, 1, 1 if not t_fast else 0))
+    td, tf = statistics.median(t_dense), statistics.median(t_fast)
+    tr = _median_time(ref, ref_reps, 1) if run_ref else float("nan")
+    flops = 2 * M * 2 * D * Fd * (3 if backward else 1)
+    return dict(M=M, N=T * k, t_fast=tf, t_dense=td, t_ref=tr, gflops=flops / tf / 1e9,
+                dense_gflops=flops / td / 1e9, dense_eq=td / tf, ref_ratio=tr / tf)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, 2 reps")
+    ap.add_argument("--shapes", nargs="*", default=None, help="substring filters on shape names")
+    ap.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--passes", nargs="*", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--ref-reps", type=int, default=2)
+    ap.add_argument("--no-ref", action="store_true", help="skip the einsum reference")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-reexec", action="store_true", help="do not re-exec with MALLOC_* set")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = dict(SHAPES)
+    if args.quick:
+        shapes = {"T256_D64_F128_E8_k2": (256, 64, 128, 8, 2), "T256_D64_F64_E16_k4": (256, 64, 64, 16, 4)}
+        args.reps, args.ref_reps = 2, 1
+    if args.shapes:
+        shapes = {n: s for n, s in shapes.items() if any(f in n for f in args.shapes)}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype fp32, "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}, grouped_mm "
+          f"{'yes' if hasattr(torch, '_grouped_mm') else 'no'}")
+    hdr = (f"{'shape':<26}{'mode':<9}{'pass':<8}{'M kept':>8}{'fast ms':>9}{'dense ms':>9}{'ref ms':>10}"
+           f"{'GF/s':>8}{'denseGF/s':>10}{'dense-eq':>9}{'ref/fast':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for name, (T, D, Fd, E, k) in shapes.items():
+        for mode in args.modes:
+            for p in args.passes:
+                r = _bench_case(T, D, Fd, E, k, MODES[mode], p == "fwd+bwd", args.reps, args.ref_reps,
+                                not args.no_ref)
+                print(f"{name:<26}{mode:<9}{p:<8}{r['M']:>8}{r['t_fast'] * 1e3:>9.2f}{r['t_dense'] * 1e3:>9.2f}"
+                      f"{r['t_ref'] * 1e3:>10.1f}{r['gflops']:>8.1f}{r['dense_gflops']:>10.1f}"
+                      f"{r['dense_eq']:>9.2f}{r['ref_ratio']:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""`raymoe` command line: thin wrappers that parse, load the config and call the library.
+
+    raymoe train --config cluster_configs/local_tiny.yaml [--set train.steps=100 ...]
+    raymoe eval --checkpoint runs/tiny/checkpoints [--config ...]
+    raymoe generate --checkpoint runs/tiny/checkpoints --prompt "def "
+    raymoe config [--config X] [--set ...] [--fields]
+    raymoe report runs/tiny
+    raymoe checkpoint inspect runs/tiny/checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (see cluster_configs/); defaults when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a config field, e.g. --set train.steps=100 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="raymoe", description="Elastic Mixture-of-Experts training and serving.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (locally on one device)")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or a folder of checkpoints")
+    _add_config_args(p)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or a folder of checkpoints")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("config", help="print the resolved config, or --fields to list every field")
+    _add_config_args(p)
+    p.add_argument("--fields", action="store_true", help="list every field with its default and description")
+    p.add_argument("--markdown", action="store_true", help="with --fields: a Markdown table (docs/config.md)")
+
+    p = sub.add_parser("report", help="plot a run folder (loss curves, expert load)")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_command", required=True)
+    c = csub.add_parser("inspect", help="summarise a checkpoint")
+    c.add_argument("path")
+    return ap
+
+
+def _cmd_train(args) -> int:
+    from raymoe.config import load_config
+    from raymoe.platform.trainer import LocalTrainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = LocalTrainer(cfg)
+    summary = trainer.run()
+    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
+          f"val_loss {summary.get('val_loss', float('nan')):.4f} (ppl {summary.get('val_ppl', float('nan')):.2f})")
+    print(f"checkpoint: {summary['checkpoint']}")
+    for plot in summary["plots"]:
+        print(f"plot: {plot}")
+    if cfg.sample.max_new_tokens:
+        s = cfg.sample
+        text = trainer.sample(s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p)
+        print("sample:\n" + text)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from raymoe.config import load_config
+    from raymoe.platform.data import build_dataset, eval_batches
+    from raymoe.platform.train_step import evaluate
+    from raymoe.platform.trainer import load_model
+
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(args.checkpoint)
+    ds = build_dataset(cfg.data.sources or None, cache_dir=cfg.data.cache_dir, jsonl_field=cfg.data.jsonl_field)
+    _, val = ds.split(cfg.data.val_fraction, block_size=model.config.block_size)
+    batches = eval_batches(val, block_size=model.config.block_size, batch_size=cfg.train.global_batch_size,
+                           max_batches=cfg.train.eval_batches)
+    print(json.dumps(evaluate(model, batches)))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from raymoe.platform.data import ByteTokenizer
+    from raymoe.platform.generate import generate
+    from raymoe.platform.trainer import load_model
+
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    model = load_model(args.checkpoint)
+    model.eval()
+    tok = ByteTokenizer()
+    outs = generate(model, [tok.encode(p) for p in args.prompt], max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id,
+                    seed=args.seed)
+    for prompt, out in zip(args.prompt, outs):
+        print(prompt + tok.decode(out))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from raymoe.config import describe_fields, load_config
+
+    if args.fields:
+        rows = describe_fields()
+        if args.markdown:
+            print("# Configuration fields\n\nGenerated by `raymoe config --fields --markdown`; "
+                  "every YAML file under `cluster_configs/` uses these sections.\n")
+            print("| field | default | description |\n|---|---|---|")
+            for path, default, desc in rows:
+                print(f"| `{path}` | `{default}` | {desc.replace('|', '/')} |")
+        else:
+            for path, default, desc in rows:
+                print(f"{path:32s} {default:14s} {desc}")
+        return 0
+    import yaml
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from raymoe.platform.report import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
+    return 0
+
+
+def _cmd_checkpoint(args) -> int:
+    from raymoe.platform.checkpoint import inspect_checkpoint
+
+    print(json.dumps(inspect_checkpoint(args.path), indent=2, default=str))
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "config": _cmd_config,
+            "report": _cmd_report, "checkpoint": _cmd_checkpoint}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `raymoe` console script; user errors print one clear line and exit 2."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"raymoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Typed configuration for everything a user writes in YAML (``cluster_configs/*.yaml``).
+
+One pydantic tree, ``extra="forbid"`` everywhere, a description on every field. ``load_config`` reads a YAML
+file, applies dotted ``--set`` overrides and turns validation failures into a :class:`ConfigError` whose
+message names the field path and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or outside its allowed values."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("raymoe", description="Run name; used for the output folder and metric labels.")
+    output_dir: str = Field("runs", description="Folder under which the run folder <output_dir>/<name> is created.")
+    seed: int = Field(1234, ge=0, description="Seed for initialisation, data sampling and routing noise.")
+
+
+class ModelConfig(_Section):
+    vocab_size: int = Field(257, ge=2, description="Vocabulary size; 257 = 256 bytes + EOS (byte tokenizer).")
+    block_size: int = Field(128, ge=2, description="Context length in tokens.")
+    n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide d_model.")
+    d_model: int = Field(128, ge=8, description="Hidden size.")
+    d_ff: int | None = Field(None, ge=1, description="Dense FFN size; default 4 * d_model.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (attention, residual).")
+    bias: bool = Field(True, description="Use biases in linear layers and LayerNorm.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        return self
+
+
+class MoEConfig(_Section):
+    num_experts: int | list[int] = Field(
+        8,
+        description="Experts per MoE layer: one int for all, or a list with one entry per MoE layer "
+        "(Pyramid-MoE, e.g. [4, 4, 8]). 1 or an empty moe_layers list gives a dense model.",
+    )
+    expert_interval: int = Field(
+        2, ge=1, description="MoE on every expert_interval-th block (blocks i with i % interval == interval-1)."
+    )
+    moe_layers: list[int] | None = Field(
+        None, description="Explicit block ids that get an MoE (overrides expert_interval); [] = dense model."
+    )
+    expert_ffn: int | None = Field(None, ge=1, description="FFN size of each expert; default model.d_ff.")
+    k: int = Field(1, ge=1, description="Experts per token (top-k gating).")
+    capacity_factor: float = Field(1.0, gt=0, description="Training capacity factor (tokens per expert).")
+    eval_capacity_factor: float = Field(1.0, gt=0, description="Capacity factor in eval mode.")
+    min_capacity: int = Field(4, ge=0, description="Minimum expert capacity in tokens.")
+    drop_tokens: bool = Field(True, description="Drop tokens over capacity; false = dropless.")
+    use_rts: bool = Field(True, description="Random Token Selection: drop overflow at random, not by position.")
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = Field(
+        None, description="Gate noise in training: null, 'Jitter' (input jitter) or 'RSample' (Gumbel)."
+    )
+    use_residual: bool = Field(False, description="Residual-MoE: dense MLP + top-1 expert mixed per token.")
+    aux_loss_coef: float = Field(0.01, ge=0, description="Coefficient of the summed load-balancing loss.")
+    z_loss_coef: float = Field(0.0, ge=0, description="Router z-loss coefficient (0 = off).")
+    expert_bias: bool = Field(False, description="Aux-loss-free balancing bias (DeepSeek-V3 style).")
+    expert_bias_update_rate: float = Field(1e-3, ge=0, description="Step size of the expert bias update.")
+
+    @field_validator("num_experts")
+    @classmethod
+    def _positive_experts(cls, v: int | list[int]) -> int | list[int]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(e < 1 for e in values):
+            raise ValueError(f"num_experts must be an int >= 1 or a non-empty list of ints >= 1, got {v!r}")
+        return v
+
+
+class DataConfig(_Section):
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Text (.txt), JSONL (.jsonl), token (.bin uint16 / .npy) files or folders; "
+        "empty = the embedded default corpus (Python's pydoc_data.topics).",
+    )
+    jsonl_field: str = Field("text", description="Field holding the text in JSONL records.")
+    cache_dir: str = Field(".cache/raymoe", description="Folder for tokenized memory-mapped token files.")
+    val_fraction: float = Field(0.05, gt=0, le=0.5, description="Fraction of tokens held out for validation.")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (all workers together).")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per forward pass; default = global_batch_size (no accumulation)."
+    )
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(3e-4, ge=0, description="Final learning rate of the cosine schedule.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 = off).")
+    eval_interval: int = Field(50, ge=1, description="Evaluate validation loss every this many steps.")
+    eval_batches: int = Field(8, ge=1, description="Validation batches per evaluation.")
+    log_interval: int = Field(10, ge=1, description="Write a metrics record every this many steps.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if available else cpu.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto = bf16 autocast on GPU, fp32 on CPU."
+    )
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
+    progress: bool = Field(True, description="Show a progress bar on a terminal.")
+
+    @model_validator(mode="after")
+    def _micro_divides(self) -> "TrainConfig":
+        micro = self.micro_batch_size
+        if micro is not None and self.global_batch_size % micro:
+            raise ValueError(
+                f"train.micro_batch_size={micro} must divide train.global_batch_size={self.global_batch_size}"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be <= train.lr={self.lr}")
+        return self
+
+
+class CheckpointConfig(_Section):
+    interval: int = Field(0, ge=0, description="Save every this many steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints to keep; older ones are deleted.")
+    resume: bool | str = Field(
+        False, description="false, true (resume from the run folder's latest checkpoint) or a checkpoint path."
+    )
+
+
+class DistillConfig(_Section):
+    teacher_checkpoint: str | None = Field(
+        None, description="Checkpoint folder of the teacher; set to train a Mixture-of-Students student."
+    )
+    student_layers: int | None = Field(None, ge=1, description="Student depth; default: teacher depth - 12.5%.")
+    beta: float = Field(1.0, ge=0, description="Weight of the KD term.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of the KD term.")
+    kd_stop_step: int | None = Field(
+        None, ge=0, description="Staged KD: stop KD after this step (null = KD for the whole run)."
+    )
+
+
+class SampleConfig(_Section):
+    prompt: str = Field("def ", description="Prompt of the sample printed after training.")
+    max_new_tokens: int = Field(120, ge=0, description="Tokens generated for the sample (0 = no sample).")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature (0 = greedy).")
+    top_k: int | None = Field(40, ge=1, description="Top-k filter (null = off).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus filter (null = off).")
+
+
+class RaymoeConfig(_Section):
+    """The root of every raymoe YAML file."""
+
+    run: RunConfig = Field(default_factory=RunConfig, description="Run name, output folder, seed.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="GPT decoder shape.")
+    moe: MoEConfig = Field(default_factory=MoEConfig, description="MoE layers: schedule, gating, losses.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus and tokenization.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimizer, schedule, steps.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving and resuming.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Mixture-of-Students KD.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Sample printed after training.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RaymoeConfig":
+        n_moe = len(moe_layer_ids(self))
+        if isinstance(self.moe.num_experts, list) and len(self.moe.num_experts) != n_moe:
+            raise ValueError(
+                f"moe.num_experts has {len(self.moe.num_experts)} entries but the schedule has {n_moe} MoE "
+                f"layers {moe_layer_ids(self)}: give one entry per MoE layer or a single int"
+            )
+        bad = [i for i in (self.moe.moe_layers or []) if not 0 <= i < self.model.n_layer]
+        if bad:
+            raise ValueError(f"moe.moe_layers {bad} out of range: allowed 0..{self.model.n_layer - 1}")
+        experts = self.moe.num_experts if isinstance(self.moe.num_experts, list) else [self.moe.num_experts]
+        if n_moe and self.moe.k > min(experts):
+            raise ValueError(f"moe.k={self.moe.k} must be <= the smallest num_experts ({min(experts)})")
+        if self.moe.use_residual and self.moe.k != 1:
+            raise ValueError(f"moe.use_residual needs moe.k=1 (Residual-MoE is top-1), got k={self.moe.k}")
+        return self
+
+
+def moe_layer_ids(cfg: RaymoeConfig) -> list[int]:
+    """Block ids that get an MoE under this config's schedule."""
+    if cfg.moe.moe_layers is not None:
+        return sorted(set(cfg.moe.moe_layers))
+    step = cfg.moe.expert_interval
+    return [i for i in range(cfg.model.n_layer) if i % step == step - 1]
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        got = e.get("input")
+        if isinstance(got, dict) and e["type"] == "value_error":
+            # a cross-field check on a whole section: its message already names the fields
+            lines.append(f"  {msg}")
+            continue
+        got_s = "" if e["type"] == "extra_forbidden" else f" (got {got!r})"
+        lines.append(f"  {path}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Assign ``value`` at ``a.b.c`` in a nested dict, checking each key against the schema."""
+    keys = dotted.split(".")
+    model: type[BaseModel] | None = RaymoeConfig
+    node = tree
+    for depth, key in enumerate(keys):
+        if model is not None:
+            if key not in model.model_fields:
+                where = ".".join(keys[:depth]) or "<root>"
+                allowed = ", ".join(model.model_fields)
+                raise ConfigError(f"--set {dotted}: unknown field '{key}' under {where}; allowed: {allowed}")
+            annotation = model.model_fields[key].annotation
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if depth == len(keys) - 1:
+            node[key] = value
+        else:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``a.b=value`` strings; values are YAML scalars/lists (``3``, ``true``, ``[4, 8]``, ``null``)."""
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects dotted.path=value, got {item!r}")
+        path, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {path}: cannot parse value {raw!r}: {exc}") from exc
+        parsed.append((path.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None,
+                     source: str = "<dict>") -> RaymoeConfig:
+    """Validate a plain dict (as read from YAML) plus overrides into a :class:`RaymoeConfig`."""
+    tree: dict[str, Any] = dict(data or {})
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for path, value in parse_overrides(overrides):
+        _set_path(tree, path, value)
+    try:
+        return RaymoeConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RaymoeConfig:
+    """Read a YAML config (``None`` = all defaults) and apply ``--set`` overrides."""
+    if path is None:
+        return config_from_dict({}, overrides, source="defaults")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    return config_from_dict(data, overrides, source=str(p))
+
+
+def resolved_d_ff(cfg: RaymoeConfig) -> int:
+    """Dense FFN size after defaults."""
+    return cfg.model.d_ff or 4 * cfg.model.d_model
+
+
+def describe_fields(model: type[BaseModel] = RaymoeConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted path, default, description) for every field; used by docs and `raymoe config`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, prefix=path + "."))
+        else:
+            default = field.get_default(call_default_factory=True)
+            rows.append((path, repr(default), field.description or ""))
+    return rows

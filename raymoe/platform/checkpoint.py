@@ -1,0 +1,531 @@
+"""Checkpoints: safetensors files (one per global expert, one dense, optimizer, RNG) committed by a manifest.
+
+Layout of ``<root>/step_{step:08d}/``::
+
+    dense.safetensors        non-expert state_dict entries (params + persistent buffers; tied weights once)
+    optim_dense.safetensors  optimizer state of dense params, "<state>.<param name>" (exp_avg.wte.weight, ...)
+    experts/layer{L:03d}_expert{G:04d}.safetensors   global expert G of layer L: its rows of every expert
+                             entry ("w1", "w2") and of their optimizer state ("exp_avg.w1", "step.w1", ...)
+    rng.safetensors          torch CPU/CUDA, python and numpy RNG states (rng_rank{R:05d}... per rank)
+    manifest.json            written LAST (tmp + fsync + os.replace), the commit point: every file's size and
+                             sha256, step, config, extra, optimizer param_groups; then ``<root>/latest``
+
+Expert files are keyed by GLOBAL expert id, so any expert placement loads into any other. An expert
+container is any module with ``layer_id`` and ``global_expert_ids`` (e.g. ``GroupedExperts``) whose state
+entries have E_local leading rows. Nothing is unpickled: tensors go through safetensors, the rest JSON.
+Distributed: each shard calls ``save_checkpoint(..., write_dense=rank == 0, write_manifest=False, rank=r)``;
+then the coordinator calls ``finalize_checkpoint(dir, ...)``, which hashes what is there and commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+from torch import nn
+
+FORMAT_VERSION = 1
+MANIFEST, LATEST, DENSE, OPTIM_DENSE, EXPERT_DIR = "manifest.json", "latest", "dense.safetensors", \
+    "optim_dense.safetensors", "experts"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_EXPERT_RE = re.compile(r"^experts/layer(\d{3,})_expert(\d{4,})\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit the model; the message names the file."""
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint of ``step`` (``step_00000123``)."""
+    return f"step_{step:08d}"
+
+
+def expert_file_name(layer_id: int, global_id: int) -> str:
+    """Path, relative to a checkpoint dir, of the file of global expert ``global_id`` of ``layer_id``."""
+    return f"{EXPERT_DIR}/layer{layer_id:03d}_expert{global_id:04d}.safetensors"
+
+
+def _rng_file(rank: int | None) -> str:
+    return "rng.safetensors" if rank is None else f"rng_rank{rank:05d}.safetensors"
+
+
+def _split_state(model: nn.Module):
+    """-> (dense state entries, {layer_id: (prefix, module, {local name: tensor})}) of model.state_dict()."""
+    containers: dict[int, tuple[str, nn.Module, dict]] = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "global_expert_ids") and hasattr(mod, "layer_id"):
+            lid, ids = int(mod.layer_id), [int(g) for g in mod.global_expert_ids]
+            if lid in containers or len(set(ids)) != len(ids):
+                raise ValueError(f"expert container {name!r}: layer_id={lid} seen twice or duplicate "
+                                 f"global_expert_ids {ids}")
+            containers[lid] = (f"{name}." if name else "", mod, {})
+    dense = {}
+    for key, t in model.state_dict().items():
+        for prefix, mod, entries in containers.values():
+            if key.startswith(prefix):
+                if t.dim() == 0 or t.shape[0] != len(mod.global_expert_ids):
+                    raise ValueError(f"expert entry {key!r} has shape {list(t.shape)}; its leading dim must be "
+                                     f"len(global_expert_ids)={len(mod.global_expert_ids)}")
+                entries[key[len(prefix):]] = t
+                break
+        else:
+            dense[key] = t
+    return dense, containers
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp) then fsync + rename; the tmp name is unique because expert replicas may race on one file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out, ptrs = {}, set()
+    for k, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in ptrs:
+            t = t.clone()  # safetensors refuses tensors sharing memory
+        ptrs.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    _atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
+
+
+def _header(path: Path, buf: bytes | None = None) -> dict:
+    """The JSON header of a safetensors file (from ``buf`` if given, else from the start of ``path``)."""
+    if buf is None:
+        with open(path, "rb") as f:
+            buf = f.read(8)
+            buf += f.read(struct.unpack("<Q", buf)[0] if len(buf) == 8 else 0)
+    n = struct.unpack("<Q", buf[:8])[0] if len(buf) >= 8 else -1
+    try:
+        if 0 <= n <= len(buf) - 8:
+            return json.loads(buf[8:8 + n])
+    except ValueError:
+        pass
+    raise CheckpointError(f"{path}: not a safetensors file (unreadable header)")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rng_payload() -> tuple[dict, dict]:
+    t = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        t.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    py_version, py_state, py_gauss = random.getstate()
+    t["python_state"] = torch.tensor(py_state, dtype=torch.int64)
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
+    t["numpy_keys"] = torch.from_numpy(np_keys.astype(np.int64))
+    return t, {"python": json.dumps([py_version, py_gauss]),
+               "numpy": json.dumps([np_name, int(np_pos), int(np_has_gauss), float(np_cached)])}
+
+
+def _restore_rng(t: dict, meta: dict) -> None:
+    torch.set_rng_state(t["torch_cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"cuda_{i}" in t:
+                torch.cuda.set_rng_state(t[f"cuda_{i}"], i)
+    py_version, py_gauss = json.loads(meta["python"])
+    random.setstate((py_version, tuple(t["python_state"].tolist()), py_gauss))
+    np_name, np_pos, np_has_gauss, np_cached = json.loads(meta["numpy"])
+    np.random.set_state((np_name, t["numpy_keys"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_cached))
+
+
+def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                    extra: dict | None = None, config: dict | None = None, rng: bool = True,
+                    write_dense: bool = True, write_manifest: bool = True, write_experts: bool = True,
+                    rank: int | None = None) -> Path:
+    """Write ``model`` [+ ``optimizer`` state, RNG state] to ``<root>/step_{step:08d}/``; return that dir.
+
+    ``write_dense``/``write_experts`` pick the parts this process writes; ``write_manifest`` commits here
+    (else a coordinator calls ``finalize_checkpoint`` once every writer returned). ``extra`` and ``config``
+    must be JSON-serializable (they go into the manifest). ``rank`` names a per-rank RNG file. Re-saving a
+    step first removes its manifest, so a crash midway leaves it visibly incomplete.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    for name, value in (("extra", extra), ("config", config)):
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be JSON-serializable: {e}") from e
+    ckpt = Path(root) / step_dir_name(step)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / MANIFEST).unlink(missing_ok=True)
+    dense, containers = _split_state(model)
+    dense_opt, expert_opt, groups = _optimizer_payload(model, optimizer, containers)
+    if write_dense:
+        stored, aliases, seen = {}, {}, {}
+        for k, t in dense.items():  # tied weights (wte/lm_head) are stored once
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+            if t.numel() and key in seen:
+                aliases[k] = seen[key]
+            else:
+                seen[key], stored[k] = k, t
+        _write_safetensors(ckpt / DENSE, stored, {"aliases": json.dumps(aliases)})
+        if optimizer is not None:
+            _write_safetensors(ckpt / OPTIM_DENSE, dense_opt, {"param_groups": groups})
+    for lid, (_, mod, entries) in containers.items() if write_experts else ():
+        for i, gid in enumerate(mod.global_expert_ids):
+            tensors, shared = {ln: t[i] for ln, t in entries.items()}, []
+            for ln, states in expert_opt.get(lid, {}).items():
+                for sname, v in states.items():
+                    # per-element state gets row i; the rest (AdamW's scalar step) is copied to every expert
+                    tensors[f"{sname}.{ln}"] = v[i] if v.shape == entries[ln].shape else v
+                    shared += [] if v.shape == entries[ln].shape else [f"{sname}.{ln}"]
+            meta = {"layer_id": str(lid), "global_expert_id": str(gid),
+                    "params": json.dumps(sorted(entries)), "shared": json.dumps(shared)}
+            _write_safetensors(ckpt / expert_file_name(lid, int(gid)), tensors, meta)
+    if rng:
+        _write_safetensors(ckpt / _rng_file(rank), *_rng_payload())
+    if write_manifest:
+        finalize_checkpoint(ckpt, step=step, config=config, extra=extra)
+    return ckpt
+
+
+def _optimizer_payload(model, optimizer, containers):
+    """-> (dense state {"<state>.<name>": t}, {layer: {local name: {state: t}}}, param_groups as JSON)."""
+    if optimizer is None:
+        return {}, {}, None
+    names = {id(p): n for n, p in model.named_parameters()}
+    expert_of = {id(p): (lid, ln) for lid, (_, mod, _) in containers.items() for ln, p in mod.named_parameters()}
+    dense, experts, groups = {}, {}, []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) not in names:
+                raise ValueError(f"optimizer holds a parameter of shape {list(p.shape)} that is not in the model")
+            for sname, v in optimizer.state.get(p, {}).items():
+                if v is not None and not isinstance(v, torch.Tensor):
+                    raise ValueError(f"optimizer state {sname!r} of {names[id(p)]!r} is a {type(v).__name__}; "
+                                     "only tensor state is checkpointed")
+                if v is not None and id(p) in expert_of:
+                    lid, ln = expert_of[id(p)]
+                    experts.setdefault(lid, {}).setdefault(ln, {})[sname] = v
+                elif v is not None:
+                    dense[f"{sname}.{names[id(p)]}"] = v
+        groups.append({**{k: v for k, v in g.items() if k not in ("params", "param_names")},
+                       "params": [names[id(p)] for p in g["params"]]})
+    # tensors (a tensor lr) become numbers; what JSON cannot hold (callables) becomes null = "keep live value"
+    return dense, experts, json.dumps(groups, default=lambda o: o.tolist() if torch.is_tensor(o) else None)
+
+
+def finalize_checkpoint(ckpt_dir, *, step: int | None = None, config: dict | None = None,
+                        extra: dict | None = None, expected_experts: dict[int, int] | None = None,
+                        update_latest: bool = True) -> Path:
+    """Commit a checkpoint dir: hash every file present, write ``manifest.json`` atomically, then ``latest``.
+
+    Call it once, after every writer's ``save_checkpoint(..., write_manifest=False)`` returned.
+    ``expected_experts`` ({layer_id: num_experts}) refuses to commit unless each such layer has exactly
+    experts 0..n-1. ``step`` defaults to the one in the directory name.
+    """
+    ckpt = Path(ckpt_dir)
+    if step is None:
+        if not (m := _STEP_RE.match(ckpt.name)):
+            raise ValueError(f"step not given and {ckpt.name!r} is not a step_XXXXXXXX directory")
+        step = int(m.group(1))
+    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+             for p in sorted(ckpt.rglob("*"))
+             if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
+    experts: dict[int, list[int]] = {}
+    for m in filter(None, map(_EXPERT_RE.match, files)):
+        experts.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    for lid, n in (expected_experts or {}).items():
+        if sorted(experts.get(lid, [])) != list(range(n)):
+            raise CheckpointError(f"{ckpt}: layer {lid} should have experts 0..{n - 1}, found "
+                                  f"{sorted(experts.get(lid, []))}; not committing")
+    groups = None
+    if OPTIM_DENSE in files:
+        groups = json.loads(_header(ckpt / OPTIM_DENSE)["__metadata__"]["param_groups"])
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
+                "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "config": config, "extra": extra, "files": files,
+                "experts": {str(k): sorted(v) for k, v in sorted(experts.items())},
+                "optimizer": None if groups is None else {"param_groups": groups}}
+    _atomic_write(ckpt / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    if update_latest:
+        _atomic_write(ckpt.parent / LATEST, lambda tmp: tmp.write_text(ckpt.name + "\n"))
+    return ckpt
+
+
+def list_checkpoints(root) -> list[Path]:
+    """Committed checkpoint dirs (those with a manifest) under ``root``, oldest step first."""
+    root = Path(root)
+    found = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+             if (m := _STEP_RE.match(p.name)) and (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root) -> Path | None:
+    """The dir named by ``<root>/latest`` if it is committed, else the newest committed one, else None."""
+    root = Path(root)
+    name = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else ""
+    if _STEP_RE.match(name) and (root / name / MANIFEST).is_file():
+        return root / name
+    done = list_checkpoints(root)
+    return done[-1] if done else None
+
+
+def remove_checkpoint(path) -> None:
+    """Delete one checkpoint dir; the manifest goes first so a crash leaves it incomplete, never half-valid."""
+    p = Path(path)
+    if not _STEP_RE.match(p.name):
+        raise ValueError(f"{p}: not a step_XXXXXXXX checkpoint directory; refusing to delete it")
+    (p / MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def _resolve(path) -> Path:
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    if p.is_dir() and ((p / LATEST).is_file() or any(_STEP_RE.match(c.name) for c in p.iterdir())):
+        if (found := latest_checkpoint(p)) is None:
+            raise CheckpointError(f"{p}: no committed checkpoint (no step_* dir has a {MANIFEST}): "
+                                  "the checkpoint write did not complete")
+        return found
+    if p.is_dir() or _STEP_RE.match(p.name):
+        raise CheckpointError(f"{p / MANIFEST}: manifest missing: the checkpoint write did not complete "
+                              "(or this is not a checkpoint directory)")
+    raise CheckpointError(f"{p}: no such checkpoint directory")
+
+
+def read_manifest(path_or_root) -> dict:
+    """The manifest of a committed checkpoint (a step dir, or a root: its latest), plus ``"path"``."""
+    path = _resolve(path_or_root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int) or version > FORMAT_VERSION or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path}: unsupported manifest (format_version={version!r}, "
+                              f"this code reads <= {FORMAT_VERSION})")
+    return {**manifest, "path": path.parent}
+
+
+def _read(manifest: dict, rel: str, parse: bool = True):
+    """Verified (tensors, metadata) of safetensors file ``rel`` (its bytes if not ``parse``): it must be
+    listed in the manifest, present, and match its size and sha256."""
+    path, entry = manifest["path"] / rel, manifest["files"].get(rel)
+    if entry is None:
+        raise CheckpointError(f"{path}: not listed in {manifest['path'] / MANIFEST}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: listed in the manifest but missing") from None
+    if len(data) != entry["size"]:
+        raise CheckpointError(f"{path}: {len(data)} bytes but the manifest says {entry['size']} "
+                              "(truncated or overwritten)")
+    if (digest := hashlib.sha256(data).hexdigest()) != entry["sha256"]:
+        raise CheckpointError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}: "
+                              "the file is corrupted")
+    if not parse:
+        return data
+    meta = _header(path, data).get("__metadata__") or {}
+    try:
+        return st_load(data), meta
+    except Exception as e:  # safetensors raises its own error type
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def _copy(path, key: str, src: torch.Tensor, dst: torch.Tensor, strict: bool) -> None:
+    if src.shape != dst.shape:
+        raise CheckpointError(f"{path}: {key!r} has shape {list(src.shape)} in the checkpoint but "
+                              f"{list(dst.shape)} in the model")
+    if strict and src.dtype != dst.dtype:
+        raise CheckpointError(f"{path}: {key!r} has dtype {src.dtype} in the checkpoint but {dst.dtype} "
+                              "in the model (strict=False casts)")
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def _check_keys(path, missing, unexpected) -> None:
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: entries do not match the model: missing {sorted(missing)[:8]}, "
+                              f"unexpected {sorted(unexpected)[:8]}")
+
+
+def load_checkpoint(path_or_root, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                    strict: bool = True, restore_rng: bool = True, rank: int | None = None) -> dict:
+    """Load a committed checkpoint (a step dir, or a root: its latest) into ``model`` [and ``optimizer``].
+
+    Every file read is checked against the manifest (size, sha256), every entry by name, shape and dtype;
+    problems raise ``CheckpointError`` naming the file. Expert containers get the rows of the global experts
+    they hold, whatever placement wrote the checkpoint. Optimizer state (AdamW exp_avg, exp_avg_sq, step)
+    and param_group hyperparameters are restored exactly, so training continues bit-identically.
+    ``strict=False`` tolerates missing/unexpected entries, missing experts and dtype casts.
+    Returns ``{"step", "extra", "config", "path"}``.
+    """
+    manifest = read_manifest(path_or_root)
+    ckpt, files = manifest["path"], manifest["files"]
+    dense, containers = _split_state(model)
+    if dense and (DENSE in files or strict):
+        tensors, meta = _read(manifest, DENSE)
+        aliases = json.loads(meta.get("aliases", "{}")).items()
+        saved = {**tensors, **{a: tensors[s] for a, s in aliases if s in tensors}}
+        if strict:
+            _check_keys(ckpt / DENSE, dense.keys() - saved.keys(), saved.keys() - dense.keys())
+        for k in [k for k in dense if k in saved]:
+            _copy(ckpt / DENSE, k, saved[k], dense[k], strict)
+    expert_files = {}
+    for lid, (_, mod, entries) in containers.items():
+        for i, gid in enumerate(mod.global_expert_ids):
+            if (rel := expert_file_name(lid, gid)) not in files:
+                if not strict:
+                    continue
+                raise CheckpointError(f"{ckpt / rel}: not in the checkpoint; the model holds layer {lid} expert "
+                                      f"{gid}, the checkpoint has {manifest.get('experts', {}).get(str(lid))}")
+            tensors, meta = _read(manifest, rel)
+            if (meta.get("layer_id"), meta.get("global_expert_id")) != (str(lid), str(gid)):
+                raise CheckpointError(f"{ckpt / rel}: metadata says layer {meta.get('layer_id')} expert "
+                                      f"{meta.get('global_expert_id')}")
+            names = set(json.loads(meta.get("params", "[]")))
+            if strict:
+                _check_keys(ckpt / rel, entries.keys() - names, names - entries.keys())
+            for ln in [ln for ln in entries if ln in names]:
+                _copy(ckpt / rel, ln, tensors[ln], entries[ln][i], strict)
+            expert_files[(lid, gid)] = (rel, tensors, meta, names)
+    if optimizer is not None:
+        _load_optimizer(manifest, model, optimizer, containers, expert_files, strict)
+    if restore_rng and _rng_file(rank) in files:
+        _restore_rng(*_read(manifest, _rng_file(rank)))
+    return {"step": manifest["step"], "extra": manifest.get("extra"), "config": manifest.get("config"),
+            "path": ckpt}
+
+
+def _expert_param_state(ckpt, mod, lid, ln, expert_files, strict) -> dict:
+    """Optimizer state of expert param ``ln`` of layer ``lid``: rows stacked in this module's expert order."""
+    rows: dict[str, list] = {}
+    state: dict[str, torch.Tensor] = {}
+    for rel, tensors, meta, names in [expert_files[(lid, g)] for g in mod.global_expert_ids
+                                      if (lid, g) in expert_files]:
+        shared = set(json.loads(meta.get("shared", "[]")))
+        for key, v in tensors.items():
+            sname, _, kln = key.partition(".")
+            if key in names or kln != ln:
+                continue
+            if key not in shared:
+                rows.setdefault(sname, []).append(v)
+            elif state.setdefault(sname, v) is not v and not torch.equal(state[sname], v):
+                raise CheckpointError(f"{ckpt / rel}: {key!r} differs from the other experts' files")
+    for sname, vs in rows.items():
+        if len(vs) != len(mod.global_expert_ids):
+            if not strict:
+                return {}
+            raise CheckpointError(f"{ckpt}: layer {lid} {ln!r}: optimizer state {sname!r} is missing from some "
+                                  f"of the files of experts {mod.global_expert_ids}")
+        state[sname] = torch.stack(vs)
+    return state
+
+
+def _load_optimizer(manifest, model, optimizer, containers, expert_files, strict) -> None:
+    ckpt = manifest["path"]
+    saved_groups = (manifest.get("optimizer") or {}).get("param_groups")
+    if saved_groups is None:
+        if not strict:
+            return
+        raise CheckpointError(f"{ckpt}: no optimizer state ({OPTIM_DENSE} not in the manifest) but an "
+                              "optimizer was passed (strict=False skips it)")
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{ckpt / MANIFEST}: {len(saved_groups)} optimizer param groups, the optimizer "
+                              f"has {len(optimizer.param_groups)}")
+    per_param: dict[str, dict] = {}
+    for key, v in _read(manifest, OPTIM_DENSE)[0].items():
+        sname, _, pname = key.partition(".")
+        per_param.setdefault(pname, {})[sname] = v
+    for lid, (prefix, mod, _) in containers.items():
+        for ln, _p in mod.named_parameters():
+            if state := _expert_param_state(ckpt, mod, lid, ln, expert_files, strict):
+                per_param[prefix + ln] = state
+    names = {id(p): n for n, p in model.named_parameters()}
+    index, groups = {}, []
+    for gi, (g, sg) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        gnames = [names.get(id(p), "?") for p in g["params"]]
+        if gnames != sg.get("params"):
+            raise CheckpointError(f"{ckpt / MANIFEST}: optimizer param group {gi} holds {len(gnames)} params "
+                                  f"{gnames[:3]}..., the checkpoint's {sg.get('params', [])[:3]}...")
+        new = {k: v for k, v in g.items() if k != "params"}
+        for k, v in sg.items():
+            cur = g.get(k)
+            if v is not None and k != "params":
+                v = torch.tensor(v, dtype=cur.dtype, device=cur.device) if torch.is_tensor(cur) else v
+                new[k] = tuple(v) if isinstance(cur, tuple) else v
+        new["params"] = list(range(len(index), len(index) + len(gnames)))
+        index.update(zip(gnames, new["params"]))
+        groups.append(new)
+    if strict and per_param.keys() - index.keys():
+        raise CheckpointError(f"{ckpt / OPTIM_DENSE}: optimizer state for params the optimizer does not hold: "
+                              f"{sorted(per_param.keys() - index.keys())[:8]}")
+    state = {index[n]: st for n, st in per_param.items() if n in index}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def inspect_checkpoint(path, *, verify: bool = False) -> dict:
+    """Summary of a committed checkpoint (a step dir or a root) for ``raymoe checkpoint inspect``: step,
+    MoE layers, experts per layer, parameter counts and byte sizes. Reads only the manifest and safetensors
+    headers unless ``verify`` (then every file's size and sha256 is checked; a mismatch raises)."""
+    manifest = read_manifest(path)
+    ckpt, files = manifest["path"], manifest["files"]
+    for rel in files if verify else ():
+        _read(manifest, rel, parse=False)
+
+    def numel(rel, keep=lambda k: True) -> int:
+        header = _header(ckpt / rel)
+        return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__" and keep(k))
+
+    experts = {int(k): v for k, v in (manifest.get("experts") or {}).items()}
+    per_expert = {}
+    for rel in [expert_file_name(lid, gid) for lid, ids in experts.items() for gid in ids]:
+        names = set(json.loads(_header(ckpt / rel)["__metadata__"].get("params", "[]")))
+        per_expert[rel] = numel(rel, names.__contains__)
+    dense_params = numel(DENSE) if DENSE in files else 0
+
+    def size(pred) -> int:
+        return sum(e["size"] for rel, e in files.items() if pred(rel))
+
+    return {"path": str(ckpt), "step": manifest["step"], "format_version": manifest["format_version"],
+            "created_utc": manifest.get("created_utc"), "num_moe_layers": len(experts),
+            "experts_per_layer": {lid: len(ids) for lid, ids in experts.items()}, "expert_ids": experts,
+            "params": {"dense": dense_params, "experts": sum(per_expert.values()),
+                       "total": dense_params + sum(per_expert.values()),
+                       "per_expert": {lid: per_expert[expert_file_name(lid, ids[0])]
+                                      for lid, ids in experts.items()}},
+            "bytes": {"total": size(lambda r: True), "dense": size(lambda r: r == DENSE),
+                      "optim_dense": size(lambda r: r == OPTIM_DENSE),
+                      "experts": size(lambda r: r.startswith(EXPERT_DIR + "/")),
+                      "rng": size(lambda r: r.startswith("rng"))},
+            "num_files": len(files), "has_optimizer": manifest.get("optimizer") is not None,
+            "has_rng": any(r.startswith("rng") for r in files),
+            "config": manifest.get("config"), "extra": manifest.get("extra")}

@@ -1,0 +1,399 @@
+"""Data: byte tokenizer, corpora, memory-mapped token files, deterministic splits and batch sampling.
+
+Legend: B batch rows, T block_size (tokens per row), W windows (valid start offsets of a split).
+
+A step's batch is a pure function of (seed, step, split); rank r of world w takes a contiguous slice of its
+rows, so re-planning with another world size neither skips nor repeats samples. Token files are plain uint16
+arrays (np.memmap): every worker on a node shares one page cache instead of holding its own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+EOS_ID = 256
+TEXT_SUFFIXES = (".txt", ".jsonl")
+TOKEN_SUFFIXES = (".bin", ".npy")
+_META_FORMAT = "raymoe-tokens"
+_META_VERSION = 1
+_HASH_CHUNK = 1 << 20
+PathLike = str | os.PathLike
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255 plus EOS (256): no vocabulary files, any text, any language."""
+
+    vocab_size = 257
+    eos_id = EOS_ID
+
+    def encode(self, text: str, add_eos: bool = False) -> list[int]:
+        """Token ids of `text` (its UTF-8 bytes), optionally followed by EOS."""
+        return self.encode_array(text, add_eos).tolist()
+
+    def encode_array(self, text: str, add_eos: bool = False) -> np.ndarray:
+        """Like `encode` but returns a uint16 array (the fast path for building token files)."""
+        if not isinstance(text, str):
+            raise TypeError(f"ByteTokenizer.encode expects str, got {type(text).__name__}")
+        # surrogatepass: a lone surrogate (e.g. from a bad JSON escape) must not crash a whole corpus build
+        ids = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8).astype(np.uint16)
+        return np.append(ids, np.uint16(EOS_ID)) if add_eos else ids
+
+    def decode(self, ids: Iterable[int] | np.ndarray | torch.Tensor) -> str:
+        """Text of `ids`; EOS and any id outside 0..255 are skipped, invalid UTF-8 becomes U+FFFD.
+
+        decode(encode(s)) == s for every str that is valid Unicode (no lone surrogates).
+        """
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids)).astype(np.int64).ravel()
+        arr = arr[(arr >= 0) & (arr < 256)]
+        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+def default_corpus_text() -> str:
+    """The embedded default corpus: Python's reference docs (`pydoc_data.topics`), no download needed.
+
+    Topics are joined in sorted key order with blank lines, so the text is fixed for a Python version
+    (about 465 KB on CPython 3.11).
+    """
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _expand(paths: Sequence[PathLike], suffixes: tuple[str, ...]) -> list[Path]:
+    """Files named by `paths`; a directory contributes its files with `suffixes` (recursively, sorted)."""
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+            if not found:
+                raise ValueError(f"data directory {str(p)!r} holds no files ending in {list(suffixes)}")
+            files.extend(found)
+        elif p.is_file():
+            if p.suffix not in TEXT_SUFFIXES + TOKEN_SUFFIXES:
+                raise ValueError(f"data file {str(p)!r}: unsupported suffix {p.suffix!r}; "
+                                 f"allowed: {list(TEXT_SUFFIXES + TOKEN_SUFFIXES)} or a directory")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"data source {str(p)!r} does not exist")
+    return files
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            if field not in obj:
+                raise ValueError(f"{where}: missing field {field!r} (jsonl_field); keys: {sorted(obj)[:10]}")
+            if not isinstance(obj[field], str):
+                raise ValueError(f"{where}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+            yield obj[field]
+
+
+def _iter_documents(path: Path, jsonl_field: str) -> Iterator[str]:
+    if path.suffix not in TEXT_SUFFIXES:
+        raise ValueError(f"{str(path)!r} is not a text source (expected one of {list(TEXT_SUFFIXES)})")
+    yield from _iter_jsonl(path, jsonl_field) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+
+
+def load_corpus_texts(paths: Sequence[PathLike], jsonl_field: str = "text") -> list[str]:
+    """Documents of the text sources `paths`.
+
+    A .txt file is one document; each non-blank line of a .jsonl file is a JSON object whose `jsonl_field`
+    is one document; a directory contributes all its .txt/.jsonl files (recursively, sorted by path).
+    `build_token_file` puts EOS between consecutive documents.
+    """
+    return [doc for f in _expand(paths, TEXT_SUFFIXES) for doc in _iter_documents(f, jsonl_field)]
+
+
+def _load_token_file(path: Path) -> np.ndarray:
+    """Read-only memory map of a pre-tokenized file (.bin: raw uint16; .npy: 1-D integer array)."""
+    if path.suffix == ".bin":
+        size = path.stat().st_size
+        if size == 0 or size % 2:
+            raise ValueError(f"token file {str(path)!r}: {size} bytes is not a non-empty uint16 array")
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.size == 0:
+        raise ValueError(f"token file {str(path)!r}: expected a non-empty 1-D integer array, "
+                         f"got shape {arr.shape} {arr.dtype}")
+    return arr
+
+
+def _fingerprint(files: list[Path], default_text: str | None, tokenizer, jsonl_field: str) -> str:
+    """Hash of everything the token file depends on: contents (not mtimes), tokenizer, options."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{_META_FORMAT}:{_META_VERSION}:{type(tokenizer).__name__}:{tokenizer.vocab_size}:"
+             f"{tokenizer.eos_id}:{jsonl_field}".encode())
+    if default_text is not None:
+        h.update(b"\0default\0" + default_text.encode("utf-8", errors="surrogatepass"))
+    for f in files:
+        h.update(b"\0file\0" + f.suffix.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _encode(tokenizer, text: str) -> np.ndarray:
+    fast = getattr(tokenizer, "encode_array", None)  # any encode(str)->list[int] tokenizer also works
+    return fast(text) if fast else np.asarray(tokenizer.encode(text), dtype=np.int64)
+
+
+def _tmp_name(path: Path) -> Path:
+    """A unique sibling name: concurrent builders (ranks on one node) never write the same file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+
+
+def _write_tokens(out, arr: np.ndarray, origin: str) -> tuple[int, int]:
+    """Append `arr` to `out` as uint16; returns (count, max id)."""
+    if arr.size == 0:
+        return 0, -1
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > np.iinfo(np.uint16).max:
+        raise ValueError(f"{origin}: token ids must be in [0, 65535] for a uint16 token file, got [{lo}, {hi}]")
+    out.write(np.ascontiguousarray(arr, dtype=np.uint16).tobytes())
+    return int(arr.size), hi
+
+
+def build_token_file(source: PathLike | Sequence[PathLike] | None, cache_dir: PathLike,
+                     tokenizer: ByteTokenizer | None = None, jsonl_field: str = "text") -> Path:
+    """Tokenize `source` into a uint16 token file under `cache_dir` and return its path.
+
+    `source`: None or [] for the embedded default corpus, else paths of .txt/.jsonl files, directories, or
+    pre-tokenized .bin (uint16) / .npy token files. A single token file is returned as is (no copy). Otherwise
+    all documents are concatenated with EOS between them into `tokens-<fingerprint>.bin` plus a JSON meta
+    (`num_tokens`, `vocab_size`, `fingerprint`, ...) written next to it. Both are written to temporary
+    names and renamed, the meta last, so concurrent builders and crashes never leave a half file; an
+    existing file whose meta fingerprint matches the inputs is reused.
+    """
+    tokenizer = tokenizer or ByteTokenizer()
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    files = _expand(list(source or []), TEXT_SUFFIXES)
+    if len(files) == 1 and files[0].suffix in TOKEN_SUFFIXES:
+        _load_token_file(files[0])  # validate now rather than at the first step
+        return files[0]
+    default_text = default_corpus_text() if not files else None
+    fp = _fingerprint(files, default_text, tokenizer, jsonl_field)
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    bin_path, meta_path = cache / f"tokens-{fp}.bin", cache / f"tokens-{fp}.json"
+    meta = _read_meta(meta_path)
+    if (meta and meta.get("fingerprint") == fp and bin_path.is_file()
+            and bin_path.stat().st_size == 2 * meta["num_tokens"]):
+        return bin_path
+
+    def documents() -> Iterator[tuple[str, np.ndarray]]:
+        if default_text is not None:
+            yield "default corpus", _encode(tokenizer, default_text)
+        for f in files:
+            if f.suffix in TOKEN_SUFFIXES:
+                yield str(f), np.asarray(_load_token_file(f))
+            else:
+                for doc in _iter_documents(f, jsonl_field):
+                    yield str(f), _encode(tokenizer, doc)
+
+    tmp = _tmp_name(bin_path)
+    num_tokens, max_id = 0, -1
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
+    try:
+        with open(tmp, "wb") as out:
+            for i, (origin, ids) in enumerate(documents()):
+                if i:
+                    num_tokens += _write_tokens(out, eos, origin)[0]
+                n, hi = _write_tokens(out, ids, origin)
+                num_tokens, max_id = num_tokens + n, max(max_id, hi)
+        if num_tokens == 0:
+            raise ValueError(f"data sources {[str(f) for f in files]} contain no tokens")
+        os.replace(tmp, bin_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    meta = {
+        "format": _META_FORMAT, "version": _META_VERSION, "num_tokens": num_tokens, "dtype": "uint16",
+        "vocab_size": max(tokenizer.vocab_size, max_id + 1), "eos_id": tokenizer.eos_id,
+        "tokenizer": type(tokenizer).__name__, "fingerprint": fp,
+        "sources": [str(f) for f in files] or ["<default: pydoc_data.topics>"],
+    }
+    tmp = _tmp_name(meta_path)
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, meta_path)  # the meta is the commit marker: written after the token file is in place
+    return bin_path
+
+
+def _read_meta(meta_path: Path) -> dict | None:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == _META_FORMAT else None
+
+
+class TokenDataset:
+    """A token stream (or a contiguous range of one) backed by a read-only memory map.
+
+    Pickles by path (not by contents), so handing it to another process costs nothing; the map is
+    reopened lazily there.
+    """
+
+    def __init__(self, path: PathLike, start: int = 0, end: int | None = None, name: str = "all"):
+        self.path, self.name = Path(path), name
+        self._data: np.ndarray | None = None
+        total = len(self._file_tokens())
+        end = total if end is None else end
+        if not 0 <= start <= end <= total:
+            raise ValueError(f"TokenDataset range [{start}, {end}) is outside [0, {total}] of {str(self.path)!r}")
+        self.start, self.end = start, end
+        meta = _read_meta(self.path.with_suffix(".json"))
+        self._vocab_size: int | None = meta["vocab_size"] if meta else None
+
+    def _file_tokens(self) -> np.ndarray:
+        if self._data is None:
+            self._data = _load_token_file(self.path)
+        return self._data
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The tokens of this range (a memmap view, no copy)."""
+        return self._file_tokens()[self.start:self.end]
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_data": None}
+
+    @property
+    def vocab_size(self) -> int:
+        """Smallest vocab that covers the file: from the meta, else max id + 1 (one scan, cached)."""
+        if self._vocab_size is None:
+            self._vocab_size = int(self._file_tokens().max()) + 1
+        return self._vocab_size
+
+    def num_windows(self, block_size: int) -> int:
+        """Number of valid window starts for (x, y) rows of `block_size` tokens; errors if there are none."""
+        _check_nonneg_int("block_size", block_size, 1)
+        if len(self) < block_size + 1:
+            raise ValueError(
+                f"split {self.name!r} has {len(self)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+                f"use a smaller block_size, a different val_fraction, or more data"
+            )
+        return len(self) - block_size
+
+    def split(self, val_fraction: float, block_size: int | None = None) -> tuple[TokenDataset, TokenDataset]:
+        """(train, val): the last `val_fraction` of the stream is val, the rest train.
+
+        Deterministic and seed-independent; the two ranges are disjoint, so no window of one split reads a
+        token of the other. With `block_size`, both must hold at least block_size + 1 tokens.
+        """
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+                or not 0.0 < val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be a number in (0, 0.5], got {val_fraction!r}")
+        n_val = max(1, int(round(len(self) * val_fraction)))
+        if n_val >= len(self):
+            raise ValueError(f"dataset of {len(self)} tokens is too small to split with val_fraction={val_fraction}")
+        cut = self.end - n_val
+        train = TokenDataset(self.path, self.start, cut, name="train")
+        val = TokenDataset(self.path, cut, self.end, name="val")
+        for part in (train, val) if block_size is not None else ():
+            part.num_windows(block_size)  # raises if a split is too short
+        return train, val
+
+
+def _check_nonneg_int(name: str, value, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_rank(rank, world) -> None:
+    _check_nonneg_int("world", world, 1)
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, {world}) for world={world}, got {rank!r}")
+
+
+def global_batch_starts(seed: int, step: int, global_batch: int, num_windows: int, split: str = "train") -> np.ndarray:
+    """Window start offsets (int64 [global_batch]) of the whole global batch of `step`.
+
+    A pure function of (seed, step, split): the generator is PCG64 seeded by a hash of the three, so
+    steps are independent (resuming at step s needs no replay) and there is no hidden state.
+    """
+    _check_nonneg_int("seed", seed)
+    _check_nonneg_int("step", step)
+    _check_nonneg_int("global_batch", global_batch, 1)
+    _check_nonneg_int("num_windows", num_windows, 1)
+    digest = hashlib.blake2b(f"raymoe-batch:{seed}:{step}:{split}".encode(), digest_size=16).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+    return rng.integers(0, num_windows, size=global_batch, dtype=np.int64)
+
+
+def _windows(ds: TokenDataset, starts_B: np.ndarray, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    idx_BT1 = starts_B[:, None] + np.arange(block_size + 1, dtype=np.int64)[None, :]
+    rows_BT1 = torch.from_numpy(np.asarray(ds.tokens[idx_BT1], dtype=np.int64))
+    x_BT, y_BT = rows_BT1[:, :-1].contiguous(), rows_BT1[:, 1:].contiguous()
+    return x_BT.to(device), y_BT.to(device)
+
+
+def sample_batch(
+    split_ds: TokenDataset, seed: int, step: int, rank: int, world: int, global_batch: int, block_size: int,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows (x_BT, y_BT) of the global batch of `step`; int64, y is x shifted by one token.
+
+    Rank r of `world` gets the contiguous rows [r*B, (r+1)*B) with B = global_batch // world, so the ranks'
+    batches stacked in rank order equal the world=1 batch for any world size.
+    """
+    _check_rank(rank, world)
+    _check_nonneg_int("global_batch", global_batch, 1)
+    if global_batch % world:
+        raise ValueError(f"global_batch={global_batch} is not divisible by world={world}; choose a "
+                         f"global_batch that is a multiple of the number of data-parallel ranks")
+    starts_G = global_batch_starts(seed, step, global_batch, split_ds.num_windows(block_size), split_ds.name)
+    per_rank = global_batch // world
+    return _windows(split_ds, starts_G[rank * per_rank:(rank + 1) * per_rank], block_size, device)
+
+
+def eval_batches(
+    split_ds: TokenDataset, block_size: int, batch_size: int, max_batches: int | None = None,
+    rank: int = 0, world: int = 1, device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic (x_BT, y_BT) batches over fixed windows for evaluation.
+
+    Windows start at 0, block_size, 2*block_size, ... (each reads block_size + 1 tokens); they are grouped
+    into batches of `batch_size` in order (the last may be smaller) and at most `max_batches` are used.
+    With rank/world, rank r takes batches r, r + world, ... of that list, so ranks cover it exactly once.
+    """
+    _check_nonneg_int("batch_size", batch_size, 1)
+    _check_rank(rank, world)
+    starts_W = np.arange(0, split_ds.num_windows(block_size), block_size, dtype=np.int64)
+    n_batches = -(-len(starts_W) // batch_size)
+    if max_batches is not None:
+        _check_nonneg_int("max_batches", max_batches)
+        n_batches = min(n_batches, max_batches)
+    for b in range(rank, n_batches, world):
+        yield _windows(split_ds, starts_W[b * batch_size:(b + 1) * batch_size], block_size, device)
+
+
+def build_dataset(sources: Sequence[PathLike] | None, cache_dir: PathLike,
+                  tokenizer: ByteTokenizer | None = None, jsonl_field: str = "text") -> TokenDataset:
+    """The whole token stream of `sources` (None or [] = the embedded default corpus) as a TokenDataset.
+
+    Call `.split(val_fraction, block_size)` on the result for train/val.
+    """
+    return TokenDataset(build_token_file(sources, cache_dir, tokenizer, jsonl_field))

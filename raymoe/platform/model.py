@@ -1,0 +1,489 @@
+"""GPT decoder with DeepSpeed-MoE style expert layers (MoE schedule, pyramid expert counts, residual MoE).
+
+Shape legend: B batch, T tokens in this call, L key length (cached + new), H heads, Dh head dim,
+D model dim, F ffn dim, V vocab, E experts.
+
+The model is single-device: expert parallelism is injected per MoE layer (`moe_kwargs`), never hard-coded.
+Positions are per row (`positions_BT`), so left-padded batched generation works with a learned absolute
+position embedding: a row's first real token always gets position 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of a GPT(-MoE) decoder. Plain dataclass; validated in `__post_init__`.
+
+    MoE schedule: layer i is an MoE layer when `i % expert_interval == expert_interval - 1` (interval 2 ->
+    layers 1, 3, 5, ...; interval 0 -> dense model); an explicit `moe_layers` list overrides the interval.
+    `num_experts` is one int for all MoE layers or a list with one count per MoE layer in layer order
+    (PR-MoE pyramid, e.g. [4, 4, 8]). The MoE fields mirror `raymoe.platform.moe.MoE`'s arguments.
+    """
+
+    vocab_size: int = 257
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: Optional[int] = None  # dense FFN size; None -> 4 * d_model
+    dropout: float = 0.0
+    bias: bool = True
+    expert_interval: int = 2
+    moe_layers: Optional[list[int]] = None
+    num_experts: Union[int, list[int]] = 8
+    expert_ffn: Optional[int] = None  # expert FFN size; None -> d_ff
+    k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    use_rts: bool = True
+    noisy_gate_policy: Optional[str] = None
+    top2_2nd_expert_sampling: bool = True
+    use_residual: bool = False
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            _require_int(name, getattr(self, name), minimum=1)
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.d_model must be divisible by n_head; got d_model={self.d_model}, n_head={self.n_head}"
+            )
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        _require_int("d_ff", self.d_ff, minimum=1)
+        if self.expert_ffn is not None:
+            _require_int("expert_ffn", self.expert_ffn, minimum=1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1); got {self.dropout}")
+        _require_int("expert_interval", self.expert_interval, minimum=0)
+        if self.moe_layers is not None:
+            self.moe_layers = list(self.moe_layers)
+            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.n_layer]
+            if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+                raise ValueError(
+                    f"GPTConfig.moe_layers must be distinct layer ids in [0, {self.n_layer - 1}]; "
+                    f"got {self.moe_layers}"
+                )
+            self.moe_layers = sorted(self.moe_layers)
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        ids = self.moe_layer_ids()
+        if isinstance(self.num_experts, (list, tuple)):
+            self.num_experts = list(self.num_experts)
+            if len(self.num_experts) != len(ids):
+                raise ValueError(
+                    f"GPTConfig.num_experts list must have one entry per MoE layer ({len(ids)} layers: {ids}); "
+                    f"got {len(self.num_experts)} entries {self.num_experts}"
+                )
+            for e in self.num_experts:
+                _require_int("num_experts[i]", e, minimum=1)
+        else:
+            _require_int("num_experts", self.num_experts, minimum=1)
+        _require_int("k", self.k, minimum=1)
+        counts = list(self.experts_per_layer().values())
+        if counts and self.k > min(counts):
+            raise ValueError(f"GPTConfig.k must be <= the smallest num_experts ({min(counts)}); got k={self.k}")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ValueError(
+                "GPTConfig.capacity_factor and eval_capacity_factor must be > 0; "
+                f"got {self.capacity_factor}, {self.eval_capacity_factor}"
+            )
+        _require_int("min_capacity", self.min_capacity, minimum=0)
+        if self.noisy_gate_policy not in _NOISY_GATE_POLICIES:
+            raise ValueError(
+                f"GPTConfig.noisy_gate_policy must be one of {_NOISY_GATE_POLICIES}; got {self.noisy_gate_policy!r}"
+            )
+        for name in ("aux_loss_coef", "z_loss_coef", "expert_bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GPTConfig.{name} must be >= 0; got {getattr(self, name)}")
+
+    @property
+    def n_embd(self) -> int:
+        """Alias of d_model (nanoGPT's name)."""
+        return self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def moe_layer_ids(self) -> list[int]:
+        """Sorted ids of the blocks whose MLP is an MoE layer."""
+        if self.moe_layers is not None:
+            return list(self.moe_layers)
+        if self.expert_interval == 0:
+            return []
+        iv = self.expert_interval
+        return [i for i in range(self.n_layer) if i % iv == iv - 1]
+
+    def experts_per_layer(self) -> dict[int, int]:
+        """{layer id: number of experts} for every MoE layer."""
+        ids = self.moe_layer_ids()
+        if isinstance(self.num_experts, list):
+            return dict(zip(ids, self.num_experts))
+        return {i: self.num_experts for i in ids}
+
+    @property
+    def expert_ffn_size(self) -> int:
+        return self.expert_ffn if self.expert_ffn is not None else self.d_ff
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (round trips through `from_dict`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        """Build from a dict; unknown keys are a ValueError (catches typos and version skew)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig got unknown fields {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def student(self, num_layers: int) -> "GPTConfig":
+        """Mixture-of-Students config: this (teacher) architecture at reduced depth `num_layers`.
+
+        Interval schedules keep their `expert_interval`; explicit `moe_layers` are mapped by relative depth
+        (student layer s corresponds to teacher layer round(s * (N-1) / (n-1))). A pyramid `num_experts`
+        list is resampled the same way over the MoE layers, so the first and last counts are kept.
+        """
+        _require_int("num_layers", num_layers, minimum=1)
+        if num_layers > self.n_layer:
+            raise ValueError(
+                f"student num_layers must be in [1, {self.n_layer}] (teacher depth); got {num_layers}"
+            )
+        moe_layers = None
+        if self.moe_layers is not None:
+            teacher_moe = set(self.moe_layers)
+            moe_layers = [s for s in range(num_layers) if _spread(s, num_layers, self.n_layer) in teacher_moe]
+            n_moe = len(moe_layers)
+        else:
+            iv = self.expert_interval
+            n_moe = 0 if iv == 0 else sum(1 for i in range(num_layers) if i % iv == iv - 1)
+        num_experts: Union[int, list[int]] = self.num_experts
+        if isinstance(self.num_experts, list):
+            m = len(self.num_experts)
+            num_experts = [self.num_experts[_spread(j, n_moe, m)] for j in range(n_moe)]
+        return dataclasses.replace(self, n_layer=num_layers, moe_layers=moe_layers, num_experts=num_experts)
+
+
+def _spread(j: int, n: int, m: int) -> int:
+    """Index in range(m) for position j of n, spread evenly (first->first, last->last)."""
+    return 0 if n <= 1 else int(round(j * (m - 1) / (n - 1)))
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"GPTConfig.{name} must be an int >= {minimum}; got {value!r}")
+
+
+@dataclass
+class ModelOutput:
+    """Result of `GPT.forward`.
+
+    loss = ce_loss + aux_loss_coef * aux_loss + z_loss (None without targets); aux_loss = sum of the MoE
+    layers' l_aux (unscaled; 0 for a dense model); z_loss = sum of the router z-losses (already scaled by
+    z_loss_coef inside the MoE); stats = one RouterStats per MoE layer, in layer order.
+    """
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]
+    ce_loss: Optional[torch.Tensor]
+    aux_loss: torch.Tensor
+    stats: list = field(default_factory=list)
+    z_loss: Optional[torch.Tensor] = None
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention via F.scaled_dot_product_attention, KV-cache aware."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor, mask_B1TL: Optional[torch.Tensor], cache, layer_idx: int):
+        B, T, D = x_BTD.shape
+        q_BTD, k_BTD, v_BTD = self.c_attn(x_BTD).split(D, dim=2)
+        q_BHTd, k_BHTd, v_BHTd = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+                                  for t in (q_BTD, k_BTD, v_BTD))
+        if cache is not None:
+            k_BHTd, v_BHTd = cache.write(layer_idx, k_BHTd, v_BHTd)  # now [B, H, L, Dh]
+        y_BHTd = F.scaled_dot_product_attention(
+            q_BHTd, k_BHTd, v_BHTd, attn_mask=mask_B1TL, is_causal=mask_B1TL is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        y_BTD = y_BHTd.transpose(1, 2).contiguous().view(B, T, D)
+        return self.resid_drop(self.c_proj(y_BTD))
+
+
+class MLP(nn.Module):
+    """Dense GELU feed-forward block."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x_BTD))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `mlp` is a dense MLP or an MoE layer."""
+
+    def __init__(self, cfg: GPTConfig, layer_id: int, moe_kwargs: Optional[dict] = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.is_moe = moe_kwargs is not None
+        if self.is_moe:
+            from raymoe.platform.moe import MoE  # lazy: dense models work without the MoE package
+
+            self.mlp = MoE(**moe_kwargs)
+        else:
+            self.mlp = MLP(cfg)
+
+    def forward(self, x_BTD, mask_B1TL, cache, token_mask_BT):
+        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), mask_B1TL, cache, self.layer_id)
+        h_BTD = self.ln_2(x_BTD)
+        if self.is_moe:
+            y_BTD, l_aux, _ = self.mlp(h_BTD, token_mask=token_mask_BT)
+            return x_BTD + y_BTD, l_aux, self.mlp.last_stats
+        return x_BTD + self.mlp(h_BTD), None, None
+
+
+MoEKwargs = Union[None, dict, Callable[[int, int], dict]]
+
+
+class GPT(nn.Module):
+    """GPT decoder; MoE layers replace the MLP on `config.moe_layer_ids()` (`blocks.{i}.mlp`, layer_id=i).
+
+    `moe_kwargs` adds arguments to every MoE layer (e.g. a dispatcher): a dict, or a callable
+    `(layer_id, num_experts) -> dict` for per-layer values such as `global_expert_ids` under expert parallelism.
+    """
+
+    def __init__(self, config: GPTConfig, *, moe_kwargs: MoEKwargs = None):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.block_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        experts = config.experts_per_layer()
+        self.blocks = nn.ModuleList(
+            Block(config, i, self._moe_args(i, experts[i], moe_kwargs) if i in experts else None)
+            for i in range(config.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+        self.apply(self._init_weights)
+        self._init_residual_projections()
+
+    def _moe_args(self, layer_id: int, num_experts: int, extra: MoEKwargs) -> dict:
+        c = self.config
+        args = dict(
+            hidden_size=c.d_model, expert=c.expert_ffn_size, num_experts=num_experts, k=c.k,
+            capacity_factor=c.capacity_factor, eval_capacity_factor=c.eval_capacity_factor,
+            min_capacity=c.min_capacity, use_residual=c.use_residual, noisy_gate_policy=c.noisy_gate_policy,
+            drop_tokens=c.drop_tokens, use_rts=c.use_rts, top2_2nd_expert_sampling=c.top2_2nd_expert_sampling,
+            z_loss_coef=c.z_loss_coef, expert_bias=c.expert_bias,
+            expert_bias_update_rate=c.expert_bias_update_rate, layer_id=layer_id,
+        )
+        if callable(extra):
+            extra = extra(layer_id, num_experts)
+        args.update(extra or {})
+        return args
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def _init_residual_projections(self) -> None:
+        # GPT-2: projections that write into the residual stream get std 0.02/sqrt(2 * n_layer).
+        std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            for name, p in block.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if name.endswith("c_proj.weight") or (block.is_moe and leaf == "w2"):
+                    nn.init.normal_(p, mean=0.0, std=std)
+                elif block.is_moe and leaf == "w1":
+                    nn.init.normal_(p, mean=0.0, std=0.02)
+            residual_mlp = getattr(block.mlp, "mlp", None) if block.is_moe else None
+            if isinstance(residual_mlp, nn.Module):  # residual MoE: its dense MLP's output projection
+                out_proj = [m for m in residual_mlp.modules() if isinstance(m, nn.Linear)][-1]
+                nn.init.normal_(out_proj.weight, mean=0.0, std=std)
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        targets_BT: Optional[torch.Tensor] = None,
+        *,
+        kv_cache=None,
+        positions_BT: Optional[torch.Tensor] = None,
+        token_mask_BT: Optional[torch.Tensor] = None,
+        last_logits_only: bool = False,
+        ignore_index: int = -1,
+    ) -> ModelOutput:
+        """Run the decoder.
+
+        idx_BT: token ids. targets_BT: next-token targets (`ignore_index` entries are skipped).
+        kv_cache: a `raymoe.platform.generate.KVCache`; keys/values of this call are appended to it.
+        token_mask_BT: bool, False marks padding: padding keys are never attended to and padding tokens are
+        never routed to experts. positions_BT: explicit positions; default = number of real tokens before
+        each token in its row (cache included), so left padding does not shift positions.
+        last_logits_only: compute logits for the last position only (generation).
+        """
+        B, T = idx_BT.shape
+        if token_mask_BT is not None:
+            token_mask_BT = token_mask_BT.to(device=idx_BT.device, dtype=torch.bool)
+        start = kv_cache.length if kv_cache is not None else 0
+        plain = positions_BT is None and kv_cache is None and token_mask_BT is None
+        if positions_BT is None:
+            positions_BT = self._default_positions(idx_BT, token_mask_BT, kv_cache)
+        # The plain (training) case is checked without reading a tensor: no device sync per step.
+        max_pos = T - 1 if plain else (int(positions_BT.max()) if positions_BT.numel() else 0)
+        if max_pos >= self.config.block_size:
+            raise ValueError(f"positions must be < block_size={self.config.block_size}; got max position "
+                             f"{max_pos} (sequence too long)")
+        mask_B1TL = self._attention_mask(B, T, start, token_mask_BT, kv_cache, idx_BT.device)
+        if kv_cache is not None:
+            kv_cache.begin(T, token_mask_BT)
+        x_BTD = self.drop(self.wte(idx_BT) + self.wpe(positions_BT))
+        l_aux_list, stats = [], []
+        for block in self.blocks:
+            x_BTD, l_aux, st = block(x_BTD, mask_B1TL, kv_cache, token_mask_BT)
+            if l_aux is not None:
+                l_aux_list.append(l_aux)
+                stats.append(st)
+        if kv_cache is not None:
+            kv_cache.end(T, token_mask_BT)
+        x_BTD = self.ln_f(x_BTD)
+        if last_logits_only:
+            x_BTD = x_BTD[:, -1:, :]
+        logits_BTV = self.lm_head(x_BTD)
+
+        zero = logits_BTV.new_zeros(())
+        aux_loss = torch.stack([a.float() for a in l_aux_list]).sum() if l_aux_list else zero
+        z_parts = [s.z_loss for s in stats if getattr(s, "z_loss", None) is not None]
+        z_loss = torch.stack([z.float().reshape(()) for z in z_parts]).sum() if z_parts else zero
+        ce_loss = loss = None
+        if targets_BT is not None:
+            ce_loss = F.cross_entropy(logits_BTV.float().reshape(-1, logits_BTV.size(-1)),
+                                      targets_BT.reshape(-1), ignore_index=ignore_index)
+            loss = ce_loss + self.config.aux_loss_coef * aux_loss + z_loss
+        return ModelOutput(logits_BTV, loss, ce_loss, aux_loss, stats, z_loss)
+
+    @staticmethod
+    def _default_positions(idx_BT, token_mask_BT, kv_cache) -> torch.Tensor:
+        B, T = idx_BT.shape
+        base_B = (kv_cache.valid_len_B.to(idx_BT.device) if kv_cache is not None
+                  else torch.zeros(B, dtype=torch.long, device=idx_BT.device))
+        if token_mask_BT is None:
+            return base_B[:, None] + torch.arange(T, device=idx_BT.device)[None, :]
+        return (base_B[:, None] + token_mask_BT.long().cumsum(1) - 1).clamp(min=0)
+
+    @staticmethod
+    def _attention_mask(B, T, start, token_mask_BT, kv_cache, device) -> Optional[torch.Tensor]:
+        """Bool mask [B, 1, T, L] (True = attend), or None for the plain causal case (SDPA's is_causal)."""
+        if start == 0 and token_mask_BT is None:
+            return None
+        L = start + T
+        key_valid_BL = torch.ones(B, L, dtype=torch.bool, device=device)
+        if kv_cache is not None and start > 0:
+            key_valid_BL[:, :start] = kv_cache.key_mask_BL[:, :start].to(device)
+        if token_mask_BT is not None:
+            key_valid_BL[:, start:] = token_mask_BT
+        q_T = torch.arange(start, L, device=device)[:, None]
+        k_L = torch.arange(L, device=device)[None, :]
+        # Each query also sees itself so padding rows are never fully masked (that would give NaN).
+        mask_TL = k_L <= q_T
+        return mask_TL[None, None] & (key_valid_BL[:, None, None, :] | (k_L == q_T)[None, None])
+
+    # ---- MoE helpers ---------------------------------------------------------------------------------
+
+    def moe_modules(self) -> list[nn.Module]:
+        """The MoE layers, in layer order."""
+        return [b.mlp for b in self.blocks if b.is_moe]
+
+    moe_layers = moe_modules  # the name used in the shared spec
+
+    def set_dropless(self, dropless: bool) -> None:
+        """Switch every MoE layer between capacity dropping and dropless routing."""
+        for m in self.moe_modules():
+            m.set_dropless(dropless)
+
+    @contextlib.contextmanager
+    def dropless(self, dropless: bool = True) -> Iterator["GPT"]:
+        """Context manager: run dropless inside, restore each layer's previous setting afterwards."""
+        previous = [bool(m.drop_tokens) for m in self.moe_modules()]
+        self.set_dropless(dropless)
+        try:
+            yield self
+        finally:
+            for m, drop in zip(self.moe_modules(), previous):
+                m.set_dropless(not drop)
+
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing step on every MoE layer (call after optimizer.step())."""
+        if self.config.expert_bias:
+            for m in self.moe_modules():
+                m.update_expert_bias()
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter counts: total (tied weights once), active per token, embedding (wte + wpe).
+
+        active counts k experts per MoE layer (plus the gate, a residual MLP and its coefficient),
+        i.e. total minus the (E_local - k) experts a token does not use.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for moe in self.moe_modules():
+            numel, n_local = _expert_numel(moe)
+            if n_local:
+                inactive += (n_local - min(self.config.k, n_local)) * (numel // n_local)
+        embedding = self.wte.weight.numel() + self.wpe.weight.numel()
+        return {"total": total, "active": total - inactive, "embedding": embedding}
+
+
+def _expert_numel(moe: nn.Module) -> tuple[int, int]:
+    """(params in the routed experts of one MoE layer, number of local experts)."""
+    from raymoe.platform.moe.experts import GroupedExperts
+
+    numel = n_local = 0
+    for m in moe.modules():
+        if isinstance(m, GroupedExperts):
+            numel += sum(p.numel() for p in m.parameters())
+            n_local += m.w1.shape[0]
+    return numel, n_local

@@ -1,0 +1,92 @@
+"""Index-based dispatch: mapping tables from (token, choice) to expert slots, and the dispatcher interface.
+
+Shape legend: S routed tokens, E experts (global), K top-k, N = K*S token-choices (flattened choice-major:
+n = c*S + s), M kept token-choices (M <= N), D model dim.
+
+No [S, E, C] one-hot tensor is built: a stable sort of the N expert ids (small int tensor) groups the
+token-choices by expert while keeping the priority order inside each expert (choice-major, then token
+position or a random RTS order), and "position within expert" is arange minus the expert's segment start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DispatchPlan:
+    """Where every kept token-choice goes.
+
+    choice_M: flat token-choice index (c*S + s) of each kept token-choice, sorted by expert (expert-contiguous).
+    token_M: its token index s (choice_M % S).
+    counts_E: token-choices per expert before dropping.
+    kept_counts_E: token-choices per expert after dropping (segment lengths of the sorted kept rows).
+    kept_KS: bool, whether token-choice (c, s) is kept.
+    """
+
+    choice_M: Tensor
+    token_M: Tensor
+    counts_E: Tensor
+    kept_counts_E: Tensor
+    kept_KS: Tensor
+
+
+def plan_dispatch(idx_SK: Tensor, num_experts: int, capacity: int | None,
+                  priority_KS: Tensor | None = None) -> DispatchPlan:
+    """Build the mapping tables.
+
+    capacity None means dropless (keep everything). priority_KS (RTS): inside one choice rank, token-choices
+    with a higher priority come first; otherwise token position order. Earlier choice ranks always come first.
+    """
+    S, K = idx_SK.shape
+    N = S * K
+    dev = idx_SK.device
+    e_KS = idx_SK.t()
+    if priority_KS is not None and capacity is not None:
+        perm_KS = torch.argsort(priority_KS, dim=1, descending=True, stable=True)
+        e_N = e_KS.gather(1, perm_KS).reshape(-1)
+        src_N = (perm_KS + torch.arange(K, device=dev).unsqueeze(1) * S).reshape(-1)
+    else:
+        e_N = e_KS.reshape(-1)
+        src_N = None  # identity
+    counts_E = torch.bincount(e_N, minlength=num_experts)
+    e_sorted_N, order_N = torch.sort(e_N, stable=True)
+    if capacity is None:
+        kept_order_M = order_N
+        kept_counts_E = counts_E
+    else:
+        starts_E = torch.cumsum(counts_E, 0) - counts_E
+        pos_N = torch.arange(N, device=dev) - starts_E[e_sorted_N]
+        kept_order_M = order_N[pos_N < capacity]
+        kept_counts_E = counts_E.clamp(max=capacity)
+    choice_M = kept_order_M if src_N is None else src_N[kept_order_M]
+    if capacity is None:
+        kept_KS = torch.ones(K, S, dtype=torch.bool, device=dev)
+    else:
+        kept_N = torch.zeros(N, dtype=torch.bool, device=dev)
+        kept_N[choice_M] = True
+        kept_KS = kept_N.view(K, S)
+    token_M = choice_M % S if K > 1 else choice_M
+    return DispatchPlan(choice_M, token_M, counts_E, kept_counts_E, kept_KS)
+
+
+class LocalDispatcher:
+    """No-communication dispatcher (ep_size=1): all experts are local. The reference for EP dispatchers.
+
+    An expert-parallel dispatcher implements the same three methods: ``dispatch`` receives the kept
+    token-choices sorted by global expert with per-global-expert counts and returns the rows for this rank's
+    experts (sorted by local expert) with per-local-expert counts; ``combine`` is its inverse (rows back in
+    the order ``dispatch`` received them); ``all_reduce_max`` reduces over the expert-parallel group.
+    """
+
+    def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
+        return x_MD, counts_E
+
+    def combine(self, y_MD: Tensor) -> Tensor:
+        return y_MD
+
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        return t

@@ -1,0 +1,179 @@
+"""Expert weights as one tensor per projection, computed with a grouped GEMM.
+
+Shape legend: M rows (token-choices, expert-contiguous), D model dim, F ffn dim, E local experts.
+
+``torch._grouped_mm`` is used where it exists and works for the device/dtype (probed once); otherwise a
+custom autograd Function loops over the expert segments with ``torch.mm`` into preallocated outputs (autograd
+through slices + cat would allocate a full-size zero gradient per slice in backward).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = {
+    "gelu": lambda t: F.gelu(t, approximate="tanh"),
+    "gelu_exact": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+_GROUPED_MM_OK: dict[tuple, bool] = {}
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense (``_grouped_mm``'s backward rejects the
+    stride-0 gradient that e.g. ``y.sum().backward()`` produces)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_OK:
+        ok = hasattr(torch, "_grouped_mm")
+        if ok:
+            try:
+                x = torch.randn(24, 16, device=device, dtype=dtype, requires_grad=True)
+                w = torch.randn(3, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)
+                y = torch._grouped_mm(x, w, offs=offs)
+                y.backward(torch.ones_like(y))
+                ref = torch.cat([x[:8] @ w[0], x[8:] @ w[2]])
+                ok = bool(torch.allclose(y.float(), ref.float(), atol=1e-2, rtol=1e-2))
+                ok = ok and bool(w.grad[1].abs().max() == 0)
+            except (RuntimeError, NotImplementedError, TypeError):
+                ok = False
+        _GROUPED_MM_OK[key] = ok
+    return _GROUPED_MM_OK[key]
+
+
+class _SegmentMM(torch.autograd.Function):
+    """y[seg_e] = x[seg_e] @ w[e] for expert-contiguous segments; rows past sum(counts) get zeros."""
+
+    @staticmethod
+    def forward(ctx, x_MD, w_EDF, counts):
+        ctx.save_for_backward(x_MD, w_EDF)
+        ctx.counts = counts
+        y_MF = x_MD.new_empty(x_MD.shape[0], w_EDF.shape[2])
+        end = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(x_MD[end:end + n], w_EDF[e], out=y_MF[end:end + n])
+            end += n
+        if end < x_MD.shape[0]:
+            y_MF[end:].zero_()
+        return y_MF
+
+    @staticmethod
+    def backward(ctx, g_MF):
+        x_MD, w_EDF = ctx.saved_tensors
+        g_MF = g_MF.contiguous()
+        gx = torch.empty_like(x_MD) if ctx.needs_input_grad[0] else None
+        gw = torch.empty_like(w_EDF) if ctx.needs_input_grad[1] else None
+        end = 0
+        for e, n in enumerate(ctx.counts):
+            seg = slice(end, end + n)
+            if gx is not None and n:
+                torch.mm(g_MF[seg], w_EDF[e].t(), out=gx[seg])
+            if gw is not None:
+                if n:
+                    torch.mm(x_MD[seg].t(), g_MF[seg], out=gw[e])
+                else:
+                    gw[e].zero_()
+            end += n
+        if gx is not None and end < x_MD.shape[0]:
+            gx[end:].zero_()
+        return gx, gw, None
+
+
+def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, *, offs: Tensor | None = None,
+               counts_list: list[int] | None = None, force_fallback: bool = False) -> Tensor:
+    """Grouped GEMM over expert-contiguous rows: segment e (counts_E[e] rows) times w_EDF[e]."""
+    if not force_fallback and _probe_grouped_mm(x_MD.device, x_MD.dtype):
+        if offs is None:
+            offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        try:
+            return _ContiguousGrad.apply(torch._grouped_mm(x_MD, w_EDF, offs=offs))
+        except RuntimeError:  # e.g. alignment constraints of a CUDA kernel at this shape
+            pass
+    if counts_list is None:
+        counts_list = [int(c) for c in counts_E.tolist()]
+    return _SegmentMM.apply(x_MD, w_EDF, counts_list)
+
+
+class GroupedExperts(nn.Module):
+    """E_local two-layer MLP experts: y = act(x @ w1[e]) @ w2[e]; no biases.
+
+    Row i of w1/w2 is global expert ``global_expert_ids[i]`` (checkpointing writes one file per global id).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int, *, activation: str = "gelu",
+                 layer_id: int = 0, global_expert_ids: list[int] | None = None, init_std: float = 0.02,
+                 out_init_std: float | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}; allowed: {sorted(ACTIVATIONS)}")
+        if global_expert_ids is None:
+            global_expert_ids = list(range(num_experts))
+        if len(global_expert_ids) != num_experts:
+            raise ValueError(f"global_expert_ids has {len(global_expert_ids)} ids, expected {num_experts}")
+        self.num_experts = num_experts
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.layer_id = int(layer_id)
+        self.global_expert_ids = [int(g) for g in global_expert_ids]
+        self.init_std = init_std
+        self.out_init_std = init_std if out_init_std is None else out_init_std
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w1, std=self.init_std)
+        nn.init.normal_(self.w2, std=self.out_init_std)
+
+    def forward(self, x_MD: Tensor, counts_E: Tensor, *, force_fallback: bool = False) -> Tensor:
+        """x_MD: rows sorted by local expert, counts_E[e] rows each (sum <= M); returns [M, D]."""
+        if x_MD.dtype != self.w1.dtype:
+            x_MD = x_MD.to(self.w1.dtype)
+        offs = None
+        counts_list = None
+        if force_fallback or not _probe_grouped_mm(x_MD.device, x_MD.dtype):
+            counts_list = [int(c) for c in counts_E.tolist()]
+        else:
+            offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        h_MF = grouped_mm(x_MD, self.w1, counts_E, offs=offs, counts_list=counts_list,
+                          force_fallback=force_fallback)
+        h_MF = self.act(h_MF)
+        return grouped_mm(h_MF, self.w2, counts_E, offs=offs, counts_list=counts_list,
+                          force_fallback=force_fallback)
+
+    def extra_repr(self) -> str:
+        E, D, Fd = self.w1.shape
+        return f"experts={E}, hidden={D}, ffn={Fd}, act={self.activation}, layer_id={self.layer_id}"
+
+
+def iter_expert_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, int, list[int]]]:
+    """Yield (param_name, param, layer_id, global_expert_ids) for every GroupedExperts param in ``model``."""
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            for p_name, p in mod.named_parameters(recurse=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                yield full, p, mod.layer_id, list(mod.global_expert_ids)
+
+
+def is_expert_param_name(name: str, model: nn.Module) -> bool:
+    """True if ``name`` is a parameter of a GroupedExperts module in ``model``."""
+    return any(n == name for n, _, _, _ in iter_expert_params(model))
+

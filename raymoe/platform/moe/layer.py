@@ -1,0 +1,232 @@
+"""The MoE layer (DeepSpeed-MoE argument names and semantics, index-based dispatch).
+
+Shape legend: T tokens (all leading dims flattened), S routed tokens (token_mask), D model dim, F ffn dim,
+E experts (global), K top-k, N = K*S token-choices, M kept token-choices, C capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .dispatch import LocalDispatcher, plan_dispatch
+from .experts import ACTIVATIONS, GroupedExperts
+from .router import (NOISY_GATE_POLICIES, RouterNoise, TopKRouter, compute_capacity, draw_router_noise,
+                     load_balancing_loss, noise_needs, select_experts, z_loss)
+
+
+@dataclass
+class RouterStats:
+    """Per-forward routing statistics (``moe.last_stats``).
+
+    z_loss: z_loss_coef * mean(logsumexp(logits)^2), with grad (0 when the coefficient is 0); add to the loss.
+    exp_counts: LongTensor [E], token-choices per expert before capacity dropping.
+    kept_counts: LongTensor [E], token-choices per expert after dropping.
+    capacity: slots per expert (dropless: the max count, all-reduced over the expert-parallel group).
+    dropped_fraction: detached float tensor, dropped token-choices / routed token-choices.
+    l_aux: the load-balancing loss returned by forward.
+    kept_mask: bool [S, K], whether the c-th choice of routed token s was kept (S = routed tokens, in order).
+    """
+
+    z_loss: Tensor
+    exp_counts: Tensor
+    kept_counts: Tensor
+    capacity: int
+    dropped_fraction: Tensor
+    l_aux: Tensor | None = None
+    kept_mask: Tensor | None = None
+
+
+def gate_weights(probs_SE: Tensor, idx_SK: Tensor, kept_KS: Tensor) -> Tensor:
+    """Combine weights [K, S]: k=1 the raw prob (0 if dropped); k>=2 renormalized over kept choices."""
+    g_KS = probs_SE.gather(1, idx_SK).t() * kept_KS
+    if idx_SK.shape[1] > 1:
+        eps = torch.finfo(g_KS.dtype).eps
+        g_KS = g_KS / g_KS.sum(dim=0, keepdim=True).clamp(min=eps)
+    return g_KS
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts FFN layer; ``forward(x, token_mask=None) -> (y, l_aux, exp_counts)``.
+
+    Arguments follow DeepSpeed's ``deepspeed.moe.layer.MoE``; ``expert`` is the ffn size (None: 4*hidden).
+    """
+
+    def __init__(self, hidden_size: int, expert: int | None = None, num_experts: int = 1, ep_size: int = 1,
+                 k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
+                 min_capacity: int = 4, use_residual: bool = False, noisy_gate_policy: str | None = None,
+                 drop_tokens: bool = True, use_rts: bool = True, top2_2nd_expert_sampling: bool = True,
+                 z_loss_coef: float = 0.0, expert_bias: bool = False, expert_bias_update_rate: float = 1e-3,
+                 activation: str = "gelu", dispatcher=None, layer_id: int = 0,
+                 global_expert_ids: list[int] | None = None, init_std: float = 0.02):
+        super().__init__()
+        ffn = self._check_args(hidden_size, expert, num_experts, ep_size, k, capacity_factor,
+                               eval_capacity_factor, min_capacity, noisy_gate_policy, activation, dispatcher)
+        self.hidden_size = hidden_size
+        self.ffn_size = ffn
+        self.num_experts = num_experts
+        self.ep_size = ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.k = k
+        self.capacity_factor = float(capacity_factor)
+        self.eval_capacity_factor = float(eval_capacity_factor)
+        self.min_capacity = int(min_capacity)
+        self.use_residual = use_residual
+        self.noisy_gate_policy = noisy_gate_policy
+        self.drop_tokens = bool(drop_tokens)
+        self.use_rts = bool(use_rts)
+        self.top2_2nd_expert_sampling = bool(top2_2nd_expert_sampling)
+        self.z_loss_coef = float(z_loss_coef)
+        self.expert_bias_update_rate = float(expert_bias_update_rate)
+        self.layer_id = int(layer_id)
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        if global_expert_ids is None:
+            global_expert_ids = getattr(dispatcher, "local_expert_ids", None)
+            if global_expert_ids is None:
+                if ep_size > 1:
+                    raise ValueError("ep_size>1 needs global_expert_ids (or a dispatcher.local_expert_ids)")
+                global_expert_ids = list(range(num_experts))
+        self.gate = TopKRouter(hidden_size, num_experts, k, expert_bias=expert_bias)
+        self.experts = GroupedExperts(self.num_local_experts, hidden_size, ffn, activation=activation,
+                                      layer_id=layer_id, global_expert_ids=global_expert_ids, init_std=init_std)
+        self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        if use_residual:
+            self.mlp = nn.Sequential(nn.Linear(hidden_size, ffn), _Act(activation), nn.Linear(ffn, hidden_size))
+            self.coefficient = nn.Linear(hidden_size, 2)
+        self.last_stats: RouterStats | None = None
+
+    @staticmethod
+    def _check_args(hidden_size, expert, num_experts, ep_size, k, cf, ecf, min_capacity, policy, activation,
+                    dispatcher) -> int:
+        if expert is None:
+            ffn = 4 * hidden_size
+        elif isinstance(expert, int) and not isinstance(expert, bool) and expert > 0:
+            ffn = expert
+        else:
+            raise TypeError(f"expert={expert!r}: expected None (ffn = 4*hidden_size) or a positive int ffn size")
+        if num_experts < 1:
+            raise ValueError(f"num_experts={num_experts}: must be >= 1")
+        if ep_size < 1 or num_experts % ep_size:
+            raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
+        if ep_size > 1 and dispatcher is None:
+            raise ValueError(f"ep_size={ep_size} needs an expert-parallel dispatcher (dispatcher=...); "
+                             "only ep_size=1 runs without one")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k={k}: must be in [1, num_experts={num_experts}]")
+        if cf <= 0 or ecf <= 0:
+            raise ValueError(f"capacity_factor={cf}, eval_capacity_factor={ecf}: must be > 0")
+        if min_capacity < 0:
+            raise ValueError(f"min_capacity={min_capacity}: must be >= 0")
+        if policy not in NOISY_GATE_POLICIES:
+            raise ValueError(f"noisy_gate_policy={policy!r}; allowed: {list(NOISY_GATE_POLICIES)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}; allowed: {sorted(ACTIVATIONS)}")
+        return ffn
+
+    # -- run-time switches -------------------------------------------------------------------------------
+    def set_dropless(self, dropless: bool) -> None:
+        """Dropless routing (capacity = max count, nothing dropped) on or off; generation runs dropless."""
+        self.drop_tokens = not dropless
+
+    @torch.no_grad()
+    def update_expert_bias(self) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): bias += rate * sign(mean_load - load) over the loads
+        accumulated since the last call; then reset the accumulator. No-op without expert_bias."""
+        load = self.expert_load.float()
+        if self.gate.use_expert_bias and load.sum() > 0:
+            self.gate.expert_bias += self.expert_bias_update_rate * torch.sign(load.mean() - load)
+        self.expert_load.zero_()
+
+    def draw_noise(self, num_tokens: int, device=None, generator: torch.Generator | None = None) -> RouterNoise:
+        """The random draws a forward over ``num_tokens`` routed tokens needs in the current mode."""
+        return draw_router_noise(num_tokens, self.num_experts, self.hidden_size, k=self.k,
+                                 noisy_gate_policy=self.noisy_gate_policy, use_rts=self.use_rts,
+                                 top2_2nd_expert_sampling=self.top2_2nd_expert_sampling,
+                                 drop_tokens=self.drop_tokens, training=self.training, device=device,
+                                 generator=generator)
+
+    def capacity_for(self, num_tokens: int) -> int:
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        return compute_capacity(num_tokens, self.num_experts, self.k, cf, self.min_capacity)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, token_mask: Tensor | None = None, *, noise: RouterNoise | None = None):
+        """x [..., D] -> (y [..., D], l_aux, exp_counts [E]); ``noise`` overrides the random draws (tests)."""
+        D = self.hidden_size
+        if x.shape[-1] != D:
+            raise ValueError(f"x.shape[-1]={x.shape[-1]} != hidden_size={D}")
+        x_TD = x.reshape(-1, D)
+        T = x_TD.shape[0]
+        routed_S = None
+        if token_mask is not None:
+            if token_mask.shape != x.shape[:-1]:
+                raise ValueError(f"token_mask.shape={tuple(token_mask.shape)} != x.shape[:-1]={tuple(x.shape[:-1])}")
+            routed_S = token_mask.reshape(-1).nonzero().squeeze(1)
+            x_SD = x_TD.index_select(0, routed_S)
+        else:
+            x_SD = x_TD
+        S = x_SD.shape[0]
+        if noise is None:
+            noise = self.draw_noise(S, device=x.device)
+        y_TD, l_aux, stats = self._moe(x_TD, x_SD, routed_S, noise)
+        self.last_stats = stats
+        if self.training:
+            self.expert_load += stats.exp_counts
+        if self.use_residual:
+            coef = F.softmax(self.coefficient(x_TD), dim=-1)
+            y_TD = y_TD * coef[:, 0:1] + self.mlp(x_TD) * coef[:, 1:2]
+        return y_TD.view(x.shape), l_aux, stats.exp_counts
+
+    def _moe(self, x_TD: Tensor, x_SD: Tensor, routed_S: Tensor | None, noise: RouterNoise):
+        T, D = x_TD.shape
+        S, E, K = x_SD.shape[0], self.num_experts, self.k
+        training = self.training
+        logits_SE = self.gate.logits(x_SD, noise, training=training, noisy_gate_policy=self.noisy_gate_policy)
+        probs_SE = F.softmax(logits_SE, dim=1)
+        idx_SK = select_experts(logits_SE, probs_SE, K, noise, training=training,
+                                noisy_gate_policy=self.noisy_gate_policy,
+                                top2_2nd_expert_sampling=self.top2_2nd_expert_sampling, bias_E=self.gate.bias())
+        use_rts = noise_needs(K, self.noisy_gate_policy, self.use_rts, self.top2_2nd_expert_sampling,
+                              self.drop_tokens, training)["rts"]
+        capacity = self.capacity_for(S) if self.drop_tokens else None
+        plan = plan_dispatch(idx_SK, E, capacity, noise.rts_KS if use_rts else None)
+        if capacity is None:
+            local_max = plan.counts_E.max() if S > 0 else plan.counts_E.new_zeros(())
+            capacity = int(self.dispatcher.all_reduce_max(local_max))
+        l_aux = load_balancing_loss(probs_SE, idx_SK, plan.counts_E, K)
+        g_KS = gate_weights(probs_SE, idx_SK, plan.kept_KS)
+        g_M = g_KS.reshape(-1).index_select(0, plan.choice_M)
+        tok_M = plan.token_M if routed_S is None else routed_S.index_select(0, plan.token_M)
+
+        x_MD = x_TD.index_select(0, tok_M)
+        x_loc, counts_loc = self.dispatcher.dispatch(x_MD, plan.kept_counts_E)
+        y_loc = self.experts(x_loc, counts_loc)
+        y_MD = self.dispatcher.combine(y_loc)
+        y_MD = (y_MD * g_M.unsqueeze(1).to(y_MD.dtype)).to(x_TD.dtype)
+        y_TD = x_TD.new_zeros(T, D).index_add(0, tok_M, y_MD)
+
+        n_choices = max(S * K, 1)
+        stats = RouterStats(
+            z_loss=z_loss(logits_SE, self.z_loss_coef),
+            exp_counts=plan.counts_E,
+            kept_counts=plan.kept_counts_E,
+            capacity=capacity,
+            dropped_fraction=(1.0 - plan.kept_KS.sum().float() / n_choices).detach() if S else
+            torch.zeros((), device=x_TD.device),
+            l_aux=l_aux,
+            kept_mask=plan.kept_KS.t(),
+        )
+        return y_TD, l_aux, stats
+
+
+class _Act(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+        self.fn = ACTIVATIONS[name]
+
+    def forward(self, x):
+        return self.fn(x)

@@ -1,0 +1,76 @@
+"""Plots of a run folder: loss curves and the expert-load heatmap (`raymoe report RUN_DIR`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    """The metrics records of a run (metrics.jsonl), in order; a torn last line is ignored."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a raymoe run folder?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write loss.png (train/val loss over steps) and, for MoE runs, expert_load.png; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_records(run_dir)
+    if not records:
+        return []
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in records if "loss" in r]
+    ax.plot(steps, [r["ce_loss"] for r in records if "loss" in r], label="train cross-entropy")
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation cross-entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.append(run_dir / "loss.png")
+    fig.savefig(out[-1], dpi=110)
+    plt.close(fig)
+    load = [r for r in records if r.get("expert_counts")]
+    if load:
+        out.append(_plot_expert_load(plt, load, run_dir / "expert_load.png"))
+    return out
+
+
+def _plot_expert_load(plt, records: list[dict], path: Path) -> Path:
+    """One heatmap row per MoE layer: fraction of token-choices per expert over logged steps."""
+    import numpy as np
+
+    n_layers = len(records[0]["expert_counts"])
+    fig, axes = plt.subplots(n_layers, 1, figsize=(7, 1.8 * n_layers + 0.6), squeeze=False)
+    steps = [r["step"] for r in records]
+    for layer in range(n_layers):
+        counts = np.array([r["expert_counts"][layer] for r in records], dtype=float)
+        frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax = axes[layer][0]
+        im = ax.imshow(frac.T, aspect="auto", origin="lower", cmap="viridis",
+                       extent=(steps[0], steps[-1], -0.5, counts.shape[1] - 0.5))
+        ax.set_ylabel(f"MoE {layer}\nexpert")
+        fig.colorbar(im, ax=ax, label="load")
+    axes[-1][0].set_xlabel("step")
+    fig.suptitle("expert load (fraction of token-choices)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

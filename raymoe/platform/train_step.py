@@ -1,0 +1,160 @@
+"""The training step shared by local and distributed training.
+
+One optimizer step = gradient accumulation over micro-batches, an optional gradient-synchronisation hook
+(the distributed trainer all-reduces there), clipping, AdamW, and the aux-loss-free expert-bias update.
+The learning-rate schedule is a pure function of the step so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from raymoe.platform.distill import kd_loss
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup, then cosine decay to ``min_lr``."""
+    if warmup_steps and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, betas: tuple[float, float],
+                    device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D params) and none on biases, norms and gate vectors."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """bf16 autocast on GPU when asked; a no-op on CPU fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+@dataclass
+class KDSettings:
+    """Knowledge distillation for one step (Mixture-of-Students)."""
+
+    teacher: torch.nn.Module
+    beta: float
+    temperature: float
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured (all plain floats / lists, cheap to ship across processes)."""
+
+    loss: float
+    ce_loss: float
+    aux_loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    kd_active: bool = False
+    # per MoE layer (in model order): token-choices routed per expert, summed over micro-batches
+    expert_counts: list[list[int]] = field(default_factory=list)
+    dropped_fraction: list[float] = field(default_factory=list)
+    l_aux: list[float] = field(default_factory=list)
+
+
+def _moe_summaries(stats_per_micro: list[list]) -> tuple[list[list[int]], list[float], list[float]]:
+    if not stats_per_micro or not stats_per_micro[0]:
+        return [], [], []
+    n_micro = len(stats_per_micro)
+    counts, dropped, l_aux = [], [], []
+    for layer in range(len(stats_per_micro[0])):
+        per = [micro[layer] for micro in stats_per_micro]
+        counts.append([int(c) for c in sum(s.exp_counts.detach().cpu().long() for s in per).tolist()])
+        dropped.append(sum(float(s.dropped_fraction) for s in per) / n_micro)
+        l_aux.append(sum(float(s.l_aux.detach()) for s in per) / n_micro)
+    return counts, dropped, l_aux
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch], *,
+               lr: float, grad_clip: float = 0.0, autocast_dtype: torch.dtype | None = None,
+               kd: KDSettings | None = None,
+               grad_sync: Callable[[torch.nn.Module], None] | None = None) -> StepResult:
+    """Run one optimizer step over ``micro_batches`` (their mean loss is the step's loss).
+
+    ``grad_sync`` is called after the backward passes and before clipping; distributed training passes a
+    function that all-reduces dense and expert gradients over the right groups.
+    """
+    batches = list(micro_batches)
+    n = len(batches)
+    if n == 0:
+        raise ValueError("train_step needs at least one micro-batch")
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    device_type = next(model.parameters()).device.type
+    loss_sum = ce_sum = aux_sum = 0.0
+    tokens = 0
+    stats = []
+    for x, y in batches:
+        with autocast_context(device_type, autocast_dtype):
+            out = model(x, y)
+            loss, ce = out.loss, out.ce_loss
+            if kd is not None:
+                with torch.no_grad():
+                    teacher_logits = kd.teacher(x).logits
+                kd_total = kd_loss(out.logits, teacher_logits, y, beta=kd.beta, temperature=kd.temperature)
+                loss = loss - ce + kd_total
+        (loss / n).backward()
+        loss_sum += float(loss.detach())
+        ce_sum += float(ce.detach())
+        aux_sum += float(out.aux_loss.detach()) if torch.is_tensor(out.aux_loss) else float(out.aux_loss)
+        tokens += y.numel()
+        stats.append(list(out.stats))
+    if grad_sync is not None:
+        grad_sync(model)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    for moe in getattr(model, "moe_modules", lambda: [])():
+        moe.update_expert_bias()
+    counts, dropped, l_aux = _moe_summaries(stats)
+    return StepResult(loss=loss_sum / n, ce_loss=ce_sum / n, aux_loss=aux_sum / n, grad_norm=grad_norm, lr=lr,
+                      tokens=tokens, kd_active=kd is not None, expert_counts=counts, dropped_fraction=dropped,
+                      l_aux=l_aux)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[Batch], *,
+             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Mean validation cross-entropy (nats/token) and perplexity over ``batches``."""
+    was_training = model.training
+    model.eval()
+    device_type = next(model.parameters()).device.type
+    total, count = 0.0, 0
+    try:
+        for x, y in batches:
+            with autocast_context(device_type, autocast_dtype):
+                logits = model(x).logits
+            total += float(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum"))
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate got no batches: the validation split is empty or too short")
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

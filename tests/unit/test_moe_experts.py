@@ -1,0 +1,68 @@
+"""GroupedExperts: grouped_mm path == segment-loop fallback == per-expert dense math."""
+
+import pytest
+import torch
+
+from raymoe.platform.moe import GroupedExperts, MoE, grouped_mm, iter_expert_params
+from raymoe.platform.moe.experts import _probe_grouped_mm
+
+
+def _fwd_bwd(ex, x, counts, fallback):
+    ex.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_()
+    y = ex(xx, counts, force_fallback=fallback)
+    y.sum().backward()  # stride-0 upstream gradient on purpose
+    return y.detach(), xx.grad, ex.w1.grad.clone(), ex.w2.grad.clone()
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 10, 0], [4, 3, 2, 1]])
+def test_fallback_equals_grouped_mm_and_dense(counts):
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 6, 10)
+    x = torch.randn(10, 6)
+    c = torch.tensor(counts)
+    fast = _fwd_bwd(ex, x, c, False)
+    slow = _fwd_bwd(ex, x, c, True)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    start = 0
+    for e, n in enumerate(counts):  # dense per-expert math
+        seg = x[start:start + n]
+        torch.testing.assert_close(fast[0][start:start + n], ex.act(seg @ ex.w1[e]) @ ex.w2[e])
+        if n == 0:
+            assert fast[2][e].abs().max() == 0 and fast[3][e].abs().max() == 0
+        start += n
+
+
+def test_rows_past_counts_and_empty_input():
+    torch.manual_seed(0)
+    w = torch.randn(2, 4, 3, requires_grad=True)
+    x = torch.randn(7, 4, requires_grad=True)
+    c = torch.tensor([2, 3])  # 2 trailing rows belong to no expert
+    for fb in (False, True):
+        y = grouped_mm(x, w, c, force_fallback=fb)
+        assert y.shape == (7, 3) and y[5:].abs().max() == 0
+    ex = GroupedExperts(3, 4, 5)
+    for fb in (False, True):
+        y = ex(torch.zeros(0, 4), torch.zeros(3, dtype=torch.long), force_fallback=fb)
+        y.sum().backward()
+        assert y.shape == (0, 4) and ex.w1.grad.abs().max() == 0
+
+
+def test_grouped_mm_probe_cpu_fp32():
+    assert _probe_grouped_mm(torch.device("cpu"), torch.float32) == hasattr(torch, "_grouped_mm")
+
+
+def test_init_shapes_and_iter_expert_params():
+    m = torch.nn.Sequential(MoE(8, 16, num_experts=4, layer_id=3), torch.nn.Linear(8, 8))
+    found = list(iter_expert_params(m))
+    assert [(n, lid, ids) for n, _, lid, ids in found] == [
+        ("0.experts.w1", 3, [0, 1, 2, 3]), ("0.experts.w2", 3, [0, 1, 2, 3])]
+    assert found[0][1].shape == (4, 8, 16) and found[1][1].shape == (4, 16, 8)
+    assert abs(found[0][1].std().item() - 0.02) < 0.005
+    ex = GroupedExperts(2, 4, 4, global_expert_ids=[6, 7], layer_id=1)
+    assert ex.global_expert_ids == [6, 7]
+    with pytest.raises(ValueError, match="global_expert_ids"):
+        GroupedExperts(2, 4, 4, global_expert_ids=[1])
+    with pytest.raises(ValueError, match="activation"):
+        GroupedExperts(2, 4, 4, activation="tanh")

@@ -1,0 +1,139 @@
+"""Gating and dispatch tables on hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from raymoe.platform.moe import compute_capacity, draw_router_noise, gate_weights, plan_dispatch
+from raymoe.platform.moe.router import RouterNoise, load_balancing_loss, select_experts
+
+
+@pytest.mark.parametrize("S,E,k,cf,min_cap,expected", [
+    (10, 4, 1, 1.0, 4, 4),      # ceil(2.5) = 3 < min 4
+    (10, 4, 1, 1.0, 0, 3),      # ceil(2.5)
+    (10, 4, 2, 1.25, 1, 7),     # ceil(6.25)
+    (100, 8, 1, 1.0, 4, 13),    # ceil(12.5)
+    (10, 1, 1, 1.1, 0, 11),     # 11.000000000000002 in binary must not become 12
+    (64, 64, 8, 1.25, 4, 10),   # ceil(10.0)
+    (7, 3, 3, 1.0, 0, 7),       # k*S/E = 7 exactly
+    (4096, 32, 4, 1.0, 4, 512),
+    (0, 8, 2, 1.0, 4, 4),
+])
+def test_capacity_hand_computed(S, E, k, cf, min_cap, expected):
+    assert compute_capacity(S, E, k, cf, min_cap) == expected
+
+
+def _logits_from_probs(rows):
+    return torch.tensor(rows, dtype=torch.float32).log()
+
+
+def test_l_aux_top1_top2_hand_computed():
+    probs = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.1, 0.2, 0.7], [0.6, 0.1, 0.3]]
+    logits = _logits_from_probs(probs)
+    p = logits.softmax(1)
+    idx1 = select_experts(logits, p, 1, RouterNoise(), training=False)
+    assert idx1[:, 0].tolist() == [0, 1, 2, 0]
+    idx2 = select_experts(logits, p, 2, RouterNoise(), training=False)
+    assert idx2[:, 1].tolist() == [1, 2, 1, 2]
+    me = [1.3 / 4, 1.2 / 4, 1.5 / 4]
+    ce = [0.5, 0.25, 0.25]  # first choices only
+    want = 3 * sum(a * b for a, b in zip(me, ce))  # 0.99375
+    counts1 = torch.bincount(idx1.flatten(), minlength=3)
+    counts2 = torch.bincount(idx2.flatten(), minlength=3)
+    assert load_balancing_loss(p, idx1, counts1, 1).item() == pytest.approx(want, abs=1e-6)
+    # top-2: mean(me*ce) * E * E with ce from the first choice
+    assert load_balancing_loss(p, idx2, counts2, 2).item() == pytest.approx(want, abs=1e-6)
+    assert want == pytest.approx(0.99375)
+
+
+def test_l_aux_topk_hand_computed():
+    probs = [[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4], [0.25, 0.05, 0.3, 0.4]]
+    logits = _logits_from_probs(probs)
+    p = logits.softmax(1)
+    idx = select_experts(logits, p, 3, RouterNoise(), training=False)
+    assert [sorted(r) for r in idx.tolist()] == [[0, 1, 2], [1, 2, 3], [0, 2, 3]]
+    assert idx[:, 0].tolist() == [0, 3, 3]  # choice-major: column 0 is the top choice
+    counts = torch.bincount(idx.flatten(), minlength=4)
+    me = [0.75 / 3, 0.55 / 3, 0.8 / 3, 0.9 / 3]
+    ce = [2 / 3, 2 / 3, 1.0, 2 / 3]  # k-hot mask mean
+    want = sum(a * b for a, b in zip(me, ce)) / 4 * 4 * 4 / 3
+    assert load_balancing_loss(p, idx, counts, 3).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_top2_second_choice_uses_gumbel_on_logits_and_excludes_first():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = logits.softmax(1)
+    g2 = torch.tensor([[100.0, 0.0, 0.0, 5.0]])  # would pick expert 0 again if it were not masked
+    noise = RouterNoise(gumbel2_SE=g2)
+    idx = select_experts(logits, p, 2, noise, training=True, top2_2nd_expert_sampling=True)
+    assert idx.tolist() == [[0, 3]]
+    idx_eval = select_experts(logits, p, 2, RouterNoise(), training=False)
+    assert idx_eval.tolist() == [[0, 1]]
+
+
+def test_rsample_top1_and_bias_only_steer_selection():
+    logits = torch.tensor([[3.0, 0.0, 0.0]])
+    p = logits.softmax(1)
+    noise = RouterNoise(gumbel1_SE=torch.tensor([[0.0, 10.0, 0.0]]))
+    assert select_experts(logits, p, 1, noise, training=True, noisy_gate_policy="RSample").item() == 1
+    assert select_experts(logits, p, 1, noise, training=False, noisy_gate_policy="RSample").item() == 0
+    bias = torch.tensor([0.0, 0.0, 1.0])
+    assert select_experts(logits, p, 1, RouterNoise(), training=False, bias_E=bias).item() == 2
+    with pytest.raises(ValueError, match="gumbel1_SE"):
+        select_experts(logits, p, 1, RouterNoise(), training=True, noisy_gate_policy="RSample")
+
+
+def test_draw_router_noise_fields_follow_options():
+    n = draw_router_noise(5, 4, 8, k=2, noisy_gate_policy="Jitter", use_rts=True, training=True)
+    assert n.jitter_SD.shape == (5, 8) and n.gumbel1_SE is None and n.gumbel2_SE.shape == (5, 4)
+    assert n.rts_KS.shape == (2, 5)
+    assert ((n.jitter_SD >= 0.99) & (n.jitter_SD <= 1.01)).all()
+    n = draw_router_noise(5, 4, 8, k=1, noisy_gate_policy="RSample", use_rts=True, training=False)
+    assert n.jitter_SD is None and n.gumbel1_SE is None and n.rts_KS is None
+    n = draw_router_noise(5, 4, 8, k=3, noisy_gate_policy="RSample", drop_tokens=False, training=True)
+    assert n.gumbel1_SE.shape == (5, 4) and n.gumbel2_SE is None and n.rts_KS is None
+    g = torch.Generator().manual_seed(3)
+    a = draw_router_noise(5, 4, 8, k=2, noisy_gate_policy="RSample", generator=g)
+    g = torch.Generator().manual_seed(3)
+    b = draw_router_noise(5, 4, 8, k=2, noisy_gate_policy="RSample", generator=g)
+    assert torch.equal(a.gumbel1_SE, b.gumbel1_SE) and torch.equal(a.rts_KS, b.rts_KS)
+    assert torch.isfinite(a.gumbel1_SE).all()
+
+
+IDX_SK = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 1], [0, 2]])  # S=5, K=2, E=3
+
+
+def test_plan_dispatch_choice_major_position_order():
+    plan = plan_dispatch(IDX_SK, 3, capacity=3)
+    assert plan.counts_E.tolist() == [5, 4, 1]
+    assert plan.kept_counts_E.tolist() == [3, 3, 1]
+    # expert 0: 1st choices of t0,t1,t3 kept, t4 over; 2nd choice of t2 comes after all 1st choices.
+    # expert 1: 1st choice of t2, then 2nd choices of t0, t1; t3's is over capacity.
+    assert plan.kept_KS.tolist() == [[True, True, True, True, False], [True, True, False, False, True]]
+    assert plan.choice_M.tolist() == [0, 1, 3, 2, 5, 6, 9]
+    assert plan.token_M.tolist() == [0, 1, 3, 2, 0, 1, 4]
+
+
+def test_plan_dispatch_rts_priority_and_dropless():
+    prio = torch.tensor([[0.5, 0.4, 0.3, 0.1, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5]])
+    plan = plan_dispatch(IDX_SK, 3, capacity=3, priority_KS=prio)
+    # expert 0 first choices by priority: t4, t0, t1 kept; t3 (lowest) dropped.
+    assert plan.kept_KS[0].tolist() == [True, True, True, False, True]
+    # expert 1 second choices by priority: t3 (0.4) then t1 (0.2); t0 (0.1) dropped.
+    assert plan.kept_KS[1].tolist() == [False, True, False, True, True]
+    assert plan.choice_M.tolist()[:3] == [4, 0, 1]
+    dl = plan_dispatch(IDX_SK, 3, capacity=None)
+    assert dl.kept_KS.all() and dl.kept_counts_E.tolist() == [5, 4, 1] and dl.choice_M.numel() == 10
+
+
+def test_gate_weights_k1_raw_and_k2_renormalized():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    g1 = gate_weights(probs, torch.tensor([[0], [1]]), torch.tensor([[True, False]]))
+    assert g1.tolist() == [[0.5, 0.0]]
+    g2 = gate_weights(probs, torch.tensor([[0, 1], [1, 2]]), torch.tensor([[True, True], [True, False]]))
+    assert g2[:, 0].tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8])
+    assert g2[:, 1].tolist() == pytest.approx([1.0, 0.0])  # 2nd token: only its 1st choice kept
+    g0 = gate_weights(probs, torch.tensor([[0, 1], [1, 2]]), torch.zeros(2, 2, dtype=torch.bool))
+    assert g0.tolist() == [[0.0, 0.0], [0.0, 0.0]]  # all dropped: 0 / clamp(0, eps), not NaN
+    assert not math.isnan(g0.sum().item())
