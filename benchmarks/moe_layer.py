@@ -1,6 +1,7 @@
 """MoE layer benchmark: fast index-based path vs a dense GEMM pair vs the dense one-hot einsum reference.
 
 Ratios are measured side by side in one run (DESIGN.md "Performance method"):
+  times are the minimum over interleaved reps (the machine may be shared; min is the least-disturbed run)
   useful GF/s        = useful FLOPs / MoE time; useful FLOPs = 2 * M * 2 * D * F forward (x3 for fwd+bwd),
                        M = kept token-choices (T*k when dropless)
   dense-equivalence  = time of a dense pair gelu(x_MD @ w1_DF) @ w2_FD at the same M and dtype / MoE time
@@ -22,7 +23,6 @@ if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
                MALLOC_TOP_PAD_=str(1 << 28))
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -40,7 +40,7 @@ SHAPES = {  # name: (T, D, F, E, k)
 MODES = {"dropless": None, "cf1.0": 1.0, "cf1.25": 1.25}
 
 
-def _median_time(fn, reps: int, warmup: int) -> float:
+def _times(fn, reps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     ts = []
@@ -48,7 +48,7 @@ def _median_time(fn, reps: int, warmup: int) -> float:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return ts
 
 
 def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, run_ref: bool):
@@ -81,12 +81,14 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, ru
         if backward:
             y.backward(gd)
 
+    dense()
     t_dense, t_fast = [], []
-    for _ in range(reps):  # interleave so load changes from other processes hit both alike
-        t_dense.append(_median_time(dense, 1, 1 if not t_dense else 0))
-        t_fast.append(_median_time(fast, 1, 1 if not t_fast else 0))
-    td, tf = statistics.median(t_dense), statistics.median(t_fast)
-    tr = _median_time(ref, ref_reps, 1) if run_ref else float("nan")
+    for _ in range(reps):  # interleaved, so load from other processes hits both alike
+        t_dense += _times(dense, 1, 0)
+        t_fast += _times(fast, 1, 0)
+    # min over reps: the least-disturbed run estimates the uncontended time on a shared machine
+    td, tf = min(t_dense), min(t_fast)
+    tr = min(_times(ref, ref_reps, 1)) if run_ref else float("nan")
     flops = 2 * M * 2 * D * Fd * (3 if backward else 1)
     return dict(M=M, N=T * k, t_fast=tf, t_dense=td, t_ref=tr, gflops=flops / tf / 1e9,
                 dense_gflops=flops / td / 1e9, dense_eq=td / tf, ref_ratio=tr / tf)

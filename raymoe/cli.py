@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raymoe", description="Elastic Mixture-of-Experts training and serving.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model (locally on one device)")
+    p = sub.add_parser("train", help="train a model (cluster.mode: local = this process, ray = expert shards)")
     _add_config_args(p)
 
     p = sub.add_parser("eval", help="validation loss / perplexity of a checkpoint")
@@ -58,11 +58,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from raymoe.config import load_config
-    from raymoe.platform.trainer import LocalTrainer
+    from raymoe.platform.trainer import LocalTrainer, load_model, sample_text
 
     cfg = load_config(args.config, args.overrides)
-    trainer = LocalTrainer(cfg)
-    summary = trainer.run()
+    if cfg.cluster.mode == "ray":
+        from raymoe.actors.launch import train_on_ray
+
+        summary = train_on_ray(cfg)
+        trainer = None
+    else:
+        trainer = LocalTrainer(cfg)
+        summary = trainer.run()
     print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
           f"val_loss {summary.get('val_loss', float('nan')):.4f} (ppl {summary.get('val_ppl', float('nan')):.2f})")
     print(f"checkpoint: {summary['checkpoint']}")
@@ -70,8 +76,9 @@ def _cmd_train(args) -> int:
         print(f"plot: {plot}")
     if cfg.sample.max_new_tokens:
         s = cfg.sample
-        text = trainer.sample(s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p)
-        print("sample:\n" + text)
+        model = trainer.model if trainer is not None else load_model(summary["checkpoint"])
+        print("sample:\n" + sample_text(model, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
+                                         seed=cfg.run.seed))
     return 0
 
 

@@ -156,6 +156,47 @@ class SampleConfig(_Section):
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus filter (null = off).")
 
 
+class ClusterConfig(_Section):
+    mode: Literal["local", "ray"] = Field(
+        "local", description="local = train in this process; ray = a Coordinator actor drives ExpertShard actors."
+    )
+    address: str | None = Field(
+        None, description="Ray cluster address (null: RAY_ADDRESS, else a running local cluster, else start one)."
+    )
+    num_workers: int = Field(2, ge=1, description="Expert shards (Ray actors); one per GPU on GPU clusters.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per shard in its placement-group bundle.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per shard (1 on GPU clusters, 0 on CPU).")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend: auto = nccl with GPUs, gloo on CPU."
+    )
+    ep_size: int | list[int] | Literal["auto"] = Field(
+        "auto",
+        description="Expert-parallel degree: one int for every MoE layer, a list with one entry per MoE layer "
+        "(PR-MoE), or auto = the largest divisor of num_workers that divides the layer's expert count.",
+    )
+    hierarchical_all_to_all: bool = Field(
+        False, description="Two-phase all-to-all (intra-node, then inter-node; DeepSpeed-MoE sec. 5.3)."
+    )
+    ranks_per_node: int | None = Field(
+        None, ge=1, description="Shards per node for the hierarchical all-to-all (null = from the placement)."
+    )
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
+        "PACK", description="Placement-group strategy for the shard bundles."
+    )
+    collective_timeout_s: float = Field(
+        120.0, gt=0, description="Timeout of torch.distributed collectives and of waiting for a step."
+    )
+    start_timeout_s: float = Field(300.0, gt=0, description="Timeout for placing and starting the shards.")
+
+    @field_validator("ep_size")
+    @classmethod
+    def _positive_ep(cls, v):
+        values = v if isinstance(v, list) else ([] if v == "auto" else [v])
+        if isinstance(v, list) and not v or any(e < 1 for e in values):
+            raise ValueError(f"ep_size must be 'auto', an int >= 1 or a non-empty list of ints >= 1, got {v!r}")
+        return v
+
+
 class RaymoeConfig(_Section):
     """The root of every raymoe YAML file."""
 
@@ -167,6 +208,7 @@ class RaymoeConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving and resuming.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Mixture-of-Students KD.")
     sample: SampleConfig = Field(default_factory=SampleConfig, description="Sample printed after training.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Distributed training on Ray.")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RaymoeConfig":
@@ -182,9 +224,25 @@ class RaymoeConfig(_Section):
         experts = self.moe.num_experts if isinstance(self.moe.num_experts, list) else [self.moe.num_experts]
         if n_moe and self.moe.k > min(experts):
             raise ValueError(f"moe.k={self.moe.k} must be <= the smallest num_experts ({min(experts)})")
+        ep = self.cluster.ep_size
+        if isinstance(ep, list) and len(ep) != n_moe:
+            raise ValueError(f"cluster.ep_size has {len(ep)} entries but the schedule has {n_moe} MoE layers "
+                             f"{moe_layer_ids(self)}: give one entry per MoE layer, one int, or 'auto'")
+        if self.cluster.mode == "ray":
+            self._check_distributed_batch()
         if self.moe.use_residual and self.moe.k != 1:
             raise ValueError(f"moe.use_residual needs moe.k=1 (Residual-MoE is top-1), got k={self.moe.k}")
         return self
+
+
+    def _check_distributed_batch(self) -> None:
+        world, t = self.cluster.num_workers, self.train
+        micro = t.micro_batch_size or t.global_batch_size // world
+        if t.global_batch_size % (world * micro):
+            raise ValueError(
+                f"train.global_batch_size={t.global_batch_size} must be a multiple of cluster.num_workers={world} "
+                f"x train.micro_batch_size={micro} so every shard runs the same number of micro-batches"
+            )
 
 
 def moe_layer_ids(cfg: RaymoeConfig) -> list[int]:

@@ -343,7 +343,9 @@ def global_batch_starts(seed: int, step: int, global_batch: int, num_windows: in
     return rng.integers(0, num_windows, size=global_batch, dtype=np.int64)
 
 
-def _windows(ds: TokenDataset, starts_B: np.ndarray, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def windows_from_starts(ds: TokenDataset, starts_B: np.ndarray, block_size: int,
+                        device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_BT, y_BT) for windows starting at ``starts_B``; what a shard does with the starts the coordinator plans."""
     idx_BT1 = starts_B[:, None] + np.arange(block_size + 1, dtype=np.int64)[None, :]
     rows_BT1 = torch.from_numpy(np.asarray(ds.tokens[idx_BT1], dtype=np.int64))
     x_BT, y_BT = rows_BT1[:, :-1].contiguous(), rows_BT1[:, 1:].contiguous()
@@ -366,7 +368,7 @@ def sample_batch(
                          f"global_batch that is a multiple of the number of data-parallel ranks")
     starts_G = global_batch_starts(seed, step, global_batch, split_ds.num_windows(block_size), split_ds.name)
     per_rank = global_batch // world
-    return _windows(split_ds, starts_G[rank * per_rank:(rank + 1) * per_rank], block_size, device)
+    return windows_from_starts(split_ds, starts_G[rank * per_rank:(rank + 1) * per_rank], block_size, device)
 
 
 def eval_batches(
@@ -387,7 +389,7 @@ def eval_batches(
         _check_nonneg_int("max_batches", max_batches)
         n_batches = min(n_batches, max_batches)
     for b in range(rank, n_batches, world):
-        yield _windows(split_ds, starts_W[b * batch_size:(b + 1) * batch_size], block_size, device)
+        yield windows_from_starts(split_ds, starts_W[b * batch_size:(b + 1) * batch_size], block_size, device)
 
 
 def build_dataset(sources: Sequence[PathLike] | None, cache_dir: PathLike,

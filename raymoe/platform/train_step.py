@@ -89,11 +89,13 @@ def _moe_summaries(stats_per_micro: list[list]) -> tuple[list[list[int]], list[f
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch], *,
                lr: float, grad_clip: float = 0.0, autocast_dtype: torch.dtype | None = None,
                kd: KDSettings | None = None,
-               grad_sync: Callable[[torch.nn.Module], None] | None = None) -> StepResult:
+               grad_sync: Callable[[torch.nn.Module], None] | None = None,
+               grad_norm_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> StepResult:
     """Run one optimizer step over ``micro_batches`` (their mean loss is the step's loss).
 
     ``grad_sync`` is called after the backward passes and before clipping; distributed training passes a
-    function that all-reduces dense and expert gradients over the right groups.
+    function that all-reduces dense and expert gradients over the right groups, and ``grad_norm_fn`` for the
+    global gradient norm (each expert counted once although it lives on one shard).
     """
     batches = list(micro_batches)
     n = len(batches)
@@ -123,10 +125,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     if grad_sync is not None:
         grad_sync(model)
     params = [p for p in model.parameters() if p.grad is not None]
+    norm = grad_norm_fn(model) if grad_norm_fn is not None else local_grad_norm(params)
     if grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-    else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+        clip_grads_(params, norm, grad_clip)
+    grad_norm = float(norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -136,6 +138,20 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     return StepResult(loss=loss_sum / n, ce_loss=ce_sum / n, aux_loss=aux_sum / n, grad_norm=grad_norm, lr=lr,
                       tokens=tokens, kd_active=kd is not None, expert_counts=counts, dropped_fraction=dropped,
                       l_aux=l_aux)
+
+
+def local_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients in this process."""
+    if not params:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+
+@torch.no_grad()
+def clip_grads_(params: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients so their global norm is at most ``max_norm`` (torch's clip_grad_norm_ rule)."""
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.device))
 
 
 @torch.no_grad()

@@ -100,7 +100,6 @@ class LocalTrainer:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.tokenizer = ByteTokenizer()
         torch.manual_seed(cfg.run.seed)
         dataset = build_dataset(cfg.data.sources or None, cache_dir=cfg.data.cache_dir,
                                 jsonl_field=cfg.data.jsonl_field)
@@ -193,7 +192,7 @@ class LocalTrainer:
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{res.loss:.3f}", val=f"{val.get('val_loss', float('nan')):.3f}")
                 elif done % t.log_interval == 0 or done == t.steps:
-                    self.log(_format_line(rec, t.steps))
+                    self.log(format_step_line(rec, t.steps))
                 if cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0 and done != t.steps:
                     self.save(done)
         finally:
@@ -201,17 +200,23 @@ class LocalTrainer:
         ckpt_path = self.save(t.steps)
         summary = {"run_dir": str(self.run_dir), "checkpoint": str(ckpt_path), "first_loss": first_loss,
                    "last_loss": last["loss"] if last else None, **val, "parameters": params}
-        summary["plots"] = [str(p) for p in _plots(self.run_dir, self.log)]
+        summary["plots"] = [str(p) for p in write_plots(self.run_dir, self.log)]
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def sample(self, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-               top_p: float | None) -> str:
-        """Generate a continuation of ``prompt`` with the current weights."""
-        ids = self.tokenizer.encode(prompt)
-        out = generate(self.model, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, eos_id=self.tokenizer.eos_id, seed=self.cfg.run.seed)
-        return prompt + self.tokenizer.decode(out[0])
+
+def sample_text(model: GPT, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                top_p: float | None, seed: int = 0) -> str:
+    """``prompt`` plus a generated continuation (byte tokenizer), at most up to the model's context length."""
+    tok = ByteTokenizer()
+    ids = tok.encode(prompt)
+    room = model.config.block_size - len(ids) + 1
+    if room < 1:
+        raise ValueError(f"prompt is {len(ids)} tokens; the model's context (block_size) is "
+                         f"{model.config.block_size}")
+    out = generate(model, [ids], max_new_tokens=min(max_new_tokens, room), temperature=temperature,
+                   top_k=top_k, top_p=top_p, eos_id=tok.eos_id, seed=seed)
+    return prompt + tok.decode(out[0])
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GPT:
@@ -225,7 +230,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GP
     return model.to(device)
 
 
-def _format_line(rec: dict, total: int) -> str:
+def format_step_line(rec: dict, total: int) -> str:
     line = (f"step {rec['step']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
             f"{rec['tokens_per_s']:.0f} tok/s")
     if "val_loss" in rec:
@@ -241,7 +246,7 @@ def _progress(it, enabled: bool):
     return it
 
 
-def _plots(run_dir: Path, log: Callable[[str], None]) -> list[Path]:
+def write_plots(run_dir: Path, log: Callable[[str], None]) -> list[Path]:
     try:
         from raymoe.platform.report import plot_run
     except ImportError as exc:  # matplotlib is a dependency; keep training results even if it is broken

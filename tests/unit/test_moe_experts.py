@@ -66,3 +66,21 @@ def test_init_shapes_and_iter_expert_params():
         GroupedExperts(2, 4, 4, global_expert_ids=[1])
     with pytest.raises(ValueError, match="activation"):
         GroupedExperts(2, 4, 4, activation="tanh")
+
+
+@pytest.mark.parametrize("ffn", [4, 12])  # scale folded into the activation (F <= D) or the output (F > D)
+def test_scale_rows_equals_scaling_output(ffn):
+    torch.manual_seed(0)
+    ex = GroupedExperts(3, 8, ffn)
+    x = torch.randn(9, 8)
+    c = torch.tensor([4, 0, 5])
+    s = torch.rand(9)
+    outs = []
+    for fused in (True, False):
+        ex.zero_grad(set_to_none=True)
+        xx, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+        y = ex(xx, c, ss) if fused else ex(xx, c) * ss[:, None]
+        (y * torch.arange(y.numel()).view_as(y).cos()).sum().backward()
+        outs.append((y.detach(), xx.grad, ss.grad, ex.w1.grad.clone(), ex.w2.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -135,6 +135,7 @@ class GroupedExperts(nn.Module):
         self.global_expert_ids = [int(g) for g in global_expert_ids]
         self.init_std = init_std
         self.out_init_std = init_std if out_init_std is None else out_init_std
+        self.force_fallback = False  # True: always the segment-loop GEMM (tests, debugging)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
         self.reset_parameters()
@@ -143,8 +144,15 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w1, std=self.init_std)
         nn.init.normal_(self.w2, std=self.out_init_std)
 
-    def forward(self, x_MD: Tensor, counts_E: Tensor, *, force_fallback: bool = False) -> Tensor:
-        """x_MD: rows sorted by local expert, counts_E[e] rows each (sum <= M); returns [M, D]."""
+    def forward(self, x_MD: Tensor, counts_E: Tensor, scale_M: Tensor | None = None, *,
+                force_fallback: bool | None = None) -> Tensor:
+        """x_MD: rows sorted by local expert, counts_E[e] rows each (sum <= M); returns [M, D].
+
+        ``scale_M`` (the gate weights) multiplies each row's output; it is applied to whichever of the
+        activation [M, F] or the output [M, D] is narrower (same result, fewer bytes touched).
+        """
+        if force_fallback is None:
+            force_fallback = self.force_fallback
         if x_MD.dtype != self.w1.dtype:
             x_MD = x_MD.to(self.w1.dtype)
         offs = None
@@ -156,8 +164,14 @@ class GroupedExperts(nn.Module):
         h_MF = grouped_mm(x_MD, self.w1, counts_E, offs=offs, counts_list=counts_list,
                           force_fallback=force_fallback)
         h_MF = self.act(h_MF)
-        return grouped_mm(h_MF, self.w2, counts_E, offs=offs, counts_list=counts_list,
+        scale_h = scale_M is not None and h_MF.shape[1] <= x_MD.shape[1]
+        if scale_h:
+            h_MF = h_MF * scale_M.unsqueeze(1).to(h_MF.dtype)
+        y_MD = grouped_mm(h_MF, self.w2, counts_E, offs=offs, counts_list=counts_list,
                           force_fallback=force_fallback)
+        if scale_M is not None and not scale_h:
+            y_MD = y_MD * scale_M.unsqueeze(1).to(y_MD.dtype)
+        return y_MD
 
     def extra_repr(self) -> str:
         E, D, Fd = self.w1.shape

@@ -202,11 +202,15 @@ class MoE(nn.Module):
         tok_M = plan.token_M if routed_S is None else routed_S.index_select(0, plan.token_M)
 
         x_MD = x_TD.index_select(0, tok_M)
-        x_loc, counts_loc = self.dispatcher.dispatch(x_MD, plan.kept_counts_E)
-        y_loc = self.experts(x_loc, counts_loc)
-        y_MD = self.dispatcher.combine(y_loc)
-        y_MD = (y_MD * g_M.unsqueeze(1).to(y_MD.dtype)).to(x_TD.dtype)
-        y_TD = x_TD.new_zeros(T, D).index_add(0, tok_M, y_MD)
+        if isinstance(self.dispatcher, LocalDispatcher):
+            # No exchange: fold the gate weights into the experts' narrower intermediate.
+            y_MD = self.experts(x_MD, plan.kept_counts_E, g_M)
+        else:
+            x_loc, counts_loc = self.dispatcher.dispatch(x_MD, plan.kept_counts_E)
+            y_MD = self.dispatcher.combine(self.experts(x_loc, counts_loc))
+            y_MD = y_MD * g_M.unsqueeze(1).to(y_MD.dtype)
+        # In-place into a fresh buffer: the out-of-place index_add would clone the zeros first.
+        y_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, tok_M, y_MD.to(x_TD.dtype))
 
         n_choices = max(S * K, 1)
         stats = RouterStats(

@@ -1,0 +1,165 @@
+"""ExpertShard: one Ray actor per worker/GPU; a rank of the torch.distributed world.
+
+It owns its experts (the global expert ids the layout assigns to its expert-parallel rank), a replica of the
+dense part, and its optimizer state. Hidden states move between shards only by all-to-all inside the MoE
+layers; the coordinator sends window offsets (a few ints per sample) and receives scalar metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from datetime import timedelta
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from raymoe.config import RaymoeConfig, config_from_dict
+from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import parallel
+from raymoe.platform.data import build_dataset, windows_from_starts
+from raymoe.platform.model import GPT
+from raymoe.platform.moe.experts import iter_expert_params
+from raymoe.platform.train_step import build_optimizer, train_step
+from raymoe.platform.trainer import gpt_config_from, resolve_dtype
+
+
+def shard_from_full(full: GPT, shard: GPT) -> None:
+    """Copy a full (EP=1) model into a shard model: dense params as they are, expert rows by global id.
+
+    Every rank builds the same full model from the same seed, so dense replicas agree and every expert gets
+    the weights it would have without expert parallelism (EP-independent initialisation).
+    """
+    full_state = full.state_dict()
+    expert_names = set()
+    with torch.no_grad():
+        for name, param, _, global_ids in iter_expert_params(shard):
+            param.copy_(full_state[name][torch.as_tensor(global_ids)])
+            expert_names.add(name)
+        for name, t in shard.state_dict().items():
+            if name not in expert_names:
+                t.copy_(full_state[name])
+
+
+class ExpertShard:
+    """A Ray actor (see :func:`remote_class`); lifecycle verbs: start, check_health, shutdown."""
+
+    def __init__(self, cfg: dict):
+        self.cfg: RaymoeConfig = config_from_dict(cfg, source="coordinator")
+        self.rank = -1
+        self.world = 0
+        self.model: GPT | None = None
+
+    # -- placement / rendezvous ---------------------------------------------------------------------------
+    def node_info(self) -> dict:
+        """Where this shard runs (the coordinator orders ranks by node for the hierarchical all-to-all)."""
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def free_port(self) -> int:
+        """A free TCP port on this node, for the rendezvous when this shard is rank 0."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def start(self, init_method: str, rank: int, world: int, ep_sizes: dict[int, int],
+              ranks_per_node: int | None) -> dict:
+        """Join the process group, build EP/EDP groups, the model with this rank's experts and the optimizer."""
+        c, t = self.cfg.cluster, self.cfg.train
+        self.rank, self.world = rank, world
+        self.device = torch.device("cuda", 0) if c.gpus_per_worker > 0 and torch.cuda.is_available() else \
+            torch.device("cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(c.cpus_per_worker)))
+        backend = c.backend if c.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=c.collective_timeout_s))
+        self.layout = parallel.ParallelLayout(world, {int(k): v for k, v in ep_sizes.items()})
+        self.groups = parallel.build_process_groups(self.layout, rank, ranks_per_node=ranks_per_node)
+        gpt_cfg = gpt_config_from(self.cfg)
+        torch.manual_seed(self.cfg.run.seed)
+        full = GPT(gpt_cfg)
+        self.model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(
+            self.layout, self.groups, hierarchical=c.hierarchical_all_to_all, ranks_per_node=ranks_per_node))
+        shard_from_full(full, self.model)
+        del full
+        self.model.to(self.device)
+        self.dtype = resolve_dtype(t.dtype, self.device)
+        self.optimizer = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
+                                         betas=(t.beta1, t.beta2), device_type=self.device.type)
+        self.grad_sync = parallel.make_grad_sync(self.model, self.layout, self.groups)
+        self.grad_norm = parallel.make_grad_norm(self.model, self.layout, self.groups)
+        ds = build_dataset(self.cfg.data.sources or None, cache_dir=self.cfg.data.cache_dir,
+                           jsonl_field=self.cfg.data.jsonl_field)
+        self.train_ds, self.val_ds = ds.split(self.cfg.data.val_fraction, block_size=self.cfg.model.block_size)
+        return {"rank": rank, "experts": {m.layer_id: list(m.experts.global_expert_ids)
+                                          for m in self.model.moe_modules()}, "device": str(self.device)}
+
+    # -- steps --------------------------------------------------------------------------------------------
+    def _dispatchers(self):
+        return [m.dispatcher for m in self.model.moe_modules()]
+
+    def train_step(self, step: int, starts: list[int], lr: float, micro_batch: int) -> dict:
+        """One optimizer step over this rank's windows; returns the step's scalar results."""
+        t = self.cfg.train
+        x, y = windows_from_starts(self.train_ds, np.asarray(starts, dtype=np.int64),
+                                   self.cfg.model.block_size, self.device)
+        micro = list(zip(x.split(micro_batch), y.split(micro_batch)))
+        parallel.seed_router_noise(self.cfg.run.seed, step, self.rank)
+        for d in self._dispatchers():
+            d.comm_seconds = 0.0
+        t0 = time.perf_counter()
+        res = train_step(self.model, self.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
+                         autocast_dtype=self.dtype, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm)
+        out = dataclasses.asdict(res)
+        out["compute_s"] = time.perf_counter() - t0
+        out["all_to_all_s"] = {m.layer_id: m.dispatcher.comm_seconds for m in self.model.moe_modules()}
+        return out
+
+    @torch.no_grad()
+    def eval_step(self, starts: list[int]) -> tuple[float, int]:
+        """Summed cross-entropy and token count over this rank's evaluation windows."""
+        self.model.eval()
+        try:
+            x, y = windows_from_starts(self.val_ds, np.asarray(starts, dtype=np.int64),
+                                       self.cfg.model.block_size, self.device)
+            logits = self.model(x).logits.float()
+            ce = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum")
+            return float(ce), y.numel()
+        finally:
+            self.model.train()
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def save(self, root: str, step: int) -> str:
+        """Write this rank's part: its experts (first EDP replica only), the dense part on rank 0."""
+        path = ckpt.save_checkpoint(root, step, self.model, self.optimizer, write_dense=self.rank == 0,
+                                    write_experts=self.groups.is_first_expert_replica, write_manifest=False,
+                                    rank=self.rank)
+        return str(path)
+
+    def load(self, path: str) -> int:
+        """Load weights + optimizer state (any EP layout: experts are keyed by global id)."""
+        info = ckpt.load_checkpoint(path, self.model, self.optimizer, restore_rng=False)
+        return int(info["step"])
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters on CPU (tests gather them to compare layouts)."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def check_health(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def remote_class(num_cpus: float, num_gpus: float):
+    """The ExpertShard actor class with its resource request."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ExpertShard)

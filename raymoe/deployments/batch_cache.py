@@ -1,0 +1,143 @@
+"""KV cache for continuous batching: rows join and leave between decode steps.
+
+Shape legend: B active rows, R row capacity, H heads, L slots (cache length), Lc slot capacity, Dh head dim.
+
+It duck-types `raymoe.platform.generate.KVCache` (what `GPT.forward` uses: ``length``, ``key_mask_BL``,
+``valid_len_B``, ``begin``/``write``/``end``), so the unchanged model decodes a batch whose rows started at
+different times. Layout: every row is right-aligned at slot ``length`` (each decode step appends one slot to
+every row), so a row's real tokens are the last ``valid_len_B[i]`` slots; slots before are masked out
+(``key_mask_BL`` False: never attended to). Positions come from ``valid_len_B``, so where a row sits in the
+slot range does not change its numbers. Hence:
+
+- joining rows whose prefill is longer than ``length``: shift every row right (one slice copy);
+- compacting: slots older than the longest live row are unused by every row: shift left (one slice copy);
+- leaving rows: gather the kept rows to the front (skipped when only trailing rows leave).
+
+Buffers are allocated once ([R, H, Lc, Dh] per layer and k/v); the active rows are views ``buf[:B]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from raymoe.platform.generate import KVCache
+
+
+class SlotKVCache:
+    """Preallocated cache of up to ``max_rows`` rows of up to ``max_len`` slots each (see module docstring)."""
+
+    def __init__(self, n_layer: int, max_rows: int, n_head: int, head_dim: int, max_len: int, *,
+                 device=None, dtype=torch.float32):
+        shape = (max_rows, n_head, max_len, head_dim)
+        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self._mask_RL = torch.zeros(max_rows, max_len, dtype=torch.bool, device=device)
+        self._valid_R = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.max_rows, self.max_len = max_rows, max_len
+        self.rows = 0
+        self.length = 0
+        self._pending = 0
+        self._views()
+
+    @classmethod
+    def for_model(cls, model, max_rows: int) -> "SlotKVCache":
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(cfg.n_layer, max_rows, cfg.n_head, cfg.d_model // cfg.n_head, cfg.block_size,
+                   device=p.device, dtype=p.dtype)
+
+    def _views(self) -> None:
+        B = self.rows
+        self.k = [t[:B] for t in self._k]
+        self.v = [t[:B] for t in self._v]
+        self.key_mask_BL = self._mask_RL[:B]
+        self.valid_len_B = self._valid_R[:B]
+
+    # -- the KVCache interface GPT.forward uses ----------------------------------------------------------
+    def begin(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
+        if self.length + T > self.max_len:
+            raise ValueError(f"SlotKVCache overflow: {self.length} + {T} > max_len={self.max_len}")
+        self._pending = T
+        self.key_mask_BL[:, self.length:self.length + T] = True if token_mask_BT is None else token_mask_BT
+
+    def write(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
+        end = self.length + k_BHTd.shape[2]
+        self.k[layer][:, :, self.length:end] = k_BHTd
+        self.v[layer][:, :, self.length:end] = v_BHTd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def end(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
+        assert T == self._pending, "SlotKVCache.end without a matching begin"
+        self.length += T
+        self.valid_len_B += T if token_mask_BT is None else token_mask_BT.long().sum(1)
+        self._pending = 0
+
+    # -- membership --------------------------------------------------------------------------------------
+    def _shift(self, d: int) -> None:
+        """Move every row's slots by d (d > 0: right, making room at the left; d < 0: drop the oldest -d)."""
+        B, L = self.rows, self.length
+        if B == 0 or d == 0:
+            self.length = L if B else 0
+            return
+        src, dst = (slice(0, L), slice(d, L + d)) if d > 0 else (slice(-d, L), slice(0, L + d))
+        for bufs in (self._k, self._v):
+            for t in bufs:
+                t[:B, :, dst] = t[:B, :, src].clone()
+        self._mask_RL[:B, dst] = self._mask_RL[:B, src].clone()
+        if d > 0:
+            self._mask_RL[:B, :d] = False
+        self.length = L + d
+
+    def add_rows(self, prefill: KVCache) -> None:
+        """Append the rows of a finished prefill (a `KVCache` of n rows and ``prefill.length`` slots)."""
+        n, P = prefill.key_mask_BL.shape[0], prefill.length
+        if self.rows + n > self.max_rows:
+            raise ValueError(f"SlotKVCache: {self.rows} + {n} rows > max_rows={self.max_rows}")
+        if P > self.max_len:
+            raise ValueError(f"SlotKVCache: prefill of {P} slots > max_len={self.max_len}")
+        if self.rows == 0:
+            self.length = P
+        elif P > self.length:
+            self._shift(P - self.length)
+        B, L = self.rows, self.length
+        new = slice(B, B + n)
+        for mine, theirs in ((self._k, prefill.k), (self._v, prefill.v)):
+            for t, src in zip(mine, theirs):
+                t[new, :, L - P:L] = src[:, :, :P]
+        self._mask_RL[new, :L] = False
+        self._mask_RL[new, L - P:L] = prefill.key_mask_BL[:, :P]
+        self._valid_R[new] = prefill.valid_len_B
+        self.rows = B + n
+        self._views()
+
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (in that order, moved to the front); the others leave."""
+        keep = list(keep)
+        B, L = self.rows, self.length
+        if keep != list(range(len(keep))):
+            idx = torch.tensor(keep, dtype=torch.long, device=self._mask_RL.device)
+            n = len(keep)
+            for bufs in (self._k, self._v):
+                for t in bufs:
+                    t[:n, :, :L] = t[idx, :, :L]
+            self._mask_RL[:n, :L] = self._mask_RL[idx, :L]
+            self._valid_R[:n] = self._valid_R[idx]
+        self.rows = len(keep)
+        if self.rows == 0:
+            self.length = 0
+        self._views()
+
+    def compact(self, force: bool = False) -> int:
+        """Drop slots no row uses. Runs when forced, when the next step would overflow, or when at least half
+        the slots are dead (attention cost is proportional to ``length``). Returns the slots dropped."""
+        if self.rows == 0:
+            self.length = 0
+            return 0
+        longest = int(self.valid_len_B.max())
+        dead = self.length - longest
+        if dead > 0 and (force or self.length + 1 > self.max_len or dead * 2 >= self.length):
+            self._shift(-dead)
+            return dead
+        return 0

@@ -1,0 +1,301 @@
+"""The engine contract every serving engine follows (the real `Engine`, `FakeEngine`, a future EP engine).
+
+Lifecycle verbs (Ray Serve LLM's): ``start()`` (load weights, start the decode loop), ``check_health()``
+(raise when unhealthy), ``shutdown(timeout_s)`` (stop admitting, let running requests finish for up to
+``timeout_s``, then fail what is left with `EngineShutdownError`). Requests: ``stream(prompt, params)``, an
+async iterator of `GenerationChunk`, and ``generate(prompt, params)`` -> `GenerationResult`; ``reload(path)``
+swaps weights; ``info()`` describes the model. This module imports neither Ray nor torch.
+
+Errors a request can raise: `RequestError` (the request is wrong: a 4xx with an OpenAI error body),
+`EngineOverloadedError` (queue full: 429), `EngineShutdownError` (503), anything else (a 500 for that
+request only: an engine never lets one request's failure stop the others).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
+
+Prompt = Union[str, Sequence[int]]
+
+
+class RequestError(ValueError):
+    """A bad request; carries the fields of an OpenAI error body and the HTTP status."""
+
+    def __init__(self, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 status: int = 400, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+
+
+class EngineOverloadedError(RuntimeError):
+    """The engine's waiting queue is full; retry later (HTTP 429)."""
+
+
+class EngineShutdownError(RuntimeError):
+    """The engine is stopping or stopped (HTTP 503)."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings. temperature 0 = greedy; stop = stop strings (never returned)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    seed: Optional[int] = None
+
+    def validate(self) -> None:
+        """Raise `RequestError` naming the parameter on a bad value (types included)."""
+        checks = (
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", _is_num(self.temperature) and 0 <= self.temperature <= 2, "a number in [0, 2]"),
+            ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("top_k", self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), "null or an integer >= 1"),
+            ("seed", self.seed is None or _is_int(self.seed), "null or an integer"),
+            ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+             "a list of non-empty strings"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise RequestError(f"{name} must be {allowed}; got {getattr(self, name)!r}", param=name,
+                                   code="invalid_value")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+@dataclass
+class GenerationChunk:
+    """New output of one request: text/tokens released since the last chunk (may be empty on the last one).
+
+    finish_reason: None while running, then "stop" (EOS or a stop string) or "length" (max_tokens).
+    completion_tokens counts sampled tokens so far (a matched stop string's tokens included).
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class GenerationResult:
+    """A whole generation (`generate`), plus timings in seconds measured inside the engine."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    latency_s: float
+
+
+class EngineObserver:
+    """Metrics hooks an engine calls (from its loop thread); the default does nothing.
+
+    The Serve replica passes one that writes ray.util.metrics (raymoe.deployments.metrics); tests and
+    in-process users may pass their own.
+    """
+
+    def on_first_token(self, ttft_s: float) -> None: ...
+    def on_tokens(self, n: int, inter_token_s: Optional[float]) -> None: ...
+    def on_step(self, batch_size: int, waiting: int, running: int) -> None: ...
+    def on_finish(self, finish_reason: str, latency_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
+    def on_expert_load(self, layer: int, fractions: list[float]) -> None: ...
+    def on_reload(self) -> None: ...
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One request inside an engine: prompt, params, delivery callback and per-request decode state."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: list[list[int]],
+                 deliver: Callable[[Any], None]):
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stop_ids = stop_ids
+        self.deliver = deliver  # called with a GenerationChunk, an Exception, or None (end of stream)
+        self.t_submit = time.perf_counter()
+        self.t_first: Optional[float] = None
+        self.t_last: Optional[float] = None
+        self.completion_tokens = 0
+        self.aborted = False
+        self.done = False
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def emit(self, tokens: list[int], finish_reason: Optional[str], observer: EngineObserver) -> None:
+        """Deliver released tokens (bytes decoded incrementally; ids >= 256 such as EOS are never text)."""
+        if self.done:
+            return
+        now = time.perf_counter()
+        final = finish_reason is not None
+        text = self._decoder.decode(bytes(t for t in tokens if 0 <= t < 256), final=final)
+        if tokens or final:
+            if self.t_first is None:
+                self.t_first = now
+                observer.on_first_token(now - self.t_submit)
+            if tokens:
+                observer.on_tokens(len(tokens), None if self.t_last is None else now - self.t_last)
+            self.t_last = now
+            self.deliver(GenerationChunk(text, list(tokens), finish_reason, len(self.prompt_ids),
+                                         self.completion_tokens))
+        if final:
+            self.done = True
+            observer.on_finish(finish_reason, now - self.t_submit, len(self.prompt_ids), self.completion_tokens)
+            self.deliver(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.deliver(exc)
+
+
+class BaseEngine:
+    """Request plumbing shared by engines: validation, async/sync streaming, abort, admission limit.
+
+    Subclasses implement ``_enqueue(request)`` (hand a validated `Request` to the loop), ``start``,
+    ``check_health``, ``shutdown``, ``reload`` and ``info``; they set ``block_size``/``vocab_size``.
+    """
+
+    block_size: int = 0
+    vocab_size: int = 257
+    eos_id: Optional[int] = 256
+
+    def __init__(self, *, max_waiting: int = 64, observer: Optional[EngineObserver] = None):
+        if not _is_int(max_waiting) or max_waiting < 1:
+            raise ValueError(f"max_waiting must be an int >= 1; got {max_waiting!r}")
+        self.max_waiting = max_waiting
+        self.observer = observer or EngineObserver()
+        self._accepting = False
+
+    # -- to implement ----------------------------------------------------------------------------------
+    def _enqueue(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def num_waiting(self) -> int:
+        raise NotImplementedError
+
+    # -- requests --------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, param: str = "prompt") -> list[int]:
+        """Token ids of a prompt (UTF-8 bytes for text); RequestError when empty, too long or out of range."""
+        if isinstance(prompt, str):
+            ids = list(prompt.encode("utf-8", errors="surrogatepass"))
+        elif isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
+            ids = list(prompt)
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise RequestError(f"{param} has token ids outside [0, {self.vocab_size})", param=param,
+                                   code="invalid_value")
+        else:
+            raise RequestError(f"{param} must be a string or a list of token ids", param=param, code="invalid_type")
+        if not ids:
+            raise RequestError(f"{param} must not be empty", param=param, code="empty_prompt")
+        if len(ids) > self.block_size:
+            raise RequestError(f"{param} is {len(ids)} tokens; this model's context is {self.block_size} tokens",
+                               param=param, code="context_length_exceeded")
+        return ids
+
+    def make_request(self, prompt: Prompt, params: SamplingParams, deliver: Callable[[Any], None],
+                     param: str = "prompt") -> Request:
+        """Validate and build a `Request` (RequestError on bad input); does not enqueue it."""
+        params.validate()
+        ids = self.encode(prompt, param)
+        room = self.block_size - len(ids) + 1  # the last sampled token is never fed back
+        if params.max_tokens > room:
+            raise RequestError(f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens "
+                               f"and the context is {self.block_size}, so at most {room} new tokens fit",
+                               param="max_tokens", code="context_length_exceeded")
+        stop_ids = [list(s.encode("utf-8")) for s in params.stop]
+        return Request(ids, params, stop_ids, deliver)
+
+    def submit(self, req: Request) -> None:
+        """Admission control, then hand to the loop. Raises EngineOverloadedError / EngineShutdownError."""
+        if not self._accepting:
+            raise EngineShutdownError("engine is not accepting requests (not started or shutting down)")
+        if self.num_waiting() >= self.max_waiting:
+            raise EngineOverloadedError(f"engine queue is full ({self.max_waiting} waiting requests); retry later")
+        self._enqueue(req)
+
+    async def stream(self, prompt: Prompt, params: SamplingParams, *, param: str = "prompt"
+                     ) -> AsyncIterator[GenerationChunk]:
+        """Validate and enqueue (errors raise here), then return an async iterator of chunks.
+
+        Closing the iterator early (the client went away) aborts the request at the next step boundary.
+        """
+        req, q = self._submit_async(prompt, params, param)
+        return self._drain(req, q)
+
+    def _submit_async(self, prompt: Prompt, params: SamplingParams, param: str) -> tuple[Request, asyncio.Queue]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = self.make_request(prompt, params, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), param)
+        self.submit(req)
+        return req, q
+
+    async def _drain(self, req: Request, q: asyncio.Queue) -> AsyncIterator[GenerationChunk]:
+        try:
+            while True:
+                item = await q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.aborted = True  # no-op when finished; otherwise the loop drops the row at the next step
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, *, param: str = "prompt") -> GenerationResult:
+        """The whole generation of one prompt."""
+        req, q = self._submit_async(prompt, params, param)
+        chunks = [c async for c in self._drain(req, q)]
+        return _collect(chunks, time.perf_counter(), req)
+
+    def generate_sync(self, prompt: Prompt, params: SamplingParams, timeout_s: float = 300.0) -> GenerationResult:
+        """Blocking `generate` for code without an event loop (scripts, tests)."""
+        q: queue.Queue = queue.Queue()
+        req = self.make_request(prompt, params, q.put)
+        self.submit(req)
+        chunks, deadline = [], time.monotonic() + timeout_s
+        while True:
+            try:
+                item = q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                req.aborted = True
+                raise TimeoutError(f"generation did not finish within {timeout_s}s") from None
+            if item is None:
+                return _collect(chunks, time.perf_counter(), req)
+            if isinstance(item, BaseException):
+                raise item
+            chunks.append(item)
+
+
+def _collect(chunks: list[GenerationChunk], now: float, req: Request) -> GenerationResult:
+    last = chunks[-1]
+    ttft = (req.t_first - req.t_submit) if req.t_first else 0.0
+    return GenerationResult("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                            last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens, ttft,
+                            now - req.t_submit)
+
+
+def run_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    return t

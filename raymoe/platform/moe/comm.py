@@ -1,0 +1,245 @@
+"""Expert-parallel exchange: all-to-all with autograd and the dispatcher that moves rows to their experts.
+
+Shape legend: M kept token-choices of this rank (sorted by GLOBAL expert), R rows received for this rank's
+experts, D model dim, E global experts, El experts per rank (E / ep), Q source ranks of the EP group (= ep),
+N nodes of the EP group, P ranks per node (ep = N * P).
+
+A *route* is a list of hops: a row permutation or an ``all_to_all_single`` with variable splits. ``dispatch``
+runs the route forward; ``combine`` runs the inverse route (hops reversed, permutations inverted, splits
+swapped). Both are differentiable: the backward of an all-to-all is the all-to-all with the splits swapped,
+the backward of a permutation is the inverse permutation (a gather, not a scatter-add).
+
+Flat route (DeepSpeed-MoE's dispatch): exchange the per-expert counts, exchange the rows, then re-sort the
+received rows from (source rank, local expert) order to local-expert-contiguous order.
+
+Hierarchical route (DeepSpeed-MoE sec. 5.3, a 2D all-to-all): phase 1 exchanges inside a node so that local
+rank j gathers every row its node sends to any rank with local index j; phase 2 exchanges between the ranks
+with the same local index across nodes (N peers instead of ep, messages P times larger). Rows arrive in the
+same (source rank, local expert) order as with the flat route, so the numerics are identical.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class _Meter:
+    """Accumulates seconds and bytes of the collectives of one dispatcher (forward and backward)."""
+
+    def __init__(self, owner: "AllToAllDispatcher"):
+        self.owner = owner
+
+    def run(self, fn: Callable[[], None], nbytes: int = 0) -> None:
+        clock = self.owner.timer
+        t0 = clock()
+        fn()
+        self.owner.comm_seconds += clock() - t0
+        self.owner.comm_bytes += nbytes
+
+
+def _exchange(x: Tensor, group, out_splits: list[int], in_splits: list[int], meter: _Meter | None) -> Tensor:
+    """Variable-split ``all_to_all_single`` of the rows of x; returns the received rows."""
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+
+    def fn():
+        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+
+    if meter is None:
+        fn()
+    else:
+        meter.run(fn, x.numel() * x.element_size())
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows -> peers with ``in_splits`` sent / ``out_splits`` received; backward swaps the splits."""
+
+    @staticmethod
+    def forward(ctx, x, group, out_splits, in_splits, meter):
+        ctx.group, ctx.out_splits, ctx.in_splits, ctx.meter = group, out_splits, in_splits, meter
+        return _exchange(x, group, out_splits, in_splits, meter)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _exchange(g, ctx.group, ctx.in_splits, ctx.out_splits, ctx.meter), None, None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """y = x[idx] for a bijection idx; backward is the gather by the inverse permutation."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
+def transpose_segments(counts_AB: Tensor) -> Tensor | None:
+    """Gather index that turns rows laid out as segments (a, b) in a-major order into b-major order.
+
+    counts_AB[a, b] is the length of segment (a, b). Returns None when the reorder is the identity.
+    The inverse index is ``transpose_segments(counts_AB.t())``.
+    """
+    A, B = counts_AB.shape
+    if A == 1 or B == 1:
+        return None
+    flat_AB = counts_AB.reshape(-1)
+    starts_BA = (torch.cumsum(flat_AB, 0) - flat_AB).view(A, B).t().reshape(-1)
+    counts_BA = counts_AB.t().reshape(-1)
+    tgt_starts_BA = torch.cumsum(counts_BA, 0) - counts_BA
+    total = int(flat_AB.sum())
+    shift_R = torch.repeat_interleave(starts_BA - tgt_starts_BA, counts_BA, output_size=total)
+    return shift_R + torch.arange(total, device=counts_AB.device)
+
+
+class _Route:
+    """The hops of one dispatch (kept so combine can run them backwards)."""
+
+    def __init__(self):
+        self.hops: list[tuple] = []
+
+    def perm(self, counts_AB: Tensor) -> None:
+        idx = transpose_segments(counts_AB)
+        if idx is not None:
+            self.hops.append(("perm", idx, transpose_segments(counts_AB.t())))
+
+    def a2a(self, group, send: list[int], recv: list[int]) -> None:
+        self.hops.append(("a2a", group, send, recv))
+
+    def forward(self, x: Tensor, meter: _Meter) -> Tensor:
+        for hop in self.hops:
+            x = self._apply(x, hop, meter, inverse=False)
+        return x
+
+    def inverse(self, y: Tensor, meter: _Meter) -> Tensor:
+        for hop in reversed(self.hops):
+            y = self._apply(y, hop, meter, inverse=True)
+        return y
+
+    @staticmethod
+    def _apply(x: Tensor, hop: tuple, meter: _Meter, inverse: bool) -> Tensor:
+        if hop[0] == "perm":
+            _, idx, inv = hop
+            return _Permute.apply(x, inv, idx) if inverse else _Permute.apply(x, idx, inv)
+        _, group, send, recv = hop
+        return _AllToAll.apply(x, group, send, recv, meter) if inverse else _AllToAll.apply(x, group, recv, send, meter)
+
+
+class AllToAllDispatcher:
+    """Expert-parallel dispatcher: rows go to the rank that holds their expert and come back after.
+
+    ``ep_group``: the process group of this rank's EP group (ranks ordered by EP rank); expert placement is
+    contiguous (EP rank r holds global experts r*El .. (r+1)*El - 1). ``hierarchical`` selects the two-phase
+    intra-node / inter-node route; it needs ``intra_group`` (the ``ranks_per_node`` ranks of this node inside
+    the EP group, ordered by local index) and ``inter_group`` (the ranks with this local index on every node
+    of the EP group, ordered by node); with one node or one rank per node it is the flat route.
+    ``timer``: a clock (seconds) read around every collective; on CUDA pass one that synchronizes if the
+    collective time itself is wanted. ``comm_seconds`` / ``comm_bytes`` accumulate over forward and
+    backward exchanges until the caller resets them.
+    """
+
+    def __init__(self, ep_group, ep_size: int, ep_rank: int, num_experts: int, *, hierarchical: bool = False,
+                 ranks_per_node: int | None = None, timer: Callable[[], float] | None = None,
+                 intra_group=None, inter_group=None):
+        if ep_size < 1 or num_experts % ep_size:
+            raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank={ep_rank}: must be in [0, ep_size={ep_size})")
+        self.group = ep_group
+        self.ep_size = ep_size
+        self.ep_rank = ep_rank
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // ep_size
+        El = self.num_local_experts
+        self.local_expert_ids = list(range(ep_rank * El, (ep_rank + 1) * El))
+        self.timer = timer or time.perf_counter
+        self.comm_seconds = 0.0
+        self.comm_bytes = 0
+        self.hierarchical = False
+        if hierarchical:
+            P = ranks_per_node
+            if P is None or P < 1:
+                raise ValueError(f"hierarchical all-to-all needs ranks_per_node >= 1; got {ranks_per_node!r}")
+            if P < ep_size and P > 1:
+                if ep_size % P:
+                    raise ValueError(f"ranks_per_node={P} must divide ep_size={ep_size} for the hierarchical "
+                                     "all-to-all (EP groups made of whole nodes)")
+                if intra_group is None or inter_group is None:
+                    raise ValueError("hierarchical all-to-all needs intra_group and inter_group "
+                                     "(see raymoe.platform.parallel.build_process_groups)")
+                self.hierarchical = True
+        self.ranks_per_node = ranks_per_node
+        self.intra_group, self.inter_group = intra_group, inter_group
+        self._meter = _Meter(self)
+        self._routes: list[_Route] = []
+
+    # -- dispatcher interface -----------------------------------------------------------------------------
+    def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows sorted by global expert + per-global-expert counts -> (rows of the local experts sorted by
+        local expert, per-local-expert counts)."""
+        if counts_E.numel() != self.num_experts:
+            raise ValueError(f"counts_E has {counts_E.numel()} entries, expected num_experts={self.num_experts}")
+        counts_E = counts_E.to(torch.long)
+        route, counts_loc = self._plan_hierarchical(counts_E) if self.hierarchical else self._plan_flat(counts_E)
+        self._routes.append(route)
+        return route.forward(x_MD, self._meter), counts_loc
+
+    def combine(self, y_RD: Tensor) -> Tensor:
+        """Inverse of the last ``dispatch``: expert outputs back to the rows' ranks, in dispatch's order."""
+        if not self._routes:
+            raise RuntimeError("combine() called without a matching dispatch()")
+        return self._routes.pop().inverse(y_RD, self._meter)
+
+    def all_reduce_max(self, t: Tensor) -> Tensor:
+        """Max of ``t`` over the EP group (dropless capacity)."""
+        out = t.detach().reshape(-1).clone()
+        self._meter.run(lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group))
+        return out.reshape(t.shape)
+
+    # -- routes -------------------------------------------------------------------------------------------
+    def _plan_flat(self, counts_E: Tensor) -> tuple[_Route, Tensor]:
+        Q, El = self.ep_size, self.num_local_experts
+        recv_E = torch.empty_like(counts_E)
+        self._meter.run(lambda: dist.all_to_all_single(recv_E, counts_E.contiguous(), group=self.group))
+        recv_QE = recv_E.view(Q, El)
+        send_split, recv_split = torch.stack([counts_E.view(Q, El).sum(1), recv_QE.sum(1)]).tolist()
+        route = _Route()
+        route.a2a(self.group, send_split, recv_split)
+        route.perm(recv_QE)
+        return route, recv_QE.sum(0)
+
+    def _plan_hierarchical(self, counts_E: Tensor) -> tuple[_Route, Tensor]:
+        Q, El, P = self.ep_size, self.num_local_experts, self.ranks_per_node
+        N = Q // P
+        node, local = divmod(self.ep_rank, P)
+        # Every rank needs the whole count matrix C[src, dst, e] to lay out both phases.
+        parts = [torch.empty_like(counts_E) for _ in range(Q)]
+        self._meter.run(lambda: dist.all_gather(parts, counts_E.contiguous(), group=self.group))
+        C_QQE = torch.stack(parts).view(Q, Q, El)
+        Csum_QQ = C_QQE.sum(2)
+        # phase 1 (intra-node): my rows, sorted by destination (n', j), go to local rank j in (j, n') order.
+        mine_NP = Csum_QQ[self.ep_rank].view(N, P)
+        # rows received from local rank i' of my node, destined to (n', local): R1[i', n']
+        src_rows = node * P + torch.arange(P, device=counts_E.device)
+        R1_PN = Csum_QQ[src_rows].view(P, N, P)[:, :, local]
+        # phase 2 (inter-node): received from node n'' (all its local ranks i'') for me: C[(n'', i''), me, e]
+        mine_QE = C_QQE[:, self.ep_rank, :]
+        send1, recv1, send2, recv2 = (mine_NP.sum(0).tolist(), R1_PN.sum(1).tolist(), R1_PN.sum(0).tolist(),
+                                      mine_QE.view(N, P * El).sum(1).tolist())
+        route = _Route()
+        route.perm(mine_NP)
+        route.a2a(self.intra_group, send1, recv1)
+        route.perm(R1_PN)
+        route.a2a(self.inter_group, send2, recv2)
+        route.perm(mine_QE)
+        return route, mine_QE.sum(0)
