@@ -8,6 +8,7 @@ Ratios are measured side by side in one run (DESIGN.md "Performance method"):
   ref/fast           = einsum reference time / fast time (reference timed with fewer reps)
 
 Usage: python benchmarks/moe_layer.py [--quick] [--shapes T4096_D512 ...] [--modes dropless cf1.0 cf1.25]
+       [--cpu-time]   (1 thread timed by its CPU time: stable on a machine shared with other jobs)
 glibc reads MALLOC_MMAP_THRESHOLD_ at process start only, so the script re-executes itself with it set
 (large fresh tensors otherwise come from mmap and pay page faults on every allocation).
 """
@@ -40,14 +41,17 @@ SHAPES = {  # name: (T, D, F, E, k)
 MODES = {"dropless": None, "cf1.0": 1.0, "cf1.25": 1.25}
 
 
+CLOCK = time.perf_counter
+
+
 def _times(fn, reps: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(CLOCK() - t0)
     return ts
 
 
@@ -104,8 +108,14 @@ def main(argv=None):
     ap.add_argument("--ref-reps", type=int, default=2)
     ap.add_argument("--no-ref", action="store_true", help="skip the einsum reference")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="1 thread, timed by the thread's CPU time: robust when other processes share the cores")
     ap.add_argument("--no-reexec", action="store_true", help="do not re-exec with MALLOC_* set")
     args = ap.parse_args(argv)
+    global CLOCK
+    if args.cpu_time:
+        args.threads = 1
+        CLOCK = time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = dict(SHAPES)
@@ -115,6 +125,7 @@ def main(argv=None):
     if args.shapes:
         shapes = {n: s for n, s in shapes.items() if any(f in n for f in args.shapes)}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype fp32, "
+          f"clock {'thread CPU time' if args.cpu_time else 'wall'}, "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}, grouped_mm "
           f"{'yes' if hasattr(torch, '_grouped_mm') else 'no'}")
     hdr = (f"{'shape':<26}{'mode':<9}{'pass':<8}{'M kept':>8}{'fast ms':>9}{'dense ms':>9}{'ref ms':>10}"

@@ -41,6 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP endpoints on Ray Serve (blocks; Ctrl-C stops)")
+    p.add_argument("--checkpoint", help="checkpoint folder or a folder of checkpoints (required by the real engine)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-id", default="raymoe", help="model name clients put in 'model'")
+    p.add_argument("--num-replicas", type=int, default=1, help="LLMServer replicas (min replicas with --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None, help="autoscale LLMServer between --num-replicas "
+                                                                   "and this")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows in a replica's running decode batch")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests per replica before 429")
+    p.add_argument("--reload-policy", choices=["drain", "immediate"], default="drain")
+    p.add_argument("--engine", default=None, help="engine class 'module:Class' (e.g. "
+                                                  "raymoe.deployments.fake_engine:FakeEngine)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+
     p = sub.add_parser("config", help="print the resolved config, or --fields to list every field")
     _add_config_args(p)
     p.add_argument("--fields", action="store_true", help="list every field with its default and description")
@@ -116,6 +131,29 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from raymoe.deployments.app import DEFAULT_ENGINE, ServeArgs, run_blocking
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    if args.num_replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.num_replicas):
+        raise ValueError(f"need 1 <= --num-replicas <= --max-replicas; got {args.num_replicas}, {args.max_replicas}")
+    engine_kwargs = {"max_batch_size": args.max_batch_size, "max_waiting": args.max_waiting,
+                     "reload_policy": args.reload_policy}
+    scale = {"num_replicas": args.num_replicas}
+    if args.max_replicas is not None and args.max_replicas > args.num_replicas:
+        scale = {"autoscaling_config": {"min_replicas": args.num_replicas, "max_replicas": args.max_replicas,
+                                        "target_ongoing_requests": args.max_batch_size}}
+    try:
+        sargs = ServeArgs(checkpoint=args.checkpoint, model_id=args.model_id, engine_cls=args.engine or DEFAULT_ENGINE,
+                          engine_kwargs=engine_kwargs, max_ongoing_requests=args.max_batch_size + args.max_waiting,
+                          **scale)
+    except Exception as exc:  # pydantic ValidationError: one line for the user
+        raise ValueError(str(exc).replace("\n", " ")) from None
+    run_blocking(sargs, host=args.host, port=args.port, num_cpus=args.num_cpus)
+    return 0
+
+
 def _cmd_config(args) -> int:
     from raymoe.config import describe_fields, load_config
 
@@ -153,7 +191,7 @@ def _cmd_checkpoint(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "config": _cmd_config,
-            "report": _cmd_report, "checkpoint": _cmd_checkpoint}
+            "report": _cmd_report, "checkpoint": _cmd_checkpoint, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

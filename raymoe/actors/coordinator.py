@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raymoe.config import RaymoeConfig, config_from_dict, moe_layer_ids
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import metrics as M
-from raymoe.platform.data import build_dataset, global_batch_starts
+from raymoe.platform.data import build_dataset, eval_window_starts, global_batch_starts
 from raymoe.platform.parallel import choose_ep_size
 from raymoe.platform.train_step import lr_at
 from raymoe.platform.trainer import MetricsLog, format_step_line, write_plots, gpt_config_from
@@ -143,21 +143,13 @@ class Coordinator:
         return t.micro_batch_size or t.global_batch_size // self.world
 
     def evaluate(self) -> dict[str, float]:
-        """Validation cross-entropy over fixed windows; every shard runs the same number of forwards."""
-        t, block = self.cfg.train, self.cfg.model.block_size
-        starts = np.arange(0, self.val_ds.num_windows(block), block, dtype=np.int64)
-        per_batch = self.micro_batch() * self.world
-        n_batches = min(t.eval_batches, len(starts) // per_batch)
-        if n_batches == 0:
-            raise ValueError(f"validation split too short for one batch of {per_batch} windows of {block} tokens")
-        total, count = 0.0, 0
-        for b in range(n_batches):
-            chunk = np.array_split(starts[b * per_batch:(b + 1) * per_batch], self.world)
-            outs = ray.get([s.eval_step.remote(c.tolist()) for s, c in zip(self.shards, chunk)],
-                           timeout=self.cfg.cluster.collective_timeout_s)
-            total += sum(o[0] for o in outs)
-            count += sum(o[1] for o in outs)
-        loss = total / count
+        """Validation cross-entropy over the same windows as local training evaluates, split over the ranks."""
+        t = self.cfg.train
+        starts = eval_window_starts(self.val_ds, self.cfg.model.block_size, t.global_batch_size, t.eval_batches)
+        outs = ray.get([s.eval_step.remote(c.tolist(), self.micro_batch())
+                        for s, c in zip(self.shards, np.array_split(starts, self.world))],
+                       timeout=self.cfg.cluster.collective_timeout_s)
+        loss = sum(o[0] for o in outs) / sum(o[1] for o in outs)
         return {"val_loss": loss, "val_ppl": float(np.exp(min(loss, 50.0)))}
 
     def save(self, step: int) -> str:

@@ -23,26 +23,8 @@ from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import parallel
 from raymoe.platform.data import build_dataset, windows_from_starts
 from raymoe.platform.model import GPT
-from raymoe.platform.moe.experts import iter_expert_params
-from raymoe.platform.train_step import build_optimizer, train_step
+from raymoe.platform.train_step import build_optimizer, evaluate, train_step
 from raymoe.platform.trainer import gpt_config_from, resolve_dtype
-
-
-def shard_from_full(full: GPT, shard: GPT) -> None:
-    """Copy a full (EP=1) model into a shard model: dense params as they are, expert rows by global id.
-
-    Every rank builds the same full model from the same seed, so dense replicas agree and every expert gets
-    the weights it would have without expert parallelism (EP-independent initialisation).
-    """
-    full_state = full.state_dict()
-    expert_names = set()
-    with torch.no_grad():
-        for name, param, _, global_ids in iter_expert_params(shard):
-            param.copy_(full_state[name][torch.as_tensor(global_ids)])
-            expert_names.add(name)
-        for name, t in shard.state_dict().items():
-            if name not in expert_names:
-                t.copy_(full_state[name])
 
 
 class ExpertShard:
@@ -83,11 +65,13 @@ class ExpertShard:
         self.groups = parallel.build_process_groups(self.layout, rank, ranks_per_node=ranks_per_node)
         gpt_cfg = gpt_config_from(self.cfg)
         torch.manual_seed(self.cfg.run.seed)
-        full = GPT(gpt_cfg)
+        # every rank builds the same full (EP=1) model from the seed and keeps its experts' rows: dense
+        # replicas agree and each expert starts exactly as it would without expert parallelism
+        full_state = GPT(gpt_cfg).state_dict()
         self.model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(
             self.layout, self.groups, hierarchical=c.hierarchical_all_to_all, ranks_per_node=ranks_per_node))
-        shard_from_full(full, self.model)
-        del full
+        parallel.load_full_state_dict(self.model, full_state)
+        del full_state
         self.model.to(self.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
         self.optimizer = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
@@ -101,38 +85,29 @@ class ExpertShard:
                                           for m in self.model.moe_modules()}, "device": str(self.device)}
 
     # -- steps --------------------------------------------------------------------------------------------
-    def _dispatchers(self):
-        return [m.dispatcher for m in self.model.moe_modules()]
-
     def train_step(self, step: int, starts: list[int], lr: float, micro_batch: int) -> dict:
         """One optimizer step over this rank's windows; returns the step's scalar results."""
         t = self.cfg.train
         x, y = windows_from_starts(self.train_ds, np.asarray(starts, dtype=np.int64),
                                    self.cfg.model.block_size, self.device)
         micro = list(zip(x.split(micro_batch), y.split(micro_batch)))
-        parallel.seed_router_noise(self.cfg.run.seed, step, self.rank)
-        for d in self._dispatchers():
-            d.comm_seconds = 0.0
+        parallel.seed_router_noise(self.cfg.run.seed, step, self.rank, model=self.model, micro_batches=len(micro))
+        parallel.reset_comm_stats(self.model)
         t0 = time.perf_counter()
         res = train_step(self.model, self.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
                          autocast_dtype=self.dtype, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm)
         out = dataclasses.asdict(res)
         out["compute_s"] = time.perf_counter() - t0
-        out["all_to_all_s"] = {m.layer_id: m.dispatcher.comm_seconds for m in self.model.moe_modules()}
+        out["all_to_all_s"] = parallel.total_comm_seconds(self.model)
         return out
 
     @torch.no_grad()
-    def eval_step(self, starts: list[int]) -> tuple[float, int]:
-        """Summed cross-entropy and token count over this rank's evaluation windows."""
-        self.model.eval()
-        try:
-            x, y = windows_from_starts(self.val_ds, np.asarray(starts, dtype=np.int64),
-                                       self.cfg.model.block_size, self.device)
-            logits = self.model(x).logits.float()
-            ce = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-            return float(ce), y.numel()
-        finally:
-            self.model.train()
+    def eval_step(self, starts: list[int], micro_batch: int) -> tuple[float, int]:
+        """Summed cross-entropy and token count over this rank's evaluation windows (micro-batch forwards)."""
+        x, y = windows_from_starts(self.val_ds, np.asarray(starts, dtype=np.int64), self.cfg.model.block_size,
+                                   self.device)
+        res = evaluate(self.model, zip(x.split(micro_batch), y.split(micro_batch)), autocast_dtype=self.dtype)
+        return res["val_loss"] * y.numel(), y.numel()
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, root: str, step: int) -> str:

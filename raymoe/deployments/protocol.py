@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import dataclasses
 import itertools
 import queue
 import threading
@@ -44,9 +45,10 @@ class EngineShutdownError(RuntimeError):
 
 @dataclass
 class SamplingParams:
-    """Per-request decoding settings. temperature 0 = greedy; stop = stop strings (never returned)."""
+    """Per-request decoding settings. temperature 0 = greedy; stop = stop strings (never returned);
+    max_tokens None = as many as fit in the context."""
 
-    max_tokens: int = 16
+    max_tokens: Optional[int] = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: Optional[int] = None
@@ -56,7 +58,8 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise `RequestError` naming the parameter on a bad value (types included)."""
         checks = (
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+             "null or an integer >= 1"),
             ("temperature", _is_num(self.temperature) and 0 <= self.temperature <= 2, "a number in [0, 2]"),
             ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("top_k", self.top_k is None or (_is_int(self.top_k) and self.top_k >= 1), "null or an integer >= 1"),
@@ -115,7 +118,7 @@ class EngineObserver:
 
     def on_first_token(self, ttft_s: float) -> None: ...
     def on_tokens(self, n: int, inter_token_s: Optional[float]) -> None: ...
-    def on_step(self, batch_size: int, waiting: int, running: int) -> None: ...
+    def on_step(self, batch_size: int, waiting: int, running: int) -> None: ...  # batch_size 0: idle
     def on_finish(self, finish_reason: str, latency_s: float, prompt_tokens: int, completion_tokens: int) -> None: ...
     def on_expert_load(self, layer: int, fractions: list[float]) -> None: ...
     def on_reload(self) -> None: ...
@@ -216,10 +219,14 @@ class BaseEngine:
     def make_request(self, prompt: Prompt, params: SamplingParams, deliver: Callable[[Any], None],
                      param: str = "prompt") -> Request:
         """Validate and build a `Request` (RequestError on bad input); does not enqueue it."""
+        if not self._accepting:
+            raise EngineShutdownError("engine is not accepting requests (not started or shutting down)")
         params.validate()
         ids = self.encode(prompt, param)
         room = self.block_size - len(ids) + 1  # the last sampled token is never fed back
-        if params.max_tokens > room:
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=room)
+        elif params.max_tokens > room:
             raise RequestError(f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens "
                                f"and the context is {self.block_size}, so at most {room} new tokens fit",
                                param="max_tokens", code="context_length_exceeded")
@@ -251,9 +258,19 @@ class BaseEngine:
         return req, q
 
     async def _drain(self, req: Request, q: asyncio.Queue) -> AsyncIterator[GenerationChunk]:
+        """Yield chunks; chunks that queued up while the consumer was busy are merged into one (fewer
+        messages for a slow consumer, e.g. a Serve stream across processes)."""
         try:
+            pending: list = []
             while True:
-                item = await q.get()
+                item = pending.pop(0) if pending else await q.get()
+                while isinstance(item, GenerationChunk) and item.finish_reason is None and not q.empty():
+                    nxt = q.get_nowait()
+                    if not isinstance(nxt, GenerationChunk):
+                        pending.append(nxt)
+                        break
+                    item = GenerationChunk(item.text + nxt.text, item.token_ids + nxt.token_ids,
+                                           nxt.finish_reason, nxt.prompt_tokens, nxt.completion_tokens)
                 if item is None:
                     return
                 if isinstance(item, BaseException):

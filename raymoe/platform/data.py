@@ -392,6 +392,18 @@ def eval_batches(
         yield windows_from_starts(split_ds, starts_W[b * batch_size:(b + 1) * batch_size], block_size, device)
 
 
+def eval_window_starts(split_ds: TokenDataset, block_size: int, global_batch: int, max_batches: int) -> np.ndarray:
+    """Start offsets of the evaluation windows: non-overlapping windows from the start of the split, as many
+    whole global batches as fit (at most ``max_batches``). Local and distributed evaluation split exactly these
+    windows (distributed: contiguous slices per rank), so both report the same validation loss."""
+    starts_W = np.arange(0, split_ds.num_windows(block_size), block_size, dtype=np.int64)
+    n = min(max_batches, len(starts_W) // global_batch) * global_batch
+    if n == 0:
+        raise ValueError(f"split {split_ds.name!r} has {len(starts_W)} windows of {block_size} tokens, fewer than "
+                         f"one global batch ({global_batch}); lower train.global_batch_size or data.val_fraction")
+    return starts_W[:n]
+
+
 def build_dataset(sources: Sequence[PathLike] | None, cache_dir: PathLike,
                   tokenizer: ByteTokenizer | None = None, jsonl_field: str = "text") -> TokenDataset:
     """The whole token stream of `sources` (None or [] = the embedded default corpus) as a TokenDataset.

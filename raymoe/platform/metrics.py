@@ -67,7 +67,43 @@ TRAINING_METRICS = (
     WORLD_SIZE, RECOVERIES_TOTAL, RECOVERY_SECONDS, LOST_STEPS_TOTAL,
 )
 
-ALL_METRICS = TRAINING_METRICS
+# --- serving (raymoe.deployments; exported by Serve replicas through ray.util.metrics) -----------------
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SERVE_REQUESTS = MetricDef(
+    "raymoe_serve_requests_total", "counter", "HTTP requests answered by the OpenAI ingress.",
+    ("route", "status"),
+)
+SERVE_PROMPT_TOKENS = MetricDef("raymoe_serve_prompt_tokens_total", "counter", "Prompt tokens of finished requests.")
+SERVE_GENERATED_TOKENS = MetricDef("raymoe_serve_generated_tokens_total", "counter", "Tokens generated (released).")
+SERVE_TTFT = MetricDef(
+    "raymoe_serve_time_to_first_token_seconds", "histogram",
+    "Time from a request entering the engine to its first generated token.", (), _SECONDS_BUCKETS,
+)
+SERVE_ITL = MetricDef(
+    "raymoe_serve_inter_token_latency_seconds", "histogram",
+    "Time between two consecutive outputs of one request.", (), _SECONDS_BUCKETS,
+)
+SERVE_REQUEST_LATENCY = MetricDef(
+    "raymoe_serve_request_latency_seconds", "histogram", "Time from a request entering the engine to its end.",
+    ("finish_reason",), _SECONDS_BUCKETS,
+)
+SERVE_BATCH_SIZE = MetricDef(
+    "raymoe_serve_batch_size", "histogram", "Rows in the running batch per decode step.", (), _BATCH_BUCKETS,
+)
+SERVE_QUEUE_LENGTH = MetricDef("raymoe_serve_queue_length", "gauge", "Requests waiting to join the batch.")
+SERVE_RUNNING = MetricDef("raymoe_serve_running_requests", "gauge", "Requests in the running decode batch.")
+SERVE_EXPERT_LOAD = MetricDef(
+    "raymoe_serve_expert_load_fraction", "gauge",
+    "Fraction of a layer's token-choices routed to an expert at inference (last window).", ("layer", "expert"),
+)
+SERVE_RELOADS = MetricDef("raymoe_serve_weight_reloads_total", "counter", "Live weight swaps (reconfigure).")
+
+SERVING_METRICS = (
+    SERVE_REQUESTS, SERVE_PROMPT_TOKENS, SERVE_GENERATED_TOKENS, SERVE_TTFT, SERVE_ITL, SERVE_REQUEST_LATENCY,
+    SERVE_BATCH_SIZE, SERVE_QUEUE_LENGTH, SERVE_RUNNING, SERVE_EXPERT_LOAD, SERVE_RELOADS,
+)
+
+ALL_METRICS = TRAINING_METRICS + SERVING_METRICS
 
 
 def prometheus_registry(metrics=ALL_METRICS):

@@ -19,10 +19,12 @@ import torch
 
 from raymoe.config import RaymoeConfig, resolved_d_ff
 from raymoe.platform import checkpoint as ckpt
-from raymoe.platform.data import ByteTokenizer, build_dataset, eval_batches, sample_batch
+from raymoe.platform.data import (ByteTokenizer, build_dataset, eval_window_starts, sample_batch,
+                                  windows_from_starts)
 from raymoe.platform.distill import KDSchedule, build_student_config
 from raymoe.platform.generate import generate
 from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.parallel import seed_router_noise
 from raymoe.platform.train_step import KDSettings, StepResult, build_optimizer, evaluate, lr_at, train_step
 
 CSV_FIELDS = ("step", "loss", "ce_loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "step_s")
@@ -143,13 +145,18 @@ class LocalTrainer:
                             global_batch=t.global_batch_size, block_size=self.cfg.model.block_size,
                             device=self.device)
         micro = t.micro_batch_size or t.global_batch_size
-        return list(zip(x.split(micro), y.split(micro)))
+        batches = list(zip(x.split(micro), y.split(micro)))
+        # router noise (RTS, Jitter, RSample) is seeded per (step, micro-batch): resumed and distributed runs
+        # draw exactly what this run draws
+        seed_router_noise(self.cfg.run.seed, step, 0, model=self.model, micro_batches=len(batches))
+        return batches
 
     def evaluate(self) -> dict[str, float]:
-        batches = eval_batches(self.val_ds, block_size=self.cfg.model.block_size,
-                               batch_size=self.cfg.train.micro_batch_size or self.cfg.train.global_batch_size,
-                               max_batches=self.cfg.train.eval_batches, device=self.device)
-        return evaluate(self.model, batches, autocast_dtype=self.dtype)
+        t, block = self.cfg.train, self.cfg.model.block_size
+        starts = eval_window_starts(self.val_ds, block, t.global_batch_size, t.eval_batches)
+        x, y = windows_from_starts(self.val_ds, starts, block, self.device)
+        micro = t.micro_batch_size or t.global_batch_size
+        return evaluate(self.model, zip(x.split(micro), y.split(micro)), autocast_dtype=self.dtype)
 
     def save(self, step: int) -> Path:
         path = ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer,

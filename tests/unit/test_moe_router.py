@@ -87,17 +87,18 @@ def test_rsample_top1_and_bias_only_steer_selection():
 def test_draw_router_noise_fields_follow_options():
     n = draw_router_noise(5, 4, 8, k=2, noisy_gate_policy="Jitter", use_rts=True, training=True)
     assert n.jitter_SD.shape == (5, 8) and n.gumbel1_SE is None and n.gumbel2_SE.shape == (5, 4)
-    assert n.rts_KS.shape == (2, 5)
+    assert n.rts_order_KS.shape == (2, 5)
+    assert (n.rts_order_KS.sort(dim=1).values == torch.arange(5)).all()  # each row a permutation
     assert ((n.jitter_SD >= 0.99) & (n.jitter_SD <= 1.01)).all()
     n = draw_router_noise(5, 4, 8, k=1, noisy_gate_policy="RSample", use_rts=True, training=False)
-    assert n.jitter_SD is None and n.gumbel1_SE is None and n.rts_KS is None
+    assert n.jitter_SD is None and n.gumbel1_SE is None and n.rts_order_KS is None
     n = draw_router_noise(5, 4, 8, k=3, noisy_gate_policy="RSample", drop_tokens=False, training=True)
-    assert n.gumbel1_SE.shape == (5, 4) and n.gumbel2_SE is None and n.rts_KS is None
+    assert n.gumbel1_SE.shape == (5, 4) and n.gumbel2_SE is None and n.rts_order_KS is None
     g = torch.Generator().manual_seed(3)
     a = draw_router_noise(5, 4, 8, k=2, noisy_gate_policy="RSample", generator=g)
     g = torch.Generator().manual_seed(3)
     b = draw_router_noise(5, 4, 8, k=2, noisy_gate_policy="RSample", generator=g)
-    assert torch.equal(a.gumbel1_SE, b.gumbel1_SE) and torch.equal(a.rts_KS, b.rts_KS)
+    assert torch.equal(a.gumbel1_SE, b.gumbel1_SE) and torch.equal(a.rts_order_KS, b.rts_order_KS)
     assert torch.isfinite(a.gumbel1_SE).all()
 
 
@@ -116,11 +117,11 @@ def test_plan_dispatch_choice_major_position_order():
 
 
 def test_plan_dispatch_rts_priority_and_dropless():
-    prio = torch.tensor([[0.5, 0.4, 0.3, 0.1, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5]])
-    plan = plan_dispatch(IDX_SK, 3, capacity=3, priority_KS=prio)
-    # expert 0 first choices by priority: t4, t0, t1 kept; t3 (lowest) dropped.
+    order = torch.tensor([[4, 0, 1, 2, 3], [4, 3, 2, 1, 0]])  # priority order per choice rank
+    plan = plan_dispatch(IDX_SK, 3, capacity=3, order_KS=order)
+    # expert 0 first choices in priority order: t4, t0, t1 kept; t3 (last) dropped.
     assert plan.kept_KS[0].tolist() == [True, True, True, False, True]
-    # expert 1 second choices by priority: t3 (0.4) then t1 (0.2); t0 (0.1) dropped.
+    # expert 1 (t2's 1st choice first), then second choices in priority order: t3, t1; t0 dropped.
     assert plan.kept_KS[1].tolist() == [False, True, False, True, True]
     assert plan.choice_M.tolist()[:3] == [4, 0, 1]
     dl = plan_dispatch(IDX_SK, 3, capacity=None)

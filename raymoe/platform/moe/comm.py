@@ -233,7 +233,7 @@ class AllToAllDispatcher:
         src_rows = node * P + torch.arange(P, device=counts_E.device)
         R1_PN = Csum_QQ[src_rows].view(P, N, P)[:, :, local]
         # phase 2 (inter-node): received from node n'' (all its local ranks i'') for me: C[(n'', i''), me, e]
-        mine_QE = C_QQE[:, self.ep_rank, :]
+        mine_QE = C_QQE[:, self.ep_rank, :].contiguous()
         send1, recv1, send2, recv2 = (mine_NP.sum(0).tolist(), R1_PN.sum(1).tolist(), R1_PN.sum(0).tolist(),
                                       mine_QE.view(N, P * El).sum(1).tolist())
         route = _Route()

@@ -99,7 +99,10 @@ class _SegmentMM(torch.autograd.Function):
 
 def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, *, offs: Tensor | None = None,
                counts_list: list[int] | None = None, force_fallback: bool = False) -> Tensor:
-    """Grouped GEMM over expert-contiguous rows: segment e (counts_E[e] rows) times w_EDF[e]."""
+    """Grouped GEMM over expert-contiguous rows: segment e (counts_E[e] rows) times w_EDF[e].
+
+    Rows past sum(counts_E) are unspecified (the fallback writes zeros); callers pass exactly the routed rows.
+    """
     if not force_fallback and _probe_grouped_mm(x_MD.device, x_MD.dtype):
         if offs is None:
             offs = torch.cumsum(counts_E, 0).to(torch.int32)

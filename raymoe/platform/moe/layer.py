@@ -192,7 +192,9 @@ class MoE(nn.Module):
         use_rts = noise_needs(K, self.noisy_gate_policy, self.use_rts, self.top2_2nd_expert_sampling,
                               self.drop_tokens, training)["rts"]
         capacity = self.capacity_for(S) if self.drop_tokens else None
-        plan = plan_dispatch(idx_SK, E, capacity, noise.rts_KS if use_rts else None)
+        if use_rts and noise.rts_order_KS is None:
+            raise ValueError("router noise field 'rts_order_KS' is required by the options in force but is None")
+        plan = plan_dispatch(idx_SK, E, capacity, noise.rts_order_KS if use_rts else None)
         if capacity is None:
             local_max = plan.counts_E.max() if S > 0 else plan.counts_E.new_zeros(())
             capacity = int(self.dispatcher.all_reduce_max(local_max))

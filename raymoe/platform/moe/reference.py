@@ -75,7 +75,7 @@ def reference_gating(logits: Tensor, moe, noise: RouterNoise, training: bool):
     kept, locs = [], []
     for c, mask in enumerate(masks):
         if use_rts:
-            perm = torch.argsort(noise.rts_KS[c], descending=True, stable=True)
+            perm = noise.rts_order_KS[c]
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(S, device=perm.device)
             loc = (torch.cumsum(mask[perm], dim=0) - 1)[inv]

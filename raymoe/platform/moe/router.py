@@ -27,13 +27,15 @@ class RouterNoise:
     jitter_SD: multiplicative jitter U(1-eps, 1+eps) on the gate input (policy 'Jitter', training).
     gumbel1_SE: gumbel noise for the first choice (k=1, 2) or for all choices (k>2) (policy 'RSample', training).
     gumbel2_SE: gumbel noise for the second choice of top-2 (top2_2nd_expert_sampling, training).
-    rts_KS: Random Token Selection priorities, one per token-choice (use_rts, training, dropping).
+    rts_order_KS: Random Token Selection order (use_rts, training, dropping): row c is a random permutation
+        of the S routed tokens; inside choice rank c, tokens earlier in it win the capacity slots. A random
+        permutation is the order of DeepSpeed's uniform priorities, without sorting them.
     """
 
     jitter_SD: Tensor | None = None
     gumbel1_SE: Tensor | None = None
     gumbel2_SE: Tensor | None = None
-    rts_KS: Tensor | None = None
+    rts_order_KS: Tensor | None = None
 
 
 def _gumbel(shape, device, generator) -> Tensor:
@@ -69,7 +71,7 @@ def draw_router_noise(num_tokens: int, num_experts: int, hidden_size: int, *, k:
     if need["gumbel2"]:
         noise.gumbel2_SE = _gumbel((S, E), device, generator)
     if need["rts"]:
-        noise.rts_KS = torch.rand((k, S), device=device, generator=generator, dtype=torch.float32)
+        noise.rts_order_KS = torch.stack([torch.randperm(S, generator=generator, device=device) for _ in range(k)])
     return noise
 
 

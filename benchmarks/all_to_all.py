@@ -1,0 +1,159 @@
+"""All-to-all benchmark: the MoE layer's exchange vs raw ``all_to_all_single`` at the same payload.
+
+Both are measured in one run, interleaved, in the same gloo world of N processes on this machine
+(DESIGN.md "Performance method"):
+  layer   = AllToAllDispatcher.dispatch + combine: per-expert count exchange, the row exchange with variable
+            splits, re-sorting received rows to local-expert order and back (what the MoE layer runs)
+  raw     = two all_to_all_single calls with the same split sizes into preallocated buffers (the floor)
+  bytes/s = payload bytes this rank sends (dispatch + combine) / time; ratio = layer bytes/s / raw bytes/s
+  (target >= 0.8). Times are the min over reps of the slowest rank (each rep starts after a barrier).
+``--backward`` also times forward+backward (the backward runs the reverse exchanges).
+
+Usage: python benchmarks/all_to_all.py [--worlds 2 4] [--reps 10] [--hierarchical] [--backward]
+glibc reads MALLOC_MMAP_THRESHOLD_ at process start only, so the script re-executes itself with it set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34),
+               MALLOC_TOP_PAD_=str(1 << 28))
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+import time  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from raymoe.platform import parallel  # noqa: E402
+
+SHAPES = {  # name: (tokens per rank T, model dim D, experts E, top-k)
+    "T1024_D128_E16_k2": (1024, 128, 16, 2),
+    "T4096_D512_E8_k2": (4096, 512, 8, 2),
+    "T2048_D1024_E32_k4": (2048, 1024, 32, 4),
+}
+
+
+def _routed_rows(T: int, D: int, E: int, k: int, seed: int):
+    """x_MD sorted by expert and its per-expert counts for T*k random (top-k distinct) token-choices."""
+    g = torch.Generator().manual_seed(seed)
+    e_N = torch.rand(T, E, generator=g).topk(k, dim=1).indices.reshape(-1)
+    counts_E = torch.bincount(e_N, minlength=E)
+    return torch.randn(T * k, D, generator=g), counts_E
+
+
+def _timed(fn, reps: int) -> float:
+    """Min over reps of the slowest rank's time (a barrier aligns the ranks before each rep; the minimum is
+    the least-disturbed rep on a shared machine)."""
+    ts = []
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+        ts.append(float(dt))
+    return min(ts)
+
+
+def _bench_shape(rank, world, name, reps, hierarchical, backward, rpn):
+    T, D, E, k = SHAPES[name]
+    layout = parallel.ParallelLayout(world, {0: world})
+    groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
+    d = parallel.make_moe_kwargs(layout, groups, hierarchical=hierarchical, ranks_per_node=rpn)(0, E)["dispatcher"]
+    x_MD, counts_E = _routed_rows(T, D, E, k, seed=rank)
+    send = counts_E.view(world, -1).sum(1).tolist()
+    recv_E = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv_E, counts_E)
+    recv = recv_E.view(world, -1).sum(1).tolist()
+    buf_in, buf_back = x_MD.new_empty(sum(recv), D), x_MD.new_empty(x_MD.shape)
+    nbytes = 2 * x_MD.numel() * x_MD.element_size()
+
+    def raw():
+        dist.all_to_all_single(buf_in, x_MD, recv, send)
+        dist.all_to_all_single(buf_back, buf_in, send, recv)
+
+    def layer():
+        x_loc, _ = d.dispatch(x_MD, counts_E)
+        d.combine(x_loc)
+
+    x_req = x_MD.clone().requires_grad_(True)
+
+    def layer_fwd_bwd():
+        x_loc, _ = d.dispatch(x_req, counts_E)
+        d.combine(x_loc).sum().backward()
+
+    def raw_fwd_bwd():
+        raw()
+        raw()
+
+    for fn in (raw, layer):  # warm up connections and allocator
+        fn()
+    pairs = [("fwd", raw, layer)] + ([("fwd+bwd", raw_fwd_bwd, layer_fwd_bwd)] if backward else [])
+    rows = []
+    for label, r_fn, l_fn in pairs:
+        t_raw, t_layer = [], []
+        for _ in range(3):  # interleave raw and layer so drifting machine load hits both
+            t_raw.append(_timed(r_fn, reps))
+            t_layer.append(_timed(l_fn, reps))
+        mult = 2 if label == "fwd+bwd" else 1
+        raw_bps = mult * nbytes / min(t_raw)
+        layer_bps = mult * nbytes / min(t_layer)
+        rows.append((label, raw_bps, layer_bps))
+    return rows, d.hierarchical
+
+
+def _worker(rank, world, port, args, results):
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        rpn = args.ranks_per_node if args.hierarchical else None
+        for name in args.shapes:
+            rows, hier = _bench_shape(rank, world, name, args.reps, args.hierarchical, args.backward, rpn)
+            if rank == 0:
+                results.put((world, name, hier, rows))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--hierarchical", action="store_true", help="two-phase intra/inter-node route")
+    p.add_argument("--ranks-per-node", type=int, default=2, help="with --hierarchical (simulated nodes)")
+    p.add_argument("--backward", action="store_true", help="also time forward+backward")
+    p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    print(f"{'world':>5} {'shape':<20} {'route':<6} {'pass':<8} {'payload MB':>10} {'raw MB/s':>9} "
+          f"{'layer MB/s':>10} {'ratio':>6}")
+    for world in args.worlds:
+        results = ctx.Queue()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, start_method="spawn")
+        for _ in args.shapes:
+            w, name, hier, rows = results.get(timeout=30)
+            T, D, E, k = SHAPES[name]
+            mb = 2 * T * k * D * 4 / 1e6
+            for label, raw_bps, layer_bps in rows:
+                print(f"{w:>5} {name:<20} {'hier' if hier else 'flat':<6} {label:<8} {mb:>10.1f} "
+                      f"{raw_bps / 1e6:>9.0f} {layer_bps / 1e6:>10.0f} {layer_bps / raw_bps:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

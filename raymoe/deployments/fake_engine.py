@@ -1,0 +1,104 @@
+"""`FakeEngine`: the engine contract without a model, for tests and for load-testing the serving stack.
+
+Output is deterministic: the prompt's bytes, cycled (prompt "ab" -> "abab..."), one byte per step of
+``token_delay_s`` seconds, with the same max_tokens / stop-string / finish-reason rules as `Engine`. A prompt
+containing ``fail_marker`` fails with RuntimeError after its first token (a per-request error); the other
+requests are unaffected. ``reload`` only records the checkpoint. It needs no checkpoint (``checkpoint`` is
+accepted and ignored so it can take `Engine`'s arguments).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Optional
+
+from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
+from raymoe.platform.generate import _RowState
+
+
+class FakeEngine(BaseEngine):
+    """See the module docstring."""
+
+    def __init__(self, checkpoint: Optional[str] = None, *, model_id: str = "raymoe", block_size: int = 128,
+                 max_batch_size: int = 8, max_waiting: int = 64, token_delay_s: float = 0.005,
+                 fail_marker: str = "<<fail>>", observer: Optional[EngineObserver] = None, **_ignored):
+        super().__init__(max_waiting=max_waiting, observer=observer)
+        self.checkpoint, self.model_id, self.block_size = checkpoint, model_id, block_size
+        self.max_batch_size, self.token_delay_s, self.fail_marker = max_batch_size, token_delay_s, fail_marker
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._rows: list[Request] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.counters = collections.Counter()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = run_thread(self._loop, "raymoe-fake-engine")
+            self._accepting = True
+
+    def check_health(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("fake engine loop is not running")
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (self._rows or self._waiting) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        for r in list(self._waiting) + self._rows:
+            r.fail(EngineShutdownError("engine shut down before the request finished"))
+
+    def reload(self, checkpoint: str, timeout_s: float = 600.0) -> None:
+        self.checkpoint = str(checkpoint)
+        self.counters["reloads"] += 1
+        self.observer.on_reload()
+
+    def info(self) -> dict:
+        return {"model_id": self.model_id, "engine": "FakeEngine", "checkpoint": self.checkpoint, "step": None,
+                "block_size": self.block_size, "vocab_size": self.vocab_size,
+                "max_batch_size": self.max_batch_size, "reloads": self.counters["reloads"]}
+
+    def stats(self) -> dict:
+        return {"running": len(self._rows), "waiting": len(self._waiting), **self.counters}
+
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def _enqueue(self, req: Request) -> None:
+        req.state = _RowState(req.stop_ids, self.eos_id)
+        with self._lock:
+            self._waiting.append(req)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                while self._waiting and len(self._rows) < self.max_batch_size:
+                    self._rows.append(self._waiting.popleft())
+            rows = [r for r in self._rows if not (r.done or r.aborted)]
+            for r in rows:
+                self._step(r)
+            self._rows = [r for r in self._rows if not (r.done or r.aborted)]
+            if rows:
+                self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows))
+                self.observer.on_step(len(rows), len(self._waiting), len(rows))
+            time.sleep(self.token_delay_s if rows else 0.002)
+
+    def _step(self, r: Request) -> None:
+        if r.completion_tokens == 1 and self.fail_marker and self.fail_marker.encode() in bytes(
+                t for t in r.prompt_ids if t < 256):
+            r.fail(RuntimeError("FakeEngine: injected failure"))
+            return
+        token = r.prompt_ids[r.completion_tokens % len(r.prompt_ids)]
+        r.completion_tokens += 1
+        self.counters["generated_tokens"] += 1
+        released = r.state.push(token)
+        if r.state.finish_reason is None and r.completion_tokens >= r.params.max_tokens:
+            released += r.state.finish("length")
+        reason = r.state.finish_reason
+        r.emit(released, None if reason is None else ("length" if reason == "length" else "stop"), self.observer)

@@ -1,0 +1,259 @@
+"""`OpenAIIngress`: the FastAPI app of the OpenAI-compatible endpoints, as a Serve ingress deployment.
+
+Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(``stream: true`` -> Server-Sent Events ``data: {...}`` chunks ending with ``data: [DONE]``), ``GET /healthz``.
+Each choice (prompt x n) is one call to an `LLMServer` replica through a DeploymentHandle, so choices spread
+over replicas and join their continuous batches.
+
+Status codes, all with an OpenAI error body ``{"error": {"message", "type", "param", "code"}}``: 400 bad
+request (malformed JSON, wrong types, empty or too-long prompt, bad max_tokens...), 404 unknown model or
+route, 429 overloaded (the engine queue is full, or more than ``max_queued_requests`` calls wait for
+LLMServer replicas: Serve's BackPressureError), 503 no healthy replica / shutting down, 500 engine failure
+of that request only.
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raymoe.deployments import openai_api as oa
+from raymoe.deployments.protocol import RequestError
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="raymoe OpenAI-compatible API", version="1")
+
+
+def _error(status: int, body: dict, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return _error(exc.status_code, oa.error_body(str(exc.detail), "invalid_request_error", None, code))
+
+
+def _exception_result(exc: BaseException) -> dict:
+    """Serve/Ray failures of a handle call -> {"status", "error"}."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, BackPressureError):
+        return {"status": 429, **oa.error_body("server is overloaded (too many queued requests); retry later",
+                                               "rate_limit_error", None, "rate_limit_exceeded")}
+    if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
+        return {"status": 503, **oa.error_body(f"model replica unavailable: {type(exc).__name__}",
+                                               "service_unavailable", None, "replica_unavailable")}
+    logger.exception("request failed", exc_info=exc)
+    return {"status": 500, **oa.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
+                                           "internal_error")}
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+
+
+async def _merge(gens) -> AsyncIterator[tuple[int, dict]]:
+    """Items of several streams as (stream index, item), in arrival order; a stream that raises (e.g. its
+    replica died) yields an error item instead."""
+    if len(gens) == 1:
+        try:
+            async for item in gens[0]:
+                yield 0, item
+        except Exception as exc:  # noqa: BLE001
+            yield 0, _exception_result(exc)
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, g):
+        try:
+            async for item in g:
+                await q.put((i, item))
+        except Exception as exc:  # noqa: BLE001
+            r = _exception_result(exc)
+            await q.put((i, r))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        live = len(gens)
+        while live:
+            i, item = await q.get()
+            if item is None:
+                live -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    """OpenAI routes over a handle to the `LLMServer` deployment (see the module docstring)."""
+
+    def __init__(self, server, model_id: str, default_max_tokens: int = 16):
+        self._server = server
+        self._stream_server = server.options(stream=True)
+        self.model_id = model_id
+        self.default_max_tokens = default_max_tokens
+        try:
+            from raymoe.deployments.metrics import RequestCounter
+
+            self._requests = RequestCounter()
+        except Exception:  # outside a Ray worker (no metrics agent): count nothing
+            self._requests = None
+
+    def _count(self, route: str, status: int) -> None:
+        if self._requests is not None:
+            self._requests.inc(route, status)
+
+    # -- routes --------------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            res = await asyncio.wait_for(self._server.health.remote(), timeout=10.0)
+        except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
+            return _error(503, oa.error_body(f"unhealthy: {type(exc).__name__}: {exc}", "service_unavailable",
+                                             None, "unhealthy"))
+        return JSONResponse({"status": "ok", "model": self.model_id, "engine": res.get("engine")})
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        self._count("models", 200)
+        return JSONResponse({"object": "list", "data": [oa.model_card(self.model_id, await self._info())]})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str) -> JSONResponse:
+        if model_id != self.model_id:
+            return self._model_404(model_id, "models")
+        self._count("models", 200)
+        return JSONResponse(oa.model_card(self.model_id, await self._info()))
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._handle(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._handle(request, "chat")
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    async def _info(self) -> Optional[dict]:
+        try:
+            return await asyncio.wait_for(self._server.info.remote(), timeout=10.0)
+        except Exception:  # the card without details is still a valid answer
+            return None
+
+    def _model_404(self, name: str, route: str) -> JSONResponse:
+        self._count(route, 404)
+        return _error(404, oa.error_body(f"The model '{name}' does not exist; this server serves "
+                                         f"'{self.model_id}'", "invalid_request_error", "model", "model_not_found"))
+
+    async def _handle(self, request: Request, route: str):
+        try:
+            try:
+                body = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RequestError(f"request body is not valid JSON: {e}", code="invalid_json") from None
+            req = oa.parse(oa.CompletionRequest if route == "completions" else oa.ChatCompletionRequest, body)
+            req.check_supported()
+            if req.model is not None and req.model != self.model_id:
+                return self._model_404(req.model, route)
+            jobs = self._jobs(req, route)
+            resp = await (self._stream(req, route, jobs) if req.stream else self._unary(req, route, jobs))
+        except RequestError as e:
+            resp = _error(e.status, oa.error_from(e))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            r = _exception_result(exc)
+            resp = _error(r.pop("status"), r)
+        self._count(route, resp.status_code)
+        return resp
+
+    def _jobs(self, req, route: str) -> list[dict]:
+        if route == "completions":
+            prompts, param, stop, default = req.prompts(), "prompt", (), self.default_max_tokens
+        else:
+            prompts, param, stop, default = [req.prompt_text()], "messages", (oa.CHAT_STOP,), None
+        base = req.sampling(default, stop)
+        jobs = []
+        for p in prompts:
+            for j in range(req.n):
+                seed = None if base.seed is None else base.seed + j
+                params = {**vars(base), "seed": seed, "stop": list(base.stop)}
+                jobs.append({"prompt": p, "params": params, "param": param, "index": len(jobs)})
+        return jobs
+
+    def _echo(self, req, route: str, job: dict) -> str:
+        if route != "completions" or not req.echo:
+            return ""
+        p = job["prompt"]
+        return p if isinstance(p, str) else bytes(t for t in p if t < 256).decode("utf-8", errors="replace")
+
+    async def _unary(self, req, route: str, jobs: list[dict]) -> JSONResponse:
+        results = await asyncio.gather(*(self._server.generate.remote(j) for j in jobs), return_exceptions=True)
+        results = [_exception_result(r) if isinstance(r, BaseException) else r for r in results]
+        for r in results:
+            if "error" in r:
+                return _error(r.pop("status"), r)
+        choices = [{"index": j["index"], "text": self._echo(req, route, j) + r["text"],
+                    "finish_reason": r["finish_reason"]} for j, r in zip(jobs, results)]
+        prompt_tokens = sum(r["prompt_tokens"] for i, r in enumerate(results) if i % req.n == 0)
+        use = oa.usage(prompt_tokens, sum(r["completion_tokens"] for r in results))
+        if route == "completions":
+            return JSONResponse(oa.completion_response(oa.new_id("cmpl"), self.model_id, choices, use))
+        return JSONResponse(oa.chat_response(oa.new_id("chatcmpl"), self.model_id, choices, use))
+
+    async def _stream(self, req, route: str, jobs: list[dict]):
+        gens = [self._stream_server.generate_stream.remote(j) for j in jobs]
+        firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+        firsts = [_exception_result(f) if isinstance(f, BaseException) else f for f in firsts]
+        bad = next((f for f in firsts if "error" in f), None)
+        if bad is not None:
+            for g in gens:
+                g.cancel()
+            return _error(bad.pop("status"), bad)
+        body = self._sse_body(req, route, jobs, gens, [f["prompt_tokens"] for f in firsts])
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _sse_body(self, req, route: str, jobs, gens, prompt_tokens: list[int]) -> AsyncIterator[bytes]:
+        rid = oa.new_id("cmpl" if route == "completions" else "chatcmpl")
+        created, completion = int(time.time()), [0] * len(jobs)
+
+        def chunk(i: int, text: str, finish: Optional[str], first: bool) -> dict:
+            if route == "completions":
+                return oa.completion_chunk(rid, self.model_id, created, i, text, finish)
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return oa.chat_chunk(rid, self.model_id, created, i, delta, finish)
+
+        try:
+            for j in jobs:  # chat: the role first; completions with echo: the prompt first
+                if route == "chat" or self._echo(req, route, j):
+                    yield _sse(chunk(j["index"], self._echo(req, route, j), None, True))
+            async for i, item in _merge(gens):
+                if "error" in item:  # headers are sent: the error becomes the last event
+                    item.pop("status", None)
+                    yield _sse(item)
+                    break
+                completion[i] = item["completion_tokens"]
+                if item["text"] or item["finish_reason"]:
+                    yield _sse(chunk(jobs[i]["index"], item["text"], item["finish_reason"], False))
+            if req.stream_options is not None and req.stream_options.include_usage:
+                use = oa.usage(sum(p for k, p in enumerate(prompt_tokens) if k % req.n == 0), sum(completion))
+                obj = "text_completion" if route == "completions" else "chat.completion.chunk"
+                yield _sse(oa.usage_chunk(rid, self.model_id, created, obj, use))
+            yield b"data: [DONE]\n\n"
+        finally:
+            for g in gens:  # client disconnected or error: stop generating
+                g.cancel()
+

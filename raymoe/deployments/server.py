@@ -1,0 +1,154 @@
+"""`LLMServer`: the Serve deployment that hosts one engine per replica (the class is plain; app.py wraps it).
+
+The engine class is injected (``engine_cls``: a class or ``"module:Class"``), as in Ray Serve LLM, so tests
+and load tests can pass `FakeEngine`. Lifecycle: the constructor builds and starts the engine;
+``check_health`` (called by Serve every ``health_check_period_s``) asks the engine; ``reconfigure`` (Serve's
+``user_config``: ``{"checkpoint": DIR}``) swaps weights live; ``__del__`` (Serve calls it after draining the
+replica for ``graceful_shutdown_wait_loop_s``) shuts the engine down, letting running requests finish.
+
+Calls from the ingress carry one "job" (one choice): ``{"prompt": str | [ids], "params": {...},
+"param": "prompt" | "messages"}``. Results are plain dicts; failures are returned (not raised) as
+``{"status": http_status, "error": {OpenAI error}}`` so the ingress can answer with the right code.
+
+Expert-parallel replicas (not implemented): an engine whose model's MoE layers dispatch to `ExpertShard`
+actors created inside this replica's placement group (``placement_group_bundles`` in the deployment options;
+child actors are captured by it), so a whole EP group starts, scales and stops with its replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+from typing import Any, AsyncIterator, Optional, Union
+
+from raymoe.deployments.openai_api import error_body, error_from
+from raymoe.deployments.protocol import (EngineOverloadedError, EngineShutdownError, GenerationChunk,
+                                         RequestError, SamplingParams)
+
+logger = logging.getLogger("ray.serve")
+USER_CONFIG_KEYS = ("checkpoint", "reload_timeout_s")
+
+
+def resolve_engine_cls(engine_cls: Union[str, type]) -> type:
+    """A class, or ``"package.module:ClassName"`` imported here (in the replica)."""
+    if isinstance(engine_cls, type):
+        return engine_cls
+    if not isinstance(engine_cls, str) or ":" not in engine_cls:
+        raise ValueError(f"engine_cls must be a class or 'module:Class'; got {engine_cls!r}")
+    mod, _, name = engine_cls.partition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def error_result(exc: BaseException) -> dict:
+    """Map an engine exception to {"status", "error"} (OpenAI body)."""
+    if isinstance(exc, RequestError):
+        return {"status": exc.status, **error_from(exc)}
+    if isinstance(exc, EngineOverloadedError):
+        return {"status": 429, **error_body(str(exc), "rate_limit_error", None, "rate_limit_exceeded")}
+    if isinstance(exc, EngineShutdownError):
+        return {"status": 503, **error_body(str(exc), "service_unavailable", None, "engine_unavailable")}
+    logger.exception("request failed in the engine", exc_info=exc)
+    return {"status": 500, **error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
+                                        "internal_error")}
+
+
+def _resolved(path: Optional[str]) -> Optional[str]:
+    """The committed step dir a checkpoint path points at (a root's latest), or the path itself."""
+    if path is None:
+        return None
+    try:
+        from raymoe.platform.checkpoint import read_manifest
+
+        return str(read_manifest(path)["path"].resolve())
+    except Exception:
+        return str(path)
+
+
+class LLMServer:
+    """Hosts one engine (see the module docstring)."""
+
+    def __init__(self, engine_cls: Union[str, type] = "raymoe.deployments.engine:Engine",
+                 engine_kwargs: Optional[dict] = None, checkpoint: Optional[str] = None,
+                 observer: Optional[Any] = "ray"):
+        if observer == "ray":
+            from raymoe.deployments.metrics import RayEngineObserver
+
+            observer = RayEngineObserver()
+        cls = resolve_engine_cls(engine_cls)
+        self.engine = cls(checkpoint, **dict(engine_kwargs or {}), observer=observer)
+        self.engine.start()
+        self._loaded = _resolved(checkpoint)
+        self._reload_lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    async def reconfigure(self, user_config: Optional[dict]) -> None:
+        """Serve calls this with the deployment's ``user_config`` (on start and on every change)."""
+        cfg = dict(user_config or {})
+        unknown = sorted(set(cfg) - set(USER_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"user_config has unknown keys {unknown}; allowed: {list(USER_CONFIG_KEYS)}")
+        target = cfg.get("checkpoint")
+        if target is None or _resolved(target) == self._loaded:
+            return
+        async with self._reload_lock:
+            logger.info(f"reloading weights from {target}")
+            await asyncio.to_thread(self.engine.reload, target, float(cfg.get("reload_timeout_s", 600.0)))
+            self._loaded = _resolved(target)
+
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown(timeout_s)
+            self.engine = None
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:  # interpreter teardown: nothing useful left to do
+            pass
+
+    # -- requests ----------------------------------------------------------------------------------------
+    async def info(self) -> dict:
+        stats = self.engine.stats() if hasattr(self.engine, "stats") else {}
+        return {**self.engine.info(), "stats": stats, "pid": os.getpid()}
+
+    async def health(self) -> dict:
+        self.engine.check_health()
+        return {"status": "ok", "engine": type(self.engine).__name__}
+
+    def _params(self, job: dict) -> SamplingParams:
+        return SamplingParams(**job["params"])
+
+    async def generate(self, job: dict) -> dict:
+        """One whole choice: {"text", "finish_reason", "prompt_tokens", "completion_tokens"} or an error."""
+        try:
+            res = await self.engine.generate(job["prompt"], self._params(job), param=job.get("param", "prompt"))
+        except Exception as exc:
+            return error_result(exc)
+        return {"text": res.text, "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
+                "completion_tokens": res.completion_tokens}
+
+    async def generate_stream(self, job: dict) -> AsyncIterator[dict]:
+        """First item: {"prompt_tokens"} (accepted) or an error; then {"text", "finish_reason",
+        "completion_tokens"} chunks; an error mid-stream is a last {"status", "error"} item."""
+        try:
+            it = await self.engine.stream(job["prompt"], self._params(job), param=job.get("param", "prompt"))
+        except Exception as exc:
+            yield error_result(exc)
+            return
+        first = True
+        try:
+            async for ch in it:
+                ch: GenerationChunk
+                if first:
+                    yield {"prompt_tokens": ch.prompt_tokens}
+                    first = False
+                yield {"text": ch.text, "finish_reason": ch.finish_reason, "completion_tokens": ch.completion_tokens}
+        except Exception as exc:
+            yield error_result(exc)
+        finally:
+            await it.aclose()  # client went away: abort the request in the engine

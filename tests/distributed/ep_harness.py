@@ -1,0 +1,173 @@
+"""Spawned gloo worlds on 127.0.0.1 for the expert-parallel tests; every wait is bounded.
+
+``spawn(world, jobs)`` starts ``world`` processes that join one gloo process group and run the jobs in order
+(each job a dict with a ``kind``: "train" or "zero_tokens"); it returns every rank's results. ``train(...)`` runs
+N optimizer steps of the real GPT-MoE through ``train_step`` and returns the global mean losses, grad norms
+and the final weights gathered to the full EP=1 layout (global expert ids). World 1 runs in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT_S = 30
+SPAWN_TIMEOUT_S = 75
+
+BASE = dict(vocab_size=257, block_size=16, n_head=2, d_model=32, d_ff=64, expert_ffn=32, dropout=0.0,
+            min_capacity=1, aux_loss_coef=0.01)
+CONFIGS = {
+    # k=1, capacity dropping with Random Token Selection, jitter noise, z-loss
+    "k1_drop": dict(BASE, n_layer=2, expert_interval=1, num_experts=4, k=1, capacity_factor=1.0,
+                    drop_tokens=True, use_rts=True, noisy_gate_policy="Jitter", z_loss_coef=1e-3),
+    # k=2, dropless, aux-loss-free expert bias (buffers synced through the expert loads)
+    "k2_dropless": dict(BASE, n_layer=2, expert_interval=1, num_experts=8, k=2, drop_tokens=False,
+                        expert_bias=True, expert_bias_update_rate=1e-2),
+    # PR-MoE pyramid (4 then 8 experts), k=2 with dropping + RTS, residual MoE, RSample noise
+    "pyramid": dict(BASE, n_layer=4, expert_interval=2, num_experts=[4, 8], k=2, capacity_factor=1.25,
+                    drop_tokens=True, use_rts=True, use_residual=True, noisy_gate_policy="RSample"),
+}
+TRAIN = dict(steps=3, global_batch=8, micro_batch=2, seed=1234, lr=2e-3, grad_clip=0.5)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- jobs ---------------------------------------------------------------------------------------------------
+def train(rank: int, world: int, job: dict) -> dict:
+    """N steps of GPT-MoE with AdamW via train_step; constant global batch and per-forward micro-batch."""
+    from raymoe.platform import parallel
+    from raymoe.platform.data import TokenDataset, sample_batch
+    from raymoe.platform.model import GPT, GPTConfig
+    from raymoe.platform.train_step import build_optimizer, train_step
+
+    t = dict(TRAIN, **job.get("train", {}))
+    cfg = GPTConfig(**CONFIGS[job["config"]])
+    layout = parallel.ParallelLayout.from_config(cfg, world, job.get("ep", 1))
+    rpn = job.get("ranks_per_node")
+    groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
+    torch.manual_seed(t["seed"])
+    full_init = GPT(cfg).state_dict()  # every rank builds the same EP=1 model, then keeps its experts
+    kwargs = parallel.make_moe_kwargs(layout, groups, hierarchical=job.get("hierarchical", False),
+                                      ranks_per_node=rpn)
+    model = GPT(cfg, moe_kwargs=kwargs)
+    parallel.load_full_state_dict(model, full_init)
+    opt = build_optimizer(model, lr=t["lr"], weight_decay=0.1, betas=(0.9, 0.95))
+    grad_sync = parallel.make_grad_sync(model, layout, groups) if world > 1 else None
+    grad_norm = parallel.make_grad_norm(model, layout, groups) if world > 1 else None
+    train_ds, _ = TokenDataset(job["data"]).split(0.1, block_size=cfg.block_size)
+    per_rank = t["global_batch"] // world
+    n_micro = per_rank // t["micro_batch"]
+    losses, norms, dropped = [], [], []
+    for step in range(t["steps"]):
+        x, y = sample_batch(train_ds, t["seed"], step, rank, world, t["global_batch"], cfg.block_size)
+        micro = list(zip(x.split(t["micro_batch"]), y.split(t["micro_batch"])))
+        parallel.seed_router_noise(t["seed"], step, rank, model=model, micro_batches=n_micro)
+        res = train_step(model, opt, micro, lr=t["lr"], grad_clip=t["grad_clip"], grad_sync=grad_sync,
+                         grad_norm_fn=grad_norm)
+        loss = torch.tensor([res.loss], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(loss)
+        losses.append(float(loss) / world)
+        norms.append(res.grad_norm)
+        dropped.append(res.dropped_fraction)
+    state = parallel.gather_full_state_dict(model, layout, groups) if world > 1 else model.state_dict()
+    comm = sum(parallel.total_comm_seconds(model).values())
+    return {"losses": losses, "grad_norms": norms, "state": {k: v.clone() for k, v in state.items()},
+            "comm_seconds": comm, "dropped_fraction": dropped, "init": full_init}
+
+
+def zero_tokens(rank: int, world: int, job: dict) -> dict:
+    """Experts with no tokens on a remote rank and a rank sending nothing: no hang, zero grads, no NaN."""
+    from raymoe.platform import parallel
+    from raymoe.platform.moe import MoE
+
+    rpn = job.get("ranks_per_node")
+    layout = parallel.ParallelLayout(world, {0: world})
+    groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
+    E = 2 * world
+    make = parallel.make_moe_kwargs(layout, groups, hierarchical=bool(rpn), ranks_per_node=rpn)
+    d = make(0, E)["dispatcher"]
+    # dispatcher level: rank 0 sends 5 rows to its own expert 0, every other rank sends nothing
+    counts = torch.tensor([5] + [0] * (E - 1)) if rank == 0 else torch.zeros(E, dtype=torch.long)
+    x = torch.randn(int(counts.sum()), 3, requires_grad=True)
+    x_loc, c_loc = d.dispatch(x, counts)
+    y = d.combine(x_loc * 2.0)
+    y.sum().backward()
+    out = {"hierarchical": d.hierarchical, "rows": x_loc.shape[0], "local_counts": c_loc.tolist(), "grad_ok": bool((x.grad == 2.0).all()),
+           "y_ok": bool(torch.equal(y, 2 * x.detach()))}
+    # layer level, dropless: every token of rank 0 goes to expert 0; other ranks route no token at all
+    torch.manual_seed(0)
+    kw = make(0, E)
+    moe = MoE(8, expert=16, num_experts=E, k=1, drop_tokens=False, **kw)
+    with torch.no_grad():
+        moe.gate.wg.weight.zero_()
+        moe.gate.wg.weight[0] = 10.0
+    h = torch.rand(2, 6, 8, requires_grad=True)
+    mask = torch.full((2, 6), rank == 0)
+    y, l_aux, exp_counts = moe(h, token_mask=mask)
+    (y.square().sum() + l_aux).backward()
+    out.update(finite=bool(torch.isfinite(y).all() and torch.isfinite(h.grad).all()),
+               expert_grad_zero=[bool(g.abs().sum() == 0) for g in moe.experts.w1.grad],
+               y_zero=bool((y == 0).all()), capacity=moe.last_stats.capacity)
+    moe.eval()
+    with torch.no_grad():
+        moe(h, token_mask=mask)
+    return out
+
+
+JOBS = {"train": train, "zero_tokens": zero_tokens}
+
+
+# -- process plumbing ---------------------------------------------------------------------------------------
+def _entry(rank: int, world: int, port: int, jobs: list[dict], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        results = [JOBS[job["kind"]](rank, world, job) for job in jobs]
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def spawn(world: int, jobs: list[dict], timeout: float = SPAWN_TIMEOUT_S) -> list[list[dict]]:
+    """Run ``jobs`` in a fresh gloo world of ``world`` processes; results[rank][job]."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_entry, args=(world, free_port(), jobs, out_dir), nprocs=world, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"world of {world} processes did not finish within {timeout} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def run_local(jobs: list[dict]) -> list[dict]:
+    """World 1 in this process (no process group): gradient accumulation over the same micro-batches."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same as the workers; shared 2-core machines punish OpenMP spinning
+    try:
+        return [JOBS[job["kind"]](0, 1, job) for job in jobs]
+    finally:
+        torch.set_num_threads(torch_threads)

@@ -1,0 +1,108 @@
+"""Expert parallelism is a layout choice, not a numerics choice: EP=1 == EP=2 == EP=4, flat == hierarchical.
+
+Each spawned world (gloo, 127.0.0.1, bounded waits) runs all its cases in one process group: world 1 runs in
+this process with gradient accumulation over the same micro-batches the ranks of the larger worlds read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ep_harness as H
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    from raymoe.platform.data import build_token_file
+
+    return str(build_token_file(None, tmp_path_factory.mktemp("tokens")))
+
+
+def _train(name, config, data, **kw):
+    return name, dict(kind="train", config=config, data=data, **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(data_path):
+    d = data_path
+    local = [_train(f"w1/{c}", c, d) for c in H.CONFIGS]
+    world2 = [_train(f"w2ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (1, 2)]
+    world2.append(("w2/zero", dict(kind="zero_tokens")))
+    world4 = [_train(f"w4ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (2, 4)]
+    world4 += [_train(f"w4ep4h/{c}", c, d, ep=4, hierarchical=True, ranks_per_node=2)
+               for c in ("k1_drop", "k2_dropless")]
+    world4 += [_train("w4pr/pyramid", "pyramid", d, ep={1: 2, 3: 4}),
+               _train("w4prh/pyramid", "pyramid", d, ep={1: 2, 3: 4}, hierarchical=True, ranks_per_node=2),
+               ("w4/zero", dict(kind="zero_tokens", ranks_per_node=2))]
+    out = dict(zip([n for n, _ in local], H.run_local([j for _, j in local])))
+    for world, jobs in ((2, world2), (4, world4)):
+        per_rank = H.spawn(world, [j for _, j in jobs])
+        for i, (name, _) in enumerate(jobs):
+            out[name] = [r[i] for r in per_rank] if name.endswith("zero") else per_rank[0][i]
+    return out
+
+
+def _max_diff(a: dict, b: dict) -> tuple[float, float, str]:
+    loss = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+    assert a["state"].keys() == b["state"].keys()
+    worst = max(a["state"], key=lambda k: float((a["state"][k].double() - b["state"][k].double()).abs().max()))
+    return loss, float((a["state"][worst].double() - b["state"][worst].double()).abs().max()), worst
+
+
+@pytest.mark.parametrize("config", ["k1_drop", "k2_dropless"])
+def test_ep_sizes_and_world_sizes_agree(runs, config):
+    ref = runs[f"w1/{config}"]
+    moved = max(float((ref["state"][k] - ref["init"][k]).abs().max()) for k in ref["state"])
+    assert moved > 100 * TOL, "the weights must actually train"
+    for name in ("w2ep1", "w2ep2", "w4ep2", "w4ep4"):
+        got = runs[f"{name}/{config}"]
+        loss, weight, key = _max_diff(ref, got)
+        assert loss < TOL, (name, ref["losses"], got["losses"])
+        assert weight < TOL, (name, key, weight)
+        assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=TOL), name
+        assert len(got["state"]) == len(ref["state"])
+
+
+def test_capacity_dropping_really_drops(runs):
+    # RTS + capacity factor 1.0 must drop something, else the k=1 case would not test dropping at all
+    assert max(max(step) for step in runs["w1/k1_drop"]["dropped_fraction"]) > 0
+    assert all(max(step) == 0 for step in runs["w1/k2_dropless"]["dropped_fraction"])
+
+
+@pytest.mark.parametrize("config", ["k1_drop", "k2_dropless"])
+def test_hierarchical_equals_flat(runs, config):
+    flat, hier = runs[f"w4ep4/{config}"], runs[f"w4ep4h/{config}"]
+    assert flat["losses"] == hier["losses"]
+    for k in flat["state"]:
+        assert torch.equal(flat["state"][k], hier["state"][k]), k
+
+
+def test_per_layer_ep_pyramid_equals_world1(runs):
+    ref = runs["w1/pyramid"]
+    for name in ("w4pr/pyramid", "w4prh/pyramid"):
+        loss, weight, key = _max_diff(ref, runs[name])
+        assert loss < TOL and weight < TOL, (name, key, loss, weight)
+    assert runs["w4pr/pyramid"]["state"]["blocks.3.mlp.experts.w1"].shape[0] == 8
+
+
+def test_all_to_all_time_is_recorded(runs):
+    assert runs["w2ep2/k1_drop"]["comm_seconds"] > 0
+    assert runs["w2ep1/k1_drop"]["comm_seconds"] == 0
+
+
+@pytest.mark.parametrize("name", ["w2/zero", "w4/zero"])
+def test_zero_token_experts_do_not_hang(runs, name):
+    per_rank = runs[name]
+    world = len(per_rank)
+    assert per_rank[0]["hierarchical"] == (world == 4)
+    for rank, r in enumerate(per_rank):
+        assert r["rows"] == (5 if rank == 0 else 0)
+        assert r["local_counts"] == ([5, 0] if rank == 0 else [0, 0])
+        assert r["grad_ok"] and r["y_ok"] and r["finite"]
+        # rank 0 routes every token to expert 0; the experts of every other rank get no token
+        assert r["expert_grad_zero"] == ([False, True] if rank == 0 else [True, True])
+        assert r["y_zero"] == (rank != 0)
+        assert r["capacity"] == 12  # dropless: the max count over the EP group (rank 0's 12 tokens)

@@ -1,0 +1,45 @@
+"""Helpers shared by the serving tests (a module name that cannot collide with another conftest)."""
+
+import dataclasses
+import socket
+import time
+
+import torch
+
+from raymoe.platform.checkpoint import save_checkpoint
+from raymoe.platform.model import GPT, GPTConfig
+
+BLOCK = 64
+
+
+def spicy_model(seed: int = 0, block_size: int = BLOCK) -> GPT:
+    """Tiny GPT-MoE (MoE on block 1, 4 experts, capacity dropping on) with large random weights, so greedy
+    outputs change from token to token and argmax ties are unlikely."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=257, block_size=block_size, n_layer=2, n_head=2, d_model=32, expert_interval=2,
+                    num_experts=4, k=1, capacity_factor=0.5, eval_capacity_factor=0.5, min_capacity=1)
+    m = GPT(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return m
+
+
+def save_model(root, model: GPT, step: int = 1):
+    return save_checkpoint(root, step, model, extra={"model_config": dataclasses.asdict(model.config)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout_s: float = 30.0, interval_s: float = 0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval_s)
+    raise TimeoutError(f"condition not met within {timeout_s}s")
