@@ -1,0 +1,115 @@
+"""Training throughput: MoE vs the dense model with the same active parameters, and 1 -> N expert shards.
+
+Everything is measured in this run, side by side, and reported as ratios (absolute tokens/s on a shared CPU
+box mean little):
+
+1. MoE / dense tokens/s in one process: a GPT with top-1 MoE on every other block vs the same GPT with dense
+   FFNs of the expert's size everywhere (equal active parameters per token). Steps alternate between the two
+   models and the median step time of each is used.
+2. Expert-parallel scaling on a local Ray instance: the same global batch trained by 1, 2 (, 4) ExpertShard
+   actors (EP = number of shards, gloo all-to-all), tokens/s from the median step time after warm-up.
+3. All-to-all efficiency: see benchmarks/all_to_all.py (the layer's exchange vs raw all_to_all_single);
+   `--a2a` runs it here too.
+
+    python benchmarks/ep_scaling.py [--quick] [--workers 1 2 4] [--a2a]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raymoe.config import load_config
+from raymoe.platform.data import build_dataset, sample_batch
+from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.train_step import build_optimizer, train_step
+from raymoe.platform.trainer import gpt_config_from
+
+MODEL = ["model.block_size=128", "model.n_layer=4", "model.n_head=4", "model.d_model=256", "model.d_ff=1024",
+         "moe.num_experts=8", "moe.k=1", "moe.capacity_factor=1.25", "train.global_batch_size=16",
+         "train.progress=false", "sample.max_new_tokens=0"]
+
+
+def moe_vs_dense(steps: int, cache: str) -> dict:
+    """Median step time of the MoE and the equal-active-parameter dense model, interleaved."""
+    cfg = load_config(None, MODEL + [f"data.cache_dir={cache}"])
+    ds, _ = build_dataset(None, cache_dir=cache).split(0.05, block_size=128)
+    models = {}
+    for name, moe_layers in (("moe", None), ("dense", [])):
+        torch.manual_seed(0)
+        gcfg = GPTConfig.from_dict({**gpt_config_from(cfg).to_dict(), "moe_layers": moe_layers})
+        model = GPT(gcfg)
+        models[name] = (model, build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95)))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(steps + 2):
+        x, y = sample_batch(ds, seed=0, step=step, rank=0, world=1, global_batch=16, block_size=128)
+        for name, (model, opt) in models.items():
+            t0 = time.perf_counter()
+            train_step(model, opt, [(x, y)], lr=1e-3, grad_clip=1.0)
+            if step >= 2:  # warm-up
+                times[name].append(time.perf_counter() - t0)
+    tokens = 16 * 128
+    out = {name: tokens / statistics.median(ts) for name, ts in times.items()}
+    params = {name: m.num_parameters() for name, (m, _) in models.items()}
+    return {"tokens_per_s": out, "ratio_moe_over_dense": out["moe"] / out["dense"], "params": params}
+
+
+def ray_scaling(workers: list[int], steps: int, cache: str) -> dict:
+    """Tokens/s of the same global batch trained by each number of shards (EP = shards)."""
+    import ray
+
+    from raymoe.actors.launch import train_on_ray
+
+    ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
+    results = {}
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            for w in workers:
+                cfg = load_config(None, MODEL + [
+                    f"data.cache_dir={cache}", f"run.output_dir={out}", f"run.name=w{w}", f"train.steps={steps}",
+                    "train.micro_batch_size=4", f"train.eval_interval={steps}", "train.eval_batches=1",
+                    "train.log_interval=1", "cluster.mode=ray", f"cluster.num_workers={w}",
+                    "cluster.cpus_per_worker=1", f"cluster.ep_size={w}"])
+                train_on_ray(cfg)
+                recs = [json.loads(x) for x in (Path(out) / f"w{w}" / "metrics.jsonl").read_text().splitlines()]
+                step_s = statistics.median(r["step_s"] for r in recs[2:])
+                results[w] = recs[0]["tokens"] / step_s
+    finally:
+        ray.shutdown()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--a2a", action="store_true", help="also run benchmarks/all_to_all.py")
+    args = ap.parse_args()
+    steps = 4 if args.quick else 12
+    with tempfile.TemporaryDirectory() as cache:
+        md = moe_vs_dense(steps, cache)
+        print(f"MoE vs dense (same active params; total {md['params']['moe']['total'] / 1e6:.2f}M vs "
+              f"{md['params']['dense']['total'] / 1e6:.2f}M, active {md['params']['moe']['active'] / 1e6:.2f}M vs "
+              f"{md['params']['dense']['active'] / 1e6:.2f}M):")
+        print(f"  tokens/s moe {md['tokens_per_s']['moe']:.0f}  dense {md['tokens_per_s']['dense']:.0f}  "
+              f"ratio {md['ratio_moe_over_dense']:.2f} (target >= 0.8)")
+        scaling = ray_scaling(args.workers, steps + 2, cache)
+    base = scaling[min(scaling)]
+    print("expert-parallel scaling on Ray (same global batch, EP = shards, gloo):")
+    for w, tps in scaling.items():
+        print(f"  {w} shard(s): {tps:.0f} tokens/s  speed-up {tps / base:.2f}x")
+    if args.a2a:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("all_to_all.py"))]
+                       + (["--quick"] if args.quick else []), check=False)
+
+
+if __name__ == "__main__":
+    main()
