@@ -5,7 +5,8 @@
     raymoe generate --checkpoint runs/tiny/checkpoints --prompt "def "
     raymoe config [--config X] [--set ...] [--fields]
     raymoe report runs/tiny
-    raymoe checkpoint inspect runs/tiny/checkpoints
+    raymoe checkpoint inspect runs/tiny/checkpoints [--verify]
+    raymoe checkpoint reshard runs/tiny/checkpoints --workers 4 [--ep-size 4]
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="checkpoint_command", required=True)
     c = csub.add_parser("inspect", help="summarise a checkpoint")
     c.add_argument("path")
+    c.add_argument("--verify", action="store_true", help="also check every file's size and sha256")
+    c = csub.add_parser("reshard", help="plan + verify loading a checkpoint with another number of shards")
+    c.add_argument("path")
+    c.add_argument("--workers", type=int, required=True, help="target number of expert shards")
+    c.add_argument("--ep-size", type=int, default=None, help="target expert-parallel size (default: largest valid)")
     return ap
 
 
@@ -184,9 +190,14 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_checkpoint(args) -> int:
+    if args.checkpoint_command == "reshard":
+        from raymoe.platform.reshard import reshard_plan
+
+        print(json.dumps(reshard_plan(args.path, args.workers, args.ep_size), indent=2, default=str))
+        return 0
     from raymoe.platform.checkpoint import inspect_checkpoint
 
-    print(json.dumps(inspect_checkpoint(args.path), indent=2, default=str))
+    print(json.dumps(inspect_checkpoint(args.path, verify=args.verify), indent=2, default=str))
     return 0
 
 

@@ -97,3 +97,25 @@ def test_cli_reports_config_errors(capsys):
 def test_config_command(argv, capsys):
     assert main(argv) == 0
     assert "train" in capsys.readouterr().out
+
+
+def test_checkpoint_inspect_and_reshard_commands(tmp_path, capsys):
+    run = _run(tmp_path, "c", "train.steps=1")
+    capsys.readouterr()
+    assert main(["checkpoint", "inspect", str(run / "checkpoints"), "--verify"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["step"] == 1 and info["experts_per_layer"] == {"1": 4} and info["has_optimizer"]
+    assert main(["checkpoint", "reshard", str(run / "checkpoints"), "--workers", "4"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["ep_sizes"] == {"1": 4}
+    assert [r["experts"]["1"] for r in plan["ranks"]] == [[0], [1], [2], [3]]
+    assert main(["checkpoint", "reshard", str(run / "checkpoints"), "--workers", "2", "--ep-size", "2"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [r["experts"]["1"] for r in plan["ranks"]] == [[0, 1], [2, 3]]
+    assert main(["checkpoint", "reshard", str(run / "checkpoints"), "--workers", "3", "--ep-size", "3"]) == 2
+    assert "ep_size=3 must divide" in capsys.readouterr().err
+    # a corrupted expert file is found before any cluster is started
+    victim = run / "checkpoints" / "step_00000001" / "experts" / "layer001_expert0002.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
+    assert main(["checkpoint", "reshard", str(run / "checkpoints"), "--workers", "2"]) == 2
+    assert "layer001_expert0002" in capsys.readouterr().err
