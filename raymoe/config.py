@@ -187,6 +187,18 @@ class ClusterConfig(_Section):
         120.0, gt=0, description="Timeout of torch.distributed collectives and of waiting for a step."
     )
     start_timeout_s: float = Field(300.0, gt=0, description="Timeout for placing and starting the shards.")
+    elastic: bool = Field(
+        True, description="Keep training when shards are lost (shrink) or resources are added (grow)."
+    )
+    min_workers: int = Field(1, ge=1, description="Elastic: fewest shards to continue with.")
+    max_workers: int | None = Field(None, ge=1, description="Elastic: most shards to grow to (null = num_workers).")
+    buddy_interval: int = Field(
+        0, ge=0, description="Elastic: every this many steps each shard's state is copied into its own and a "
+        "peer's memory, restoring experts that have no live replica (0 = off: fall back to the last checkpoint).",
+    )
+    grow_check_interval: int = Field(
+        1, ge=1, description="Elastic: look for free resources to add shards every this many steps."
+    )
 
     @field_validator("ep_size")
     @classmethod
@@ -230,10 +242,18 @@ class RaymoeConfig(_Section):
                              f"{moe_layer_ids(self)}: give one entry per MoE layer, one int, or 'auto'")
         if self.cluster.mode == "ray":
             self._check_distributed_batch()
+            self._check_elastic_bounds()
         if self.moe.use_residual and self.moe.k != 1:
             raise ValueError(f"moe.use_residual needs moe.k=1 (Residual-MoE is top-1), got k={self.moe.k}")
         return self
 
+
+    def _check_elastic_bounds(self) -> None:
+        c = self.cluster
+        top = c.max_workers or c.num_workers
+        if not c.min_workers <= c.num_workers <= top:
+            raise ValueError(f"cluster.min_workers={c.min_workers} <= cluster.num_workers={c.num_workers} <= "
+                             f"cluster.max_workers={top} must hold")
 
     def _check_distributed_batch(self) -> None:
         world, t = self.cluster.num_workers, self.train

@@ -7,11 +7,14 @@ layers; the coordinator sends window offsets (a few ints per sample) and receive
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import socket
+import tempfile
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -35,6 +38,13 @@ class ExpertShard:
         self.rank = -1
         self.world = 0
         self.model: GPT | None = None
+        self.last_completed: int | None = None  # the last step whose optimizer update this shard applied
+        self._undo: dict | None = None  # state before that update (for rolling back a step that failed elsewhere)
+        self._snapshots: dict[str, tuple[int, dict[str, bytes]]] = {}  # "own"/"buddy" in-memory copies
+        self._fault: tuple[str, int] | None = None
+        ds = build_dataset(self.cfg.data.sources or None, cache_dir=self.cfg.data.cache_dir,
+                           jsonl_field=self.cfg.data.jsonl_field)
+        self.train_ds, self.val_ds = ds.split(self.cfg.data.val_fraction, block_size=self.cfg.model.block_size)
 
     # -- placement / rendezvous ---------------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -50,9 +60,15 @@ class ExpertShard:
             return s.getsockname()[1]
 
     def start(self, init_method: str, rank: int, world: int, ep_sizes: dict[int, int],
-              ranks_per_node: int | None) -> dict:
-        """Join the process group, build EP/EDP groups, the model with this rank's experts and the optimizer."""
+              ranks_per_node: int | None, parts: dict[str, bytes] | None = None, step: int = 0) -> dict:
+        """Join the process group, build EP/EDP groups, the model with this rank's experts and the optimizer.
+
+        Called again after a membership change: the old group is left first, and ``parts`` (checkpoint files
+        exported by the shards that hold the state, see :meth:`export_parts`) restore the weights and optimizer
+        state of the experts this rank owns in the new layout.
+        """
         c, t = self.cfg.cluster, self.cfg.train
+        self.abort()
         self.rank, self.world = rank, world
         self.device = torch.device("cuda", 0) if c.gpus_per_worker > 0 and torch.cuda.is_available() else \
             torch.device("cpu")
@@ -76,11 +92,12 @@ class ExpertShard:
         self.dtype = resolve_dtype(t.dtype, self.device)
         self.optimizer = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
                                          betas=(t.beta1, t.beta2), device_type=self.device.type)
+        self.optimizer.register_step_pre_hook(self._remember_state)
         self.grad_sync = parallel.make_grad_sync(self.model, self.layout, self.groups)
         self.grad_norm = parallel.make_grad_norm(self.model, self.layout, self.groups)
-        ds = build_dataset(self.cfg.data.sources or None, cache_dir=self.cfg.data.cache_dir,
-                           jsonl_field=self.cfg.data.jsonl_field)
-        self.train_ds, self.val_ds = ds.split(self.cfg.data.val_fraction, block_size=self.cfg.model.block_size)
+        if parts:
+            self._load_parts(parts, step, gpt_cfg.experts_per_layer())
+        self.last_completed, self._undo = None, None
         return {"rank": rank, "experts": {m.layer_id: list(m.experts.global_expert_ids)
                                           for m in self.model.moe_modules()}, "device": str(self.device)}
 
@@ -94,8 +111,12 @@ class ExpertShard:
         parallel.seed_router_noise(self.cfg.run.seed, step, self.rank, model=self.model, micro_batches=len(micro))
         parallel.reset_comm_stats(self.model)
         t0 = time.perf_counter()
+        self._pending_step = step
+        if self._fault and self._fault[0] == "train_step" and self._fault[1] == step:
+            self._arm_exit_after_forwards(len(micro) // 2 + 1)
         res = train_step(self.model, self.optimizer, micro, lr=lr, grad_clip=t.grad_clip,
                          autocast_dtype=self.dtype, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm)
+        self.last_completed = step
         out = dataclasses.asdict(res)
         out["compute_s"] = time.perf_counter() - t0
         out["all_to_all_s"] = parallel.total_comm_seconds(self.model)
@@ -111,11 +132,77 @@ class ExpertShard:
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, root: str, step: int) -> str:
-        """Write this rank's part: its experts (first EDP replica only), the dense part on rank 0."""
+        """Write this rank's part: the dense part on rank 0; its experts if it is the first expert-data-parallel
+        replica of any layer (with per-layer EP sizes it then also rewrites some replicated experts: identical
+        bytes, atomic renames)."""
+        if self._fault and self._fault[0] == "save" and self._fault[1] == step:
+            # test hook: die after the dense file is written, before this rank's experts are complete
+            ckpt.save_checkpoint(root, step, self.model, None, write_experts=False, write_manifest=False)
+            os._exit(1)
         path = ckpt.save_checkpoint(root, step, self.model, self.optimizer, write_dense=self.rank == 0,
-                                    write_experts=self.groups.is_first_expert_replica, write_manifest=False,
+                                    write_experts=any(i == 0 for i in self.groups.expert_replica_index.values()),
+                                    write_manifest=False,
                                     rank=self.rank)
         return str(path)
+
+    # -- elasticity: state export, rollback, in-memory copies ---------------------------------------------
+    def _remember_state(self, optimizer, args, kwargs) -> None:
+        """Optimizer pre-step hook: keep the state before this update so a failed step can be undone."""
+        self._undo = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                      "optimizer": copy.deepcopy(optimizer.state_dict()), "step": self._pending_step}
+
+    def rollback(self, step: int) -> int | None:
+        """Undo the update of ``step`` if this shard applied it (the step failed on another shard)."""
+        if self.last_completed == step and self._undo is not None and self._undo["step"] == step:
+            self.model.load_state_dict(self._undo["model"])
+            self.optimizer.load_state_dict(self._undo["optimizer"])
+            self.last_completed = step - 1
+        return self.last_completed
+
+    def export_parts(self, step: int, dense: bool, experts: list[tuple[int, int]] | None = None) -> dict[str, bytes]:
+        """This shard's state as checkpoint files in memory: the dense part if ``dense``, and the expert files
+        of ``experts`` ((layer, global id) pairs; None = all it holds)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = ckpt.save_checkpoint(tmp, step, self.model, self.optimizer, write_dense=dense, rng=False,
+                                        write_manifest=False)
+            wanted = None if experts is None else {ckpt.expert_file_name(lid, g) for lid, g in experts}
+            parts = {}
+            for p in sorted(path.rglob("*")):
+                rel = p.relative_to(path).as_posix()
+                if p.is_file() and (wanted is None or not rel.startswith(ckpt.EXPERT_DIR + "/") or rel in wanted):
+                    parts[rel] = p.read_bytes()
+            return parts
+
+    def _load_parts(self, parts: dict[str, bytes], step: int, experts_per_layer: dict[int, int]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / ckpt.step_dir_name(step)
+            for rel, data in parts.items():
+                (path / rel).parent.mkdir(parents=True, exist_ok=True)
+                (path / rel).write_bytes(data)
+            ckpt.finalize_checkpoint(path, step=step, expected_experts=experts_per_layer, update_latest=False)
+            ckpt.load_checkpoint(path, self.model, self.optimizer, restore_rng=False)
+
+    def keep_snapshot(self, kind: str, step: int, parts: dict[str, bytes]) -> int:
+        """Hold an in-memory copy: "own" (this shard's state) or "buddy" (a peer's), taken at ``step``."""
+        self._snapshots[kind] = (step, parts)
+        return step
+
+    def snapshots(self) -> dict[str, tuple[int, dict[str, bytes]]]:
+        return self._snapshots
+
+    def inject_fault(self, where: str, step: int) -> None:
+        """Test hook: exit the process abruptly inside ``train_step`` (mid all-to-all) or ``save`` at ``step``."""
+        self._fault = (where, step)
+
+    def _arm_exit_after_forwards(self, n: int) -> None:
+        count = {"n": 0}
+
+        def hook(module, args):
+            count["n"] += 1
+            if count["n"] > n:
+                os._exit(1)
+
+        self.model.register_forward_pre_hook(hook)
 
     def load(self, path: str) -> int:
         """Load weights + optimizer state (any EP layout: experts are keyed by global id)."""
@@ -130,9 +217,16 @@ class ExpertShard:
     def check_health(self) -> bool:
         return True
 
-    def shutdown(self) -> None:
+    def abort(self) -> None:
+        """Leave the current process group (after a peer failed or before re-joining a new one)."""
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group broken by a dead peer may refuse an orderly teardown
+                pass
+
+    def shutdown(self) -> None:
+        self.abort()
 
 
 def remote_class(num_cpus: float, num_gpus: float):

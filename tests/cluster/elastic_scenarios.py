@@ -1,0 +1,109 @@
+"""Elastic-training scenarios on a multi-node `ray.cluster_utils.Cluster`, one per process.
+
+Run by tests/cluster/test_elastic.py as `python elastic_scenarios.py SCENARIO OUT_DIR`; prints one JSON line
+with what happened. A separate process per scenario keeps its Ray cluster apart from the test session's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from raymoe.actors.coordinator import remote_coordinator
+from raymoe.config import load_config
+from raymoe.platform.trainer import LocalTrainer
+
+TINY = [
+    "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.d_ff=64",
+    "moe.num_experts=4", "moe.k=1", "moe.min_capacity=2", "moe.capacity_factor=1.25",
+    "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=2", "train.eval_interval=100",
+    "train.eval_batches=1", "train.log_interval=1", "train.progress=false", "train.steps=8", "train.threads=1",
+    "sample.max_new_tokens=0", "cluster.cpus_per_worker=1", "cluster.collective_timeout_s=20",
+    "cluster.start_timeout_s=120", "checkpoint.keep_last=10",
+]
+SCENARIOS = {
+    # 2 shards holding the same experts (EP=1); one dies inside the checkpoint write of step 4
+    "save_fault": ["cluster.num_workers=2", "cluster.ep_size=1", "checkpoint.interval=2"],
+    # 1 shard with room for 2: a node is added (the world grows at a step boundary), then the new shard is
+    # killed by PID; the experts are replicated (EP=1), so no step is lost
+    "grow_then_kill": ["cluster.num_workers=1", "cluster.max_workers=2", "cluster.ep_size=1", "train.steps=40"],
+    # 2 shards each holding half the experts (EP=2, no replica): one's node is removed; the in-memory copies
+    # (own + buddy, every 2 steps) restore its experts
+    "remove_node": ["cluster.num_workers=2", "cluster.ep_size=2", "cluster.buddy_interval=2"],
+}
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()]
+    return max([s for s in steps if isinstance(s, int)], default=0)
+
+
+def _wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while _steps_done(run_dir) < step:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"step {step} not reached")
+        time.sleep(0.2)
+
+
+def main(scenario: str, out: Path) -> dict:
+    sets = TINY + SCENARIOS[scenario] + [f"run.output_dir={out}", f"data.cache_dir={out / 'cache'}"]
+    ref = LocalTrainer(load_config(None, sets + ["run.name=reference"])).run()
+    cfg = load_config(None, sets + ["cluster.mode=ray", "run.name=elastic"])
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                           "health_check_initial_delay_ms": 0}})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(cfg.cluster.num_workers)]
+    ray.init(address=cluster.address)
+    result: dict = {"reference_final_loss": ref["last_loss"]}
+    try:
+        coord = remote_coordinator().remote(cfg.model_dump(mode="json"))
+        ray.get(coord.start.remote(), timeout=180)
+        infos = ray.get(coord.shard_info.remote(), timeout=30)
+        if scenario == "save_fault":
+            ray.get(coord.inject_fault.remote(1, "save", 4), timeout=30)
+        run = coord.run.remote()
+        run_dir = out / "elastic"
+        if scenario == "grow_then_kill":
+            _wait_for_step(run_dir, 2)
+            cluster.add_node(num_cpus=1)
+            deadline = time.monotonic() + 120
+            while not any(e["event"] == "grow" for e in ray.get(coord.membership_events.remote(), timeout=60)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the world did not grow")
+                time.sleep(0.2)
+            infos = ray.get(coord.shard_info.remote(), timeout=60)
+            result["world_before_kill"] = len(infos)
+            os.kill(infos[-1]["pid"], signal.SIGKILL)
+        elif scenario == "remove_node":
+            _wait_for_step(run_dir, 3)
+            victim = next(n for n in nodes if n.node_id == infos[1]["node_id"])
+            cluster.remove_node(victim, allow_graceful=False)
+        summary = ray.get(run, timeout=300)
+        ray.get(coord.shutdown.remote(), timeout=60)
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        result.update(events=summary["events"], world=summary["world"], final_loss=summary["last_loss"],
+                      losses={r["step"]: r["loss"] for r in records if "loss" in r},
+                      reference_losses={r["step"]: r["loss"] for r in (
+                          json.loads(x) for x in (out / "reference" / "metrics.jsonl").read_text().splitlines())},
+                      checkpoints=sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    res = main(sys.argv[1], Path(sys.argv[2]))
+    print("RESULT " + json.dumps(res, default=str))
