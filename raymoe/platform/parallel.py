@@ -20,7 +20,11 @@ Equivalence with EP=1 data parallelism (the tests check it to 1e-5):
   micro-batch in the global batch (``data.sample_batch`` gives rank r the contiguous rows r*B..), so a rank
   of an EP=2 run, an EP=1 run and a world-1 run accumulating the same micro-batches draw the same numbers.
 
-Nothing here imports ray; the actors call these functions after ``init_process_group``.
+The exchange itself (flat all_to_all_single + re-sort, point-to-point segments, hierarchical two-phase) is
+:class:`raymoe.platform.moe.comm.AllToAllDispatcher`. Nothing here imports ray; the actors call these
+functions after ``init_process_group``: ``build_process_groups`` -> ``GPT(cfg, moe_kwargs=make_moe_kwargs(..))``
+-> ``load_full_state_dict`` (or a checkpoint) -> per step ``seed_router_noise`` and
+``train_step(grad_sync=make_grad_sync(..), grad_norm_fn=make_grad_norm(..))``.
 """
 
 from __future__ import annotations
@@ -94,7 +98,8 @@ class ParallelLayout:
         elif isinstance(ep_size, dict):
             unknown = sorted(set(ep_size) - set(experts))
             if unknown:
-                raise ValueError(f"ep_size names layers {unknown} that are not MoE layers; MoE layers: {sorted(experts)}")
+                raise ValueError(f"ep_size names layers {unknown} that are not MoE layers; "
+                                 f"MoE layers: {sorted(experts)}")
             eps = {lid: int(ep_size.get(lid, 1)) for lid in experts}
         else:
             eps = {lid: int(ep_size) for lid in experts}
@@ -202,8 +207,9 @@ class MoEKwargs:
     """``GPT(moe_kwargs=...)`` callable: per layer the dispatcher, ep_size and global expert ids."""
 
     def __init__(self, layout: ParallelLayout, groups: ProcessGroups, hierarchical: bool,
-                 ranks_per_node: int | None, timer):
+                 ranks_per_node: int | None, timer, exchange: str):
         self.layout, self.groups = layout, groups
+        self.exchange = exchange
         self.hierarchical = hierarchical
         self.ranks_per_node = ranks_per_node if ranks_per_node is not None else groups.ranks_per_node
         self.timer = timer
@@ -218,21 +224,26 @@ class MoEKwargs:
         hier = self.hierarchical and ep in self.groups.intra
         d = AllToAllDispatcher(self.groups.ep[ep], ep, ep_rank, num_experts, hierarchical=hier,
                                ranks_per_node=self.ranks_per_node, timer=self.timer,
-                               intra_group=self.groups.intra.get(ep), inter_group=self.groups.inter.get(ep))
+                               intra_group=self.groups.intra.get(ep), inter_group=self.groups.inter.get(ep),
+                               exchange=self.exchange)
         self.dispatchers[layer_id] = d
         return {"ep_size": ep, "dispatcher": d, "global_expert_ids": expert_placement(num_experts, ep, ep_rank)}
 
 
 def make_moe_kwargs(layout: ParallelLayout, groups: ProcessGroups, *, hierarchical: bool = False,
-                    ranks_per_node: int | None = None, timer: Callable[[], float] | None = None) -> MoEKwargs:
+                    ranks_per_node: int | None = None, timer: Callable[[], float] | None = None,
+                    exchange: str = "auto") -> MoEKwargs:
     """The ``moe_kwargs`` callable for ``GPT``: ep-1 layers keep the local dispatcher; the others get an
     :class:`AllToAllDispatcher` (hierarchical where the EP group spans several nodes of ``ranks_per_node``
-    ranks and ``hierarchical`` is set). ``.dispatchers`` maps layer id -> dispatcher."""
+    ranks and ``hierarchical`` is set; ``exchange`` picks the flat route, see the dispatcher).
+    ``.dispatchers`` maps layer id -> dispatcher."""
+    if exchange not in AllToAllDispatcher.EXCHANGES:
+        raise ValueError(f"exchange={exchange!r}; allowed: {list(AllToAllDispatcher.EXCHANGES)}")
     if hierarchical and not (ranks_per_node or groups.ranks_per_node):
         raise ValueError("hierarchical=True needs ranks_per_node (here or in build_process_groups)")
     if ranks_per_node and groups.ranks_per_node and ranks_per_node != groups.ranks_per_node:
         raise ValueError(f"ranks_per_node={ranks_per_node} differs from the groups' {groups.ranks_per_node}")
-    return MoEKwargs(layout, groups, hierarchical, ranks_per_node, timer)
+    return MoEKwargs(layout, groups, hierarchical, ranks_per_node, timer, exchange)
 
 
 def total_comm_seconds(model: nn.Module) -> dict[int, float]:
@@ -285,7 +296,8 @@ def _all_reduce_grads(params: list[nn.Parameter], group, scale: float, cap_numel
             n = p.numel()
             chunk = flat[off:off + n].view_as(p)
             if p.grad is None:
-                p.grad = chunk.clone()
+                if chunk.any():  # unused here but not everywhere; all-None stays None as with EP=1
+                    p.grad = chunk.clone()
             else:
                 p.grad.copy_(chunk)
             off += n
@@ -337,26 +349,24 @@ class GradNorm:
         self.dense, self.expert_by_ep = _split_params(model, layout)
 
     @staticmethod
-    def _sq(params) -> torch.Tensor:
+    def _sq(params, device) -> torch.Tensor:
         gs = [p.grad for p in params if p.grad is not None]
         if not gs:
-            return torch.zeros((), dtype=torch.float64)
-        return torch.stack([torch.linalg.vector_norm(g.float()) for g in gs]).double().square().sum()
+            return torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack(torch._foreach_norm(gs)).double().square().sum().to(device)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         W = self.layout.world_size
-        dense_sq = self._sq(self.dense)
-        if W == 1:
-            total = dense_sq + sum((self._sq(ps) for ps in self.expert_by_ep.values()), torch.zeros((), dtype=torch.float64))
-            return total.sqrt().float()
         device = next((p.device for p in self.dense), torch.device("cpu"))
-        local = dense_sq.to(device) / W
+        # each rank adds dense^2 / W and its expert replicas' norm^2 / edp: the world sum counts all once
+        local = self._sq(self.dense, device) / W
         for ep, params in self.expert_by_ep.items():
-            local = local + self._sq(params).to(device) / (W // ep)
-        buf = local.reshape(1)
-        dist.all_reduce(buf, group=self.groups.world)
-        return buf[0].sqrt().float()
+            local = local + self._sq(params, device) / (W // ep)
+        if W > 1:
+            local = local.reshape(1)
+            dist.all_reduce(local, group=self.groups.world)
+        return local.reshape(()).sqrt().float()
 
 
 def make_grad_norm(model: nn.Module, layout: ParallelLayout, groups: ProcessGroups) -> GradNorm:
@@ -369,19 +379,6 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
     """RNG seed of global micro-batch ``index`` of ``step``: a hash, independent of world and EP sizes."""
     digest = hashlib.blake2b(f"raymoe-noise:{seed}:{step}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def _warm_probes(model: nn.Module | None) -> None:
-    """Run the experts' one-time grouped-GEMM probe now: it draws from torch's RNG on first use, which
-    would shift the noise of whichever run happens to hit it after seeding."""
-    from raymoe.platform.moe import experts
-
-    probe = getattr(experts, "_probe_grouped_mm", None)
-    if probe is None:
-        return
-    params = [m.w1 for m in (model.modules() if model is not None else []) if isinstance(m, experts.GroupedExperts)]
-    for key in {(p.device, p.dtype) for p in params} or {(torch.device("cpu"), torch.float32)}:
-        probe(*key)
 
 
 class _NoiseSeeder:
@@ -408,7 +405,6 @@ def seed_router_noise(seed: int, step: int, rank: int, *, model: nn.Module | Non
     ``micro_batch_seed(seed, step, rank * micro_batches + i)``, the micro-batch's index in the global batch,
     so the draws are also independent of the world size (world 1 accumulating the same micro-batches).
     """
-    _warm_probes(model)
     if model is None:
         torch.manual_seed(micro_batch_seed(seed, step, rank))
         return

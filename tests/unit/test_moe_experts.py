@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from raymoe.platform.moe import GroupedExperts, MoE, grouped_mm, iter_expert_params
+import raymoe.platform.moe.experts as experts_mod
 from raymoe.platform.moe.experts import _probe_grouped_mm
 
 
@@ -87,3 +88,13 @@ def test_scale_rows_equals_scaling_output(ffn):
         outs.append((y.detach(), xx.grad, ss.grad, ex.w1.grad.clone(), ex.w2.grad.clone()))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_grouped_mm_probe_leaves_the_global_rng_alone():
+    # resumed and distributed runs rely on router noise drawn from an exactly seeded global RNG
+    experts_mod._GROUPED_MM_OK.clear()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert experts_mod._probe_grouped_mm(torch.device("cpu"), torch.float32)
+    assert torch.equal(torch.rand(3), expected)
