@@ -3,10 +3,13 @@
 Both are measured in one run, interleaved, in the same gloo world of N processes on this machine
 (DESIGN.md "Performance method"):
   layer   = AllToAllDispatcher.dispatch + combine: per-expert count exchange, the row exchange with variable
-            splits, re-sorting received rows to local-expert order and back (what the MoE layer runs)
+            splits, re-sorting received rows to local-expert order and back (what the MoE layer runs);
+            route "a2a" = all_to_all_single + re-sort, "auto" = the default (p2p segments straight to their
+            place when segments are large, see raymoe.platform.moe.comm), "hier" = --hierarchical
   raw     = two all_to_all_single calls with the same split sizes into preallocated buffers (the floor)
-  bytes/s = payload bytes this rank sends (dispatch + combine) / time; ratio = layer bytes/s / raw bytes/s
-  (target >= 0.8). Times are the min over reps of the slowest rank (each rep starts after a barrier).
+  bytes/s = payload bytes this rank sends (dispatch + combine) / time (min over reps of the slowest rank,
+            each rep after a barrier); ratio = layer bytes/s / raw bytes/s (target >= 0.8), the median over
+            reps of raw time / layer time, raw and layer alternating rep by rep (robust on a shared machine)
 ``--backward`` also times forward+backward (the backward runs the reverse exchanges).
 
 Usage: python benchmarks/all_to_all.py [--worlds 2 4] [--reps 10] [--hierarchical] [--backward]
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import sys
 
 if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
@@ -49,25 +53,31 @@ def _routed_rows(T: int, D: int, E: int, k: int, seed: int):
     return torch.randn(T * k, D, generator=g), counts_E
 
 
-def _timed(fn, reps: int) -> float:
-    """Min over reps of the slowest rank's time (a barrier aligns the ranks before each rep; the minimum is
-    the least-disturbed rep on a shared machine)."""
-    ts = []
+def _rep(fn) -> float:
+    """One timed call of the slowest rank (a barrier aligns the ranks first)."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+    return float(dt)
+
+
+def _paired(raw_fn, layer_fn, reps: int) -> tuple[float, float, float]:
+    """(min raw s, min layer s, median of per-rep raw/layer ratios): raw and layer alternate rep by rep, so
+    load from other jobs on a shared machine hits both alike."""
+    t_raw, t_layer = [], []
     for _ in range(reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        ts.append(float(dt))
-    return min(ts)
+        t_raw.append(_rep(raw_fn))
+        t_layer.append(_rep(layer_fn))
+    return min(t_raw), min(t_layer), statistics.median(r / l for r, l in zip(t_raw, t_layer))
 
 
-def _bench_shape(rank, world, name, reps, hierarchical, backward, rpn):
+def _bench_shape(rank, world, name, reps, groups, exchange, hierarchical, backward, rpn):
     T, D, E, k = SHAPES[name]
     layout = parallel.ParallelLayout(world, {0: world})
-    groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
-    d = parallel.make_moe_kwargs(layout, groups, hierarchical=hierarchical, ranks_per_node=rpn)(0, E)["dispatcher"]
+    d = parallel.make_moe_kwargs(layout, groups, hierarchical=hierarchical, ranks_per_node=rpn,
+                                 exchange=exchange)(0, E)["dispatcher"]
     x_MD, counts_E = _routed_rows(T, D, E, k, seed=rank)
     send = counts_E.view(world, -1).sum(1).tolist()
     recv_E = torch.empty_like(counts_E)
@@ -99,15 +109,10 @@ def _bench_shape(rank, world, name, reps, hierarchical, backward, rpn):
     pairs = [("fwd", raw, layer)] + ([("fwd+bwd", raw_fwd_bwd, layer_fwd_bwd)] if backward else [])
     rows = []
     for label, r_fn, l_fn in pairs:
-        t_raw, t_layer = [], []
-        for _ in range(3):  # interleave raw and layer so drifting machine load hits both
-            t_raw.append(_timed(r_fn, reps))
-            t_layer.append(_timed(l_fn, reps))
+        t_raw, t_layer, ratio = _paired(r_fn, l_fn, reps)
         mult = 2 if label == "fwd+bwd" else 1
-        raw_bps = mult * nbytes / min(t_raw)
-        layer_bps = mult * nbytes / min(t_layer)
-        rows.append((label, raw_bps, layer_bps))
-    return rows, d.hierarchical
+        rows.append((label, mult * nbytes / t_raw, mult * nbytes / t_layer, ratio))
+    return rows, d.last_route
 
 
 def _worker(rank, world, port, args, results):
@@ -118,10 +123,15 @@ def _worker(rank, world, port, args, results):
                             timeout=timedelta(seconds=120))
     try:
         rpn = args.ranks_per_node if args.hierarchical else None
+        groups = parallel.build_process_groups(parallel.ParallelLayout(world, {0: world}), rank,
+                                               ranks_per_node=rpn)
+        routes = [("hier", "all_to_all", True)] if args.hierarchical and world > rpn else []
+        routes += [("a2a", "all_to_all", False), ("auto", "auto", False)]
         for name in args.shapes:
-            rows, hier = _bench_shape(rank, world, name, args.reps, args.hierarchical, args.backward, rpn)
-            if rank == 0:
-                results.put((world, name, hier, rows))
+            for label, exchange, hier in routes:
+                rows, used = _bench_shape(rank, world, name, args.reps, groups, exchange, hier, args.backward, rpn)
+                if rank == 0:
+                    results.put((world, name, f"{label}:{used}", rows))
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -131,14 +141,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--hierarchical", action="store_true", help="two-phase intra/inter-node route")
     p.add_argument("--ranks-per-node", type=int, default=2, help="with --hierarchical (simulated nodes)")
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     ctx = mp.get_context("spawn")
-    print(f"{'world':>5} {'shape':<20} {'route':<6} {'pass':<8} {'payload MB':>10} {'raw MB/s':>9} "
+    print(f"{'world':>5} {'shape':<20} {'route (used)':<18} {'pass':<8} {'payload MB':>10} {'raw MB/s':>9} "
           f"{'layer MB/s':>10} {'ratio':>6}")
     for world in args.worlds:
         results = ctx.Queue()
@@ -146,13 +156,14 @@ def main(argv=None) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, start_method="spawn")
-        for _ in args.shapes:
-            w, name, hier, rows = results.get(timeout=30)
+        n_routes = 2 + (args.hierarchical and world > args.ranks_per_node)
+        for _ in range(len(args.shapes) * n_routes):
+            w, name, route, rows = results.get(timeout=30)
             T, D, E, k = SHAPES[name]
             mb = 2 * T * k * D * 4 / 1e6
-            for label, raw_bps, layer_bps in rows:
-                print(f"{w:>5} {name:<20} {'hier' if hier else 'flat':<6} {label:<8} {mb:>10.1f} "
-                      f"{raw_bps / 1e6:>9.0f} {layer_bps / 1e6:>10.0f} {layer_bps / raw_bps:>6.2f}")
+            for label, raw_bps, layer_bps, ratio in rows:
+                print(f"{w:>5} {name:<20} {route:<18} {label:<8} {mb:>10.1f} "
+                      f"{raw_bps / 1e6:>9.0f} {layer_bps / 1e6:>10.0f} {ratio:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,8 @@ class Elastic:
                     raise
                 ray.wait(self._inflight, num_returns=len(self._inflight), timeout=self.cfg.cluster.start_timeout_s)
                 survivors = self.alive(shards)
+                if len(survivors) == len(shards):
+                    raise  # nobody died: a real error, not a membership change
                 if not survivors:
                     raise RuntimeError("every shard died while forming the world") from err
                 keep = self.choose_world(len(survivors))
@@ -117,6 +119,8 @@ class Elastic:
         # survivors blocked in a collective fail when the dead peer's sockets close, else at the timeout
         ray.wait(self._inflight, num_returns=len(self._inflight), timeout=c.collective_timeout_s + 5)
         alive = self.alive(self.shards)
+        if len(alive) == len(self.shards):
+            raise error  # every shard is alive: a real error (or a hang), not a lost shard
         alive_sets = [self.expert_sets[self.shards.index(s)] for s in alive]
         if not alive:
             raise RuntimeError(f"all shards lost at step {step}") from error

@@ -60,7 +60,7 @@ def train(rank: int, world: int, job: dict) -> dict:
     torch.manual_seed(t["seed"])
     full_init = GPT(cfg).state_dict()  # every rank builds the same EP=1 model, then keeps its experts
     kwargs = parallel.make_moe_kwargs(layout, groups, hierarchical=job.get("hierarchical", False),
-                                      ranks_per_node=rpn)
+                                      ranks_per_node=rpn, exchange=job.get("exchange", "auto"))
     model = GPT(cfg, moe_kwargs=kwargs)
     parallel.load_full_state_dict(model, full_init)
     opt = build_optimizer(model, lr=t["lr"], weight_decay=0.1, betas=(0.9, 0.95))
@@ -84,7 +84,8 @@ def train(rank: int, world: int, job: dict) -> dict:
         dropped.append(res.dropped_fraction)
     state = parallel.gather_full_state_dict(model, layout, groups) if world > 1 else model.state_dict()
     comm = sum(parallel.total_comm_seconds(model).values())
-    return {"losses": losses, "grad_norms": norms, "state": {k: v.clone() for k, v in state.items()},
+    routes = sorted({d.last_route for d in kwargs.dispatchers.values()})
+    return {"routes": routes, "losses": losses, "grad_norms": norms, "state": {k: v.clone() for k, v in state.items()},
             "comm_seconds": comm, "dropped_fraction": dropped, "init": full_init}
 
 
@@ -97,19 +98,24 @@ def zero_tokens(rank: int, world: int, job: dict) -> dict:
     layout = parallel.ParallelLayout(world, {0: world})
     groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
     E = 2 * world
-    make = parallel.make_moe_kwargs(layout, groups, hierarchical=bool(rpn), ranks_per_node=rpn)
+    make = parallel.make_moe_kwargs(layout, groups, hierarchical=bool(rpn), ranks_per_node=rpn,
+                                    exchange=job.get("exchange", "auto"))
     d = make(0, E)["dispatcher"]
-    # dispatcher level: rank 0 sends 5 rows to its own expert 0, every other rank sends nothing
-    counts = torch.tensor([5] + [0] * (E - 1)) if rank == 0 else torch.zeros(E, dtype=torch.long)
+    d.p2p_min_segment_bytes = job.get("p2p_min_segment_bytes", d.p2p_min_segment_bytes)
+    # dispatcher level: rank 0 sends 5 rows to its own expert 0, rank 1 sends 3 rows to that remote expert,
+    # the other ranks send nothing; every expert but expert 0 gets no row
+    counts = torch.tensor([{0: 5, 1: 3}.get(rank, 0)] + [0] * (E - 1))
     x = torch.randn(int(counts.sum()), 3, requires_grad=True)
     x_loc, c_loc = d.dispatch(x, counts)
     y = d.combine(x_loc * 2.0)
     y.sum().backward()
-    out = {"hierarchical": d.hierarchical, "rows": x_loc.shape[0], "local_counts": c_loc.tolist(), "grad_ok": bool((x.grad == 2.0).all()),
+    out = {"route": d.last_route, "rows": x_loc.shape[0], "local_counts": c_loc.tolist(),
+           "grad_ok": bool((x.grad == 2.0).all()),
            "y_ok": bool(torch.equal(y, 2 * x.detach()))}
     # layer level, dropless: every token of rank 0 goes to expert 0; other ranks route no token at all
     torch.manual_seed(0)
     kw = make(0, E)
+    kw["dispatcher"].p2p_min_segment_bytes = d.p2p_min_segment_bytes
     moe = MoE(8, expert=16, num_experts=E, k=1, drop_tokens=False, **kw)
     with torch.no_grad():
         moe.gate.wg.weight.zero_()

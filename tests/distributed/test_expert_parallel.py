@@ -30,10 +30,14 @@ def runs(data_path):
     d = data_path
     local = [_train(f"w1/{c}", c, d) for c in H.CONFIGS]
     world2 = [_train(f"w2ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (1, 2)]
-    world2.append(("w2/zero", dict(kind="zero_tokens")))
+    world2 += [_train("w2ep2p/k1_drop", "k1_drop", d, ep=2, exchange="p2p"),
+               ("w2/zero", dict(kind="zero_tokens")), ("w2p/zero", dict(kind="zero_tokens", exchange="p2p")),
+               # "auto" must pick the same route on a rank with no rows as on the others
+               ("w2a/zero", dict(kind="zero_tokens", exchange="auto", p2p_min_segment_bytes=1))]
     world4 = [_train(f"w4ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (2, 4)]
     world4 += [_train(f"w4ep4h/{c}", c, d, ep=4, hierarchical=True, ranks_per_node=2)
                for c in ("k1_drop", "k2_dropless")]
+    world4.append(_train("w4ep4p/k2_dropless", "k2_dropless", d, ep=4, exchange="p2p"))
     world4 += [_train("w4pr/pyramid", "pyramid", d, ep={1: 2, 3: 4}),
                _train("w4prh/pyramid", "pyramid", d, ep={1: 2, 3: 4}, hierarchical=True, ranks_per_node=2),
                ("w4/zero", dict(kind="zero_tokens", ranks_per_node=2))]
@@ -72,12 +76,18 @@ def test_capacity_dropping_really_drops(runs):
     assert all(max(step) == 0 for step in runs["w1/k2_dropless"]["dropped_fraction"])
 
 
-@pytest.mark.parametrize("config", ["k1_drop", "k2_dropless"])
-def test_hierarchical_equals_flat(runs, config):
-    flat, hier = runs[f"w4ep4/{config}"], runs[f"w4ep4h/{config}"]
-    assert flat["losses"] == hier["losses"]
-    for k in flat["state"]:
-        assert torch.equal(flat["state"][k], hier["state"][k]), k
+@pytest.mark.parametrize("flat,other", [
+    ("w4ep4/k1_drop", "w4ep4h/k1_drop"), ("w4ep4/k2_dropless", "w4ep4h/k2_dropless"),
+    ("w4ep4/k2_dropless", "w4ep4p/k2_dropless"), ("w2ep2/k1_drop", "w2ep2p/k1_drop"),
+])
+def test_other_routes_equal_flat_all_to_all_bitwise(runs, flat, other):
+    # hierarchical (2 simulated nodes x 2 ranks) and point-to-point segments move the same rows to the same
+    # places as the flat all_to_all_single + re-sort: the results are identical, not just close
+    a, b = runs[flat], runs[other]
+    assert a["routes"] == ["all_to_all"] and b["routes"] == (["hierarchical"] if "h/" in other else ["p2p"])
+    assert a["losses"] == b["losses"]
+    for k in a["state"]:
+        assert torch.equal(a["state"][k], b["state"][k]), k
 
 
 def test_per_layer_ep_pyramid_equals_world1(runs):
@@ -93,14 +103,14 @@ def test_all_to_all_time_is_recorded(runs):
     assert runs["w2ep1/k1_drop"]["comm_seconds"] == 0
 
 
-@pytest.mark.parametrize("name", ["w2/zero", "w4/zero"])
-def test_zero_token_experts_do_not_hang(runs, name):
+@pytest.mark.parametrize("name,route", [("w2/zero", "all_to_all"), ("w2p/zero", "p2p"), ("w2a/zero", "p2p"),
+                                        ("w4/zero", "hierarchical")])
+def test_zero_token_experts_do_not_hang(runs, name, route):
     per_rank = runs[name]
-    world = len(per_rank)
-    assert per_rank[0]["hierarchical"] == (world == 4)
+    assert all(r["route"] == route for r in per_rank)
     for rank, r in enumerate(per_rank):
-        assert r["rows"] == (5 if rank == 0 else 0)
-        assert r["local_counts"] == ([5, 0] if rank == 0 else [0, 0])
+        assert r["rows"] == (8 if rank == 0 else 0)
+        assert r["local_counts"] == ([8, 0] if rank == 0 else [0, 0])
         assert r["grad_ok"] and r["y_ok"] and r["finite"]
         # rank 0 routes every token to expert 0; the experts of every other rank get no token
         assert r["expert_grad_zero"] == ([False, True] if rank == 0 else [True, True])

@@ -12,6 +12,11 @@ the backward of a permutation is the inverse permutation (a gather, not a scatte
 Flat route (DeepSpeed-MoE's dispatch): exchange the per-expert counts, exchange the rows, then re-sort the
 received rows from (source rank, local expert) order to local-expert-contiguous order.
 
+Segment route (``exchange="p2p"``, or "auto" for large segments on CPU): the same counts exchange, then
+each (source rank, expert) segment is sent point-to-point straight into its final, expert-contiguous place,
+so neither side re-sorts. On gloo/CPU the two re-sorting copies cost about a third of the exchange itself
+(benchmarks/all_to_all.py); with small segments the per-message latency wins and the flat route is used.
+
 Hierarchical route (DeepSpeed-MoE sec. 5.3, a 2D all-to-all): phase 1 exchanges inside a node so that local
 rank j gathers every row its node sends to any rank with local index j; phase 2 exchanges between the ranks
 with the same local index across nodes (N peers instead of ep, messages P times larger). Rows arrive in the
@@ -20,6 +25,7 @@ same (source rank, local expert) order as with the flat route, so the numerics a
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -84,6 +90,53 @@ class _Permute(torch.autograd.Function):
         return g.index_select(0, inv), None, None
 
 
+class _SegmentPlan:
+    """Point-to-point copy of row segments: ``sends``/``recvs`` are (group peer, first row, rows, tag),
+    ``local`` is (source row, destination row, rows) for this rank's own segments."""
+
+    def __init__(self, group, rows_in: int, rows_out: int, sends, recvs, local):
+        self.group, self.rows_in, self.rows_out = group, rows_in, rows_out
+        self.sends, self.recvs, self.local = sends, recvs, local
+
+    def reverse(self) -> "_SegmentPlan":
+        return _SegmentPlan(self.group, self.rows_out, self.rows_in, self.recvs, self.sends,
+                            [(d, s, n) for s, d, n in self.local])
+
+    def run(self, x: Tensor, meter: _Meter | None) -> Tensor:
+        x = x.contiguous()
+        out = x.new_empty((self.rows_out,) + tuple(x.shape[1:]))
+        for src, dst, n in self.local:
+            out[dst:dst + n].copy_(x[src:src + n])
+        ops = [dist.P2POp(dist.isend, x[a:a + n], group=self.group, group_peer=p, tag=t) for p, a, n, t in self.sends]
+        ops += [dist.P2POp(dist.irecv, out[a:a + n], group=self.group, group_peer=p, tag=t)
+                for p, a, n, t in self.recvs]
+
+        def fn():
+            if ops:
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+
+        sent = sum(n for _, _, n, _ in self.sends) * math.prod(x.shape[1:]) * x.element_size()
+        if meter is None:
+            fn()
+        else:
+            meter.run(fn, sent)
+        return out
+
+
+class _SegmentExchange(torch.autograd.Function):
+    """Rows -> their final places on the peers; backward runs the reverse plan."""
+
+    @staticmethod
+    def forward(ctx, x, plan: _SegmentPlan, meter):
+        ctx.plan, ctx.meter = plan, meter
+        return plan.run(x, meter)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.plan.reverse().run(g, ctx.meter), None, None
+
+
 def transpose_segments(counts_AB: Tensor) -> Tensor | None:
     """Gather index that turns rows laid out as segments (a, b) in a-major order into b-major order.
 
@@ -116,6 +169,9 @@ class _Route:
     def a2a(self, group, send: list[int], recv: list[int]) -> None:
         self.hops.append(("a2a", group, send, recv))
 
+    def segments(self, plan: _SegmentPlan) -> None:
+        self.hops.append(("p2p", plan))
+
     def forward(self, x: Tensor, meter: _Meter) -> Tensor:
         for hop in self.hops:
             x = self._apply(x, hop, meter, inverse=False)
@@ -131,6 +187,8 @@ class _Route:
         if hop[0] == "perm":
             _, idx, inv = hop
             return _Permute.apply(x, inv, idx) if inverse else _Permute.apply(x, idx, inv)
+        if hop[0] == "p2p":
+            return _SegmentExchange.apply(x, hop[1].reverse() if inverse else hop[1], meter)
         _, group, send, recv = hop
         return _AllToAll.apply(x, group, send, recv, meter) if inverse else _AllToAll.apply(x, group, recv, send, meter)
 
@@ -143,14 +201,25 @@ class AllToAllDispatcher:
     intra-node / inter-node route; it needs ``intra_group`` (the ``ranks_per_node`` ranks of this node inside
     the EP group, ordered by local index) and ``inter_group`` (the ranks with this local index on every node
     of the EP group, ordered by node); with one node or one rank per node it is the flat route.
+    ``exchange`` (flat route): "all_to_all" (one ``all_to_all_single`` + re-sort), "p2p" (segments straight
+    to their places) or "auto" (p2p on CPU when the mean (source, expert) segment is at least
+    ``p2p_min_segment_bytes``; every rank decides from the same group-wide total, so they always agree).
     ``timer``: a clock (seconds) read around every collective; on CUDA pass one that synchronizes if the
     collective time itself is wanted. ``comm_seconds`` / ``comm_bytes`` accumulate over forward and
     backward exchanges until the caller resets them.
     """
 
+    EXCHANGES = ("auto", "all_to_all", "p2p")
+
     def __init__(self, ep_group, ep_size: int, ep_rank: int, num_experts: int, *, hierarchical: bool = False,
                  ranks_per_node: int | None = None, timer: Callable[[], float] | None = None,
-                 intra_group=None, inter_group=None):
+                 intra_group=None, inter_group=None, exchange: str = "auto",
+                 p2p_min_segment_bytes: int = 256 * 1024):
+        if exchange not in self.EXCHANGES:
+            raise ValueError(f"exchange={exchange!r}; allowed: {list(self.EXCHANGES)}")
+        self.exchange = exchange
+        self.p2p_min_segment_bytes = int(p2p_min_segment_bytes)
+        self.last_route = None  # "all_to_all", "p2p" or "hierarchical" (tests, benchmarks)
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
         if not 0 <= ep_rank < ep_size:
@@ -165,23 +234,25 @@ class AllToAllDispatcher:
         self.timer = timer or time.perf_counter
         self.comm_seconds = 0.0
         self.comm_bytes = 0
-        self.hierarchical = False
-        if hierarchical:
-            P = ranks_per_node
-            if P is None or P < 1:
-                raise ValueError(f"hierarchical all-to-all needs ranks_per_node >= 1; got {ranks_per_node!r}")
-            if P < ep_size and P > 1:
-                if ep_size % P:
-                    raise ValueError(f"ranks_per_node={P} must divide ep_size={ep_size} for the hierarchical "
-                                     "all-to-all (EP groups made of whole nodes)")
-                if intra_group is None or inter_group is None:
-                    raise ValueError("hierarchical all-to-all needs intra_group and inter_group "
-                                     "(see raymoe.platform.parallel.build_process_groups)")
-                self.hierarchical = True
+        self.hierarchical = hierarchical and self._check_hierarchical(ranks_per_node, intra_group, inter_group)
         self.ranks_per_node = ranks_per_node
         self.intra_group, self.inter_group = intra_group, inter_group
         self._meter = _Meter(self)
         self._routes: list[_Route] = []
+
+    def _check_hierarchical(self, P, intra_group, inter_group) -> bool:
+        """Whether the two-phase route applies: an EP group of several nodes with several ranks each."""
+        if P is None or P < 1:
+            raise ValueError(f"hierarchical all-to-all needs ranks_per_node >= 1; got {P!r}")
+        if P == 1 or P >= self.ep_size:
+            return False
+        if self.ep_size % P:
+            raise ValueError(f"ranks_per_node={P} must divide ep_size={self.ep_size} for the hierarchical "
+                             "all-to-all (EP groups made of whole nodes)")
+        if intra_group is None or inter_group is None:
+            raise ValueError("hierarchical all-to-all needs intra_group and inter_group "
+                             "(see raymoe.platform.parallel.build_process_groups)")
+        return True
 
     # -- dispatcher interface -----------------------------------------------------------------------------
     def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,7 +261,10 @@ class AllToAllDispatcher:
         if counts_E.numel() != self.num_experts:
             raise ValueError(f"counts_E has {counts_E.numel()} entries, expected num_experts={self.num_experts}")
         counts_E = counts_E.to(torch.long)
-        route, counts_loc = self._plan_hierarchical(counts_E) if self.hierarchical else self._plan_flat(counts_E)
+        if self.hierarchical:
+            route, counts_loc = self._plan_hierarchical(counts_E)
+        else:
+            route, counts_loc = self._plan_flat(counts_E, x_MD)
         self._routes.append(route)
         return route.forward(x_MD, self._meter), counts_loc
 
@@ -207,16 +281,57 @@ class AllToAllDispatcher:
         return out.reshape(t.shape)
 
     # -- routes -------------------------------------------------------------------------------------------
-    def _plan_flat(self, counts_E: Tensor) -> tuple[_Route, Tensor]:
+    def _plan_flat(self, counts_E: Tensor, x_MD: Tensor) -> tuple[_Route, Tensor]:
         Q, El = self.ep_size, self.num_local_experts
-        recv_E = torch.empty_like(counts_E)
-        self._meter.run(lambda: dist.all_to_all_single(recv_E, counts_E.contiguous(), group=self.group))
-        recv_QE = recv_E.view(Q, El)
-        send_split, recv_split = torch.stack([counts_E.view(Q, El).sum(1), recv_QE.sum(1)]).tolist()
+        # One all_to_all_single of the counts; a last column carries each rank's row total to every peer so
+        # that all ranks can choose the same exchange.
+        send_QE1 = torch.cat([counts_E.view(Q, El), counts_E.sum().expand(Q, 1)], 1).contiguous()
+        recv_QE1 = torch.empty_like(send_QE1)
+        self._meter.run(lambda: dist.all_to_all_single(recv_QE1, send_QE1, group=self.group))
+        recv_QE = recv_QE1[:, :El]
         route = _Route()
-        route.a2a(self.group, send_split, recv_split)
-        route.perm(recv_QE)
+        if self._use_p2p(int(recv_QE1[:, El].sum()), x_MD):
+            self.last_route = "p2p"
+            route.segments(self._segment_plan(counts_E.tolist(), recv_QE.tolist()))
+        else:
+            self.last_route = "all_to_all"
+            send_split, recv_split = torch.stack([counts_E.view(Q, El).sum(1), recv_QE.sum(1)]).tolist()
+            route.a2a(self.group, send_split, recv_split)
+            route.perm(recv_QE)
         return route, recv_QE.sum(0)
+
+    def _use_p2p(self, group_rows: int, x_MD: Tensor) -> bool:
+        if self.exchange != "auto":
+            return self.exchange == "p2p"
+        if x_MD.device.type != "cpu" or self.num_local_experts == 1:
+            return False  # one local expert: the flat route needs no re-sort
+        row_bytes = math.prod(x_MD.shape[1:]) * x_MD.element_size()  # from the shape: a rank may have 0 rows
+        return group_rows * row_bytes >= self.p2p_min_segment_bytes * self.ep_size * self.num_experts
+
+    def _segment_plan(self, counts: list[int], recv_QE: list[list[int]]) -> _SegmentPlan:
+        """Segment (me -> q, local expert e) goes to q's row offset of (e, me) in expert-major order."""
+        Q, El, me = self.ep_size, self.num_local_experts, self.ep_rank
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        dst_EQ, off = [[0] * Q for _ in range(El)], 0
+        for e in range(El):
+            for q in range(Q):
+                dst_EQ[e][q] = off
+                off += recv_QE[q][e]
+        sends, recvs, local = [], [], []
+        for q in range(Q):
+            for e in range(El):
+                g, n_out, n_in = q * El + e, counts[q * El + e], recv_QE[q][e]
+                if q == me:
+                    if n_out:
+                        local.append((starts[g], dst_EQ[e][me], n_out))
+                    continue
+                if n_out:
+                    sends.append((q, starts[g], n_out, e))
+                if n_in:
+                    recvs.append((q, dst_EQ[e][q], n_in, e))
+        return _SegmentPlan(self.group, starts[-1], off, sends, recvs, local)
 
     def _plan_hierarchical(self, counts_E: Tensor) -> tuple[_Route, Tensor]:
         Q, El, P = self.ep_size, self.num_local_experts, self.ranks_per_node
@@ -234,6 +349,7 @@ class AllToAllDispatcher:
         R1_PN = Csum_QQ[src_rows].view(P, N, P)[:, :, local]
         # phase 2 (inter-node): received from node n'' (all its local ranks i'') for me: C[(n'', i''), me, e]
         mine_QE = C_QQE[:, self.ep_rank, :].contiguous()
+        self.last_route = "hierarchical"
         send1, recv1, send2, recv2 = (mine_NP.sum(0).tolist(), R1_PN.sum(1).tolist(), R1_PN.sum(0).tolist(),
                                       mine_QE.view(N, P * El).sum(1).tolist())
         route = _Route()
