@@ -48,7 +48,11 @@ def test_ray_job_submit_trains(tmp_path, free_port):
     head = subprocess.Popen(
         [str(bindir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # this test session may already run another Ray instance: give every listening port a free one
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"http://127.0.0.1:{dash_port}"
     try:
