@@ -5,6 +5,7 @@
     raymoe generate --checkpoint runs/tiny/checkpoints --prompt "def "
     raymoe config [--config X] [--set ...] [--fields]
     raymoe report runs/tiny
+    raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N]
     raymoe checkpoint inspect runs/tiny/checkpoints [--verify]
     raymoe checkpoint reshard runs/tiny/checkpoints --workers 4 [--ep-size 4]
 """
@@ -56,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default=None, help="engine class 'module:Class' (e.g. "
                                                   "raymoe.deployments.fake_engine:FakeEngine)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    p.add_argument("--address", default=None, help="Ray to use: 'local' (a new private instance; the default "
+                                                   "unless RAY_ADDRESS is set), 'auto' or HOST:PORT of a cluster")
 
     p = sub.add_parser("config", help="print the resolved config, or --fields to list every field")
     _add_config_args(p)
@@ -138,6 +141,8 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_serve(args) -> int:
+    import os
+
     from raymoe.deployments.app import DEFAULT_ENGINE, ServeArgs, run_blocking
 
     if not 1 <= args.port <= 65535:
@@ -150,13 +155,22 @@ def _cmd_serve(args) -> int:
     if args.max_replicas is not None and args.max_replicas > args.num_replicas:
         scale = {"autoscaling_config": {"min_replicas": args.num_replicas, "max_replicas": args.max_replicas,
                                         "target_ongoing_requests": args.max_batch_size}}
+    if args.max_batch_size < 1 or args.max_waiting < 1:
+        raise ValueError(f"--max-batch-size and --max-waiting must be >= 1; got {args.max_batch_size}, "
+                         f"{args.max_waiting}")
+    if not args.checkpoint and not args.engine:
+        raise ValueError("--checkpoint is required (or --engine, e.g. raymoe.deployments.fake_engine:FakeEngine)")
     try:
         sargs = ServeArgs(checkpoint=args.checkpoint, model_id=args.model_id, engine_cls=args.engine or DEFAULT_ENGINE,
                           engine_kwargs=engine_kwargs, max_ongoing_requests=args.max_batch_size + args.max_waiting,
                           **scale)
-    except Exception as exc:  # pydantic ValidationError: one line for the user
-        raise ValueError(str(exc).replace("\n", " ")) from None
-    run_blocking(sargs, host=args.host, port=args.port, num_cpus=args.num_cpus)
+    except ValueError as exc:  # pydantic's ValidationError: one line per field
+        errors = getattr(exc, "errors", lambda: [{"loc": (), "msg": str(exc)}])()
+        raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'serve'}: {e['msg']}" for e in errors)) from None
+    address = args.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local" and args.num_cpus is not None:
+        raise ValueError(f"--num-cpus applies to a local Ray instance only, not to --address {address}")
+    run_blocking(sargs, host=args.host, port=args.port, address=address, num_cpus=args.num_cpus)
     return 0
 
 

@@ -30,7 +30,7 @@ def ray_cluster():
     """
     ray = pytest.importorskip("ray")
     port = _free_port()
-    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=port,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000}, log_to_driver=True)
     try:
         yield {"metrics_port": port}

@@ -26,7 +26,7 @@ def connect(address: str | None) -> bool:
         ray.init(address="auto")
         return False
     except ConnectionError:
-        ray.init(include_dashboard=False)
+        ray.init(address="local", include_dashboard=False)
         return True
 
 

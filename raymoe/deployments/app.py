@@ -40,6 +40,8 @@ class ServeArgs(BaseModel):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the engine "
                                           "(max_batch_size, max_waiting, max_prefill_tokens, reload_policy, ...)")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens of /v1/completions when omitted")
+    stream_interval_s: float = Field(0.0, ge=0, description="streaming: min seconds between two chunks of one "
+                                     "request (0 = every step; larger = fewer, larger messages)")
     num_replicas: Optional[int] = Field(None, ge=1, description="fixed LLMServer replicas (excludes autoscaling)")
     autoscaling_config: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config of LLMServer")
     max_ongoing_requests: int = Field(48, ge=1, description="calls one LLMServer replica takes at once")
@@ -67,6 +69,22 @@ class ServeArgs(BaseModel):
         return self
 
 
+def check_engine_args(engine_cls: str, engine_kwargs: dict) -> None:
+    """Fail at build time (not in every replica, retried by Serve) on an unknown engine or keyword."""
+    import inspect
+
+    from raymoe.deployments.server import resolve_engine_cls
+
+    try:
+        cls = resolve_engine_cls(engine_cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"engine_cls={engine_cls!r} cannot be imported: {e}") from None
+    try:
+        inspect.signature(cls).bind(None, **engine_kwargs, observer=None)
+    except TypeError as e:
+        raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} do not fit {cls.__name__}: {e}") from None
+
+
 def llm_server_deployment(args: ServeArgs):
     """The LLMServer Deployment with options from args (a config file may still override them)."""
     from ray import serve
@@ -77,7 +95,7 @@ def llm_server_deployment(args: ServeArgs):
         name="LLMServer", max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests, ray_actor_options=args.ray_actor_options,
         backpressure_config={"status_code": 429}, health_check_period_s=10, health_check_timeout_s=30,
-        graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=30,
+        graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=30, max_constructor_retry_count=3,
     )
     if args.autoscaling_config is not None:
         opts["autoscaling_config"] = args.autoscaling_config
@@ -96,7 +114,8 @@ def build_app(args: dict | ServeArgs | None = None):
     from raymoe.deployments.ingress import OpenAIIngress
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
-    server = llm_server_deployment(a).bind(a.engine_cls, a.engine_kwargs, a.checkpoint)
+    check_engine_args(a.engine_cls, a.engine_kwargs)
+    server = llm_server_deployment(a).bind(a.engine_cls, a.engine_kwargs, a.checkpoint, a.stream_interval_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=a.ingress_num_replicas,
         max_ongoing_requests=a.ingress_max_ongoing_requests, max_queued_requests=a.ingress_max_queued_requests,
@@ -106,24 +125,45 @@ def build_app(args: dict | ServeArgs | None = None):
     return ingress.bind(server, a.model_id, a.default_max_tokens)
 
 
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
 def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, app_name: str = "raymoe",
-                 num_cpus: Optional[int] = None, log=print) -> None:
-    """`raymoe serve`: start Ray (local) and Serve, deploy, block until Ctrl-C, then shut down cleanly."""
+                 address: str = "local", num_cpus: Optional[int] = None, log=_print) -> None:
+    """`raymoe serve`: start Ray and Serve, deploy, block until Ctrl-C, then shut down Serve cleanly.
+
+    address "local" starts a private Ray instance (never joins a cluster that happens to run on this machine);
+    "auto" or "HOST:PORT" joins a running cluster (then num_cpus must be None). Shutdown: Serve stops routing
+    new requests, drains each replica (``graceful_shutdown_wait_loop_s``), then calls `LLMServer.__del__`,
+    whose engine shutdown lets running generations finish.
+    """
     import time
 
     import ray
     from ray import serve
 
+    app = build_app(args)  # argument errors before anything starts
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        if address == "local":
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        elif num_cpus is not None:
+            raise ValueError(f"--num-cpus applies to a local Ray instance only, not to address={address!r}")
+        else:
+            ray.init(address=address)
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(args), name=app_name, route_prefix="/")
+        serve.run(app, name=app_name, route_prefix="/")
         log(f"serving '{args.model_id}' on http://{host}:{port}/v1 (Ctrl-C to stop)")
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         log("shutting down (draining in-flight requests)...")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C: skip the drain
+            log("interrupted again: stopping without draining")
+        finally:
+            ray.shutdown()
+        log("stopped")

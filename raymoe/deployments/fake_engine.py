@@ -57,6 +57,7 @@ class FakeEngine(BaseEngine):
     def reload(self, checkpoint: str, timeout_s: float = 600.0) -> None:
         self.checkpoint = str(checkpoint)
         self.counters["reloads"] += 1
+        self.counters["reloads_while_running"] += bool(self._rows)
         self.observer.on_reload()
 
     def info(self) -> dict:

@@ -143,6 +143,9 @@ class Request:
         self.completion_tokens = 0
         self.aborted = False
         self.done = False
+        self.state: Any = None  # the engine's per-row decode state (stop-sequence hold-back, finish reason)
+        self.generator: Any = None  # the engine's random generator for this row
+        self.next_token: Optional[int] = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def emit(self, tokens: list[int], finish_reason: Optional[str], observer: EngineObserver) -> None:
@@ -159,17 +162,23 @@ class Request:
             if tokens:
                 observer.on_tokens(len(tokens), None if self.t_last is None else now - self.t_last)
             self.t_last = now
-            self.deliver(GenerationChunk(text, list(tokens), finish_reason, len(self.prompt_ids),
-                                         self.completion_tokens))
+            self._send(GenerationChunk(text, list(tokens), finish_reason, len(self.prompt_ids),
+                                       self.completion_tokens))
         if final:
             self.done = True
             observer.on_finish(finish_reason, now - self.t_submit, len(self.prompt_ids), self.completion_tokens)
-            self.deliver(None)
+            self._send(None)
 
     def fail(self, exc: BaseException) -> None:
         if not self.done:
             self.done = True
-            self.deliver(exc)
+            self._send(exc)
+
+    def _send(self, item: Any) -> None:
+        try:
+            self.deliver(item)
+        except Exception:  # the consumer is gone (e.g. its event loop closed): drop the request, not the batch
+            self.aborted = True
 
 
 class BaseEngine:
@@ -241,14 +250,16 @@ class BaseEngine:
             raise EngineOverloadedError(f"engine queue is full ({self.max_waiting} waiting requests); retry later")
         self._enqueue(req)
 
-    async def stream(self, prompt: Prompt, params: SamplingParams, *, param: str = "prompt"
-                     ) -> AsyncIterator[GenerationChunk]:
+    async def stream(self, prompt: Prompt, params: SamplingParams, *, param: str = "prompt",
+                     min_interval_s: float = 0.0) -> AsyncIterator[GenerationChunk]:
         """Validate and enqueue (errors raise here), then return an async iterator of chunks.
 
         Closing the iterator early (the client went away) aborts the request at the next step boundary.
+        min_interval_s > 0 batches tokens: chunks are at least that far apart (except the first and last),
+        so a stream crossing processes sends fewer, larger messages.
         """
         req, q = self._submit_async(prompt, params, param)
-        return self._drain(req, q)
+        return self._drain(req, q, min_interval_s)
 
     def _submit_async(self, prompt: Prompt, params: SamplingParams, param: str) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
@@ -257,13 +268,19 @@ class BaseEngine:
         self.submit(req)
         return req, q
 
-    async def _drain(self, req: Request, q: asyncio.Queue) -> AsyncIterator[GenerationChunk]:
+    async def _drain(self, req: Request, q: asyncio.Queue, min_interval_s: float = 0.0
+                     ) -> AsyncIterator[GenerationChunk]:
         """Yield chunks; chunks that queued up while the consumer was busy are merged into one (fewer
         messages for a slow consumer, e.g. a Serve stream across processes)."""
         try:
             pending: list = []
+            last = None
             while True:
                 item = pending.pop(0) if pending else await q.get()
+                if min_interval_s > 0 and last is not None and isinstance(item, GenerationChunk):
+                    wait = last + min_interval_s - time.perf_counter()
+                    if wait > 0 and item.finish_reason is None:
+                        await asyncio.sleep(wait)  # let more tokens queue up, merged below
                 while isinstance(item, GenerationChunk) and item.finish_reason is None and not q.empty():
                     nxt = q.get_nowait()
                     if not isinstance(nxt, GenerationChunk):
@@ -276,6 +293,7 @@ class BaseEngine:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+                last = time.perf_counter()
         finally:
             req.aborted = True  # no-op when finished; otherwise the loop drops the row at the next step
 

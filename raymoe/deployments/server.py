@@ -71,7 +71,7 @@ class LLMServer:
 
     def __init__(self, engine_cls: Union[str, type] = "raymoe.deployments.engine:Engine",
                  engine_kwargs: Optional[dict] = None, checkpoint: Optional[str] = None,
-                 observer: Optional[Any] = "ray"):
+                 stream_interval_s: float = 0.0, observer: Optional[Any] = "ray"):
         if observer == "ray":
             from raymoe.deployments.metrics import RayEngineObserver
 
@@ -80,6 +80,7 @@ class LLMServer:
         self.engine = cls(checkpoint, **dict(engine_kwargs or {}), observer=observer)
         self.engine.start()
         self._loaded = _resolved(checkpoint)
+        self.stream_interval_s = stream_interval_s
         self._reload_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ class LLMServer:
         """First item: {"prompt_tokens"} (accepted) or an error; then {"text", "finish_reason",
         "completion_tokens"} chunks; an error mid-stream is a last {"status", "error"} item."""
         try:
-            it = await self.engine.stream(job["prompt"], self._params(job), param=job.get("param", "prompt"))
+            it = await self.engine.stream(job["prompt"], self._params(job), param=job.get("param", "prompt"),
+                                          min_interval_s=self.stream_interval_s)
         except Exception as exc:
             yield error_result(exc)
             return

@@ -1,7 +1,7 @@
 """Serving fixtures: tiny GPT-MoE checkpoints, and one local Ray + Serve instance for the whole session.
 
-Ray tests deploy their apps under their own route prefix on the shared Serve instance (127.0.0.1, a free
-port) and delete them afterwards; every wait is bounded.
+Ray tests use the session's Ray (tests/conftest.py) and one Serve instance (127.0.0.1, a free port); each
+deploys its apps under its own route prefix and deletes them afterwards; every wait is bounded.
 """
 
 import pytest
@@ -17,15 +17,12 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def serve_url():
-    """Base URL of a Serve instance on a local Ray (started once per session)."""
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def serve_url(ray_cluster):
+    """Base URL of a Serve instance on the session's local Ray (tests/conftest.py: ray_cluster)."""
+    serve = pytest.importorskip("ray.serve")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()

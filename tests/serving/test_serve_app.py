@@ -191,7 +191,7 @@ def test_request_failure_is_isolated(fake):
 
 def test_backpressure_answers_429_with_openai_body(serve_url):
     url = deploy(serve_url, "busy", engine_cls=FAKE, model_id="busy", max_ongoing_requests=1,
-                 max_queued_requests=1, engine_kwargs={"token_delay_s": 0.05, "max_batch_size": 1})
+                 max_queued_requests=1, engine_kwargs={"token_delay_s": 0.03, "max_batch_size": 1})
     try:
         with ThreadPoolExecutor(8) as pool:
             resps = list(pool.map(lambda i: post(url, "/v1/completions", {"prompt": "slow", "max_tokens": 10}),
@@ -249,7 +249,7 @@ def test_reload_does_not_drop_in_flight_streams(serve_url):
     def app(ckpt):
         return {"name": "reload", "route_prefix": "/reload", "import_path": "raymoe.deployments.app:build_app",
                 "args": {"engine_cls": FAKE, "model_id": "r", "ray_actor_options": {"num_cpus": 0},
-                         "engine_kwargs": {"token_delay_s": 0.03}},
+                         "engine_kwargs": {"token_delay_s": 0.05}},
                 "deployments": [{"name": "LLMServer", "user_config": {"checkpoint": ckpt}}]}
 
     deploy_config(app("v1"))
@@ -259,17 +259,40 @@ def test_reload_does_not_drop_in_flight_streams(serve_url):
         out = {}
 
         def stream():
-            r = post(url, "/v1/completions", {"prompt": "abcd", "max_tokens": 60, "stream": True}, stream=True)
+            r = post(url, "/v1/completions", {"prompt": "abcd", "max_tokens": 120, "stream": True}, stream=True)
             out["events"] = sse_events(r)
 
         t = threading.Thread(target=stream)
         t.start()
         wait_until(lambda: _replica_info("reload")["stats"].get("generated_tokens", 0) > 0, timeout_s=T)
-        deploy_config(app("v2"))  # reconfigure while the stream runs (60 tokens take ~2 s)
+        deploy_config(app("v2"))  # reconfigure while the stream runs (120 tokens take ~6 s)
         t.join(T)
         text = "".join(e["choices"][0]["text"] for e in out["events"])
-        assert text == ("abcd" * 15) and out["events"][-1]["choices"][0]["finish_reason"] == "length"
+        assert text == ("abcd" * 30) and out["events"][-1]["choices"][0]["finish_reason"] == "length"
         info = _replica_info("reload")
-        assert info["pid"] == pid and info["checkpoint"] == "v2" and info["reloads"] == 1
+        assert info["pid"] == pid and info["checkpoint"] == "v2" and info["reloads"] == 2  # v1 at start, v2
+        assert info["stats"]["reloads_while_running"] == 1  # the swap really happened mid-stream
+        # a client that goes away mid-stream: its generation is aborted, not run to max_tokens
+        before = info["stats"]["generated_tokens"]
+        with post(url, "/v1/completions", {"prompt": "gone", "max_tokens": 120, "stream": True}, stream=True) as r:
+            next(r.iter_lines())
+        wait_until(lambda: _replica_info("reload")["stats"]["running"] == 0, timeout_s=T)
+        assert _replica_info("reload")["stats"]["generated_tokens"] - before < 120
     finally:
         serve.delete("reload")
+
+
+def test_ray_metric_hooks_accept_their_labels(serve_url):
+    """Every serving metric hook runs with the label names of its MetricDef (Ray rejects unknown tags)."""
+    from raymoe.deployments.metrics import RayEngineObserver, RequestCounter
+
+    obs = RayEngineObserver()
+    obs.on_first_token(0.01)
+    obs.on_tokens(3, 0.002)
+    obs.on_tokens(1, None)
+    obs.on_step(4, 2, 4)
+    obs.on_step(0, 0, 0)
+    obs.on_finish("length", 0.1, 5, 7)
+    obs.on_expert_load(1, [0.25, 0.75])
+    obs.on_reload()
+    RequestCounter().inc("completions", 200)

@@ -274,3 +274,13 @@ def test_slot_cache_join_leave_compact_matches_full_forward():
     step()
     prefill([[9] * 4])
     step()
+
+
+def test_a_consumer_whose_event_loop_closed_does_not_break_the_batch(engine):
+    async def start_and_leave():  # the loop closes while the request still runs
+        await engine.stream("orphan", SamplingParams(max_tokens=40, temperature=0.0))
+
+    asyncio.run(start_and_leave())
+    res = engine.generate_sync("survivor", SamplingParams(max_tokens=30, temperature=0.0))
+    assert res.token_ids == reference(spicy_model(0), "survivor", 30)
+    engine.check_health()

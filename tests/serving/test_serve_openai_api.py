@@ -75,3 +75,19 @@ def test_serving_metrics_are_defined_once_with_units():
     assert required <= set(names)
     _, made = M.prometheus_registry(M.SERVING_METRICS)
     assert set(made) == set(names)
+
+
+def test_build_app_rejects_bad_arguments_before_deploying():
+    pytest.importorskip("ray.serve")
+    from raymoe.deployments.app import build_app
+
+    with pytest.raises(ValueError, match="checkpoint is required"):
+        build_app({})
+    with pytest.raises(ValueError, match="max_bach_size"):
+        build_app({"checkpoint": "/x", "engine_kwargs": {"max_bach_size": 3}})
+    with pytest.raises(ValueError, match="cannot be imported"):
+        build_app({"engine_cls": "nowhere:Engine"})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        build_app({"checkpoint": "/x", "num_replica": 2})
+    with pytest.raises(ValueError, match="not both"):
+        build_app({"checkpoint": "/x", "num_replicas": 2, "autoscaling_config": {"max_replicas": 2}})

@@ -1,0 +1,207 @@
+"""Serving load test: the same engine called in-process vs through Ray Serve over HTTP, in one run.
+
+N concurrent clients send completion requests back to back for a bounded time, first to an `Engine` in this
+process (asyncio clients calling ``engine.generate``/``engine.stream``), then to a local Serve deployment of the
+same checkpoint and engine settings on 127.0.0.1 (aiohttp clients). Printed per mode: requests, generated
+tokens/s, p50/p99 request latency, p50/p99 time to first token (``--stream``), and Serve / in-process ratios.
+
+Usage: python benchmarks/serve_load.py [--checkpoint DIR] [--clients 8] [--duration 10] [--max-tokens 32]
+       [--prompt-len 32] [--max-batch-size 16] [--stream [--stream-interval 0.02]] [--num-cpus 2]
+Without --checkpoint a random-weight model of the local_tiny shape (4 layers, d=128, 8 experts on blocks 1
+and 3, block 128) is saved to a temporary folder. Greedy decoding, so both modes generate the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import socket
+import statistics
+import tempfile
+import time
+
+
+@dataclasses.dataclass
+class Sample:
+    latency_s: float
+    ttft_s: float | None
+    tokens: int
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def make_checkpoint(folder: str) -> str:
+    import torch
+
+    from raymoe.platform.checkpoint import save_checkpoint
+    from raymoe.platform.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, block_size=128, n_layer=4, n_head=4, d_model=128, d_ff=512,
+                          expert_interval=2, num_experts=8, k=1))
+    return str(save_checkpoint(folder, 0, model, extra={"model_config": dataclasses.asdict(model.config)}))
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = "the of expert mixture token route gate layer batch serve ray model data text".split()
+    out = []
+    for _ in range(n):
+        s = ""
+        while len(s) < length:
+            s += rng.choice(words) + " "
+        out.append(s[:length])
+    return out
+
+
+async def drive(one, n_clients: int, duration_s: float, pool: list[str]) -> tuple[list[Sample], float]:
+    """n_clients loops calling ``one(prompt) -> Sample`` until the deadline; returns samples and wall time."""
+    deadline = time.perf_counter() + duration_s
+    samples: list[Sample] = []
+
+    async def client(i: int):
+        k = i
+        while time.perf_counter() < deadline:
+            samples.append(await one(pool[k % len(pool)]))
+            k += n_clients
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(n_clients)))
+    return samples, time.perf_counter() - t0
+
+
+def run_in_process(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
+    from raymoe.deployments.engine import Engine
+    from raymoe.deployments.protocol import SamplingParams
+
+    eng = Engine(ckpt, max_batch_size=a.max_batch_size, max_waiting=4 * a.clients, torch_threads=a.threads)
+    eng.start()
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0)
+
+    async def one(prompt: str) -> Sample:
+        t0 = time.perf_counter()
+        if not a.stream:
+            r = await eng.generate(prompt, params)
+            return Sample(time.perf_counter() - t0, None, r.completion_tokens)
+        ttft, n = None, 0
+        async for ch in await eng.stream(prompt, params):
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            n = ch.completion_tokens
+        return Sample(time.perf_counter() - t0, ttft, n)
+
+    async def main():
+        await drive(one, a.clients, min(2.0, a.duration / 4), pool)  # warm-up
+        return await drive(one, a.clients, a.duration, pool)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        eng.shutdown(10)
+
+
+def run_serve(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
+    import aiohttp
+    import ray
+    from ray import serve
+
+    from raymoe.deployments.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Ray starts workers at nice 15; the in-process baseline runs at the caller's priority, so on a shared
+    # machine the comparison would measure priority, not Serve. Same priority for both: niceness 0.
+    ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False,
+             _system_config={"worker_niceness": a.worker_niceness})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({
+            "checkpoint": ckpt, "model_id": "bench", "max_ongoing_requests": 4 * a.clients,
+            "stream_interval_s": a.stream_interval,
+            "engine_kwargs": {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients,
+                              "torch_threads": a.threads}}), name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/completions"
+
+        async def main():
+            conn = aiohttp.TCPConnector(limit=a.clients)
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as http:
+                async def one(prompt: str) -> Sample:
+                    body = {"model": "bench", "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
+                            "stream": a.stream, **({"stream_options": {"include_usage": True}} if a.stream else {})}
+                    t0 = time.perf_counter()
+                    async with http.post(url, json=body) as resp:
+                        if resp.status != 200:
+                            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+                        if not a.stream:
+                            n = (await resp.json())["usage"]["completion_tokens"]
+                            return Sample(time.perf_counter() - t0, None, n)
+                        ttft, n = None, 0
+                        async for line in resp.content:
+                            line = line.decode().strip()
+                            if line.startswith("data: {"):
+                                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                                n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
+                        return Sample(time.perf_counter() - t0, ttft, n)
+
+                await drive(one, a.clients, min(2.0, a.duration / 4), pool)
+                return await drive(one, a.clients, a.duration, pool)
+
+        return asyncio.run(main())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def summarize(name: str, samples: list[Sample], wall_s: float) -> dict:
+    lat = [s.latency_s for s in samples]
+    ttft = [s.ttft_s for s in samples if s.ttft_s is not None]
+    return {"mode": name, "requests": len(samples), "tokens_per_s": sum(s.tokens for s in samples) / wall_s,
+            "p50_s": percentile(lat, 50), "p99_s": percentile(lat, 99),
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "mean_tokens": statistics.mean(s.tokens for s in samples) if samples else 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per mode")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt bytes (= tokens)")
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the engine (both modes)")
+    ap.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    ap.add_argument("--worker-niceness", type=int, default=0, help="niceness of Ray workers (Ray's default: 15)")
+    ap.add_argument("--stream", action="store_true", help="stream tokens (adds time to first token)")
+    ap.add_argument("--stream-interval", type=float, default=0.0,
+                    help="Serve mode: min seconds between two chunks of a stream (ServeArgs.stream_interval_s)")
+    a = ap.parse_args()
+    if a.clients < 1 or a.duration <= 0 or a.max_tokens < 1:
+        raise SystemExit("--clients, --duration and --max-tokens must be positive")
+    pool = prompts(64, a.prompt_len)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = a.checkpoint or make_checkpoint(tmp)
+        rows = [summarize("in-process", *run_in_process(ckpt, a, pool)),
+                summarize("serve-http", *run_serve(ckpt, a, pool))]
+    print(f"\n{a.clients} clients, {a.duration:.0f} s, prompt {a.prompt_len} tokens, max_tokens {a.max_tokens}, "
+          f"max_batch_size {a.max_batch_size}, stream={a.stream}, stream_interval {a.stream_interval} s")
+    print(f"{'mode':12s} {'requests':>8s} {'tok/s':>9s} {'p50 s':>8s} {'p99 s':>8s} {'ttft50 s':>9s} {'ttft99 s':>9s}")
+    for r in rows:
+        print(f"{r['mode']:12s} {r['requests']:8d} {r['tokens_per_s']:9.1f} {r['p50_s']:8.3f} {r['p99_s']:8.3f} "
+              f"{r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f}")
+    base, srv = rows
+    print(f"ratio serve/in-process: tokens/s {srv['tokens_per_s'] / base['tokens_per_s']:.2f}, "
+          f"p50 latency {srv['p50_s'] / base['p50_s']:.2f}, p99 latency {srv['p99_s'] / base['p99_s']:.2f}")
+    print("JSON " + json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

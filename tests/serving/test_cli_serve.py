@@ -1,0 +1,62 @@
+"""`raymoe serve`: argument errors exit 2 without starting Ray; a real run answers and stops cleanly on Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from raymoe.cli import main
+from serving_helpers import free_port
+
+FAKE = "raymoe.deployments.fake_engine:FakeEngine"
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve"],                                                  # the real engine needs a checkpoint
+    ["serve", "--engine", FAKE, "--port", "0"],
+    ["serve", "--engine", FAKE, "--num-replicas", "2", "--max-replicas", "1"],
+    ["serve", "--checkpoint", "/nonexistent/ckpt", "--engine", FAKE, "--num-replicas", "0"],
+    ["serve", "--engine", FAKE, "--address", "auto", "--num-cpus", "2"],
+    ["serve", "--engine", "no_such_module:Engine"],                  # checked before Ray starts
+    ["serve", "--engine", FAKE, "--max-batch-size", "0"],
+])
+def test_cli_serve_argument_errors(argv, capsys):
+    assert main(argv) == 2
+    assert "raymoe serve: error:" in capsys.readouterr().err
+
+
+def _get(url: str, timeout: float = 5.0) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_cli_serve_answers_then_ctrl_c_shuts_down(tmp_path):
+    """A separate Ray instance in a subprocess (its own session), like a user's terminal."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli", "serve", "--engine", FAKE, "--port", str(port),
+                             "--model-id", "cli", "--num-cpus", "2", "--address", "local"], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while "serving 'cli' on http://127.0.0.1" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        assert _get(f"http://127.0.0.1:{port}/v1/models")["data"][0]["id"] == "cli"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session only
+            proc.wait(10)
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "shutting down" in text and "stopped" in text and "Traceback" not in text
