@@ -25,7 +25,7 @@ import torch
 from raymoe.platform.generate import KVCache
 
 
-class SlotKVCache:
+class SlotKVCache(KVCache):
     """Preallocated cache of up to ``max_rows`` rows of up to ``max_len`` slots each (see module docstring)."""
 
     def __init__(self, n_layer: int, max_rows: int, n_head: int, head_dim: int, max_len: int, *,
@@ -54,25 +54,6 @@ class SlotKVCache:
         self.v = [t[:B] for t in self._v]
         self.key_mask_BL = self._mask_RL[:B]
         self.valid_len_B = self._valid_R[:B]
-
-    # -- the KVCache interface GPT.forward uses ----------------------------------------------------------
-    def begin(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
-        if self.length + T > self.max_len:
-            raise ValueError(f"SlotKVCache overflow: {self.length} + {T} > max_len={self.max_len}")
-        self._pending = T
-        self.key_mask_BL[:, self.length:self.length + T] = True if token_mask_BT is None else token_mask_BT
-
-    def write(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
-        end = self.length + k_BHTd.shape[2]
-        self.k[layer][:, :, self.length:end] = k_BHTd
-        self.v[layer][:, :, self.length:end] = v_BHTd
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def end(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
-        assert T == self._pending, "SlotKVCache.end without a matching begin"
-        self.length += T
-        self.valid_len_B += T if token_mask_BT is None else token_mask_BT.long().sum(1)
-        self._pending = 0
 
     # -- membership --------------------------------------------------------------------------------------
     def _shift(self, d: int) -> None:

@@ -331,13 +331,8 @@ class Engine(BaseEngine):
         if token is None or r.done:
             return
         r.next_token = token
-        r.completion_tokens += 1
         self.counters["generated_tokens"] += 1
-        released = r.state.push(token)
-        if r.state.finish_reason is None and r.completion_tokens >= r.params.max_tokens:
-            released += r.state.finish("length")
-        reason = r.state.finish_reason
-        r.emit(released, None if reason is None else ("length" if reason == "length" else "stop"), self.observer)
+        r.accept(token, self.observer)
 
     def _retire(self) -> None:
         """Drop rows that finished, failed or whose client went away."""

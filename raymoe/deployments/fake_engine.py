@@ -96,10 +96,5 @@ class FakeEngine(BaseEngine):
             r.fail(RuntimeError("FakeEngine: injected failure"))
             return
         token = r.prompt_ids[r.completion_tokens % len(r.prompt_ids)]
-        r.completion_tokens += 1
         self.counters["generated_tokens"] += 1
-        released = r.state.push(token)
-        if r.state.finish_reason is None and r.completion_tokens >= r.params.max_tokens:
-            released += r.state.finish("length")
-        reason = r.state.finish_reason
-        r.emit(released, None if reason is None else ("length" if reason == "length" else "stop"), self.observer)
+        r.accept(token, self.observer)

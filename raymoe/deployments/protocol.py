@@ -169,6 +169,15 @@ class Request:
             observer.on_finish(finish_reason, now - self.t_submit, len(self.prompt_ids), self.completion_tokens)
             self._send(None)
 
+    def accept(self, token: int, observer: EngineObserver) -> None:
+        """Count a sampled token, run it through the stop-sequence state and emit what it releases."""
+        self.completion_tokens += 1
+        released = self.state.push(token)
+        if self.state.finish_reason is None and self.completion_tokens >= self.params.max_tokens:
+            released += self.state.finish("length")
+        reason = self.state.finish_reason
+        self.emit(released, None if reason is None else ("length" if reason == "length" else "stop"), observer)
+
     def fail(self, exc: BaseException) -> None:
         if not self.done:
             self.done = True
