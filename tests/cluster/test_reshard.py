@@ -34,7 +34,7 @@ def _assert_same_weights(a_dir, b_dir):
 def test_resume_at_other_expert_parallel_sizes(ray_cluster, tmp_path):
     from raymoe.actors.launch import train_on_ray
 
-    LocalTrainer(_cfg(tmp_path, "ref")).run()  # uninterrupted, one process, EP=1
+    LocalTrainer(_cfg(tmp_path, "ref", "checkpoint.interval=2")).run()  # uninterrupted, one process, EP=1
     # first half with 2 shards (EP=2: each shard owns 2 of 4 experts per layer), checkpoint at step 2
     train_on_ray(_cfg(tmp_path, "ep2", "cluster.mode=ray", "cluster.num_workers=2", "cluster.ep_size=2",
                       "train.steps=2"))
@@ -43,5 +43,9 @@ def test_resume_at_other_expert_parallel_sizes(ray_cluster, tmp_path):
     train_on_ray(_cfg(tmp_path, "ep4", "cluster.mode=ray", "cluster.num_workers=4", "cluster.ep_size=4",
                       f"checkpoint.resume={half}"))
     LocalTrainer(_cfg(tmp_path, "ep1", f"checkpoint.resume={half}")).run()
-    _assert_same_weights(tmp_path / "ref" / "checkpoints", tmp_path / "ep4" / "checkpoints")
-    _assert_same_weights(tmp_path / "ref" / "checkpoints", tmp_path / "ep1" / "checkpoints")
+    # and the single process's own half-way checkpoint continued by 2 shards (a=1 -> b=2)
+    ref_half = tmp_path / "ref" / "checkpoints" / "step_00000002"
+    train_on_ray(_cfg(tmp_path, "from1", "cluster.mode=ray", "cluster.num_workers=2", "cluster.ep_size=2",
+                      f"checkpoint.resume={ref_half}"))
+    for name in ("ep4", "ep1", "from1"):
+        _assert_same_weights(tmp_path / "ref" / "checkpoints" / "step_00000004", tmp_path / name / "checkpoints")
