@@ -146,6 +146,11 @@ class DistillConfig(_Section):
     kd_stop_step: int | None = Field(
         None, ge=0, description="Staged KD: stop KD after this step (null = KD for the whole run)."
     )
+    kl_direction: Literal["teacher_student", "student_teacher"] = Field(
+        "teacher_student",
+        description="KD term: KL(teacher || student) (Hinton KD, DeepSpeed MoS; the default) or "
+        "KL(student || teacher) (mode-seeking; measured to hurt small byte-level students).",
+    )
 
 
 class SampleConfig(_Section):

@@ -54,6 +54,7 @@ class KDSettings:
     teacher: torch.nn.Module
     beta: float
     temperature: float
+    direction: str = "teacher_student"
 
 
 @dataclass
@@ -114,7 +115,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
             if kd is not None:
                 with torch.no_grad():
                     teacher_logits = kd.teacher(x).logits
-                kd_total = kd_loss(out.logits, teacher_logits, y, beta=kd.beta, temperature=kd.temperature)
+                kd_total = kd_loss(out.logits, teacher_logits, y, beta=kd.beta, temperature=kd.temperature,
+                                   direction=kd.direction)
                 loss = loss - ce + kd_total
         (loss / n).backward()
         loss_sum += float(loss.detach())

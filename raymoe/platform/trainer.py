@@ -182,7 +182,8 @@ class LocalTrainer:
             for step in bar:
                 kd = None
                 if self.teacher is not None and self.kd_schedule.active(step):
-                    kd = KDSettings(self.teacher, self.cfg.distill.beta, self.cfg.distill.temperature)
+                    d = self.cfg.distill
+                    kd = KDSettings(self.teacher, d.beta, d.temperature, d.kl_direction)
                 lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
                 t0 = time.perf_counter()
                 res = train_step(self.model, self.optimizer, self._micro_batches(step), lr=lr,
