@@ -165,7 +165,7 @@ def _cmd_serve(args) -> int:
                           engine_kwargs=engine_kwargs, max_ongoing_requests=args.max_batch_size + args.max_waiting,
                           **scale)
     except ValueError as exc:  # pydantic's ValidationError: one line per field
-        errors = getattr(exc, "errors", lambda: [{"loc": (), "msg": str(exc)}])()
+        errors = exc.errors() if hasattr(exc, "errors") else [{"loc": (), "msg": str(exc)}]
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'serve'}: {e['msg']}" for e in errors)) from None
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     if address != "local" and args.num_cpus is not None:

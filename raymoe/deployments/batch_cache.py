@@ -18,7 +18,7 @@ Buffers are allocated once ([R, H, Lc, Dh] per layer and k/v); the active rows a
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -96,7 +96,7 @@ class SlotKVCache(KVCache):
     def keep_rows(self, keep: Sequence[int]) -> None:
         """Keep only rows ``keep`` (in that order, moved to the front); the others leave."""
         keep = list(keep)
-        B, L = self.rows, self.length
+        L = self.length
         if keep != list(range(len(keep))):
             idx = torch.tensor(keep, dtype=torch.long, device=self._mask_RL.device)
             n = len(keep)

@@ -4,7 +4,6 @@ Router noise is seeded per (step, micro-batch) and the global batch is planned p
 changes its world size at a checkpoint must continue exactly like an uninterrupted single-process run.
 """
 
-import pytest
 import torch
 
 from raymoe.config import load_config

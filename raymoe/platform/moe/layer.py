@@ -159,7 +159,6 @@ class MoE(nn.Module):
         if x.shape[-1] != D:
             raise ValueError(f"x.shape[-1]={x.shape[-1]} != hidden_size={D}")
         x_TD = x.reshape(-1, D)
-        T = x_TD.shape[0]
         routed_S = None
         if token_mask is not None:
             if token_mask.shape != x.shape[:-1]:
