@@ -1,4 +1,7 @@
-"""Plots of a run folder: loss curves and the expert-load heatmap (`raymoe report RUN_DIR`)."""
+"""Plots of a run folder (`raymoe report RUN_DIR`): loss curves, the expert-load heatmap and routing health.
+
+Reads only metrics.jsonl, so it works on local and distributed runs alike, and while a run is still going.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def read_records(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write loss.png (train/val loss over steps) and, for MoE runs, expert_load.png; return their paths."""
+    """Write loss.png (train/val loss over steps) and, for MoE runs, expert_load.png and routing.png
+    (load imbalance, dropped tokens and aux loss per MoE layer); return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,6 +54,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     load = [r for r in records if r.get("expert_counts")]
     if load:
         out.append(_plot_expert_load(plt, load, run_dir / "expert_load.png"))
+        out.append(_plot_routing(plt, load, run_dir / "routing.png"))
     return out
 
 
@@ -64,12 +69,37 @@ def _plot_expert_load(plt, records: list[dict], path: Path) -> Path:
         counts = np.array([r["expert_counts"][layer] for r in records], dtype=float)
         frac = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         ax = axes[layer][0]
+        first, last = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)
         im = ax.imshow(frac.T, aspect="auto", origin="lower", cmap="viridis",
-                       extent=(steps[0], steps[-1], -0.5, counts.shape[1] - 0.5))
+                       extent=(first, last, -0.5, counts.shape[1] - 0.5))
         ax.set_ylabel(f"MoE {layer}\nexpert")
         fig.colorbar(im, ax=ax, label="load")
     axes[-1][0].set_xlabel("step")
     fig.suptitle("expert load (fraction of token-choices)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_routing(plt, records: list[dict], path: Path) -> Path:
+    """Per MoE layer over steps: busiest expert / mean load, dropped token-choices, load-balancing loss."""
+    steps = [r["step"] for r in records]
+    n_layers = len(records[0]["expert_counts"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for layer in range(n_layers):
+        imbalance = [max(c) / max(sum(c) / len(c), 1e-9) for c in (r["expert_counts"][layer] for r in records)]
+        axes[0].plot(steps, imbalance, label=f"MoE {layer}")
+        if all("dropped_fraction" in r for r in records):
+            axes[1].plot(steps, [100 * r["dropped_fraction"][layer] for r in records], label=f"MoE {layer}")
+        if all("l_aux" in r for r in records):
+            axes[2].plot(steps, [r["l_aux"][layer] for r in records], label=f"MoE {layer}")
+    titles = ("load max / mean (1 = balanced)", "dropped token-choices (%)", "load-balancing loss l_aux")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
