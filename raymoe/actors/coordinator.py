@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raymoe.config import RaymoeConfig, config_from_dict, moe_layer_ids
 from raymoe.platform import checkpoint as ckpt
@@ -315,6 +315,8 @@ class Coordinator(Elastic):
 
 
 def remote_coordinator():
-    """The Coordinator actor class; it reserves no CPU so all CPUs go to the shards. A second thread answers
-    queries (shard_info, check_health) while ``run`` drives the steps."""
-    return ray.remote(num_cpus=0, max_concurrency=2)(Coordinator)
+    """The Coordinator actor class, pinned to the caller's node (the driver's: on a cluster, the head), so
+    losing a worker node never takes the coordinator with it. It reserves no CPU so all CPUs go to the shards;
+    a second thread answers queries (shard_info, check_health) while ``run`` drives the steps."""
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, max_concurrency=2, scheduling_strategy=here)(Coordinator)

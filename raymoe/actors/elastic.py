@@ -46,6 +46,11 @@ class Elastic:
             ray.get(ready[0])  # raises the shard's failure right away
         return ray.get(refs)
 
+    def _settle(self, timeout: float) -> None:
+        """Wait (bounded) until every call of the failed operation has returned or failed."""
+        if self._inflight:
+            ray.wait(self._inflight, num_returns=len(self._inflight), timeout=timeout)
+
     def choose_world(self, available: int) -> int:
         """Largest world size <= ``available`` within [min_workers, max_workers] that splits the global batch
         into whole micro-batches per shard (the global batch never changes)."""
@@ -90,7 +95,7 @@ class Elastic:
             except SHARD_FAILURES as err:
                 if not self.cfg.cluster.elastic or attempt == MAX_RECOVERIES_PER_STEP:
                     raise
-                ray.wait(self._inflight, num_returns=len(self._inflight), timeout=self.cfg.cluster.start_timeout_s)
+                self._settle(self.cfg.cluster.start_timeout_s)
                 survivors = self.alive(shards)
                 if len(survivors) == len(shards):
                     raise  # nobody died: a real error, not a membership change
@@ -117,13 +122,13 @@ class Elastic:
             raise error
         t0 = time.monotonic()
         # survivors blocked in a collective fail when the dead peer's sockets close, else at the timeout
-        ray.wait(self._inflight, num_returns=len(self._inflight), timeout=c.collective_timeout_s + 5)
+        self._settle(c.collective_timeout_s + 5)
         alive = self.alive(self.shards)
         if len(alive) == len(self.shards):
             raise error  # every shard is alive: a real error (or a hang), not a lost shard
-        alive_sets = [self.expert_sets[self.shards.index(s)] for s in alive]
         if not alive:
             raise RuntimeError(f"all shards lost at step {step}") from error
+        alive_sets = [self.expert_sets[self.shards.index(s)] for s in alive]
         self.gather([s.rollback.remote(step) for s in alive])
         resume, source, parts_ref, path = step, "replicas", None, None
         if self._all_experts() <= set().union(*alive_sets):
