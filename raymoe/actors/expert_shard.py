@@ -92,7 +92,8 @@ class ExpertShard:
         self.dtype = resolve_dtype(t.dtype, self.device)
         self.optimizer = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
                                          betas=(t.beta1, t.beta2), device_type=self.device.type)
-        self.optimizer.register_step_pre_hook(self._remember_state)
+        if c.elastic:  # a state copy per step, only needed to undo a step that failed on another shard
+            self.optimizer.register_step_pre_hook(self._remember_state)
         self.grad_sync = parallel.make_grad_sync(self.model, self.layout, self.groups)
         self.grad_norm = parallel.make_grad_norm(self.model, self.layout, self.groups)
         if parts:
