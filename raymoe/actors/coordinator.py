@@ -9,6 +9,7 @@ by all-to-all inside the MoE layers.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +87,8 @@ class Coordinator(Elastic):
         # fixed for the whole run: when the world changes, shards run more or fewer micro-batches per step
         self.micro = t.micro_batch_size or t.global_batch_size // self.world
         self._init_elastic()
+        self._hold_step: int | None = None
+        self._held, self._released = threading.Event(), threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> dict:
@@ -155,6 +158,24 @@ class Coordinator(Elastic):
     def inject_fault(self, rank: int, where: str, step: int) -> None:
         """Test hook: make shard ``rank`` exit abruptly inside ``train_step`` or ``save`` at ``step``."""
         ray.get(self.shards[rank].inject_fault.remote(where, step), timeout=30)
+
+    def hold_before_step(self, step: int) -> None:
+        """Test/operations hook: pause ``run`` before ``step`` until :meth:`release` (at most 5 minutes)."""
+        self._hold_step = step
+        self._held.clear()
+        self._released.clear()
+
+    def is_held(self) -> bool:
+        return self._held.is_set()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _maybe_hold(self, step: int) -> None:
+        if self._hold_step == step:
+            self._held.set()
+            self._released.wait(timeout=300)
+            self._hold_step = None
 
     def check_health(self) -> bool:
         ray.get([s.check_health.remote() for s in self.shards], timeout=self.cfg.cluster.collective_timeout_s)
@@ -259,6 +280,7 @@ class Coordinator(Elastic):
         step = self.start_step
         try:
             while step < t.steps:
+                self._maybe_hold(step)
                 self.maybe_grow(step)
                 lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
                 t0 = time.perf_counter()

@@ -40,22 +40,6 @@ SCENARIOS = {
 }
 
 
-def _steps_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()]
-    return max([s for s in steps if isinstance(s, int)], default=0)
-
-
-def _wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while _steps_done(run_dir) < step:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"step {step} not reached")
-        time.sleep(0.2)
-
-
 def main(scenario: str, out: Path) -> dict:
     sets = TINY + SCENARIOS[scenario] + [f"run.output_dir={out}", f"data.cache_dir={out / 'cache'}"]
     ref = LocalTrainer(load_config(None, sets + ["run.name=reference"])).run()
@@ -73,11 +57,21 @@ def main(scenario: str, out: Path) -> dict:
         infos = ray.get(coord.shard_info.remote(), timeout=30)
         if scenario == "save_fault":
             ray.get(coord.inject_fault.remote(1, "save", 4), timeout=30)
+        if scenario in ("grow_then_kill", "remove_node"):
+            # hold the run before step 3 and change the cluster while it waits: deterministic, not a race
+            ray.get(coord.hold_before_step.remote(3), timeout=30)
         run = coord.run.remote()
         run_dir = out / "elastic"
+        if scenario in ("grow_then_kill", "remove_node"):
+            deadline = time.monotonic() + 120
+            while not ray.get(coord.is_held.remote(), timeout=60):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the run did not reach step 3")
+                time.sleep(0.1)
         if scenario == "grow_then_kill":
-            _wait_for_step(run_dir, 2)
             cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            ray.get(coord.release.remote(), timeout=30)
             deadline = time.monotonic() + 120
             while not any(e["event"] == "grow" for e in ray.get(coord.membership_events.remote(), timeout=60)):
                 if time.monotonic() > deadline:
@@ -87,9 +81,9 @@ def main(scenario: str, out: Path) -> dict:
             result["world_before_kill"] = len(infos)
             os.kill(infos[-1]["pid"], signal.SIGKILL)
         elif scenario == "remove_node":
-            _wait_for_step(run_dir, 3)
             victim = next(n for n in nodes if n.node_id == infos[1]["node_id"])
             cluster.remove_node(victim, allow_graceful=False)
+            ray.get(coord.release.remote(), timeout=30)
         summary = ray.get(run, timeout=300)
         ray.get(coord.shutdown.remote(), timeout=60)
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
