@@ -108,17 +108,18 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from raymoe.config import load_config
-    from raymoe.platform.data import build_dataset, eval_batches
-    from raymoe.platform.train_step import evaluate
-    from raymoe.platform.trainer import load_model
+    from raymoe.platform.data import build_dataset, eval_window_starts
+    from raymoe.platform.trainer import evaluate_windows, load_model
 
     cfg = load_config(args.config, args.overrides)
     model = load_model(args.checkpoint)
     ds = build_dataset(cfg.data.sources or None, cache_dir=cfg.data.cache_dir, jsonl_field=cfg.data.jsonl_field)
-    _, val = ds.split(cfg.data.val_fraction, block_size=model.config.block_size)
-    batches = eval_batches(val, block_size=model.config.block_size, batch_size=cfg.train.global_batch_size,
-                           max_batches=cfg.train.eval_batches)
-    print(json.dumps(evaluate(model, batches)))
+    block, t = model.config.block_size, cfg.train
+    _, val = ds.split(cfg.data.val_fraction, block_size=block)
+    # the same windows and forward sizes as the validation loss logged during training
+    starts = eval_window_starts(val, block, t.global_batch_size, t.eval_batches)
+    print(json.dumps(evaluate_windows(model, val, starts, block_size=block,
+                                      micro_batch=t.micro_batch_size or t.global_batch_size)))
     return 0
 
 

@@ -26,8 +26,8 @@ from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import parallel
 from raymoe.platform.data import build_dataset, windows_from_starts
 from raymoe.platform.model import GPT
-from raymoe.platform.train_step import build_optimizer, evaluate, train_step
-from raymoe.platform.trainer import gpt_config_from, resolve_dtype
+from raymoe.platform.train_step import build_optimizer, train_step
+from raymoe.platform.trainer import evaluate_windows, gpt_config_from, resolve_dtype
 
 
 class ExpertShard:
@@ -126,10 +126,11 @@ class ExpertShard:
     @torch.no_grad()
     def eval_step(self, starts: list[int], micro_batch: int) -> tuple[float, int]:
         """Summed cross-entropy and token count over this rank's evaluation windows (micro-batch forwards)."""
-        x, y = windows_from_starts(self.val_ds, np.asarray(starts, dtype=np.int64), self.cfg.model.block_size,
-                                   self.device)
-        res = evaluate(self.model, zip(x.split(micro_batch), y.split(micro_batch)), autocast_dtype=self.dtype)
-        return res["val_loss"] * y.numel(), y.numel()
+        res = evaluate_windows(self.model, self.val_ds, np.asarray(starts, dtype=np.int64),
+                               block_size=self.cfg.model.block_size, micro_batch=micro_batch, device=self.device,
+                               autocast_dtype=self.dtype)
+        tokens = len(starts) * self.cfg.model.block_size
+        return res["val_loss"] * tokens, tokens
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, root: str, step: int) -> str:

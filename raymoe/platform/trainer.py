@@ -154,9 +154,9 @@ class LocalTrainer:
     def evaluate(self) -> dict[str, float]:
         t, block = self.cfg.train, self.cfg.model.block_size
         starts = eval_window_starts(self.val_ds, block, t.global_batch_size, t.eval_batches)
-        x, y = windows_from_starts(self.val_ds, starts, block, self.device)
-        micro = t.micro_batch_size or t.global_batch_size
-        return evaluate(self.model, zip(x.split(micro), y.split(micro)), autocast_dtype=self.dtype)
+        return evaluate_windows(self.model, self.val_ds, starts, block_size=block,
+                                micro_batch=t.micro_batch_size or t.global_batch_size, device=self.device,
+                                autocast_dtype=self.dtype)
 
     def save(self, step: int) -> Path:
         path = ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer,
@@ -211,6 +211,14 @@ class LocalTrainer:
         summary["plots"] = [str(p) for p in write_plots(self.run_dir, self.log)]
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def evaluate_windows(model: GPT, split_ds, starts, *, block_size: int, micro_batch: int, device="cpu",
+                     autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Validation loss over the windows at ``starts``, in forwards of ``micro_batch`` windows (each forward
+    sees the capacity it sees in training). Local training, the shards and ``raymoe eval`` all use this."""
+    x, y = windows_from_starts(split_ds, starts, block_size, device)
+    return evaluate(model, zip(x.split(micro_batch), y.split(micro_batch)), autocast_dtype=autocast_dtype)
 
 
 def sample_text(model: GPT, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,

@@ -73,10 +73,14 @@ def test_generate_and_eval_commands(tmp_path, capsys):
                  "--max-new-tokens", "5", "--temperature", "0"]) == 0
     lines = capsys.readouterr().out
     assert "def " in lines
-    assert main(["eval", "--checkpoint", str(run / "checkpoints"), "--set", f"data.cache_dir={tmp_path / 'cache'}",
-                 "--set", "train.eval_batches=2", "--set", "train.global_batch_size=2"]) == 0
+    argv = ["eval", "--checkpoint", str(run / "checkpoints")]
+    for item in TINY + [f"data.cache_dir={tmp_path / 'cache'}"]:
+        argv += ["--set", item]
+    assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["val_loss"] > 0 and result["val_ppl"] > 1
+    assert result["val_ppl"] > 1
+    # the same windows and forward sizes as the validation loss logged at the end of training
+    assert result["val_loss"] == pytest.approx(_records(run)[-1]["val_loss"], abs=1e-6)
 
 
 def test_mixture_of_students_staged_kd(tmp_path):
