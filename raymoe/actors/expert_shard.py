@@ -3,6 +3,12 @@
 It owns its experts (the global expert ids the layout assigns to its expert-parallel rank), a replica of the
 dense part, and its optimizer state. Hidden states move between shards only by all-to-all inside the MoE
 layers; the coordinator sends window offsets (a few ints per sample) and receives scalar metrics.
+
+The same actor serves (expert-parallel inference, `raymoe.deployments.ep_runner.EPRunner`): ``start_inference``
+joins a group whose expert-parallel size is the group size, builds the model with only this rank's experts
+and loads them and the dense part from a training checkpoint; ``serve_step`` runs this rank's rows (a
+`raymoe.deployments.runner.LocalRunner` around that model) and returns their last-position logits. The replica
+sends token ids only; hidden states cross shards by all-to-all inside the MoE layers.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from raymoe.platform.trainer import evaluate_windows, gpt_config_from, resolve_d
 class ExpertShard:
     """A Ray actor (see :func:`remote_class`); lifecycle verbs: start, check_health, shutdown."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, *, build_data: bool = True):
         self.cfg: RaymoeConfig = config_from_dict(cfg, source="coordinator")
         self.rank = -1
         self.world = 0
@@ -42,6 +48,10 @@ class ExpertShard:
         self._undo: dict | None = None  # state before that update (for rolling back a step that failed elsewhere)
         self._snapshots: dict[str, tuple[int, dict[str, bytes]]] = {}  # "own"/"buddy" in-memory copies
         self._fault: tuple[str, int] | None = None
+        self.runner = None  # inference (start_inference)
+        self._pending_weights = None
+        if not build_data:  # an inference shard reads no corpus
+            return
         ds = build_dataset(self.cfg.data.sources or None, cache_dir=self.cfg.data.cache_dir,
                            jsonl_field=self.cfg.data.jsonl_field)
         self.train_ds, self.val_ds = ds.split(self.cfg.data.val_fraction, block_size=self.cfg.model.block_size)
@@ -214,6 +224,78 @@ class ExpertShard:
     def full_state(self) -> dict[str, torch.Tensor]:
         """This rank's parameters on CPU (tests gather them to compare layouts)."""
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    # -- inference (expert-parallel serving) ---------------------------------------------------------------
+    def start_inference(self, init_method: str, rank: int, world: int, checkpoint: str, max_rows: int,
+                        device: str = "cpu", threads: int | None = None) -> dict:
+        """Join an inference group of ``world`` shards (expert-parallel size ``world`` on every MoE layer), build
+        the model with this rank's experts only and load them and the dense part from ``checkpoint`` (the
+        training format: each rank reads the dense file and its own experts' files)."""
+        from raymoe.deployments.runner import LocalRunner
+
+        c = self.cfg.cluster
+        self.abort()
+        self.rank, self.world = rank, world
+        use_cuda = device != "cpu" and torch.cuda.is_available() and bool(ray.get_gpu_ids())
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if threads:
+            torch.set_num_threads(int(threads))
+        backend = c.backend if c.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=c.collective_timeout_s))
+        model, step = self._inference_model(checkpoint)
+        self.runner = LocalRunner(model, max_rows, loader=self._inference_model)
+        ctx = ray.get_runtime_context()
+        return {"rank": rank, "step": step, "config": dataclasses.asdict(model.config), "pid": os.getpid(),
+                "node_id": ctx.get_node_id(), "placement_group_id": ctx.get_placement_group_id(),
+                "device": str(self.device), "parameters": model.num_parameters(),
+                "experts": {m.layer_id: list(m.experts.global_expert_ids) for m in model.moe_modules()}}
+
+    def _inference_model(self, checkpoint: str) -> tuple[GPT, int | None]:
+        from raymoe.deployments.runner import prepare_for_inference
+        from raymoe.platform.model import GPTConfig
+
+        info = ckpt.read_manifest(checkpoint)
+        gpt_cfg = GPTConfig(**(info.get("extra") or {}).get("model_config") or {})
+        layout = parallel.ParallelLayout.from_config(gpt_cfg, self.world, ep_size=self.world)
+        groups = parallel.build_process_groups(layout, self.rank)  # EP group = world: creates no new group
+        model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups))
+        ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
+        return prepare_for_inference(model.to(self.device)), info.get("step")
+
+    @torch.inference_mode()
+    def serve_step(self, kind: str, keep: list[int] | None, idx: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Keep rows ``keep`` (None: all), then ``kind`` = "prefill" (new rows ``idx``/``mask``, appended) or
+        "decode" (one token per row). Every shard of the group is called for every step, also with no rows:
+        the MoE layers' all-to-alls are collective. Returns (logits [rows, V], expert counts of this rank)."""
+        r = self.runner
+        if keep is not None:
+            r.keep_rows(keep)
+        if idx.shape[0] == 0:
+            logits = r.idle_forward()
+        elif kind == "prefill":
+            logits = r.prefill(idx, mask)
+        elif kind == "decode":
+            logits = r.decode(idx)
+        else:
+            raise ValueError(f"kind={kind!r}; allowed: 'prefill', 'decode'")
+        return logits.cpu(), {lid: c.cpu() for lid, c in r.expert_counts.items()}
+
+    def serve_reset(self) -> None:
+        """Drop every row (after a failed step)."""
+        self.runner.reset()
+
+    def serve_prepare(self, checkpoint: str) -> dict:
+        """Load new weights beside the serving ones (no collective); ``serve_swap`` installs them."""
+        self._pending_weights = self.runner.prepare(checkpoint)
+        return {"config": dataclasses.asdict(self._pending_weights.config), "step": self._pending_weights.step}
+
+    def serve_swap(self) -> None:
+        if self._pending_weights is None:
+            raise RuntimeError("serve_swap without serve_prepare")
+        self.runner.swap(self._pending_weights)
+        self._pending_weights = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def check_health(self) -> bool:

@@ -11,10 +11,13 @@ wait at each caller, and more are answered 429 by the ingress (OpenAI error body
 (``engine_kwargs.max_waiting``) also answers 429. The ingress deployment has its own limits; if those are
 exceeded, Serve's proxy answers with ``ingress_backpressure_status`` (plain-text body, no OpenAI shape).
 
-Extension point, expert-parallel replicas (not implemented): pass ``engine_cls`` = an engine that builds its
-model's MoE layers over `ExpertShard` actors, and ``llm_server_options`` = ``{"placement_group_bundles":
-[{"CPU": 1}, ...one per shard], "placement_group_strategy": "STRICT_PACK"}``: each replica then owns a
-placement group holding its whole EP group, so Serve's autoscaler adds and removes whole groups.
+Expert-parallel replicas (``ep_size`` > 1): LLMServer gets ``placement_group_bundles`` = [the replica's own
+bundle] + ``ep_size`` shard bundles (``ep_shard_cpus``/``ep_shard_gpus`` each; ``ep_placement_strategy``),
+and its engine runs the model over ``ep_size`` `ExpertShard` actors started in the last ``ep_size`` bundles
+(`raymoe.deployments.ep_runner.EPRunner`). Serve reserves the placement group before it starts the replica
+and removes it when the replica stops; the shards are the replica's child actors. So a replica *is* an
+expert-parallel group: ``num_replicas`` and ``autoscaling_config`` (min/max/target_ongoing_requests) count
+groups, and the autoscaler adds or removes whole groups. ``ep_size`` = 1: the whole model in the replica.
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ class ServeArgs(BaseModel):
     ingress_backpressure_status: Literal[429, 503] = Field(503, description="proxy status past the ingress queue")
     ingress_num_replicas: int = Field(1, ge=1, description="ingress replicas")
     ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica")
+    ep_size: int = Field(1, ge=1, description="expert-parallel shards per LLMServer replica (1 = the whole model "
+                                              "in the replica); must divide every MoE layer's expert count")
+    ep_shard_cpus: float = Field(1.0, gt=0, description="CPUs of each shard's placement-group bundle (ep_size > 1)")
+    ep_shard_gpus: float = Field(0.0, ge=0, description="GPUs of each shard's placement-group bundle (ep_size > 1)")
+    ep_placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement-group strategy of a replica and its shards (STRICT_PACK: one node)")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
@@ -64,9 +73,57 @@ class ServeArgs(BaseModel):
             raise ValueError("checkpoint is required with the default engine (or set engine_cls)")
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.ep_size > 1 and not self.checkpoint:
+            raise ValueError(f"ep_size={self.ep_size}: expert-parallel replicas load their shards from a "
+                             "checkpoint; set checkpoint")
+        if self.ep_size == 1 and (self.ep_shard_gpus or self.ep_shard_cpus != 1.0):
+            raise ValueError("ep_shard_cpus / ep_shard_gpus apply with ep_size > 1 only")
+        bundles = self.llm_server_options.get("placement_group_bundles")
+        if self.ep_size > 1 and bundles is not None and len(bundles) < self.ep_size + 1:
+            raise ValueError(f"llm_server_options.placement_group_bundles has {len(bundles)} bundles; ep_size="
+                             f"{self.ep_size} needs 1 (replica) + {self.ep_size} (shards)")
         if self.checkpoint:  # replicas may start in another working directory
             self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
         return self
+
+
+def engine_kwargs_of(args: ServeArgs) -> dict:
+    """The engine's keyword arguments: ``engine_kwargs`` plus the expert-parallel settings."""
+    kw = dict(args.engine_kwargs)
+    if args.ep_size > 1:
+        for key in ("ep_size", "ep_options"):
+            if key in kw:
+                raise ValueError(f"engine_kwargs.{key}: set the serve arg ep_size (and ep_shard_*) instead")
+        kw["ep_size"] = args.ep_size
+        kw["ep_options"] = {"num_cpus": args.ep_shard_cpus, "num_gpus": args.ep_shard_gpus}
+    return kw
+
+
+def check_ep_size(checkpoint: str, ep_size: int) -> None:
+    """ep_size must divide every MoE layer's expert count (checked here when the checkpoint is readable on
+    this machine; on a cluster the replicas check it again)."""
+    if ep_size == 1 or not os.path.exists(checkpoint):
+        return
+    from raymoe.platform.checkpoint import read_manifest
+    from raymoe.platform.model import GPTConfig
+
+    extra = read_manifest(checkpoint).get("extra") or {}
+    if "model_config" in extra:
+        experts = GPTConfig(**extra["model_config"]).experts_per_layer()
+        if not experts or any(e % ep_size for e in experts.values()):
+            raise ValueError(f"ep_size={ep_size} must divide the expert count of every MoE layer; {checkpoint} "
+                             f"has {experts or 'no MoE layers'} (layer id: experts)")
+
+
+def placement_bundles(args: ServeArgs) -> list[dict]:
+    """LLMServer's placement group for ep_size > 1: the replica's bundle, then one per shard."""
+    res = args.ray_actor_options
+    # a bundle cannot be all zeros: a replica that reserves nothing gets a token 0.01 CPU
+    replica = {"CPU": max(float(res.get("num_cpus", 1) or 0), 0.01)}
+    if res.get("num_gpus"):
+        replica["GPU"] = float(res["num_gpus"])
+    shard = {"CPU": args.ep_shard_cpus, **({"GPU": args.ep_shard_gpus} if args.ep_shard_gpus else {})}
+    return [replica] + [dict(shard) for _ in range(args.ep_size)]
 
 
 def check_engine_args(engine_cls: str, engine_kwargs: dict) -> None:
@@ -79,6 +136,9 @@ def check_engine_args(engine_cls: str, engine_kwargs: dict) -> None:
         cls = resolve_engine_cls(engine_cls)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"engine_cls={engine_cls!r} cannot be imported: {e}") from None
+    if engine_kwargs.get("ep_size", 1) > 1 and "ep_size" not in inspect.signature(cls).parameters:
+        raise ValueError(f"ep_size={engine_kwargs['ep_size']} needs an engine with expert-parallel support "
+                         f"({DEFAULT_ENGINE}); {engine_cls} has no ep_size argument")
     try:
         inspect.signature(cls).bind(None, **engine_kwargs, observer=None)
     except TypeError as e:
@@ -103,6 +163,9 @@ def llm_server_deployment(args: ServeArgs):
         opts["num_replicas"] = args.num_replicas or 1
     if args.checkpoint:
         opts["user_config"] = {"checkpoint": args.checkpoint}
+    if args.ep_size > 1:
+        opts["placement_group_bundles"] = placement_bundles(args)
+        opts["placement_group_strategy"] = args.ep_placement_strategy
     opts.update(args.llm_server_options)
     return serve.deployment(LLMServer).options(**opts)
 
@@ -114,8 +177,11 @@ def build_app(args: dict | ServeArgs | None = None):
     from raymoe.deployments.ingress import OpenAIIngress
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
-    check_engine_args(a.engine_cls, a.engine_kwargs)
-    server = llm_server_deployment(a).bind(a.engine_cls, a.engine_kwargs, a.checkpoint, a.stream_interval_s)
+    engine_kwargs = engine_kwargs_of(a)
+    check_engine_args(a.engine_cls, engine_kwargs)
+    if a.checkpoint:
+        check_ep_size(a.checkpoint, a.ep_size)
+    server = llm_server_deployment(a).bind(a.engine_cls, engine_kwargs, a.checkpoint, a.stream_interval_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=a.ingress_num_replicas,
         max_ongoing_requests=a.ingress_max_ongoing_requests, max_queued_requests=a.ingress_max_queued_requests,

@@ -22,8 +22,11 @@ set of weights and none is dropped (new requests wait at most one generation). `
 happens at the next step boundary; running rows continue on the new weights with their existing KV cache
 (computed by the old weights); needs an identical architecture.
 
-Expert-parallel serving (a replica spanning `ExpertShard` actors) would replace ``self.model``'s MoE layers
-with an all-to-all dispatcher (``GPT(..., moe_kwargs=...)``): the loop, cache and sampling here stay the same.
+The model itself sits behind a runner (`raymoe.deployments.runner`): `LocalRunner` (the whole model and its
+batch KV cache in this process) or, with ``ep_size > 1``, `EPRunner` (a group of ``ep_size`` `ExpertShard`
+actors in this process's placement group, each holding its experts, a dense replica and the KV cache of its
+share of the rows; hidden states cross shards only by all-to-all inside the MoE layers). The loop, admission,
+sampling and stop rules here are the same for both.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from typing import Optional
 
 import torch
 
-from raymoe.deployments.batch_cache import SlotKVCache
 from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
-from raymoe.platform.generate import KVCache, _RowState, top_k_filter, top_p_filter
+from raymoe.deployments.runner import LocalRunner, load_local_model
+from raymoe.platform.generate import _RowState, top_k_filter, top_p_filter
 
 _RELOAD_POLICIES = ("drain", "immediate")
 
@@ -48,12 +51,16 @@ class Engine(BaseEngine):
     checkpoint: a checkpoint dir (or a folder of them: its latest), loaded by `start()`; or pass ``model``
     (a GPT) directly. max_batch_size: running rows; max_waiting: queued requests before 429s;
     max_prefill_tokens: padded prompt tokens prefilled per iteration (bounds the pause of running rows).
+    ep_size: 1 = the whole model here; N > 1 = expert-parallel over N `ExpertShard` actors (needs Ray and a
+    checkpoint; inside a Serve replica they go to the last N bundles of its placement group).
+    ep_options: `EPRunner` options (``num_cpus``/``num_gpus`` per shard, ``backend``, ``timeout_s``).
     """
 
     def __init__(self, checkpoint: Optional[str] = None, *, model=None, model_id: str = "raymoe",
                  max_batch_size: int = 16, max_waiting: int = 64, max_prefill_tokens: int = 2048,
                  reload_policy: str = "drain", device: str = "cpu", torch_threads: Optional[int] = None,
                  expert_load_interval_s: float = 1.0, stall_timeout_s: float = 120.0,
+                 ep_size: int = 1, ep_options: Optional[dict] = None,
                  observer: Optional[EngineObserver] = None):
         super().__init__(max_waiting=max_waiting, observer=observer)
         if (checkpoint is None) == (model is None):
@@ -64,6 +71,14 @@ class Engine(BaseEngine):
             raise ValueError(f"max_prefill_tokens must be an int >= 1; got {max_prefill_tokens!r}")
         if reload_policy not in _RELOAD_POLICIES:
             raise ValueError(f"reload_policy must be one of {_RELOAD_POLICIES}; got {reload_policy!r}")
+        if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+            raise ValueError(f"ep_size must be an int >= 1; got {ep_size!r}")
+        if ep_size > 1 and model is not None:
+            raise ValueError("ep_size > 1 loads its shards from checkpoint=...; model=... is for ep_size=1")
+        if ep_options and ep_size == 1:
+            raise ValueError(f"ep_options {sorted(ep_options)} need ep_size > 1")
+        self.ep_size, self.ep_options = ep_size, dict(ep_options or {})
+        self.runner = None
         self.checkpoint = str(checkpoint) if checkpoint is not None else None
         self.model, self.model_id, self.device = model, model_id, torch.device(_pick_device(device))
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
@@ -73,7 +88,6 @@ class Engine(BaseEngine):
         self._cv = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[Request] = []
-        self._cache: Optional[SlotKVCache] = None
         self._thread: Optional[threading.Thread] = None
         self._stop = False
         self._fatal: Optional[BaseException] = None
@@ -91,12 +105,8 @@ class Engine(BaseEngine):
             return
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
-        if self.model is None:
-            self.model, self.step = self._load(self.checkpoint)
-        else:
-            self.model = self._prepare(self.model)
+        self.runner = self._make_runner()
         self._set_model_info()
-        self._cache = SlotKVCache.for_model(self.model, self.max_batch_size)
         self._thread = run_thread(self._loop, "raymoe-engine")
         self._accepting = True
 
@@ -106,6 +116,7 @@ class Engine(BaseEngine):
             raise RuntimeError("engine not started")
         if not self._thread.is_alive():
             raise RuntimeError(f"engine decode loop is not running (error: {self._fatal!r})")
+        self.runner.check_health()
         busy = bool(self._rows or self._waiting)
         if busy and time.monotonic() - self._heartbeat > self.stall_timeout_s:
             raise RuntimeError(f"engine made no step for {time.monotonic() - self._heartbeat:.0f}s")
@@ -126,65 +137,64 @@ class Engine(BaseEngine):
             r.fail(err)
         self._waiting.clear()
         self._rows = []
+        if self.runner is not None:
+            self.runner.shutdown()
 
     def _alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     # -- weights ---------------------------------------------------------------------------------------
-    def _prepare(self, model):
-        model = model.to(self.device)
-        model.eval()
-        model.set_dropless(True)  # see raymoe.platform.generate: capacity dropping would couple rows
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
+    def _make_runner(self):
+        if self.ep_size > 1:
+            from raymoe.deployments.ep_runner import EPRunner  # imports Ray
 
-    def _load(self, checkpoint: str):
-        from raymoe.platform.checkpoint import read_manifest
-        from raymoe.platform.trainer import load_model
-
-        step = read_manifest(checkpoint).get("step")
-        return self._prepare(load_model(checkpoint, device=self.device)), step
+            runner = EPRunner(self.checkpoint, self.ep_size, self.max_batch_size, threads=self.torch_threads,
+                              **self.ep_options)
+            self.step = runner.step
+            return runner
+        if self.model is None:
+            self.model, self.step = load_local_model(self.checkpoint, self.device)
+        return LocalRunner(self.model.to(self.device), self.max_batch_size)
 
     def _set_model_info(self) -> None:
-        cfg = self.model.config
+        cfg = self.runner.config
         self.block_size, self.vocab_size = cfg.block_size, cfg.vocab_size
 
     def reload(self, checkpoint: str, timeout_s: float = 600.0) -> None:
-        """Load ``checkpoint`` here, then have the loop swap it in between steps (see module docstring).
+        """Load ``checkpoint`` (in this thread), then have the loop swap it in between steps (see module
+        docstring).
 
         Returns once the new weights serve requests. ValueError for an unusable checkpoint (the old weights
         keep serving); TimeoutError if the swap did not happen within timeout_s.
         """
-        model, step = self._load(checkpoint)
-        if self.reload_policy == "immediate" and self.model is not None and model.config != self.model.config:
-            raise ValueError(f"reload_policy='immediate' needs the same architecture; {checkpoint} has "
-                             f"{model.config} but the engine serves {self.model.config}")
-        if self._thread is None:
-            self.model, self.step, self.checkpoint = model, step, str(checkpoint)
-            self._set_model_info()
+        if self.runner is None:  # not started: start() loads it
+            self.checkpoint, self.model = str(checkpoint), None
             return
+        pending = self.runner.prepare(str(checkpoint))
+        if self.reload_policy == "immediate" and pending.config != self.runner.config:
+            raise ValueError(f"reload_policy='immediate' needs the same architecture; {checkpoint} has "
+                             f"{pending.config} but the engine serves {self.runner.config}")
         done = threading.Event()
         with self._cv:
-            self._pending_reload = {"model": model, "step": step, "checkpoint": str(checkpoint), "done": done}
+            self._pending_reload = {"pending": pending, "done": done}
             self._cv.notify_all()
         if not done.wait(timeout_s):
             raise TimeoutError(f"weight swap to {checkpoint} did not happen within {timeout_s}s")
 
     def _maybe_swap(self) -> None:
-        pending = self._pending_reload
-        if pending is None or (self.reload_policy == "drain" and self._rows):
+        item = self._pending_reload
+        if item is None or (self.reload_policy == "drain" and self._rows):
             return
-        same_shape = pending["model"].config == self.model.config
-        self.model, self.step, self.checkpoint = pending["model"], pending["step"], pending["checkpoint"]
+        pending = item["pending"]
+        self.runner.swap(pending)  # same architecture: running rows keep their cache (immediate policy)
+        self.model = getattr(self.runner, "model", None)
+        self.step, self.checkpoint = pending.step, pending.checkpoint
         self._set_model_info()
-        if not same_shape:  # only possible under "drain": no rows are running
-            self._cache = SlotKVCache.for_model(self.model, self.max_batch_size)
         self._expert_window, self._expert_total = {}, {}
         self._pending_reload = None
         self.counters["reloads"] += 1
         self.observer.on_reload()
-        pending["done"].set()
+        item["done"].set()
 
     # -- requests --------------------------------------------------------------------------------------
     def num_waiting(self) -> int:
@@ -204,11 +214,10 @@ class Engine(BaseEngine):
 
     def info(self) -> dict:
         """What this engine serves (for /v1/models and logs)."""
-        params = self.model.num_parameters() if self.model is not None else {}
         return {"model_id": self.model_id, "engine": type(self).__name__, "checkpoint": self.checkpoint,
                 "step": self.step, "block_size": self.block_size, "vocab_size": self.vocab_size,
-                "max_batch_size": self.max_batch_size, "parameters": params,
-                "reload_policy": self.reload_policy}
+                "max_batch_size": self.max_batch_size, "reload_policy": self.reload_policy,
+                "ep_size": self.ep_size, **(self.runner.info() if self.runner is not None else {})}
 
     def stats(self) -> dict:
         """Counters for tests and debugging: steps, tokens, batch sizes seen, expert load totals."""
@@ -245,7 +254,7 @@ class Engine(BaseEngine):
                 for r in new:
                     r.fail(exc)
                 self._rows = [r for r in self._rows if r not in new]
-                self._cache.keep_rows(range(len(self._rows)))
+                self._reset_after_failure()
             self._retire()
         if self._rows:
             try:
@@ -254,7 +263,7 @@ class Engine(BaseEngine):
                 for r in self._rows:
                     r.fail(exc)
                 self._rows = []
-                self._cache = SlotKVCache.for_model(self.model, self.max_batch_size)
+                self.runner.reset()
             self._retire()
         if not self._rows:
             self.observer.on_step(0, len(self._waiting), 0)  # idle: gauges back to the truth
@@ -277,6 +286,15 @@ class Engine(BaseEngine):
                 taken.append(self._waiting.popleft())
         return taken
 
+    def _reset_after_failure(self) -> None:
+        """After a failed prefill: the running rows continue if the runner still holds exactly them."""
+        if getattr(self.runner, "rows", None) == len(self._rows):
+            return
+        for r in self._rows:
+            r.fail(RuntimeError("the batch was reset after a failed prefill"))
+        self._rows = []
+        self.runner.reset()
+
     def _prefill(self, reqs: list[Request]) -> None:
         P = max(len(r.prompt_ids) for r in reqs)
         idx_BP = torch.zeros(len(reqs), P, dtype=torch.long)
@@ -284,12 +302,9 @@ class Engine(BaseEngine):
         for i, r in enumerate(reqs):
             idx_BP[i, P - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask_BP[i, P - len(r.prompt_ids):] = True
-        cache = KVCache.for_model(self.model, len(reqs), P)
-        out = self.model(idx_BP.to(self.device), kv_cache=cache, token_mask_BT=mask_BP.to(self.device),
-                         last_logits_only=True)
+        logits_BV = self.runner.prefill(idx_BP, mask_BP)
         self._count_experts()
-        tokens = self._sample(out.logits[:, -1, :], reqs)
-        self._cache.add_rows(cache)
+        tokens = self._sample(logits_BV, reqs)
         self._rows.extend(reqs)
         self.counters["prefills"] += 1
         self.counters["prefill_tokens"] += int(mask_BP.sum())
@@ -298,15 +313,13 @@ class Engine(BaseEngine):
 
     def _decode(self) -> None:
         rows = self._rows
-        self._cache.compact()
-        idx_B1 = torch.tensor([[r.next_token] for r in rows], dtype=torch.long, device=self.device)
-        mask_B1 = torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)
-        out = self.model(idx_B1, kv_cache=self._cache, token_mask_BT=mask_B1, last_logits_only=True)
+        idx_B1 = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
+        logits_BV = self.runner.decode(idx_B1)
         self._count_experts()
         self.counters["decode_steps"] += 1
         self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows))
         self.observer.on_step(len(rows), len(self._waiting), len(rows))
-        for r, t in zip(rows, self._sample(out.logits[:, -1, :], rows)):
+        for r, t in zip(rows, self._sample(logits_BV, rows)):
             self._push(r, t)
 
     def _sample(self, logits_BV: torch.Tensor, reqs: list[Request]) -> list[Optional[int]]:
@@ -342,15 +355,13 @@ class Engine(BaseEngine):
                 if r.aborted:
                     r.done = True
             self._rows = [self._rows[i] for i in keep]
-            self._cache.keep_rows(keep)
+            self.runner.keep_rows(keep)
 
     # -- expert load at inference ------------------------------------------------------------------------
     def _count_experts(self) -> None:
-        for moe in self.model.moe_modules():
-            st = moe.last_stats
-            if st is not None:
-                acc = self._expert_window.get(moe.layer_id)
-                self._expert_window[moe.layer_id] = st.exp_counts.clone() if acc is None else acc + st.exp_counts
+        for lid, counts in self.runner.expert_counts.items():
+            acc = self._expert_window.get(lid)
+            self._expert_window[lid] = counts.clone() if acc is None else acc + counts
 
     def _publish_expert_load(self) -> None:
         now = time.monotonic()

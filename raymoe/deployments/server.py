@@ -10,9 +10,9 @@ Calls from the ingress carry one "job" (one choice): ``{"prompt": str | [ids], "
 "param": "prompt" | "messages"}``. Results are plain dicts; failures are returned (not raised) as
 ``{"status": http_status, "error": {OpenAI error}}`` so the ingress can answer with the right code.
 
-Expert-parallel replicas (not implemented): an engine whose model's MoE layers dispatch to `ExpertShard`
-actors created inside this replica's placement group (``placement_group_bundles`` in the deployment options;
-child actors are captured by it), so a whole EP group starts, scales and stops with its replica.
+Expert-parallel replicas (``ep_size`` > 1 in `raymoe.deployments.app.ServeArgs`): the engine's runner starts
+``ep_size`` `ExpertShard` actors in the last bundles of this replica's placement group (the deployment's
+``placement_group_bundles``), so a whole EP group starts, scales and stops with its replica.
 """
 
 from __future__ import annotations

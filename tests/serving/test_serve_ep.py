@@ -1,0 +1,159 @@
+"""Expert-parallel serving: an engine over 2 ExpertShard actors (gloo, local Ray) gives the same greedy output
+as the whole model; the shards hold only their experts, run in the replica's placement group and die with it;
+bad ep settings are rejected before anything starts."""
+
+import asyncio
+import json
+import os
+
+import pytest
+
+requests = pytest.importorskip("requests")
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from raymoe.deployments.app import ServeArgs, build_app  # noqa: E402
+from raymoe.deployments.engine import Engine  # noqa: E402
+from raymoe.deployments.protocol import SamplingParams  # noqa: E402
+from serving_helpers import save_model, spicy_model, wait_until  # noqa: E402
+
+T = 60  # seconds: bound on every call
+PROMPTS = ["hello", "a", "The quick brown fox", "xyz" * 6, "q", "Mixture of experts", "0123456789"]
+N_TOKENS = [20, 7, 30, 12, 25, 3, 18]  # rows leave at different steps, so shards lose rows unevenly
+
+
+def staggered(engine) -> list[list[int]]:
+    """Greedy tokens of PROMPTS sent a few ms apart (they join a running batch)."""
+    async def one(i, p):
+        await asyncio.sleep(0.003 * i)
+        return await engine.generate(p, SamplingParams(max_tokens=N_TOKENS[i], temperature=0.0))
+
+    async def main():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
+
+    return [r.token_ids for r in asyncio.run(asyncio.wait_for(main(), T))]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def pg_state(pg_id: str) -> str:
+    return ray.util.placement_group_table().get(pg_id, {}).get("state", "REMOVED")
+
+
+def test_ep_engine_in_process_equals_whole_model(ray_cluster, checkpoints):
+    plain = Engine(model=spicy_model(0), max_batch_size=4)
+    ep = Engine(str(checkpoints["a"]), ep_size=2, max_batch_size=4)
+    plain.start()
+    ep.start()
+    try:
+        assert staggered(ep) == staggered(plain)
+        info = ep.info()
+        assert [s["experts"] for s in info["shards"]] == [{1: [0, 1]}, {1: [2, 3]}]  # each its own experts
+        stats = ep.stats()
+        assert stats["max_batch_size_seen"] > 1 and sum(stats["expert_counts"][1]) > 0
+        # live reload: every shard loads its part of the new checkpoint, swapped in between steps
+        ep.reload(str(checkpoints["b"]), timeout_s=T)
+        greedy = SamplingParams(max_tokens=12, temperature=0.0)
+        new_model = Engine(model=spicy_model(1), max_batch_size=1)
+        new_model.start()
+        try:
+            assert ep.generate_sync("after", greedy, T).token_ids == new_model.generate_sync("after", greedy, T).token_ids
+        finally:
+            new_model.shutdown(5)
+        # a shard that dies fails the running requests and the health check (Serve then replaces the replica)
+        ray.kill(ep.runner.shards[1])
+        with pytest.raises(Exception):
+            ep.generate_sync("dead", greedy, T)
+        with pytest.raises(RuntimeError, match="broken"):
+            ep.check_health()
+    finally:
+        plain.shutdown(5)
+        ep.shutdown(5)
+    # no Serve replica here: the runner reserved a placement group of its own and removes it with the shards
+    wait_until(lambda: all(process_gone(s["pid"]) for s in info["shards"]), timeout_s=T)
+    wait_until(lambda: pg_state(info["placement_group_id"]) == "REMOVED", timeout_s=T)
+
+
+def _post(url, prompt, n, **kw):
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, **kw}
+    return requests.post(url + "/v1/completions", data=json.dumps(body),
+                         headers={"Content-Type": "application/json"}, timeout=T, stream=kw.get("stream", False))
+
+
+def _texts(url) -> list[str]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        resps = list(pool.map(lambda i: _post(url, PROMPTS[i], N_TOKENS[i]), range(len(PROMPTS))))
+    assert all(r.status_code == 200 for r in resps), [r.text for r in resps]
+    return [r.json()["choices"][0]["text"] for r in resps]
+
+
+def test_ep_replica_equals_plain_replica_and_in_process(serve_url, checkpoints):
+    ckpt = str(checkpoints["a"])
+    common = {"checkpoint": ckpt, "model_id": "m", "ray_actor_options": {"num_cpus": 0},
+              "engine_kwargs": {"max_batch_size": 4}}
+    serve.run(build_app({**common, "ep_size": 2}), name="ep", route_prefix="/ep")
+    try:
+        serve.run(build_app(common), name="plain", route_prefix="/plain")
+        try:
+            plain = _texts(f"{serve_url}/plain")
+        finally:
+            serve.delete("plain")
+        eng = Engine(ckpt, max_batch_size=4)
+        eng.start()
+        try:
+            local = [bytes(t for t in toks if t < 256).decode("utf-8", errors="replace") for toks in staggered(eng)]
+        finally:
+            eng.shutdown(5)
+        assert _texts(f"{serve_url}/ep") == plain == local
+        stream = _post(f"{serve_url}/ep", PROMPTS[2], 16, stream=True)
+        lines = [ln for ln in stream.iter_lines(decode_unicode=True) if ln]
+        assert lines[-1] == "data: [DONE]"
+        assert "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-1]) == local[2][:16]
+
+        info = serve.get_deployment_handle("LLMServer", "ep").info.remote().result(timeout_s=T)
+        pg = info["placement_group_id"]
+        assert info["ep_size"] == 2 and info["runner"] == "expert_parallel"
+        assert pg is not None and all(s["placement_group_id"] == pg for s in info["shards"])  # the replica's group
+        assert len(ray.util.placement_group_table()[pg]["bundles"]) == 3  # replica + 2 shards
+        assert info["pid"] not in {s["pid"] for s in info["shards"]}
+    finally:
+        serve.delete("ep")
+    # the replica stopped: its placement group is removed and its shards are gone with it (no leak)
+    wait_until(lambda: all(process_gone(s["pid"]) for s in info["shards"]), timeout_s=T)
+    wait_until(lambda: pg_state(pg) == "REMOVED", timeout_s=T)
+
+
+def test_bad_ep_settings_are_rejected_before_deploying(checkpoints, tmp_path):
+    from raymoe.platform.model import GPT, GPTConfig
+
+    with pytest.raises(ValueError, match="ep_size=2.*checkpoint"):
+        ServeArgs(ep_size=2, engine_cls="raymoe.deployments.fake_engine:FakeEngine")
+    with pytest.raises(ValueError, match="ep_size"):
+        ServeArgs(checkpoint="/x", ep_size=0)
+    with pytest.raises(ValueError, match="ep_shard_cpus"):
+        ServeArgs(checkpoint="/x", ep_shard_cpus=2)
+    with pytest.raises(ValueError, match="placement_group_bundles"):
+        ServeArgs(checkpoint="/x", ep_size=2, llm_server_options={"placement_group_bundles": [{"CPU": 1}]})
+    with pytest.raises(ValueError, match="ep_size=3 must divide"):
+        build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 3})  # 4 experts
+    with pytest.raises(ValueError, match="engine_kwargs.ep_size"):
+        build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2, "engine_kwargs": {"ep_size": 2}})
+    with pytest.raises(ValueError, match="expert-parallel support"):
+        build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2,
+                   "engine_cls": "raymoe.deployments.fake_engine:FakeEngine"})
+    dense = save_model(tmp_path / "dense", GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1,
+                                                         d_model=8, num_experts=1, expert_interval=99)))
+    with pytest.raises(ValueError, match="ep_size=2"):
+        build_app({"checkpoint": str(dense), "ep_size": 2})
+    with pytest.raises(ValueError, match="ep_size"):
+        Engine(model=spicy_model(0), ep_size=2)
+    with pytest.raises(ValueError, match="ep_options"):
+        Engine(model=spicy_model(0), ep_options={"num_cpus": 1})
