@@ -31,6 +31,37 @@ class Sample:
     tokens: int
 
 
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """{pid: (name, cpu seconds)} of every process of this user (Linux /proc; {} elsewhere)."""
+    import os
+
+    out, tick = {}, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        name = cmd.split(" ")[0] if cmd.startswith("ray::") else (cmd[:60] or stat[stat.index("(") + 1:stat.rindex(")")])
+        out[int(d)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_report(before: dict, after: dict, wall_s: float, top: int = 8) -> list[tuple[str, float]]:
+    """The processes that used the most CPU between two snapshots, in cores (CPU seconds / wall seconds)."""
+    used: dict[str, float] = {}
+    for pid, (name, t) in after.items():
+        d = t - before.get(pid, (name, 0.0))[1]
+        if d > 0:
+            used[name] = used.get(name, 0.0) + d / wall_s
+    return sorted(used.items(), key=lambda kv: -kv[1])[:top]
+
+
 def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -62,8 +93,12 @@ def prompts(n: int, length: int, seed: int = 0) -> list[str]:
     return out
 
 
-async def drive(one, n_clients: int, duration_s: float, pool: list[str]) -> tuple[list[Sample], float]:
+CPU_USE: dict[str, list] = {}  # mode -> cpu_report of its measured window (--cpu-report)
+
+
+async def drive(one, n_clients: int, duration_s: float, pool: list[str], mode: str = "") -> tuple[list[Sample], float]:
     """n_clients loops calling ``one(prompt) -> Sample`` until the deadline; returns samples and wall time."""
+    snap = cpu_snapshot() if mode else None
     deadline = time.perf_counter() + duration_s
     samples: list[Sample] = []
 
@@ -75,7 +110,10 @@ async def drive(one, n_clients: int, duration_s: float, pool: list[str]) -> tupl
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(n_clients)))
-    return samples, time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    if snap is not None:
+        CPU_USE[mode] = cpu_report(snap, cpu_snapshot(), wall)
+    return samples, wall
 
 
 def run_in_process(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
@@ -99,7 +137,7 @@ def run_in_process(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
 
     async def main():
         await drive(one, a.clients, min(2.0, a.duration / 4), pool)  # warm-up
-        return await drive(one, a.clients, a.duration, pool)
+        return await drive(one, a.clients, a.duration, pool, "in-process" if a.cpu_report else "")
 
     try:
         return asyncio.run(main())
@@ -125,6 +163,7 @@ def run_serve(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({
             "checkpoint": ckpt, "model_id": "bench", "max_ongoing_requests": 4 * a.clients,
+            "single_deployment": a.layout == "single",
             "stream_interval_s": a.stream_interval,
             "engine_kwargs": {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients,
                               "torch_threads": a.threads}}), name="bench", route_prefix="/")
@@ -152,7 +191,7 @@ def run_serve(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
                         return Sample(time.perf_counter() - t0, ttft, n)
 
                 await drive(one, a.clients, min(2.0, a.duration / 4), pool)
-                return await drive(one, a.clients, a.duration, pool)
+                return await drive(one, a.clients, a.duration, pool, "serve-http" if a.cpu_report else "")
 
         return asyncio.run(main())
     finally:
@@ -183,6 +222,10 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="stream tokens (adds time to first token)")
     ap.add_argument("--stream-interval", type=float, default=0.0,
                     help="Serve mode: min seconds between two chunks of a stream (ServeArgs.stream_interval_s)")
+    ap.add_argument("--layout", choices=["single", "split"], default="single",
+                    help="Serve app: single = routes and engine in one deployment (one hop); split = ingress "
+                         "deployment -> LLMServer deployment")
+    ap.add_argument("--cpu-report", action="store_true", help="print the processes using the CPU per mode")
     a = ap.parse_args()
     if a.clients < 1 or a.duration <= 0 or a.max_tokens < 1:
         raise SystemExit("--clients, --duration and --max-tokens must be positive")
@@ -200,6 +243,8 @@ def main() -> None:
     base, srv = rows
     print(f"ratio serve/in-process: tokens/s {srv['tokens_per_s'] / base['tokens_per_s']:.2f}, "
           f"p50 latency {srv['p50_s'] / base['p50_s']:.2f}, p99 latency {srv['p99_s'] / base['p99_s']:.2f}")
+    for mode, use in CPU_USE.items():
+        print(f"CPU cores used during {mode}: " + ", ".join(f"{n} {c:.2f}" for n, c in use))
     print("JSON " + json.dumps(rows))
 
 

@@ -1,17 +1,23 @@
 """`build_app(args)`: the Serve application (``serve run cluster_configs/serve_local.yaml`` or ``raymoe serve``).
 
-Graph: HTTP proxy -> `OpenAIIngress` (FastAPI, light) -> DeploymentHandle -> `LLMServer` replicas (one
-engine each; autoscaled by ``autoscaling_config``). `build_app` sets code defaults; a Serve config file's
-``deployments:`` entries (by name: ``OpenAIIngress``, ``LLMServer``) override any option, e.g.
-``user_config: {checkpoint: DIR}`` for live reloads.
+Two layouts. Default (``single_deployment: true``): HTTP proxy -> `OpenAIServer` replicas, each holding the
+FastAPI routes and one engine, so a request takes one hop. ``single_deployment: false``: HTTP proxy ->
+`OpenAIIngress` (FastAPI, light) -> DeploymentHandle -> `LLMServer` replicas (one engine each); the extra hop
+costs CPU and latency on every request (benchmarks/serve_load.py measures both) but lets the ingress fan
+the choices of one request (``n``, several prompts) over engine replicas. Engine replicas (OpenAIServer or
+LLMServer) are autoscaled by ``autoscaling_config``. `build_app` sets code defaults; a Serve config file's
+``deployments:`` entries (by name) override any option, e.g. ``user_config: {checkpoint: DIR}`` for live
+reloads.
 
-Backpressure: an LLMServer replica takes at most ``max_ongoing_requests`` calls (set it >= the engine's
-max_batch_size + max_waiting so the continuous batch fills); beyond that up to ``max_queued_requests`` calls
-wait at each caller, and more are answered 429 by the ingress (OpenAI error body). The engine's own queue
-(``engine_kwargs.max_waiting``) also answers 429. The ingress deployment has its own limits; if those are
-exceeded, Serve's proxy answers with ``ingress_backpressure_status`` (plain-text body, no OpenAI shape).
+Backpressure. The engine's queue (``engine_kwargs.max_waiting``) answers 429 with an OpenAI body. Single
+layout: a replica takes ``ingress_max_ongoing_requests`` HTTP requests (keep it > max_batch_size +
+max_waiting so the engine queue answers first), the proxy queues ``ingress_max_queued_requests`` more and
+answers ``ingress_backpressure_status`` (plain text) beyond. Split layout: an LLMServer replica takes at most
+``max_ongoing_requests`` calls (>= max_batch_size + max_waiting so the batch fills); beyond that up to
+``max_queued_requests`` calls wait at each caller, and more are answered 429 by the ingress (OpenAI body);
+the ingress deployment has the ``ingress_*`` limits, past which the proxy answers as above.
 
-Expert-parallel replicas (``ep_size`` > 1): LLMServer gets ``placement_group_bundles`` = [the replica's own
+Expert-parallel replicas (``ep_size`` > 1): the engine replica gets ``placement_group_bundles`` = [the replica's own
 bundle] + ``ep_size`` shard bundles (``ep_shard_cpus``/``ep_shard_gpus`` each; ``ep_placement_strategy``),
 and its engine runs the model over ``ep_size`` `ExpertShard` actors started in the last ``ep_size`` bundles
 (`raymoe.deployments.ep_runner.EPRunner`). Serve reserves the placement group before it starts the replica
@@ -60,6 +66,8 @@ class ServeArgs(BaseModel):
     ingress_backpressure_status: Literal[429, 503] = Field(503, description="proxy status past the ingress queue")
     ingress_num_replicas: int = Field(1, ge=1, description="ingress replicas")
     ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica")
+    single_deployment: bool = Field(True, description="one deployment 'OpenAIServer' holds the routes and the "
+                                    "engine (one hop per request); false: 'OpenAIIngress' -> 'LLMServer' replicas")
     ep_size: int = Field(1, ge=1, description="expert-parallel shards per LLMServer replica (1 = the whole model "
                                               "in the replica); must divide every MoE layer's expert count")
     ep_shard_cpus: float = Field(1.0, gt=0, description="CPUs of each shard's placement-group bundle (ep_size > 1)")
@@ -145,16 +153,23 @@ def check_engine_args(engine_cls: str, engine_kwargs: dict) -> None:
         raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} do not fit {cls.__name__}: {e}") from None
 
 
-def llm_server_deployment(args: ServeArgs):
-    """The LLMServer Deployment with options from args (a config file may still override them)."""
+def llm_server_deployment(args: ServeArgs, single: bool = False):
+    """The LLMServer Deployment with options from args (a config file may still override them); ``single``:
+    the OpenAIServer deployment (routes and engine in one replica, see `build_app`)."""
     from ray import serve
 
+    from raymoe.deployments.ingress import OpenAIServer
     from raymoe.deployments.server import LLMServer
 
+    limits = dict(max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+                  backpressure_config={"status_code": 429})
+    if single:  # HTTP requests: the engine's queue (max_waiting) answers 429 first, with an OpenAI body
+        limits = dict(max_ongoing_requests=args.ingress_max_ongoing_requests,
+                      max_queued_requests=args.ingress_max_queued_requests,
+                      backpressure_config={"status_code": args.ingress_backpressure_status})
     opts: dict[str, Any] = dict(
-        name="LLMServer", max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests, ray_actor_options=args.ray_actor_options,
-        backpressure_config={"status_code": 429}, health_check_period_s=10, health_check_timeout_s=30,
+        name="OpenAIServer" if single else "LLMServer", **limits, ray_actor_options=args.ray_actor_options,
+        health_check_period_s=10, health_check_timeout_s=30,
         graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=30, max_constructor_retry_count=3,
     )
     if args.autoscaling_config is not None:
@@ -167,7 +182,7 @@ def llm_server_deployment(args: ServeArgs):
         opts["placement_group_bundles"] = placement_bundles(args)
         opts["placement_group_strategy"] = args.ep_placement_strategy
     opts.update(args.llm_server_options)
-    return serve.deployment(LLMServer).options(**opts)
+    return serve.deployment(OpenAIServer if single else LLMServer).options(**opts)
 
 
 def build_app(args: dict | ServeArgs | None = None):
@@ -181,6 +196,9 @@ def build_app(args: dict | ServeArgs | None = None):
     check_engine_args(a.engine_cls, engine_kwargs)
     if a.checkpoint:
         check_ep_size(a.checkpoint, a.ep_size)
+    if a.single_deployment:
+        return llm_server_deployment(a, single=True).bind(a.engine_cls, engine_kwargs, a.checkpoint,
+                                                          a.stream_interval_s, a.model_id, a.default_max_tokens)
     server = llm_server_deployment(a).bind(a.engine_cls, engine_kwargs, a.checkpoint, a.stream_interval_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=a.ingress_num_replicas,

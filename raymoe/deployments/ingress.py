@@ -257,3 +257,79 @@ class OpenAIIngress:
             for g in gens:  # client disconnected or error: stop generating
                 g.cancel()
 
+
+
+# -- ingress and engine in one replica -------------------------------------------------------------------------
+class _LocalStream:
+    """An async generator with the two things the ingress uses of a streaming DeploymentResponseGenerator."""
+
+    def __init__(self, agen):
+        self._agen = agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._agen.__anext__()
+
+    def cancel(self) -> None:
+        async def close():
+            try:
+                await self._agen.aclose()
+            except RuntimeError:  # still running in a task being cancelled: the cancellation closes it
+                pass
+
+        asyncio.ensure_future(close())
+
+
+class _LocalMethod:
+    def __init__(self, fn, stream: bool):
+        self._fn, self._stream = fn, stream
+
+    def remote(self, *args, **kwargs):
+        if self._stream:
+            return _LocalStream(self._fn(*args, **kwargs))
+        return asyncio.ensure_future(self._fn(*args, **kwargs))
+
+
+class LocalHandle:
+    """What `OpenAIIngress` uses of a DeploymentHandle (``.options(stream=True)``, ``.method.remote(...)``),
+    calling an object in this process: no serialization, no hop."""
+
+    def __init__(self, target, stream: bool = False):
+        self._target, self._stream = target, stream
+
+    def options(self, *, stream: bool = False, **_ignored) -> "LocalHandle":
+        return LocalHandle(self._target, stream)
+
+    def __getattr__(self, name: str) -> _LocalMethod:
+        return _LocalMethod(getattr(self._target, name), self._stream)
+
+
+class OpenAIServer(OpenAIIngress):
+    """The OpenAI routes and an `LLMServer` (one engine) in the same replica: a request takes one hop (HTTP
+    proxy -> replica) instead of two (proxy -> ingress -> engine replica). Same arguments as LLMServer plus
+    the ingress's; lifecycle (user_config reloads, health checks, graceful shutdown) is LLMServer's."""
+
+    async def __init__(self, engine_cls, engine_kwargs=None, checkpoint=None, stream_interval_s: float = 0.0,
+                       model_id: str = "raymoe", default_max_tokens: int = 16, observer="ray"):
+        from raymoe.deployments.server import LLMServer
+
+        self.llm = LLMServer(engine_cls, engine_kwargs, checkpoint, stream_interval_s, observer)
+        await super().__init__(LocalHandle(self.llm), model_id, default_max_tokens)
+
+    async def reconfigure(self, user_config) -> None:
+        await self.llm.reconfigure(user_config)
+
+    async def info(self) -> dict:
+        """LLMServer.info (for a DeploymentHandle: ``handle.info.remote()``)."""
+        return await self.llm.info()
+
+    def check_health(self) -> None:
+        self.llm.check_health()
+
+    async def __del__(self):
+        try:
+            await asyncio.to_thread(self.llm.shutdown)  # lets running requests finish; the loop keeps streaming
+        finally:
+            await super().__del__()

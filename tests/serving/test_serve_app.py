@@ -51,7 +51,7 @@ def yaml_app(checkpoint_args: str, user_checkpoint: str) -> dict:
     app.update(name="yaml", route_prefix="/yaml")
     app["args"].update(checkpoint=checkpoint_args, model_id="tiny")
     for d in app["deployments"]:
-        if d["name"] == "LLMServer":
+        if d["name"] == "OpenAIServer":
             d["user_config"] = {"checkpoint": user_checkpoint}
             d["ray_actor_options"] = {"num_cpus": 0}
             d["autoscaling_config"].update(max_replicas=1)
@@ -189,9 +189,14 @@ def test_request_failure_is_isolated(fake):
 # -- backpressure -------------------------------------------------------------------------------------------
 
 
-def test_backpressure_answers_429_with_openai_body(serve_url):
-    url = deploy(serve_url, "busy", engine_cls=FAKE, model_id="busy", max_ongoing_requests=1,
-                 max_queued_requests=1, engine_kwargs={"token_delay_s": 0.03, "max_batch_size": 1})
+@pytest.mark.parametrize("single", [True, False])
+def test_backpressure_answers_429_with_openai_body(serve_url, single):
+    if single:  # one deployment: the engine's queue answers
+        limits = {"engine_kwargs": {"token_delay_s": 0.03, "max_batch_size": 1, "max_waiting": 1}}
+    else:  # ingress -> LLMServer: Serve's queue in front of the LLMServer replica answers
+        limits = {"max_ongoing_requests": 1, "max_queued_requests": 1,
+                  "engine_kwargs": {"token_delay_s": 0.03, "max_batch_size": 1}}
+    url = deploy(serve_url, "busy", engine_cls=FAKE, model_id="busy", single_deployment=single, **limits)
     try:
         with ThreadPoolExecutor(8) as pool:
             resps = list(pool.map(lambda i: post(url, "/v1/completions", {"prompt": "slow", "max_tokens": 10}),
@@ -230,8 +235,8 @@ def test_real_engine_batched_through_serve_equals_single(real):
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == expect
 
 
-def _replica_info(app):
-    return serve.get_deployment_handle("LLMServer", app).info.remote().result(timeout_s=T)
+def _replica_info(app, deployment="OpenAIServer"):
+    return serve.get_deployment_handle(deployment, app).info.remote().result(timeout_s=T)
 
 
 def test_live_reload_via_user_config(real, checkpoints):
@@ -250,7 +255,7 @@ def test_reload_does_not_drop_in_flight_streams(serve_url):
         return {"name": "reload", "route_prefix": "/reload", "import_path": "raymoe.deployments.app:build_app",
                 "args": {"engine_cls": FAKE, "model_id": "r", "ray_actor_options": {"num_cpus": 0},
                          "engine_kwargs": {"token_delay_s": 0.05}},
-                "deployments": [{"name": "LLMServer", "user_config": {"checkpoint": ckpt}}]}
+                "deployments": [{"name": "OpenAIServer", "user_config": {"checkpoint": ckpt}}]}
 
     deploy_config(app("v1"))
     url = f"{serve_url}/reload"

@@ -99,7 +99,8 @@ def test_ep_replica_equals_plain_replica_and_in_process(serve_url, checkpoints):
     ckpt = str(checkpoints["a"])
     common = {"checkpoint": ckpt, "model_id": "m", "ray_actor_options": {"num_cpus": 0},
               "engine_kwargs": {"max_batch_size": 4}}
-    serve.run(build_app({**common, "ep_size": 2}), name="ep", route_prefix="/ep")
+    # the EP replica behind the split layout (ingress -> LLMServer), the plain one in the single layout
+    serve.run(build_app({**common, "ep_size": 2, "single_deployment": False}), name="ep", route_prefix="/ep")
     try:
         serve.run(build_app(common), name="plain", route_prefix="/plain")
         try:
