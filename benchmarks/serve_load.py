@@ -245,6 +245,9 @@ def main() -> None:
           f"p50 latency {srv['p50_s'] / base['p50_s']:.2f}, p99 latency {srv['p99_s'] / base['p99_s']:.2f}")
     for mode, use in CPU_USE.items():
         print(f"CPU cores used during {mode}: " + ", ".join(f"{n} {c:.2f}" for n, c in use))
+        other = sum(c for n, c in use if not (n.startswith("ray::") or "ray/" in n or "serve_load" in n))
+        if other > 0.1:
+            print(f"WARNING: other processes used {other:.2f} cores during {mode}: the ratio is not clean")
     print("JSON " + json.dumps(rows))
 
 

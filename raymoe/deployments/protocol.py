@@ -131,12 +131,15 @@ class Request:
     """One request inside an engine: prompt, params, delivery callback and per-request decode state."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: list[list[int]],
-                 deliver: Callable[[Any], None]):
+                 deliver: Callable[[Any], None], stream: bool = True):
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.stop_ids = stop_ids
         self.deliver = deliver  # called with a GenerationChunk, an Exception, or None (end of stream)
+        self.stream = stream  # False: one chunk at the end (no per-token messages for whole-result callers)
+        self._held_text: list[str] = []
+        self._held_ids: list[int] = []
         self.t_submit = time.perf_counter()
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
@@ -162,8 +165,13 @@ class Request:
             if tokens:
                 observer.on_tokens(len(tokens), None if self.t_last is None else now - self.t_last)
             self.t_last = now
-            self._send(GenerationChunk(text, list(tokens), finish_reason, len(self.prompt_ids),
-                                       self.completion_tokens))
+            self._held_text.append(text)
+            self._held_ids.extend(tokens)
+            if self.stream or final:
+                chunk = GenerationChunk("".join(self._held_text), self._held_ids, finish_reason,
+                                        len(self.prompt_ids), self.completion_tokens)
+                self._held_text, self._held_ids = [], []
+                self._send(chunk)
         if final:
             self.done = True
             observer.on_finish(finish_reason, now - self.t_submit, len(self.prompt_ids), self.completion_tokens)
@@ -235,7 +243,7 @@ class BaseEngine:
         return ids
 
     def make_request(self, prompt: Prompt, params: SamplingParams, deliver: Callable[[Any], None],
-                     param: str = "prompt") -> Request:
+                     param: str = "prompt", stream: bool = True) -> Request:
         """Validate and build a `Request` (RequestError on bad input); does not enqueue it."""
         if not self._accepting:
             raise EngineShutdownError("engine is not accepting requests (not started or shutting down)")
@@ -249,7 +257,7 @@ class BaseEngine:
                                f"and the context is {self.block_size}, so at most {room} new tokens fit",
                                param="max_tokens", code="context_length_exceeded")
         stop_ids = [list(s.encode("utf-8")) for s in params.stop]
-        return Request(ids, params, stop_ids, deliver)
+        return Request(ids, params, stop_ids, deliver, stream)
 
     def submit(self, req: Request) -> None:
         """Admission control, then hand to the loop. Raises EngineOverloadedError / EngineShutdownError."""
@@ -270,10 +278,12 @@ class BaseEngine:
         req, q = self._submit_async(prompt, params, param)
         return self._drain(req, q, min_interval_s)
 
-    def _submit_async(self, prompt: Prompt, params: SamplingParams, param: str) -> tuple[Request, asyncio.Queue]:
+    def _submit_async(self, prompt: Prompt, params: SamplingParams, param: str,
+                      stream: bool = True) -> tuple[Request, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        req = self.make_request(prompt, params, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), param)
+        req = self.make_request(prompt, params, lambda item: loop.call_soon_threadsafe(q.put_nowait, item), param,
+                                stream)
         self.submit(req)
         return req, q
 
@@ -307,8 +317,8 @@ class BaseEngine:
             req.aborted = True  # no-op when finished; otherwise the loop drops the row at the next step
 
     async def generate(self, prompt: Prompt, params: SamplingParams, *, param: str = "prompt") -> GenerationResult:
-        """The whole generation of one prompt."""
-        req, q = self._submit_async(prompt, params, param)
+        """The whole generation of one prompt (delivered as one message at the end, not one per token)."""
+        req, q = self._submit_async(prompt, params, param, stream=False)
         chunks = [c async for c in self._drain(req, q)]
         return _collect(chunks, time.perf_counter(), req)
 

@@ -158,3 +158,18 @@ def test_bad_ep_settings_are_rejected_before_deploying(checkpoints, tmp_path):
         Engine(model=spicy_model(0), ep_size=2)
     with pytest.raises(ValueError, match="ep_options"):
         Engine(model=spicy_model(0), ep_options={"num_cpus": 1})
+
+
+@pytest.mark.parametrize("name", ["serve_local.yaml", "serve_ep.yaml"])
+def test_serve_config_files_build(name, checkpoints):
+    """The repository's Serve configs validate and build against a test checkpoint (4 experts: ep 2 fits)."""
+    import yaml
+    from pathlib import Path
+
+    with open(Path(__file__).parents[2] / "cluster_configs" / name) as f:
+        app = yaml.safe_load(f)["applications"][0]
+    args = {**app["args"], "checkpoint": str(checkpoints["a"])}
+    build_app(args)
+    names = {d["name"] for d in app["deployments"]}
+    assert names == ({"OpenAIServer"} if args.get("single_deployment", True) else {"OpenAIIngress", "LLMServer"})
+
