@@ -2,10 +2,14 @@
 
 Both are measured in one run, interleaved, in the same gloo world of N processes on this machine
 (DESIGN.md "Performance method"):
-  layer   = AllToAllDispatcher.dispatch + combine: per-expert count exchange, the row exchange with variable
-            splits, re-sorting received rows to local-expert order and back (what the MoE layer runs);
-            route "a2a" = all_to_all_single + re-sort, "auto" = the default (p2p segments straight to their
-            place when segments are large, see raymoe.platform.moe.comm), "hier" = --hierarchical
+  layer   = what the MoE layer runs per exchange. Dropless (variable splits): AllToAllDispatcher.dispatch +
+            combine: per-expert count exchange, the row exchange, re-sorting received rows to local-expert
+            order and back; route "a2a" = all_to_all_single + re-sort, "auto" = the default (p2p segments
+            straight to their place when segments are large, see raymoe.platform.moe.comm), "hier" =
+            --hierarchical. Drop mode (capacity factor 1.0): dispatch_capacity + combine_capacity of the
+            fixed [E, C, D] buffer, equal splits; "cap" = as in training (uniform_tokens: every rank runs
+            equal micro-batches), "cap+agree" = preceded by the slot-count all-reduce the layer runs when
+            token counts may differ (token masks, other callers), "cap-hier" = two-phase
   raw     = two all_to_all_single calls with the same split sizes into preallocated buffers (the floor)
   bytes/s = payload bytes this rank sends (dispatch + combine) / time (min over reps of the slowest rank,
             each rep after a barrier); ratio = layer bytes/s / raw bytes/s (target >= 0.8), the median over
@@ -37,6 +41,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from raymoe.platform import parallel  # noqa: E402
+from raymoe.platform.moe.router import compute_capacity  # noqa: E402
 
 SHAPES = {  # name: (tokens per rank T, model dim D, experts E, top-k)
     "T1024_D128_E16_k2": (1024, 128, 16, 2),
@@ -77,7 +82,10 @@ def _bench_shape(rank, world, name, reps, groups, exchange, hierarchical, backwa
     T, D, E, k = SHAPES[name]
     layout = parallel.ParallelLayout(world, {0: world})
     d = parallel.make_moe_kwargs(layout, groups, hierarchical=hierarchical, ranks_per_node=rpn,
-                                 exchange=exchange)(0, E)["dispatcher"]
+                                 exchange="auto" if exchange.startswith("capacity") else exchange,
+                                 uniform_tokens=exchange == "capacity")(0, E)["dispatcher"]
+    if exchange.startswith("capacity"):
+        return _bench_capacity(T, D, E, k, d, world, reps, backward)
     x_MD, counts_E = _routed_rows(T, D, E, k, seed=rank)
     send = counts_E.view(world, -1).sum(1).tolist()
     recv_E = torch.empty_like(counts_E)
@@ -111,7 +119,46 @@ def _bench_shape(rank, world, name, reps, groups, exchange, hierarchical, backwa
     for label, r_fn, l_fn in pairs:
         t_raw, t_layer, ratio = _paired(r_fn, l_fn, reps)
         mult = 2 if label == "fwd+bwd" else 1
-        rows.append((label, mult * nbytes / t_raw, mult * nbytes / t_layer, ratio))
+        rows.append((label, mult * nbytes / t_raw, mult * nbytes / t_layer, ratio, nbytes))
+    return rows, d.last_route
+
+
+def _bench_capacity(T, D, E, k, d, world, reps, backward):
+    """Drop mode (capacity factor 1.0): the layer agrees on the slot count (one all-reduce of an int, as the
+    MoE layer does), then exchanges the fixed [E, C, D] buffer; raw = all_to_all_single of the same bytes."""
+    C = compute_capacity(T, E, k, 1.0, 4)
+    x_ECD = torch.randn(E, C, D)
+    buf_in, buf_back = torch.empty_like(x_ECD), torch.empty_like(x_ECD)
+    nbytes = 2 * x_ECD.numel() * x_ECD.element_size()
+
+    def raw():
+        dist.all_to_all_single(buf_in, x_ECD)
+        dist.all_to_all_single(buf_back, buf_in)
+
+    def slot_count() -> int:
+        # training (uniform_tokens): the local capacity; otherwise the layer agrees on it first
+        return C if d.uniform_tokens else int(d.all_reduce_max(torch.tensor(C)))
+
+    def layer():
+        d.combine_capacity(d.dispatch_capacity(x_ECD[:, :slot_count()]))
+
+    x_req = x_ECD.clone().requires_grad_(True)
+
+    def layer_fwd_bwd():
+        d.combine_capacity(d.dispatch_capacity(x_req[:, :slot_count()])).sum().backward()
+
+    def raw_fwd_bwd():
+        raw()
+        raw()
+
+    for fn in (raw, layer):
+        fn()
+    pairs = [("fwd", raw, layer)] + ([("fwd+bwd", raw_fwd_bwd, layer_fwd_bwd)] if backward else [])
+    rows = []
+    for label, r_fn, l_fn in pairs:
+        t_raw, t_layer, ratio = _paired(r_fn, l_fn, reps)
+        mult = 2 if label == "fwd+bwd" else 1
+        rows.append((label, mult * nbytes / t_raw, mult * nbytes / t_layer, ratio, nbytes))
     return rows, d.last_route
 
 
@@ -126,7 +173,10 @@ def _worker(rank, world, port, args, results):
         groups = parallel.build_process_groups(parallel.ParallelLayout(world, {0: world}), rank,
                                                ranks_per_node=rpn)
         routes = [("hier", "all_to_all", True)] if args.hierarchical and world > rpn else []
-        routes += [("a2a", "all_to_all", False), ("auto", "auto", False)]
+        routes += [("a2a", "all_to_all", False), ("auto", "auto", False), ("cap", "capacity", False),
+                   ("cap+agree", "capacity_agree", False)]
+        if args.hierarchical and world > rpn:
+            routes.append(("cap-hier", "capacity", True))
         for name in args.shapes:
             for label, exchange, hier in routes:
                 rows, used = _bench_shape(rank, world, name, args.reps, groups, exchange, hier, args.backward, rpn)
@@ -155,15 +205,19 @@ def main(argv=None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, start_method="spawn")
-        n_routes = 2 + (args.hierarchical and world > args.ranks_per_node)
+        procs = mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, join=False,
+                                   start_method="spawn")
+        n_routes = 4 + 2 * (args.hierarchical and world > args.ranks_per_node)
         for _ in range(len(args.shapes) * n_routes):
-            w, name, route, rows = results.get(timeout=30)
-            T, D, E, k = SHAPES[name]
-            mb = 2 * T * k * D * 4 / 1e6
-            for label, raw_bps, layer_bps, ratio in rows:
+            w, name, route, rows = results.get(timeout=300)
+            for label, raw_bps, layer_bps, ratio, nbytes in rows:
+                mb = nbytes / 1e6
                 print(f"{w:>5} {name:<20} {route:<18} {label:<8} {mb:>10.1f} "
-                      f"{raw_bps / 1e6:>9.0f} {layer_bps / 1e6:>10.0f} {ratio:>6.2f}")
+                      f"{raw_bps / 1e6:>9.0f} {layer_bps / 1e6:>10.0f} {ratio:>6.2f}", flush=True)
+        try:
+            procs.join(timeout=60)
+        except mp.ProcessExitedException as e:  # every row arrived; a gloo teardown abort changes none of them
+            print(f"(world {world}: a worker died during process-group teardown after reporting: {e})")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ class ExpertShard:
         # replicas agree and each expert starts exactly as it would without expert parallelism
         full_state = GPT(gpt_cfg).state_dict()
         self.model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(
-            self.layout, self.groups, hierarchical=c.hierarchical_all_to_all, ranks_per_node=ranks_per_node))
+            self.layout, self.groups, hierarchical=c.hierarchical_all_to_all, ranks_per_node=ranks_per_node,
+            uniform_tokens=True))  # every rank runs the same micro-batch and eval sizes (coordinator's plan)
         parallel.load_full_state_dict(self.model, full_state)
         del full_state
         self.model.to(self.device)

@@ -207,8 +207,9 @@ class MoEKwargs:
     """``GPT(moe_kwargs=...)`` callable: per layer the dispatcher, ep_size and global expert ids."""
 
     def __init__(self, layout: ParallelLayout, groups: ProcessGroups, hierarchical: bool,
-                 ranks_per_node: int | None, timer, exchange: str):
+                 ranks_per_node: int | None, timer, exchange: str, uniform_tokens: bool = False):
         self.layout, self.groups = layout, groups
+        self.uniform_tokens = uniform_tokens
         self.exchange = exchange
         self.hierarchical = hierarchical
         self.ranks_per_node = ranks_per_node if ranks_per_node is not None else groups.ranks_per_node
@@ -225,25 +226,25 @@ class MoEKwargs:
         d = AllToAllDispatcher(self.groups.ep[ep], ep, ep_rank, num_experts, hierarchical=hier,
                                ranks_per_node=self.ranks_per_node, timer=self.timer,
                                intra_group=self.groups.intra.get(ep), inter_group=self.groups.inter.get(ep),
-                               exchange=self.exchange)
+                               exchange=self.exchange, uniform_tokens=self.uniform_tokens)
         self.dispatchers[layer_id] = d
         return {"ep_size": ep, "dispatcher": d, "global_expert_ids": expert_placement(num_experts, ep, ep_rank)}
 
 
 def make_moe_kwargs(layout: ParallelLayout, groups: ProcessGroups, *, hierarchical: bool = False,
                     ranks_per_node: int | None = None, timer: Callable[[], float] | None = None,
-                    exchange: str = "auto") -> MoEKwargs:
+                    exchange: str = "auto", uniform_tokens: bool = False) -> MoEKwargs:
     """The ``moe_kwargs`` callable for ``GPT``: ep-1 layers keep the local dispatcher; the others get an
     :class:`AllToAllDispatcher` (hierarchical where the EP group spans several nodes of ``ranks_per_node``
-    ranks and ``hierarchical`` is set; ``exchange`` picks the flat route, see the dispatcher).
-    ``.dispatchers`` maps layer id -> dispatcher."""
+    ranks and ``hierarchical`` is set; ``exchange`` picks the flat route, ``uniform_tokens`` promises equal
+    forward sizes on every rank, see the dispatcher). ``.dispatchers`` maps layer id -> dispatcher."""
     if exchange not in AllToAllDispatcher.EXCHANGES:
         raise ValueError(f"exchange={exchange!r}; allowed: {list(AllToAllDispatcher.EXCHANGES)}")
     if hierarchical and not (ranks_per_node or groups.ranks_per_node):
         raise ValueError("hierarchical=True needs ranks_per_node (here or in build_process_groups)")
     if ranks_per_node and groups.ranks_per_node and ranks_per_node != groups.ranks_per_node:
         raise ValueError(f"ranks_per_node={ranks_per_node} differs from the groups' {groups.ranks_per_node}")
-    return MoEKwargs(layout, groups, hierarchical, ranks_per_node, timer, exchange)
+    return MoEKwargs(layout, groups, hierarchical, ranks_per_node, timer, exchange, uniform_tokens)
 
 
 def total_comm_seconds(model: nn.Module) -> dict[int, float]:

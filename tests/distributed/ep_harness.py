@@ -60,7 +60,8 @@ def train(rank: int, world: int, job: dict) -> dict:
     torch.manual_seed(t["seed"])
     full_init = GPT(cfg).state_dict()  # every rank builds the same EP=1 model, then keeps its experts
     kwargs = parallel.make_moe_kwargs(layout, groups, hierarchical=job.get("hierarchical", False),
-                                      ranks_per_node=rpn, exchange=job.get("exchange", "auto"))
+                                      ranks_per_node=rpn, exchange=job.get("exchange", "auto"),
+                                      uniform_tokens=True)  # equal micro-batches, as the Ray trainer runs
     model = GPT(cfg, moe_kwargs=kwargs)
     parallel.load_full_state_dict(model, full_init)
     opt = build_optimizer(model, lr=t["lr"], weight_decay=0.1, betas=(0.9, 0.95))
@@ -133,7 +134,47 @@ def zero_tokens(rank: int, world: int, job: dict) -> dict:
     return out
 
 
-JOBS = {"train": train, "zero_tokens": zero_tokens}
+def uneven_tokens(rank: int, world: int, job: dict) -> dict:
+    """Capacity (drop) mode with a different token count on every rank, one rank with none at all.
+
+    Each rank's output must equal the EP=1 layer run on that rank's tokens alone (capacity from its own token
+    count, as in DeepSpeed); the ranks agree on the slot-buffer size so the fixed-split all-to-all matches.
+    Returns the max differences of y, x.grad and the (EP-group summed) expert grads vs the EP=1 layer.
+    """
+    from raymoe.platform import parallel
+    from raymoe.platform.moe import MoE
+
+    rpn = job.get("ranks_per_node")
+    E = 2 * world
+    args = dict(hidden_size=8, expert=16, num_experts=E, k=2, capacity_factor=1.0, min_capacity=1,
+                drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)  # no random draws
+    torch.manual_seed(0)
+    ref = MoE(**args)
+    layout = parallel.ParallelLayout(world, {0: world})
+    groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
+    moe = MoE(**args, **parallel.make_moe_kwargs(layout, groups, hierarchical=bool(rpn), ranks_per_node=rpn)(0, E))
+    parallel.load_full_state_dict(moe, ref.state_dict())
+    T = [7, 0, 12, 3][rank % 4]
+    x = torch.randn(T, 8, generator=torch.Generator().manual_seed(rank))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, l_aux, _ = moe(xa)
+    (y.square().sum() + l_aux).backward()
+    y_ref, l_ref, _ = ref(xb)
+    (y_ref.square().sum() + l_ref).backward()
+    g_ref = ref.experts.w1.grad.clone()
+    dist.all_reduce(g_ref)  # the experts' grads from every rank's tokens
+    mine = torch.as_tensor(moe.experts.global_expert_ids)
+
+    def diff(a, b):
+        return float((a - b).abs().max()) if a.numel() else 0.0
+
+    return {"T": T, "capacity": moe.last_stats.capacity, "ref_capacity": ref.last_stats.capacity,
+            "y": diff(y, y_ref), "x_grad": diff(xa.grad, xb.grad) if T else 0.0,
+            "w1_grad": diff(moe.experts.w1.grad, g_ref[mine]), "dropped": float(moe.last_stats.dropped_fraction),
+            "route": moe.dispatcher.last_route}
+
+
+JOBS = {"train": train, "zero_tokens": zero_tokens, "uneven_tokens": uneven_tokens}
 
 
 # -- process plumbing ---------------------------------------------------------------------------------------
@@ -146,9 +187,10 @@ def _entry(rank: int, world: int, port: int, jobs: list[dict], out_dir: str) -> 
     try:
         results = [JOBS[job["kind"]](rank, world, job) for job in jobs]
         dist.barrier()
+        # saved before the teardown: gloo occasionally aborts a process while destroying its groups
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def spawn(world: int, jobs: list[dict], timeout: float = SPAWN_TIMEOUT_S) -> list[list[dict]]:
@@ -157,16 +199,20 @@ def spawn(world: int, jobs: list[dict], timeout: float = SPAWN_TIMEOUT_S) -> lis
         ctx = mp.start_processes(_entry, args=(world, free_port(), jobs, out_dir), nprocs=world, join=False,
                                  start_method="spawn")
         deadline = time.monotonic() + timeout
+        files = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world)]
         try:
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"world of {world} processes did not finish within {timeout} s")
+        except mp.ProcessExitedException:
+            if not all(os.path.exists(f) for f in files):  # a failure before the results, not the teardown
+                raise
         finally:
             for p in ctx.processes:
                 if p.is_alive():
                     p.kill()
                     p.join(5)
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+        return [torch.load(f, weights_only=True) for f in files]
 
 
 def run_local(jobs: list[dict]) -> list[dict]:

@@ -30,7 +30,8 @@ def runs(data_path):
     d = data_path
     local = [_train(f"w1/{c}", c, d) for c in H.CONFIGS]
     world2 = [_train(f"w2ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (1, 2)]
-    world2 += [_train("w2ep2p/k1_drop", "k1_drop", d, ep=2, exchange="p2p"),
+    world2 += [_train("w2ep2p/k2_dropless", "k2_dropless", d, ep=2, exchange="p2p"),
+               ("w2/uneven", dict(kind="uneven_tokens")),
                ("w2/zero", dict(kind="zero_tokens")), ("w2p/zero", dict(kind="zero_tokens", exchange="p2p")),
                # "auto" must pick the same route on a rank with no rows as on the others
                ("w2a/zero", dict(kind="zero_tokens", exchange="auto", p2p_min_segment_bytes=1))]
@@ -40,12 +41,13 @@ def runs(data_path):
     world4.append(_train("w4ep4p/k2_dropless", "k2_dropless", d, ep=4, exchange="p2p"))
     world4 += [_train("w4pr/pyramid", "pyramid", d, ep={1: 2, 3: 4}),
                _train("w4prh/pyramid", "pyramid", d, ep={1: 2, 3: 4}, hierarchical=True, ranks_per_node=2),
-               ("w4/zero", dict(kind="zero_tokens", ranks_per_node=2))]
+               ("w4/zero", dict(kind="zero_tokens", ranks_per_node=2)),
+               ("w4h/uneven", dict(kind="uneven_tokens", ranks_per_node=2))]
     out = dict(zip([n for n, _ in local], H.run_local([j for _, j in local])))
     for world, jobs in ((2, world2), (4, world4)):
         per_rank = H.spawn(world, [j for _, j in jobs])
         for i, (name, _) in enumerate(jobs):
-            out[name] = [r[i] for r in per_rank] if name.endswith("zero") else per_rank[0][i]
+            out[name] = [r[i] for r in per_rank] if name.endswith(("zero", "uneven")) else per_rank[0][i]
     return out
 
 
@@ -78,7 +80,7 @@ def test_capacity_dropping_really_drops(runs):
 
 @pytest.mark.parametrize("flat,other", [
     ("w4ep4/k1_drop", "w4ep4h/k1_drop"), ("w4ep4/k2_dropless", "w4ep4h/k2_dropless"),
-    ("w4ep4/k2_dropless", "w4ep4p/k2_dropless"), ("w2ep2/k1_drop", "w2ep2p/k1_drop"),
+    ("w4ep4/k2_dropless", "w4ep4p/k2_dropless"), ("w2ep2/k2_dropless", "w2ep2p/k2_dropless"),
 ])
 def test_other_routes_equal_flat_all_to_all_bitwise(runs, flat, other):
     # hierarchical (2 simulated nodes x 2 ranks) and point-to-point segments move the same rows to the same
@@ -88,6 +90,19 @@ def test_other_routes_equal_flat_all_to_all_bitwise(runs, flat, other):
     assert a["losses"] == b["losses"]
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+@pytest.mark.parametrize("name,route", [("w2/uneven", "all_to_all"), ("w4h/uneven", "hierarchical")])
+def test_capacity_layout_with_uneven_token_counts(runs, name, route):
+    # drop mode exchanges fixed [E, C, D] slot buffers: ranks with different token counts (one with none)
+    # must agree on the buffer size, and each rank still gets exactly what EP=1 computes on its own tokens
+    per_rank = runs[name]
+    assert sorted(r["T"] for r in per_rank)[:2] == [0, 3 if len(per_rank) == 4 else 7]
+    for r in per_rank:
+        assert r["route"] == route
+        assert r["capacity"] == r["ref_capacity"]  # drops follow each rank's own token count
+        assert r["y"] < TOL and r["x_grad"] < TOL and r["w1_grad"] < TOL, r
+    assert any(r["dropped"] > 0 for r in per_rank), "capacity factor 1.0 must drop something here"
 
 
 def test_per_layer_ep_pyramid_equals_world1(runs):

@@ -98,3 +98,28 @@ def test_grouped_mm_probe_leaves_the_global_rng_alone():
     torch.manual_seed(0)
     assert experts_mod._probe_grouped_mm(torch.device("cpu"), torch.float32)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("Q,C", [(1, 5), (3, 2), (2, 0)])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_capacity_layout_equals_per_slot_dense_math(Q, C, scaled):
+    # forward_capacity: x[q, e] (C slots of local expert e from rank q) times expert e's weights; the weight
+    # gradient sums over every source rank's slots
+    torch.manual_seed(3)
+    ex = GroupedExperts(4, 6, 10)
+    x = torch.randn(Q, 4, C, 6, requires_grad=True)
+    s = torch.rand(Q, 4, C) if scaled else None
+    g = torch.randn(Q, 4, C, 6)
+    y = ex.forward_capacity(x, s)
+    y.backward(g)
+    w1 = ex.w1.detach().clone().requires_grad_()
+    w2 = ex.w2.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    h = ex.act(torch.einsum("qecd,edf->qecf", xr, w1))
+    yr = torch.einsum("qecf,efd->qecd", h, w2)
+    if scaled:
+        yr = yr * s.unsqueeze(-1)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    for got, want in ((x.grad, xr.grad), (ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

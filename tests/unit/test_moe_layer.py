@@ -42,15 +42,19 @@ def _assert_same(a, b, atol=1e-5):
 
 OPTIONS = list(itertools.product((1, 2, 3), (True, False), (True, False), (None, "Jitter", "RSample"),
                                  (True, False)))
+# capacity_layout_min_fill: 0 always runs the capacity layout ([E, C, D] slots, batched GEMMs), 2 never (variable
+# segments, grouped GEMM); the default picks by how full the slots are
+LAYOUTS = {"slots": 0.0, "segments": 2.0}
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k,drop,rts,policy,train", OPTIONS)
-def test_fast_equals_reference(k, drop, rts, policy, train):
+def test_fast_equals_reference(k, drop, rts, policy, train, layout):
     torch.manual_seed(1000 * k + 10 * drop + rts)
     for residual, masked in ((False, False), (True, True)):
         m = MoE(D, FFN, num_experts=E, k=k, drop_tokens=drop, use_rts=rts, noisy_gate_policy=policy,
                 use_residual=residual, capacity_factor=0.7, eval_capacity_factor=0.9, min_capacity=1,
-                z_loss_coef=0.1)
+                z_loss_coef=0.1, capacity_layout_min_fill=LAYOUTS[layout])
         m.train(train)
         x = torch.randn(3, 7, D)
         mask = torch.rand(3, 7) > 0.3 if masked else None
@@ -63,10 +67,12 @@ def test_fast_equals_reference(k, drop, rts, policy, train):
             assert a["kept"].all()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("ffn", [4, FFN])  # gate scale folded into the activation (F <= D) or the output
-def test_fast_equals_reference_with_expert_bias_and_fallback_experts(ffn):
+def test_fast_equals_reference_with_expert_bias_and_fallback_experts(ffn, layout):
     torch.manual_seed(5)
-    m = MoE(D, ffn, num_experts=E, k=2, expert_bias=True, capacity_factor=1.0, min_capacity=1)
+    m = MoE(D, ffn, num_experts=E, k=2, expert_bias=True, capacity_factor=1.0, min_capacity=1,
+            capacity_layout_min_fill=LAYOUTS[layout])
     m.gate.expert_bias.copy_(torch.tensor([0.0, 0.5, -0.5, 0.2]))
     x = torch.randn(16, D)
     noise = m.draw_noise(16)
@@ -88,10 +94,12 @@ def test_leading_dims_and_dtype_kept():
     torch.testing.assert_close(m(x)[0].reshape(-1, D), y_flat)
 
 
-def test_zero_token_experts_safe():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_token_experts_safe(layout):
     torch.manual_seed(0)
     for drop, fallback in itertools.product((True, False), (False, True)):
-        m = MoE(D, FFN, num_experts=E, k=1, drop_tokens=drop, min_capacity=1)
+        m = MoE(D, FFN, num_experts=E, k=1, drop_tokens=drop, min_capacity=1,
+                capacity_layout_min_fill=LAYOUTS[layout])
         with torch.no_grad():
             m.gate.wg.weight.zero_()
             m.gate.wg.weight[2] = 1.0
@@ -130,6 +138,28 @@ def test_token_mask_excludes_tokens_from_capacity_and_output():
     y_sub, _, _ = m(x[:, :8])
     y_masked, _, _ = m(x, token_mask=mask)
     torch.testing.assert_close(y_masked[:, :8], y_sub)
+
+
+def test_layout_choice_follows_slot_fill(monkeypatch):
+    # the capacity layout computes its padding too: locally it runs only when the kept rows fill the slots
+    torch.manual_seed(0)
+    m = MoE(D, FFN, num_experts=E, k=1, capacity_factor=1.0, min_capacity=1)
+    used = []
+    monkeypatch.setattr(m.experts, "forward_capacity", lambda *a, **kw: used.append("slots") or
+                        type(m.experts).forward_capacity(m.experts, *a, **kw))
+    x = torch.randn(64, D)
+    m(x)
+    fill = m.last_stats.kept_counts.sum().item() / (E * m.last_stats.capacity)
+    assert (used == ["slots"]) == (fill >= 0.9)
+    used.clear()
+    m.capacity_layout_min_fill = 0.0
+    m(x)
+    assert used == ["slots"]
+    used.clear()
+    m.set_dropless(True)
+    m.capacity_layout_min_fill = 1.0  # dropless pads every expert to the max count: full only if balanced
+    m(x)
+    assert (used == ["slots"]) == bool((m.last_stats.kept_counts == m.last_stats.kept_counts.max()).all())
 
 
 def test_dropless_drops_nothing():

@@ -17,6 +17,10 @@ each (source rank, expert) segment is sent point-to-point straight into its fina
 so neither side re-sorts. On gloo/CPU the two re-sorting copies cost about a third of the exchange itself
 (benchmarks/all_to_all.py); with small segments the per-message latency wins and the flat route is used.
 
+Capacity route (``dispatch_capacity``, drop mode): the layer sends DeepSpeed's fixed [E, C, D] slot buffer;
+every split is El*C rows, so there is no count exchange and no re-sort (the experts consume the received
+[Q, El, C, D] blocks in place): one ``all_to_all_single`` each way, the raw collective itself.
+
 Hierarchical route (DeepSpeed-MoE sec. 5.3, a 2D all-to-all): phase 1 exchanges inside a node so that local
 rank j gathers every row its node sends to any rank with local index j; phase 2 exchanges between the ranks
 with the same local index across nodes (N peers instead of ep, messages P times larger). Rows arrive in the
@@ -52,6 +56,8 @@ def _exchange(x: Tensor, group, out_splits: list[int], in_splits: list[int], met
     """Variable-split ``all_to_all_single`` of the rows of x; returns the received rows."""
     x = x.contiguous()
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    if len(set(out_splits)) == 1 and len(set(in_splits)) == 1:
+        out_splits = in_splits = None  # equal splits: the plain all-to-all (gloo's alltoallv costs more)
 
     def fn():
         dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
@@ -204,6 +210,11 @@ class AllToAllDispatcher:
     ``exchange`` (flat route): "all_to_all" (one ``all_to_all_single`` + re-sort), "p2p" (segments straight
     to their places) or "auto" (p2p on CPU when the mean (source, expert) segment is at least
     ``p2p_min_segment_bytes``; every rank decides from the same group-wide total, so they always agree).
+    ``uniform_tokens``: the caller promises that every rank of the EP group runs each forward with the same
+    number of tokens and no token mask (the trainer's equal micro-batches; DeepSpeed assumes it always).
+    Drop mode then sizes the fixed [E, C, D] exchange from the local capacity without asking the peers;
+    otherwise the layer first agrees on the slot count with an all-reduce (a mismatched fixed-size
+    all-to-all aborts the process rather than raising).
     ``timer``: a clock (seconds) read around every collective; on CUDA pass one that synchronizes if the
     collective time itself is wanted. ``comm_seconds`` / ``comm_bytes`` accumulate over forward and
     backward exchanges until the caller resets them.
@@ -214,10 +225,11 @@ class AllToAllDispatcher:
     def __init__(self, ep_group, ep_size: int, ep_rank: int, num_experts: int, *, hierarchical: bool = False,
                  ranks_per_node: int | None = None, timer: Callable[[], float] | None = None,
                  intra_group=None, inter_group=None, exchange: str = "auto",
-                 p2p_min_segment_bytes: int = 256 * 1024):
+                 p2p_min_segment_bytes: int = 256 * 1024, uniform_tokens: bool = False):
         if exchange not in self.EXCHANGES:
             raise ValueError(f"exchange={exchange!r}; allowed: {list(self.EXCHANGES)}")
         self.exchange = exchange
+        self.uniform_tokens = bool(uniform_tokens)
         self.p2p_min_segment_bytes = int(p2p_min_segment_bytes)
         self.last_route = None  # "all_to_all", "p2p" or "hierarchical" (tests, benchmarks)
         if ep_size < 1 or num_experts % ep_size:
@@ -273,6 +285,31 @@ class AllToAllDispatcher:
         if not self._routes:
             raise RuntimeError("combine() called without a matching dispatch()")
         return self._routes.pop().inverse(y_RD, self._meter)
+
+    def dispatch_capacity(self, x_ECD: Tensor) -> Tensor:
+        """Capacity layout: [E, C, D] slots of all global experts -> [Q, El, C, D], the slots of this rank's
+        experts from every EP rank (source-rank-major, the order ``all_to_all_single`` delivers: no re-sort).
+        Every split is El*C rows, known to all ranks: no count exchange (DeepSpeed-MoE's drop-mode exchange)."""
+        E, C, D = x_ECD.shape
+        Q, El = self.ep_size, self.num_local_experts
+        if E != self.num_experts:
+            raise ValueError(f"x_ECD has {E} experts, expected num_experts={self.num_experts}")
+        if self.hierarchical:
+            C_QQE = torch.full((Q, Q, El), C, dtype=torch.long, device=x_ECD.device)
+            route, _ = self._hierarchical_route(C_QQE, expert_major=False)
+        else:
+            self.last_route = "all_to_all"
+            route = _Route()
+            route.a2a(self.group, [El * C] * Q, [El * C] * Q)
+        self._routes.append(route)
+        return route.forward(x_ECD.reshape(E * C, D), self._meter).view(Q, El, C, D)
+
+    def combine_capacity(self, y_QECD: Tensor) -> Tensor:
+        """Inverse of the last ``dispatch_capacity``: [Q, El, C, D] -> [E, C, D] in this rank's slot order."""
+        if not self._routes:
+            raise RuntimeError("combine_capacity() called without a matching dispatch_capacity()")
+        Q, El, C, D = y_QECD.shape
+        return self._routes.pop().inverse(y_QECD.reshape(Q * El * C, D), self._meter).view(Q * El, C, D)
 
     def all_reduce_max(self, t: Tensor) -> Tensor:
         """Max of ``t`` over the EP group (dropless capacity)."""
@@ -334,18 +371,23 @@ class AllToAllDispatcher:
         return _SegmentPlan(self.group, starts[-1], off, sends, recvs, local)
 
     def _plan_hierarchical(self, counts_E: Tensor) -> tuple[_Route, Tensor]:
-        Q, El, P = self.ep_size, self.num_local_experts, self.ranks_per_node
-        N = Q // P
-        node, local = divmod(self.ep_rank, P)
+        Q, El = self.ep_size, self.num_local_experts
         # Every rank needs the whole count matrix C[src, dst, e] to lay out both phases.
         parts = [torch.empty_like(counts_E) for _ in range(Q)]
         self._meter.run(lambda: dist.all_gather(parts, counts_E.contiguous(), group=self.group))
-        C_QQE = torch.stack(parts).view(Q, Q, El)
+        return self._hierarchical_route(torch.stack(parts).view(Q, Q, El), expert_major=True)
+
+    def _hierarchical_route(self, C_QQE: Tensor, expert_major: bool) -> tuple[_Route, Tensor]:
+        """Both phases from the count matrix; rows end in (source rank, local expert) order, re-sorted to
+        local-expert-contiguous order if ``expert_major``."""
+        Q, El, P = self.ep_size, self.num_local_experts, self.ranks_per_node
+        N = Q // P
+        node, local = divmod(self.ep_rank, P)
         Csum_QQ = C_QQE.sum(2)
         # phase 1 (intra-node): my rows, sorted by destination (n', j), go to local rank j in (j, n') order.
         mine_NP = Csum_QQ[self.ep_rank].view(N, P)
         # rows received from local rank i' of my node, destined to (n', local): R1[i', n']
-        src_rows = node * P + torch.arange(P, device=counts_E.device)
+        src_rows = node * P + torch.arange(P, device=C_QQE.device)
         R1_PN = Csum_QQ[src_rows].view(P, N, P)[:, :, local]
         # phase 2 (inter-node): received from node n'' (all its local ranks i'') for me: C[(n'', i''), me, e]
         mine_QE = C_QQE[:, self.ep_rank, :].contiguous()
@@ -357,5 +399,6 @@ class AllToAllDispatcher:
         route.a2a(self.intra_group, send1, recv1)
         route.perm(R1_PN)
         route.a2a(self.inter_group, send2, recv2)
-        route.perm(mine_QE)
+        if expert_major:
+            route.perm(mine_QE)
         return route, mine_QE.sum(0)

@@ -1,10 +1,18 @@
 """Expert weights as one tensor per projection, computed with a grouped GEMM.
 
-Shape legend: M rows (token-choices, expert-contiguous), D model dim, F ffn dim, E local experts.
+Shape legend: M rows (token-choices, expert-contiguous), D model dim, F ffn dim, E local experts,
+Q source ranks (capacity layout), C capacity (slots per expert and source rank).
 
-``torch._grouped_mm`` is used where it exists and works for the device/dtype (probed once); otherwise a
-custom autograd Function loops over the expert segments with ``torch.mm`` into preallocated outputs (autograd
-through slices + cat would allocate a full-size zero gradient per slice in backward).
+Variable segments (dropless): ``torch._grouped_mm`` where it exists and works for the device/dtype (probed
+once); otherwise a custom autograd Function loops over the expert segments with ``torch.mm`` into
+preallocated outputs (autograd through slices + cat would allocate a full-size zero gradient per slice in
+backward).
+
+Fixed segments (capacity mode, [Q, E, C, D]): batched GEMMs (``torch.bmm`` over the experts) for the
+activations and their gradients, and one GEMM per expert, accumulated over Q, for the weight gradients.
+On CPU this beats the grouped GEMM (benchmarks/moe_layer.py): bmm runs each expert's product on one thread
+and spreads the experts over the threads, where the per-segment calls of the grouped GEMM split every small
+product across threads; the weight gradient is a long reduction (K = C) that one GEMM per expert handles best.
 """
 
 from __future__ import annotations
@@ -99,6 +107,38 @@ class _SegmentMM(torch.autograd.Function):
         return gx, gw, None
 
 
+class _ExpertBMM(torch.autograd.Function):
+    """y[q, e] = x[q, e] @ w[e] for x [Q, E, C, K], w [E, K, N] -> y [Q, E, C, N]."""
+
+    @staticmethod
+    def forward(ctx, x_QECK, w_EKN):
+        ctx.save_for_backward(x_QECK, w_EKN)
+        x_QECK = x_QECK.contiguous()
+        y = x_QECK.new_empty(x_QECK.shape[:3] + (w_EKN.shape[2],))
+        for q in range(x_QECK.shape[0]):
+            torch.bmm(x_QECK[q], w_EKN, out=y[q])
+        return y
+
+    @staticmethod
+    def backward(ctx, g_QECN):
+        x_QECK, w_EKN = ctx.saved_tensors
+        g_QECN = g_QECN.contiguous()
+        Q, E = x_QECK.shape[:2]
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x_QECK)
+            w_ENK = w_EKN.transpose(1, 2)
+            for q in range(Q):
+                torch.bmm(g_QECN[q], w_ENK, out=gx[q])
+        if ctx.needs_input_grad[1]:
+            gw = torch.empty_like(w_EKN)
+            for e in range(E):
+                torch.mm(x_QECK[0, e].t(), g_QECN[0, e], out=gw[e])
+                for q in range(1, Q):
+                    gw[e].addmm_(x_QECK[q, e].t(), g_QECN[q, e])
+        return gx, gw
+
+
 def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, *, offs: Tensor | None = None,
                counts_list: list[int] | None = None, force_fallback: bool = False) -> Tensor:
     """Grouped GEMM over expert-contiguous rows: segment e (counts_E[e] rows) times w_EDF[e].
@@ -177,6 +217,20 @@ class GroupedExperts(nn.Module):
         if scale_M is not None and not scale_h:
             y_MD = y_MD * scale_M.unsqueeze(1).to(y_MD.dtype)
         return y_MD
+
+    def forward_capacity(self, x_QECD: Tensor, scale_QEC: Tensor | None = None) -> Tensor:
+        """Capacity layout: x_QECD[q, e] are the C slots of local expert e coming from EP rank q (unused slots
+        hold zeros); returns y_QECD. ``scale_QEC`` multiplies each slot's output (as in :meth:`forward`)."""
+        if x_QECD.dtype != self.w1.dtype:
+            x_QECD = x_QECD.to(self.w1.dtype)
+        h = self.act(_ExpertBMM.apply(x_QECD, self.w1))
+        scale_h = scale_QEC is not None and h.shape[-1] <= x_QECD.shape[-1]
+        if scale_h:
+            h = h * scale_QEC.unsqueeze(-1).to(h.dtype)
+        y = _ExpertBMM.apply(h, self.w2)
+        if scale_QEC is not None and not scale_h:
+            y = y * scale_QEC.unsqueeze(-1).to(y.dtype)
+        return y
 
     def extra_repr(self) -> str:
         E, D, Fd = self.w1.shape

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import LocalDispatcher, plan_dispatch
+from .dispatch import LocalDispatcher, plan_dispatch, slots
 from .experts import ACTIVATIONS, GroupedExperts
 from .router import (NOISY_GATE_POLICIES, RouterNoise, TopKRouter, compute_capacity, draw_router_noise,
                      load_balancing_loss, noise_needs, select_experts, z_loss)
@@ -61,7 +61,8 @@ class MoE(nn.Module):
                  drop_tokens: bool = True, use_rts: bool = True, top2_2nd_expert_sampling: bool = True,
                  z_loss_coef: float = 0.0, expert_bias: bool = False, expert_bias_update_rate: float = 1e-3,
                  activation: str = "gelu", dispatcher=None, layer_id: int = 0,
-                 global_expert_ids: list[int] | None = None, init_std: float = 0.02):
+                 global_expert_ids: list[int] | None = None, init_std: float = 0.02,
+                 capacity_layout_min_fill: float = 0.9):
         super().__init__()
         ffn = self._check_args(hidden_size, expert, num_experts, ep_size, k, capacity_factor,
                                eval_capacity_factor, min_capacity, noisy_gate_policy, activation, dispatcher)
@@ -82,6 +83,7 @@ class MoE(nn.Module):
         self.z_loss_coef = float(z_loss_coef)
         self.expert_bias_update_rate = float(expert_bias_update_rate)
         self.layer_id = int(layer_id)
+        self.capacity_layout_min_fill = float(capacity_layout_min_fill)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         if global_expert_ids is None:
             global_expert_ids = getattr(dispatcher, "local_expert_ids", None)
@@ -202,16 +204,25 @@ class MoE(nn.Module):
         g_M = g_KS.reshape(-1).index_select(0, plan.choice_M)
         tok_M = plan.token_M if routed_S is None else routed_S.index_select(0, plan.token_M)
 
-        x_MD = x_TD.index_select(0, tok_M)
-        if isinstance(self.dispatcher, LocalDispatcher):
-            # No exchange: fold the gate weights into the experts' narrower intermediate.
-            y_MD = self.experts(x_MD, plan.kept_counts_E, g_M)
+        # No exchange: fold the gate weights into the experts' narrower intermediate.
+        fold_gate = isinstance(self.dispatcher, LocalDispatcher)
+        if self._use_capacity_layout(plan, capacity, S):
+            slots_C = capacity
+            if not fold_gate and (routed_S is not None or not getattr(self.dispatcher, "uniform_tokens", False)):
+                # Ranks size their buffers alike even if their token counts differ (a mismatched all-to-all
+                # aborts the process); drops still follow each rank's own capacity, as in DeepSpeed.
+                slots_C = int(self.dispatcher.all_reduce_max(torch.tensor(capacity, device=x_TD.device)))
+            y_TD = self._experts_capacity(x_TD, tok_M, slots(plan, slots_C), g_M, slots_C, fold_gate)
         else:
-            x_loc, counts_loc = self.dispatcher.dispatch(x_MD, plan.kept_counts_E)
-            y_MD = self.dispatcher.combine(self.experts(x_loc, counts_loc))
-            y_MD = y_MD * g_M.unsqueeze(1).to(y_MD.dtype)
-        # In-place into a fresh buffer: the out-of-place index_add would clone the zeros first.
-        y_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, tok_M, y_MD.to(x_TD.dtype))
+            x_MD = x_TD.index_select(0, tok_M)
+            if fold_gate:
+                y_MD = self.experts(x_MD, plan.kept_counts_E, g_M)
+            else:
+                x_loc, counts_loc = self.dispatcher.dispatch(x_MD, plan.kept_counts_E)
+                y_MD = self.dispatcher.combine(self.experts(x_loc, counts_loc))
+                y_MD = y_MD * g_M.unsqueeze(1).to(y_MD.dtype)
+            # In-place into a fresh buffer: the out-of-place index_add would clone the zeros first.
+            y_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, tok_M, y_MD.to(x_TD.dtype))
 
         n_choices = max(S * K, 1)
         stats = RouterStats(
@@ -225,6 +236,51 @@ class MoE(nn.Module):
             kept_mask=plan.kept_KS.t(),
         )
         return y_TD, l_aux, stats
+
+    def _use_capacity_layout(self, plan, capacity: int, S: int) -> bool:
+        """Capacity layout (fixed [E, C, D] slot buffer, batched expert GEMMs) or variable segments?
+
+        Expert-parallel: drop mode always uses it (fixed all-to-all splits, no count exchange; every rank of
+        the group must take the same path), dropless never (splits vary anyway). Local: whichever computes
+        less waste - the capacity layout when the kept rows fill at least ``capacity_layout_min_fill`` of
+        the E*C slots (padding is computed too), otherwise the grouped GEMM over variable segments.
+        """
+        if not isinstance(self.dispatcher, LocalDispatcher):
+            return self.drop_tokens
+        if S == 0 or self.capacity_layout_min_fill > 1.0:
+            return False
+        kept = int(plan.kept_counts_E.sum())
+        return kept >= self.capacity_layout_min_fill * self.num_experts * capacity
+
+    def _experts_capacity(self, x_TD: Tensor, tok_M: Tensor, slot_M: Tensor, g_M: Tensor, C: int,
+                          fold_gate: bool) -> Tensor:
+        """Capacity layout (DeepSpeed's [E, C, D] buffer) -> y_TD.
+
+        Every slot has a source token (unused slots point at token 0) and a gate weight (0 for unused slots),
+        so dispatch is one gather by the slot table and combine one scatter-add by the same table, and both
+        backward passes are the mirror gather/scatter: no [M, D] intermediate, no zero-filled [E*C, D]
+        gradient. An unused slot computes a finite row that is scaled by 0 before it is added (exactly 0).
+        """
+        T, D = x_TD.shape
+        E = self.num_experts
+        dtype = self.experts.w1.dtype
+        if T == 0:
+            # An expert-parallel rank without tokens still joins the exchanges, forward and backward: keep its
+            # buffer in the autograd graph of x so its backward runs the dispatch's reverse all-to-all too.
+            x_ECD = (x_TD.sum(0, keepdim=True) * 0).to(dtype).expand(E * C, D).contiguous()
+            src_EC = g_EC = None
+        else:
+            src_EC = torch.zeros(E * C, dtype=torch.long, device=x_TD.device).index_copy_(0, slot_M, tok_M)
+            g_EC = g_M.new_zeros(E * C).index_copy(0, slot_M, g_M)
+            x_ECD = x_TD.index_select(0, src_EC).to(dtype)
+        x_QECD = self.dispatcher.dispatch_capacity(x_ECD.view(E, C, D))
+        scale_QEC = g_EC.view(1, E, C) if fold_gate and g_EC is not None else None
+        y_ECD = self.dispatcher.combine_capacity(self.experts.forward_capacity(x_QECD, scale_QEC)).reshape(E * C, D)
+        if src_EC is None:
+            return x_TD.new_zeros(0, D) + 0 * y_ECD.sum().to(x_TD.dtype)
+        if scale_QEC is None:
+            y_ECD = y_ECD * g_EC.unsqueeze(1).to(y_ECD.dtype)
+        return torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, src_EC, y_ECD.to(x_TD.dtype))
 
 
 class _Act(nn.Module):
