@@ -6,6 +6,8 @@ Ratios are measured side by side in one run (DESIGN.md "Performance method"):
                        M = kept token-choices (T*k when dropless)
   dense-equivalence  = time of a dense pair gelu(x_MD @ w1_DF) @ w2_FD at the same M and dtype / MoE time
   ref/fast           = einsum reference time / fast time (reference timed with fewer reps)
+  layout             = slots (capacity layout [E, C, D], batched GEMMs) or segment (variable segments, grouped
+                       GEMM); the layer picks slots when the kept rows fill >= 0.9 of the slots (--min-fill)
 
 Usage: python benchmarks/moe_layer.py [--quick] [--shapes T4096_D512 ...] [--modes dropless cf1.0 cf1.25]
        [--cpu-time]   (1 thread timed by its CPU time: stable on a machine shared with other jobs)
@@ -55,10 +57,18 @@ def _times(fn, reps: int, warmup: int) -> list[float]:
     return ts
 
 
-def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, run_ref: bool):
+def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, run_ref: bool,
+                min_fill: float | None = None, segment_loop: bool = False):
     torch.manual_seed(0)
+    extra = {} if min_fill is None else {"capacity_layout_min_fill": min_fill}
     moe = MoE(D, Fd, num_experts=E, k=k, capacity_factor=cf or 1.0, drop_tokens=cf is not None,
-              min_capacity=4).train()
+              min_capacity=4, **extra).train()
+    moe.experts.force_fallback = segment_loop
+    layouts = set()
+    fwd_cap = moe.experts.forward_capacity
+    moe.experts.forward_capacity = lambda *a, **kw: layouts.add("slots") or fwd_cap(*a, **kw)
+    fwd_seg = moe.experts.forward
+    moe.experts.forward = lambda *a, **kw: layouts.add("segment") or fwd_seg(*a, **kw)
     x = torch.randn(T, D, requires_grad=backward)
     gy = torch.randn(T, D)
     noise = moe.draw_noise(T)
@@ -94,7 +104,7 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, ru
     td, tf = min(t_dense), min(t_fast)
     tr = min(_times(ref, ref_reps, 1)) if run_ref else float("nan")
     flops = 2 * M * 2 * D * Fd * (3 if backward else 1)
-    return dict(M=M, N=T * k, t_fast=tf, t_dense=td, t_ref=tr, gflops=flops / tf / 1e9,
+    return dict(M=M, N=T * k, t_fast=tf, t_dense=td, t_ref=tr, gflops=flops / tf / 1e9, layout="+".join(sorted(layouts)),
                 dense_gflops=flops / td / 1e9, dense_eq=td / tf, ref_ratio=tr / tf)
 
 
@@ -111,6 +121,10 @@ def main(argv=None):
     ap.add_argument("--cpu-time", action="store_true",
                     help="1 thread, timed by the thread's CPU time: robust when other processes share the cores")
     ap.add_argument("--no-reexec", action="store_true", help="do not re-exec with MALLOC_* set")
+    ap.add_argument("--min-fill", type=float, default=None,
+                    help="MoE capacity_layout_min_fill: 0 = always the slot layout, 2 = always segments")
+    ap.add_argument("--segment-loop", action="store_true",
+                    help="segments: the per-expert GEMM loop (threaded on CPU) instead of torch._grouped_mm")
     args = ap.parse_args(argv)
     global CLOCK
     if args.cpu_time:
@@ -129,17 +143,17 @@ def main(argv=None):
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}, grouped_mm "
           f"{'yes' if hasattr(torch, '_grouped_mm') else 'no'}")
     hdr = (f"{'shape':<26}{'mode':<9}{'pass':<8}{'M kept':>8}{'fast ms':>9}{'dense ms':>9}{'ref ms':>10}"
-           f"{'GF/s':>8}{'denseGF/s':>10}{'dense-eq':>9}{'ref/fast':>9}")
+           f"{'GF/s':>8}{'denseGF/s':>10}{'dense-eq':>9}{'ref/fast':>9}  layout")
     print(hdr)
     print("-" * len(hdr))
     for name, (T, D, Fd, E, k) in shapes.items():
         for mode in args.modes:
             for p in args.passes:
                 r = _bench_case(T, D, Fd, E, k, MODES[mode], p == "fwd+bwd", args.reps, args.ref_reps,
-                                not args.no_ref)
+                                not args.no_ref, args.min_fill, args.segment_loop)
                 print(f"{name:<26}{mode:<9}{p:<8}{r['M']:>8}{r['t_fast'] * 1e3:>9.2f}{r['t_dense'] * 1e3:>9.2f}"
                       f"{r['t_ref'] * 1e3:>10.1f}{r['gflops']:>8.1f}{r['dense_gflops']:>10.1f}"
-                      f"{r['dense_eq']:>9.2f}{r['ref_ratio']:>9.1f}", flush=True)
+                      f"{r['dense_eq']:>9.2f}{r['ref_ratio']:>9.1f}  {r['layout']}", flush=True)
 
 
 if __name__ == "__main__":
