@@ -328,6 +328,10 @@ class OpenAIServer(OpenAIIngress):
     def check_health(self) -> None:
         self.llm.check_health()
 
+    async def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the engine (running requests get up to timeout_s); Serve's __del__ below does the same."""
+        await asyncio.to_thread(self.llm.shutdown, timeout_s)
+
     async def __del__(self):
         try:
             await asyncio.to_thread(self.llm.shutdown)  # lets running requests finish; the loop keeps streaming

@@ -99,10 +99,10 @@ def test_ep_replica_equals_plain_replica_and_in_process(serve_url, checkpoints):
     ckpt = str(checkpoints["a"])
     common = {"checkpoint": ckpt, "model_id": "m", "ray_actor_options": {"num_cpus": 0},
               "engine_kwargs": {"max_batch_size": 4}}
-    # the EP replica behind the split layout (ingress -> LLMServer), the plain one in the single layout
-    serve.run(build_app({**common, "ep_size": 2, "single_deployment": False}), name="ep", route_prefix="/ep")
+    # the EP replica in the default one-deployment layout (as serve_ep.yaml), the plain one in the split layout
+    serve.run(build_app({**common, "ep_size": 2}), name="ep", route_prefix="/ep")
     try:
-        serve.run(build_app(common), name="plain", route_prefix="/plain")
+        serve.run(build_app({**common, "single_deployment": False}), name="plain", route_prefix="/plain")
         try:
             plain = _texts(f"{serve_url}/plain")
         finally:
@@ -119,7 +119,7 @@ def test_ep_replica_equals_plain_replica_and_in_process(serve_url, checkpoints):
         assert lines[-1] == "data: [DONE]"
         assert "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in lines[:-1]) == local[2][:16]
 
-        info = serve.get_deployment_handle("LLMServer", "ep").info.remote().result(timeout_s=T)
+        info = serve.get_deployment_handle("OpenAIServer", "ep").info.remote().result(timeout_s=T)
         pg = info["placement_group_id"]
         assert info["ep_size"] == 2 and info["runner"] == "expert_parallel"
         assert pg is not None and all(s["placement_group_id"] == pg for s in info["shards"])  # the replica's group
