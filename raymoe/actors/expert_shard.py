@@ -264,7 +264,7 @@ class ExpertShard:
         ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
         return prepare_for_inference(model.to(self.device)), info.get("step")
 
-    @torch.inference_mode()
+    @torch.no_grad()  # like the engine's loop: not inference_mode (expert GEMMs may run on helper threads)
     def serve_step(self, kind: str, keep: list[int] | None, idx: torch.Tensor,
                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Keep rows ``keep`` (None: all), then ``kind`` = "prefill" (new rows ``idx``/``mask``, appended) or

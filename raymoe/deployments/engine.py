@@ -227,7 +227,8 @@ class Engine(BaseEngine):
     # -- the loop --------------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: the experts may run on helper threads (grad mode is
+                # per thread; an inference tensor written from a non-inference thread is an error)
                 while True:
                     with self._cv:
                         while not (self._stop or self._waiting or self._rows or self._pending_reload):
