@@ -7,6 +7,10 @@ tokens/s, p50/p99 request latency, p50/p99 time to first token (``--stream``), a
 
 Usage: python benchmarks/serve_load.py [--checkpoint DIR] [--clients 8] [--duration 10] [--max-tokens 32]
        [--prompt-len 32] [--max-batch-size 16] [--stream [--stream-interval 0.02]] [--num-cpus 2]
+       [--layout single|split] [--rounds N] [--cpu-report]
+``--layout``: the Serve app (single: routes + engine in one deployment, the default; split: ingress ->
+LLMServer). ``--rounds N``: N alternating windows per mode (for shared machines). ``--cpu-report``: CPU
+cores per process in each mode, with a warning when processes outside this benchmark used the CPU.
 Without --checkpoint a random-weight model of the local_tiny shape (4 layers, d=128, 8 experts on blocks 1
 and 3, block 128) is saved to a temporary folder. Greedy decoding, so both modes generate the same tokens.
 """
@@ -31,8 +35,8 @@ class Sample:
     tokens: int
 
 
-def cpu_snapshot() -> dict[int, tuple[str, float]]:
-    """{pid: (name, cpu seconds)} of every process of this user (Linux /proc; {} elsewhere)."""
+def cpu_snapshot() -> dict[int, tuple[str, float, int]]:
+    """{pid: (name, cpu seconds, parent pid)} of every process (Linux /proc; {} elsewhere)."""
     import os
 
     out, tick = {}, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -48,18 +52,39 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         name = cmd.split(" ")[0] if cmd.startswith("ray::") else (cmd[:60] or stat[stat.index("(") + 1:stat.rindex(")")])
-        out[int(d)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        out[int(d)] = (name, (int(fields[11]) + int(fields[12])) / tick, int(fields[1]))
     return out
 
 
-def cpu_report(before: dict, after: dict, wall_s: float, top: int = 8) -> list[tuple[str, float]]:
-    """The processes that used the most CPU between two snapshots, in cores (CPU seconds / wall seconds)."""
-    used: dict[str, float] = {}
-    for pid, (name, t) in after.items():
-        d = t - before.get(pid, (name, 0.0))[1]
+def add_cpu_use(mode: str, before: dict, after: dict, wall_s: float) -> None:
+    """Accumulate CPU seconds per process name between two snapshots into CPU_USE[mode]; processes that are
+    not this benchmark or its descendants (its Ray instance) are prefixed "other: "."""
+    import os
+
+    ours, grew = {os.getpid()}, True
+    while grew:
+        grew = False
+        for pid, (_, _, ppid) in after.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    use = CPU_USE.setdefault(mode, {"_wall": 0.0})
+    use["_wall"] += wall_s
+    for pid, (name, t, _) in after.items():
+        d = t - before.get(pid, (name, 0.0, 0))[1]
         if d > 0:
-            used[name] = used.get(name, 0.0) + d / wall_s
-    return sorted(used.items(), key=lambda kv: -kv[1])[:top]
+            key = name if pid in ours else "other: " + name
+            use[key] = use.get(key, 0.0) + d
+
+
+def print_cpu_use() -> None:
+    for mode, use in CPU_USE.items():
+        wall = use["_wall"]
+        top = sorted(((n, c / wall) for n, c in use.items() if n != "_wall"), key=lambda kv: -kv[1])[:8]
+        print(f"CPU cores used during {mode}: " + ", ".join(f"{n} {c:.2f}" for n, c in top))
+        other = sum(c for n, c in use.items() if n.startswith("other: ")) / wall
+        if other > 0.1:
+            print(f"WARNING: other processes used {other:.2f} cores during {mode}: the ratio is not clean")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -93,7 +118,7 @@ def prompts(n: int, length: int, seed: int = 0) -> list[str]:
     return out
 
 
-CPU_USE: dict[str, list] = {}  # mode -> cpu_report of its measured window (--cpu-report)
+CPU_USE: dict[str, dict[str, float]] = {}  # mode -> {process name: CPU seconds, "_wall": seconds} (--cpu-report)
 
 
 async def drive(one, n_clients: int, duration_s: float, pool: list[str], mode: str = "") -> tuple[list[Sample], float]:
@@ -112,16 +137,22 @@ async def drive(one, n_clients: int, duration_s: float, pool: list[str], mode: s
     await asyncio.gather(*(client(i) for i in range(n_clients)))
     wall = time.perf_counter() - t0
     if snap is not None:
-        CPU_USE[mode] = cpu_report(snap, cpu_snapshot(), wall)
+        add_cpu_use(mode, snap, cpu_snapshot(), wall)
     return samples, wall
 
 
-def run_in_process(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
+def start_engine(ckpt: str, a):
     from raymoe.deployments.engine import Engine
-    from raymoe.deployments.protocol import SamplingParams
 
     eng = Engine(ckpt, max_batch_size=a.max_batch_size, max_waiting=4 * a.clients, torch_threads=a.threads)
     eng.start()
+    return eng
+
+
+def in_process_client(eng, a):
+    """``one(prompt) -> Sample`` calling the engine in this process."""
+    from raymoe.deployments.protocol import SamplingParams
+
     params = SamplingParams(max_tokens=a.max_tokens, temperature=0.0)
 
     async def one(prompt: str) -> Sample:
@@ -135,18 +166,11 @@ def run_in_process(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
             n = ch.completion_tokens
         return Sample(time.perf_counter() - t0, ttft, n)
 
-    async def main():
-        await drive(one, a.clients, min(2.0, a.duration / 4), pool)  # warm-up
-        return await drive(one, a.clients, a.duration, pool, "in-process" if a.cpu_report else "")
-
-    try:
-        return asyncio.run(main())
-    finally:
-        eng.shutdown(10)
+    return one
 
 
-def run_serve(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
-    import aiohttp
+def start_serve(ckpt: str, a) -> str:
+    """A local Ray + Serve deployment of the same checkpoint and engine settings; returns the URL."""
     import ray
     from ray import serve
 
@@ -159,44 +183,86 @@ def run_serve(ckpt: str, a, pool: list[str]) -> tuple[list[Sample], float]:
     # machine the comparison would measure priority, not Serve. Same priority for both: niceness 0.
     ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False,
              _system_config={"worker_niceness": a.worker_niceness})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({
+        "checkpoint": ckpt, "model_id": "bench", "max_ongoing_requests": 4 * a.clients,
+        "single_deployment": a.layout == "single",
+        "stream_interval_s": a.stream_interval,
+        "engine_kwargs": {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients,
+                          "torch_threads": a.threads}}), name="bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}/v1/completions"
+
+
+def stop_serve() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_client(http, url: str, a):
+    """``one(prompt) -> Sample`` over HTTP (an aiohttp session)."""
+    async def one(prompt: str) -> Sample:
+        body = {"model": "bench", "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
+                "stream": a.stream, **({"stream_options": {"include_usage": True}} if a.stream else {})}
+        t0 = time.perf_counter()
+        async with http.post(url, json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+            if not a.stream:
+                n = (await resp.json())["usage"]["completion_tokens"]
+                return Sample(time.perf_counter() - t0, None, n)
+            ttft, n = None, 0
+            async for line in resp.content:
+                line = line.decode().strip()
+                if line.startswith("data: {"):
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
+            return Sample(time.perf_counter() - t0, ttft, n)
+
+    return one
+
+
+async def measure(modes: dict, a, pool: list[str]) -> dict[str, tuple[list[Sample], float]]:
+    """Warm up every mode, then ``a.rounds`` rounds of duration/rounds seconds per mode, alternating, so
+    that both modes see the same background load; samples and wall time summed per mode."""
+    import aiohttp
+
+    out = {name: ([], 0.0) for name in modes}
+    conn = aiohttp.TCPConnector(limit=a.clients)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as http:
+        ones = {name: make(http) for name, make in modes.items()}
+        for name, one in ones.items():
+            await drive(one, a.clients, min(2.0, a.duration / 4), pool)
+        for _ in range(a.rounds):
+            for name, one in ones.items():
+                samples, wall = await drive(one, a.clients, a.duration / a.rounds, pool, name if a.cpu_report else "")
+                out[name] = (out[name][0] + samples, out[name][1] + wall)
+    return out
+
+
+def run(ckpt: str, a, pool: list[str]) -> dict[str, tuple[list[Sample], float]]:
+    """rounds == 1: in-process first (no Ray running), then Serve. rounds > 1: both up, windows alternate."""
+    eng = start_engine(ckpt, a)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({
-            "checkpoint": ckpt, "model_id": "bench", "max_ongoing_requests": 4 * a.clients,
-            "single_deployment": a.layout == "single",
-            "stream_interval_s": a.stream_interval,
-            "engine_kwargs": {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients,
-                              "torch_threads": a.threads}}), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/completions"
-
-        async def main():
-            conn = aiohttp.TCPConnector(limit=a.clients)
-            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as http:
-                async def one(prompt: str) -> Sample:
-                    body = {"model": "bench", "prompt": prompt, "max_tokens": a.max_tokens, "temperature": 0,
-                            "stream": a.stream, **({"stream_options": {"include_usage": True}} if a.stream else {})}
-                    t0 = time.perf_counter()
-                    async with http.post(url, json=body) as resp:
-                        if resp.status != 200:
-                            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
-                        if not a.stream:
-                            n = (await resp.json())["usage"]["completion_tokens"]
-                            return Sample(time.perf_counter() - t0, None, n)
-                        ttft, n = None, 0
-                        async for line in resp.content:
-                            line = line.decode().strip()
-                            if line.startswith("data: {"):
-                                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                                n = (json.loads(line[6:]).get("usage") or {}).get("completion_tokens", n)
-                        return Sample(time.perf_counter() - t0, ttft, n)
-
-                await drive(one, a.clients, min(2.0, a.duration / 4), pool)
-                return await drive(one, a.clients, a.duration, pool, "serve-http" if a.cpu_report else "")
-
-        return asyncio.run(main())
+        if a.rounds == 1:
+            res = asyncio.run(measure({"in-process": lambda http: in_process_client(eng, a)}, a, pool))
+            eng.shutdown(10)
+            url = start_serve(ckpt, a)
+            try:
+                res.update(asyncio.run(measure({"serve-http": lambda http: serve_client(http, url, a)}, a, pool)))
+            finally:
+                stop_serve()
+            return res
+        url = start_serve(ckpt, a)
+        try:
+            return asyncio.run(measure({"in-process": lambda http: in_process_client(eng, a),
+                                        "serve-http": lambda http: serve_client(http, url, a)}, a, pool))
+        finally:
+            stop_serve()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        eng.shutdown(10)
 
 
 def summarize(name: str, samples: list[Sample], wall_s: float) -> dict:
@@ -225,16 +291,20 @@ def main() -> None:
     ap.add_argument("--layout", choices=["single", "split"], default="single",
                     help="Serve app: single = routes and engine in one deployment (one hop); split = ingress "
                          "deployment -> LLMServer deployment")
-    ap.add_argument("--cpu-report", action="store_true", help="print the processes using the CPU per mode")
+    ap.add_argument("--cpu-report", action="store_true", help="print the processes using the CPU per mode and "
+                                                              "warn when processes outside the benchmark ran")
+    ap.add_argument("--rounds", type=int, default=1, help="1: in-process, then Serve (Ray not running during "
+                    "in-process); N > 1: both set up, N alternating windows of duration/N s per mode (both modes "
+                    "see the same background load on a shared machine; Ray idles during in-process windows)")
     a = ap.parse_args()
-    if a.clients < 1 or a.duration <= 0 or a.max_tokens < 1:
-        raise SystemExit("--clients, --duration and --max-tokens must be positive")
+    if a.clients < 1 or a.duration <= 0 or a.max_tokens < 1 or a.rounds < 1:
+        raise SystemExit("--clients, --duration, --max-tokens and --rounds must be positive")
     pool = prompts(64, a.prompt_len)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.checkpoint or make_checkpoint(tmp)
-        rows = [summarize("in-process", *run_in_process(ckpt, a, pool)),
-                summarize("serve-http", *run_serve(ckpt, a, pool))]
-    print(f"\n{a.clients} clients, {a.duration:.0f} s, prompt {a.prompt_len} tokens, max_tokens {a.max_tokens}, "
+        res = run(ckpt, a, pool)
+        rows = [summarize(name, *res[name]) for name in ("in-process", "serve-http")]
+    print(f"\n{a.clients} clients, {a.duration:.0f} s in {a.rounds} round(s), {a.layout} layout, prompt {a.prompt_len} tokens, max_tokens {a.max_tokens}, "
           f"max_batch_size {a.max_batch_size}, stream={a.stream}, stream_interval {a.stream_interval} s")
     print(f"{'mode':12s} {'requests':>8s} {'tok/s':>9s} {'p50 s':>8s} {'p99 s':>8s} {'ttft50 s':>9s} {'ttft99 s':>9s}")
     for r in rows:
@@ -243,11 +313,7 @@ def main() -> None:
     base, srv = rows
     print(f"ratio serve/in-process: tokens/s {srv['tokens_per_s'] / base['tokens_per_s']:.2f}, "
           f"p50 latency {srv['p50_s'] / base['p50_s']:.2f}, p99 latency {srv['p99_s'] / base['p99_s']:.2f}")
-    for mode, use in CPU_USE.items():
-        print(f"CPU cores used during {mode}: " + ", ".join(f"{n} {c:.2f}" for n, c in use))
-        other = sum(c for n, c in use if not (n.startswith("ray::") or "ray/" in n or "serve_load" in n))
-        if other > 0.1:
-            print(f"WARNING: other processes used {other:.2f} cores during {mode}: the ratio is not clean")
+    print_cpu_use()
     print("JSON " + json.dumps(rows))
 
 
