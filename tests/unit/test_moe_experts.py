@@ -100,6 +100,28 @@ def test_grouped_mm_probe_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_grouped_mm_probe_and_segment_loop_under_no_grad_and_inference_mode(mode, monkeypatch):
+    # serving runs the model under no_grad / inference_mode: the first probe must still find the kernel (it
+    # runs a backward), and the threaded segment loop must write the caller's inference tensors
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    monkeypatch.setattr(experts_mod, "_GROUPED_MM_OK", {})
+    with ctx():
+        assert experts_mod._probe_grouped_mm(torch.device("cpu"), torch.float32) == hasattr(torch, "_grouped_mm")
+    torch.manual_seed(0)
+    ex = GroupedExperts(4, 6, 10)
+    x, counts = torch.randn(12, 6), torch.tensor([5, 0, 4, 3])
+    want = ex(x, counts, force_fallback=False).detach()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the loop splits the experts over the intra-op threads
+    try:
+        with ctx():
+            got = ex(x, counts, force_fallback=True)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("Q,C", [(1, 5), (3, 2), (2, 0)])
 @pytest.mark.parametrize("scaled", [False, True])
 def test_capacity_layout_equals_per_slot_dense_math(Q, C, scaled):

@@ -52,21 +52,28 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _GROUPED_MM_OK:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
-            try:
-                # fixed values, not torch.randn: the probe must not consume the global RNG (router noise and
-                # resumed runs depend on its exact state)
-                x = (torch.arange(24 * 16, device=device) % 7 - 3).to(dtype).view(24, 16).requires_grad_()
-                w = (torch.arange(3 * 256, device=device) % 5 - 2).to(dtype).view(3, 16, 16).requires_grad_()
-                offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)
-                y = torch._grouped_mm(x, w, offs=offs)
-                y.backward(torch.ones_like(y))
-                ref = torch.cat([x[:8] @ w[0], x[8:] @ w[2]])
-                ok = bool(torch.allclose(y.float(), ref.float(), atol=1e-2, rtol=1e-2))
-                ok = ok and bool(w.grad[1].abs().max() == 0)
-            except (RuntimeError, NotImplementedError, TypeError):
-                ok = False
+            # the probe runs a backward: it must not fail (and disable the kernel for good) just because the
+            # first call came under no_grad or inference_mode (serving)
+            with torch.inference_mode(False), torch.enable_grad():
+                ok = _probe_grouped_mm_once(device, dtype)
         _GROUPED_MM_OK[key] = ok
     return _GROUPED_MM_OK[key]
+
+
+def _probe_grouped_mm_once(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        # fixed values, not torch.randn: the probe must not consume the global RNG (router noise and resumed
+        # runs depend on its exact state)
+        x = (torch.arange(24 * 16, device=device) % 7 - 3).to(dtype).view(24, 16).requires_grad_()
+        w = (torch.arange(3 * 256, device=device) % 5 - 2).to(dtype).view(3, 16, 16).requires_grad_()
+        offs = torch.tensor([8, 8, 24], device=device, dtype=torch.int32)
+        y = torch._grouped_mm(x, w, offs=offs)
+        y.backward(torch.ones_like(y))
+        ref = torch.cat([x[:8] @ w[0], x[8:] @ w[2]])
+        ok = bool(torch.allclose(y.float(), ref.float(), atol=1e-2, rtol=1e-2))
+        return ok and bool(w.grad[1].abs().max() == 0)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -94,8 +101,11 @@ def _run_split(fn: Callable[[int], None], costs: list[int], threaded: bool) -> N
             bounds.append(e + 1)
     bounds.append(len(costs))
 
+    inference = torch.is_inference_mode_enabled()
+
     def run(lo: int, hi: int) -> None:
-        with torch.no_grad():  # grad mode is per thread; the products write into preallocated outputs
+        # grad and inference mode are per thread: take the caller's (outputs may be inference tensors)
+        with torch.inference_mode(inference), torch.no_grad():
             for e in range(lo, hi):
                 fn(e)
 
