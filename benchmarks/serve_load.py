@@ -187,6 +187,7 @@ def start_serve(ckpt: str, a) -> str:
     serve.run(build_app({
         "checkpoint": ckpt, "model_id": "bench", "max_ongoing_requests": 4 * a.clients,
         "single_deployment": a.layout == "single",
+        "engine_cls": f"raymoe.deployments.{'proc_engine:ProcessEngine' if a.engine_process else 'engine:Engine'}",
         "stream_interval_s": a.stream_interval,
         "engine_kwargs": {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients,
                           "torch_threads": a.threads}}), name="bench", route_prefix="/")
@@ -291,6 +292,10 @@ def main() -> None:
     ap.add_argument("--layout", choices=["single", "split"], default="single",
                     help="Serve app: single = routes and engine in one deployment (one hop); split = ingress "
                          "deployment -> LLMServer deployment")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="Serve mode: the replica runs the engine in a child process (ProcessEngine: its decode "
+                         "loop does not share the GIL with Serve's request handling); --no-engine-process: in "
+                         "the replica's process (Engine)")
     ap.add_argument("--cpu-report", action="store_true", help="print the processes using the CPU per mode and "
                                                               "warn when processes outside the benchmark ran")
     ap.add_argument("--rounds", type=int, default=1, help="1: in-process, then Serve (Ray not running during "
@@ -304,7 +309,8 @@ def main() -> None:
         ckpt = a.checkpoint or make_checkpoint(tmp)
         res = run(ckpt, a, pool)
         rows = [summarize(name, *res[name]) for name in ("in-process", "serve-http")]
-    print(f"\n{a.clients} clients, {a.duration:.0f} s in {a.rounds} round(s), {a.layout} layout, prompt {a.prompt_len} tokens, max_tokens {a.max_tokens}, "
+    print(f"\n{a.clients} clients, {a.duration:.0f} s in {a.rounds} round(s), {a.layout} layout, "
+          f"{'ProcessEngine' if a.engine_process else 'Engine'} in Serve, prompt {a.prompt_len} tokens, max_tokens {a.max_tokens}, "
           f"max_batch_size {a.max_batch_size}, stream={a.stream}, stream_interval {a.stream_interval} s")
     print(f"{'mode':12s} {'requests':>8s} {'tok/s':>9s} {'p50 s':>8s} {'p99 s':>8s} {'ttft50 s':>9s} {'ttft99 s':>9s}")
     for r in rows:

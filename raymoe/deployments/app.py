@@ -147,6 +147,8 @@ def check_engine_args(engine_cls: str, engine_kwargs: dict) -> None:
     if engine_kwargs.get("ep_size", 1) > 1 and "ep_size" not in inspect.signature(cls).parameters:
         raise ValueError(f"ep_size={engine_kwargs['ep_size']} needs an engine with expert-parallel support "
                          f"({DEFAULT_ENGINE}); {engine_cls} has no ep_size argument")
+    if getattr(cls, "inner_engine", None):  # a wrapper (ProcessEngine): the arguments are its inner engine's
+        cls = resolve_engine_cls(cls.inner_engine)
     try:
         inspect.signature(cls).bind(None, **engine_kwargs, observer=None)
     except TypeError as e:

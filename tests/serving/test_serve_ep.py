@@ -150,6 +150,11 @@ def test_bad_ep_settings_are_rejected_before_deploying(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="expert-parallel support"):
         build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2,
                    "engine_cls": "raymoe.deployments.fake_engine:FakeEngine"})
+    proc = "raymoe.deployments.proc_engine:ProcessEngine"
+    with pytest.raises(ValueError, match="expert-parallel support"):
+        build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2, "engine_cls": proc})
+    with pytest.raises(ValueError, match="max_bach_size"):  # checked against the Engine it wraps
+        build_app({"checkpoint": str(checkpoints["a"]), "engine_cls": proc, "engine_kwargs": {"max_bach_size": 2}})
     dense = save_model(tmp_path / "dense", GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1,
                                                          d_model=8, num_experts=1, expert_interval=99)))
     with pytest.raises(ValueError, match="ep_size=2"):
