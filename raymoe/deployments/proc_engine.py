@@ -34,13 +34,14 @@ _HOOKS = ("on_first_token", "on_tokens", "on_step", "on_finish", "on_expert_load
 
 class _Outbox(EngineObserver):
     """Child side: collects outputs and observer calls; a flusher thread sends them in batches. Observer calls
-    (several per token) only append; the flusher wakes once per engine step (``on_step``) or for outputs
-    and replies, so the decode loop is not interrupted per token."""
+    (several per token: metrics) only append and go out at least every ``obs_interval_s``; outputs and
+    replies wake the flusher at once. So the decode loop is not interrupted per token or per step."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, obs_interval_s: float = 0.05):
         self.conn, self.items, self.lock, self.wake = conn, [], threading.Lock(), threading.Event()
+        self.obs_interval_s = obs_interval_s
         for hook in _HOOKS:
-            setattr(self, hook, lambda *args, _h=hook: self.put(("obs", _h, args), _h == "on_step"))
+            setattr(self, hook, lambda *args, _h=hook: self.put(("obs", _h, args), wake=False))
 
     def put(self, item, wake: bool = True) -> None:
         with self.lock:
@@ -50,7 +51,7 @@ class _Outbox(EngineObserver):
 
     def flush_forever(self) -> None:
         while True:
-            self.wake.wait()
+            self.wake.wait(self.obs_interval_s)
             self.wake.clear()
             with self.lock:
                 batch, self.items = self.items, []
