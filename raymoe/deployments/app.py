@@ -33,7 +33,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DEFAULT_ENGINE = "raymoe.deployments.engine:Engine"
+DEFAULT_ENGINE = "raymoe.deployments.proc_engine:ProcessEngine"  # the Engine in a child process of the replica
+EP_ENGINE = "raymoe.deployments.engine:Engine"  # the default with ep_size > 1 (its shards are processes already)
 
 
 class ServeArgs(BaseModel):
@@ -44,7 +45,8 @@ class ServeArgs(BaseModel):
     checkpoint: Optional[str] = Field(None, description="checkpoint dir or a folder of them (its latest); "
                                                         "required by the real engine")
     model_id: str = Field("raymoe", description="model name in /v1/models and the 'model' field of requests")
-    engine_cls: str = Field(DEFAULT_ENGINE, description="engine class 'module:Class' (injected into LLMServer); "
+    engine_cls: str = Field(DEFAULT_ENGINE, description="engine class 'module:Class' (injected into the replica; "
+                            f"the default becomes {EP_ENGINE} with ep_size > 1); "
                                                         "raymoe.deployments.fake_engine:FakeEngine needs no model")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the engine "
                                           "(max_batch_size, max_waiting, max_prefill_tokens, reload_policy, ...)")
@@ -77,7 +79,9 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
-        if self.engine_cls == DEFAULT_ENGINE and not self.checkpoint:
+        if self.ep_size > 1 and "engine_cls" not in self.model_fields_set:
+            self.engine_cls = EP_ENGINE
+        if self.engine_cls in (DEFAULT_ENGINE, EP_ENGINE) and not self.checkpoint:
             raise ValueError("checkpoint is required with the default engine (or set engine_cls)")
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set num_replicas or autoscaling_config, not both")
@@ -146,7 +150,7 @@ def check_engine_args(engine_cls: str, engine_kwargs: dict) -> None:
         raise ValueError(f"engine_cls={engine_cls!r} cannot be imported: {e}") from None
     if engine_kwargs.get("ep_size", 1) > 1 and "ep_size" not in inspect.signature(cls).parameters:
         raise ValueError(f"ep_size={engine_kwargs['ep_size']} needs an engine with expert-parallel support "
-                         f"({DEFAULT_ENGINE}); {engine_cls} has no ep_size argument")
+                         f"({EP_ENGINE}); {engine_cls} has no ep_size argument")
     if getattr(cls, "inner_engine", None):  # a wrapper (ProcessEngine): the arguments are its inner engine's
         cls = resolve_engine_cls(cls.inner_engine)
     try:

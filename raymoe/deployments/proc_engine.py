@@ -44,6 +44,8 @@ class _Outbox(EngineObserver):
             setattr(self, hook, lambda *args, _h=hook: self.put(("obs", _h, args), wake=False))
 
     def put(self, item, wake: bool = True) -> None:
+        if item[0] in ("out", "reply") and isinstance(item[-1], BaseException):
+            item = (*item[:-1], _picklable(item[-1]))
         with self.lock:
             self.items.append(item)
         if wake:
@@ -59,6 +61,17 @@ class _Outbox(EngineObserver):
                 self.conn.send(batch)
             if any(m[0] == "reply" and m[1] == "stop" for m in batch):
                 return
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (the parent raises the same type), else a RuntimeError with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def _child_entry(fd: int) -> None:
