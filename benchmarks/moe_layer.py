@@ -124,7 +124,7 @@ def main(argv=None):
     ap.add_argument("--min-fill", type=float, default=None,
                     help="MoE capacity_layout_min_fill: 0 = always the slot layout, 2 = always segments")
     ap.add_argument("--segment-loop", action="store_true",
-                    help="segments: the per-expert GEMM loop (threaded on CPU) instead of torch._grouped_mm")
+                    help="segments: the per-expert GEMM loop (the fallback) instead of torch._grouped_mm")
     args = ap.parse_args(argv)
     global CLOCK
     if args.cpu_time:

@@ -5,7 +5,7 @@
     raymoe generate --checkpoint runs/tiny/checkpoints --prompt "def "
     raymoe config [--config X] [--set ...] [--fields]
     raymoe report runs/tiny
-    raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N]
+    raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N] [--ep-size N]
     raymoe checkpoint inspect runs/tiny/checkpoints [--verify]
     raymoe checkpoint reshard runs/tiny/checkpoints --workers 4 [--ep-size 4]
 """
@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reload-policy", choices=["drain", "immediate"], default="drain")
     p.add_argument("--engine", default=None, help="engine class 'module:Class' (e.g. "
                                                   "raymoe.deployments.fake_engine:FakeEngine)")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel shards per replica (ExpertShard actors "
+                                                          "in the replica's placement group); 1 = whole model")
+    p.add_argument("--ep-shard-cpus", type=float, default=1.0, help="CPUs reserved per shard (with --ep-size > 1)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     p.add_argument("--address", default=None, help="Ray to use: 'local' (a new private instance; the default "
                                                    "unless RAY_ADDRESS is set), 'auto' or HOST:PORT of a cluster")
@@ -144,7 +147,7 @@ def _cmd_generate(args) -> int:
 def _cmd_serve(args) -> int:
     import os
 
-    from raymoe.deployments.app import DEFAULT_ENGINE, ServeArgs, run_blocking
+    from raymoe.deployments.app import ServeArgs, run_blocking
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
@@ -162,9 +165,12 @@ def _cmd_serve(args) -> int:
     if not args.checkpoint and not args.engine:
         raise ValueError("--checkpoint is required (or --engine, e.g. raymoe.deployments.fake_engine:FakeEngine)")
     try:
-        sargs = ServeArgs(checkpoint=args.checkpoint, model_id=args.model_id, engine_cls=args.engine or DEFAULT_ENGINE,
-                          engine_kwargs=engine_kwargs, max_ongoing_requests=args.max_batch_size + args.max_waiting,
-                          **scale)
+        if args.engine:
+            scale["engine_cls"] = args.engine  # otherwise ServeArgs picks the default for the ep_size
+        if args.ep_size != 1:  # ServeArgs checks it (>= 1) and the shard settings
+            scale.update(ep_size=args.ep_size, ep_shard_cpus=args.ep_shard_cpus)
+        sargs = ServeArgs(checkpoint=args.checkpoint, model_id=args.model_id, engine_kwargs=engine_kwargs,
+                          max_ongoing_requests=args.max_batch_size + args.max_waiting, **scale)
     except ValueError as exc:  # pydantic's ValidationError: one line per field
         errors = exc.errors() if hasattr(exc, "errors") else [{"loc": (), "msg": str(exc)}]
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'serve'}: {e['msg']}" for e in errors)) from None

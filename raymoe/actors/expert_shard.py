@@ -7,7 +7,7 @@ layers; the coordinator sends window offsets (a few ints per sample) and receive
 The same actor serves (expert-parallel inference, `raymoe.deployments.ep_runner.EPRunner`): ``start_inference``
 joins a group whose expert-parallel size is the group size, builds the model with only this rank's experts
 and loads them and the dense part from a training checkpoint; ``serve_step`` runs this rank's rows (a
-`raymoe.deployments.runner.LocalRunner` around that model) and returns their last-position logits. The replica
+`raymoe.platform.runner.LocalRunner` around that model) and returns their last-position logits. The replica
 sends token ids only; hidden states cross shards by all-to-all inside the MoE layers.
 """
 
@@ -31,7 +31,8 @@ from raymoe.config import RaymoeConfig, config_from_dict
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import parallel
 from raymoe.platform.data import build_dataset, windows_from_starts
-from raymoe.platform.model import GPT
+from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.runner import LocalRunner, prepare_for_inference
 from raymoe.platform.train_step import build_optimizer, train_step
 from raymoe.platform.trainer import evaluate_windows, gpt_config_from, resolve_dtype
 
@@ -232,8 +233,6 @@ class ExpertShard:
         """Join an inference group of ``world`` shards (expert-parallel size ``world`` on every MoE layer), build
         the model with this rank's experts only and load them and the dense part from ``checkpoint`` (the
         training format: each rank reads the dense file and its own experts' files)."""
-        from raymoe.deployments.runner import LocalRunner
-
         c = self.cfg.cluster
         self.abort()
         self.rank, self.world = rank, world
@@ -253,9 +252,6 @@ class ExpertShard:
                 "experts": {m.layer_id: list(m.experts.global_expert_ids) for m in model.moe_modules()}}
 
     def _inference_model(self, checkpoint: str) -> tuple[GPT, int | None]:
-        from raymoe.deployments.runner import prepare_for_inference
-        from raymoe.platform.model import GPTConfig
-
         info = ckpt.read_manifest(checkpoint)
         gpt_cfg = GPTConfig(**(info.get("extra") or {}).get("model_config") or {})
         layout = parallel.ParallelLayout.from_config(gpt_cfg, self.world, ep_size=self.world)
@@ -264,7 +260,7 @@ class ExpertShard:
         ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
         return prepare_for_inference(model.to(self.device)), info.get("step")
 
-    @torch.no_grad()  # like the engine's loop: not inference_mode (expert GEMMs may run on helper threads)
+    @torch.inference_mode()
     def serve_step(self, kind: str, keep: list[int] | None, idx: torch.Tensor,
                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Keep rows ``keep`` (None: all), then ``kind`` = "prefill" (new rows ``idx``/``mask``, appended) or

@@ -22,7 +22,7 @@ set of weights and none is dropped (new requests wait at most one generation). `
 happens at the next step boundary; running rows continue on the new weights with their existing KV cache
 (computed by the old weights); needs an identical architecture.
 
-The model itself sits behind a runner (`raymoe.deployments.runner`): `LocalRunner` (the whole model and its
+The model itself sits behind a runner (`raymoe.platform.runner`): `LocalRunner` (the whole model and its
 batch KV cache in this process) or, with ``ep_size > 1``, `EPRunner` (a group of ``ep_size`` `ExpertShard`
 actors in this process's placement group, each holding its experts, a dense replica and the KV cache of its
 share of the rows; hidden states cross shards only by all-to-all inside the MoE layers). The loop, admission,
@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 
 from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
-from raymoe.deployments.runner import LocalRunner, load_local_model
+from raymoe.platform.runner import LocalRunner, load_local_model
 from raymoe.platform.generate import _RowState, top_k_filter, top_p_filter
 
 _RELOAD_POLICIES = ("drain", "immediate")
@@ -227,8 +227,7 @@ class Engine(BaseEngine):
     # -- the loop --------------------------------------------------------------------------------------
     def _loop(self) -> None:
         try:
-            with torch.no_grad():  # not inference_mode: the experts may run on helper threads (grad mode is
-                # per thread; an inference tensor written from a non-inference thread is an error)
+            with torch.inference_mode():
                 while True:
                     with self._cv:
                         while not (self._stop or self._waiting or self._rows or self._pending_reload):

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from raymoe.deployments.runner import Pending
+from raymoe.platform.runner import Pending
 
 
 class EPRunner:
@@ -136,7 +136,7 @@ class EPRunner:
             remove_placement_group(self._own_pg)
             self._own_pg = None
 
-    # -- engine interface (raymoe.deployments.runner) ----------------------------------------------------
+    # -- engine interface (raymoe.platform.runner) ----------------------------------------------------
     @property
     def rows(self) -> int:
         return len(self.owner)

@@ -24,10 +24,24 @@ FAKE = "raymoe.deployments.fake_engine:FakeEngine"
     ["serve", "--engine", FAKE, "--address", "auto", "--num-cpus", "2"],
     ["serve", "--engine", "no_such_module:Engine"],                  # checked before Ray starts
     ["serve", "--engine", FAKE, "--max-batch-size", "0"],
+    ["serve", "--engine", FAKE, "--ep-size", "2"],                   # expert-parallel shards load a checkpoint
+    ["serve", "--checkpoint", "/nonexistent/ckpt", "--ep-size", "0"],
 ])
 def test_cli_serve_argument_errors(argv, capsys):
     assert main(argv) == 2
     assert "raymoe serve: error:" in capsys.readouterr().err
+
+
+def test_cli_serve_passes_the_expert_parallel_size(monkeypatch, tmp_path):
+    import raymoe.deployments.app as app
+
+    seen = {}
+    monkeypatch.setattr(app, "run_blocking", lambda sargs, **kw: seen.update(args=sargs, **kw))
+    assert main(["serve", "--checkpoint", str(tmp_path), "--ep-size", "2", "--ep-shard-cpus", "0.5"]) == 0
+    a = seen["args"]
+    assert (a.ep_size, a.ep_shard_cpus, a.engine_cls) == (2, 0.5, app.EP_ENGINE)
+    assert main(["serve", "--checkpoint", str(tmp_path)]) == 0
+    assert (seen["args"].ep_size, seen["args"].engine_cls) == (1, app.DEFAULT_ENGINE)
 
 
 def _get(url: str, timeout: float = 5.0) -> dict:

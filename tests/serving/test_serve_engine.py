@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from raymoe.deployments.batch_cache import SlotKVCache
+from raymoe.platform.batch_cache import SlotKVCache
 from raymoe.deployments.engine import Engine
 from raymoe.deployments.fake_engine import FakeEngine
 from raymoe.deployments.protocol import (EngineObserver, EngineOverloadedError, EngineShutdownError, RequestError,

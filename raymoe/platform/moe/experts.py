@@ -17,8 +17,7 @@ product across threads; the weight gradient is a long reduction (K = C) that one
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,45 +75,6 @@ def _probe_grouped_mm_once(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _run_split(fn: Callable[[int], None], costs: list[int], threaded: bool) -> None:
-    """Run fn(e) for every expert e (under no_grad), the experts split into contiguous runs of about equal
-    cost, one per intra-op thread if ``threaded`` (the calling thread takes the first run). Each product is
-    then a whole GEMM on one core: on CPU that beats splitting every small GEMM across the cores
-    (benchmarks/moe_layer.py)."""
-    global _POOL
-    n = min(torch.get_num_threads(), len(costs)) if threaded else 1
-    total = sum(costs)
-    if n <= 1 or total == 0:
-        with torch.no_grad():
-            for e in range(len(costs)):
-                fn(e)
-        return
-    if _POOL is None or _POOL._max_workers < n - 1:
-        _POOL = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="raymoe-experts")
-    bounds, acc = [0], 0
-    for e, c in enumerate(costs):
-        acc += c
-        if len(bounds) < n and acc * n >= total * len(bounds):
-            bounds.append(e + 1)
-    bounds.append(len(costs))
-
-    inference = torch.is_inference_mode_enabled()
-
-    def run(lo: int, hi: int) -> None:
-        # grad and inference mode are per thread: take the caller's (outputs may be inference tensors)
-        with torch.inference_mode(inference), torch.no_grad():
-            for e in range(lo, hi):
-                fn(e)
-
-    futures = [_POOL.submit(run, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-    run(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
-
-
 class _SegmentMM(torch.autograd.Function):
     """y[seg_e] = x[seg_e] @ w[e] for expert-contiguous segments; rows past sum(counts) get zeros."""
 
@@ -123,16 +83,13 @@ class _SegmentMM(torch.autograd.Function):
         ctx.save_for_backward(x_MD, w_EDF)
         ctx.counts = counts
         y_MF = x_MD.new_empty(x_MD.shape[0], w_EDF.shape[2])
-        starts = _starts(counts)
-
-        def one(e):
-            if counts[e]:
-                a, b = starts[e], starts[e + 1]
-                torch.mm(x_MD[a:b], w_EDF[e], out=y_MF[a:b])
-
-        _run_split(one, counts, x_MD.device.type == "cpu")
-        if starts[-1] < x_MD.shape[0]:
-            y_MF[starts[-1]:].zero_()
+        end = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(x_MD[end:end + n], w_EDF[e], out=y_MF[end:end + n])
+            end += n
+        if end < x_MD.shape[0]:
+            y_MF[end:].zero_()
         return y_MF
 
     @staticmethod
@@ -141,29 +98,20 @@ class _SegmentMM(torch.autograd.Function):
         g_MF = g_MF.contiguous()
         gx = torch.empty_like(x_MD) if ctx.needs_input_grad[0] else None
         gw = torch.empty_like(w_EDF) if ctx.needs_input_grad[1] else None
-        counts, starts = ctx.counts, _starts(ctx.counts)
-
-        def one(e):
-            a, b = starts[e], starts[e + 1]
-            if gx is not None and b > a:
-                torch.mm(g_MF[a:b], w_EDF[e].t(), out=gx[a:b])
+        end = 0
+        for e, n in enumerate(ctx.counts):
+            seg = slice(end, end + n)
+            if gx is not None and n:
+                torch.mm(g_MF[seg], w_EDF[e].t(), out=gx[seg])
             if gw is not None:
-                if b > a:
-                    torch.mm(x_MD[a:b].t(), g_MF[a:b], out=gw[e])
+                if n:
+                    torch.mm(x_MD[seg].t(), g_MF[seg], out=gw[e])
                 else:
                     gw[e].zero_()
-
-        _run_split(one, [c + 1 for c in counts], x_MD.device.type == "cpu")  # +1: an empty expert still zeroes its gradient
-        if gx is not None and starts[-1] < x_MD.shape[0]:
-            gx[starts[-1]:].zero_()
+            end += n
+        if gx is not None and end < x_MD.shape[0]:
+            gx[end:].zero_()
         return gx, gw, None
-
-
-def _starts(counts: list[int]) -> list[int]:
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return out
 
 
 class _ExpertBMM(torch.autograd.Function):

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from raymoe.deployments.batch_cache import SlotKVCache
+from raymoe.platform.batch_cache import SlotKVCache
 from raymoe.platform.generate import KVCache
 
 
