@@ -53,6 +53,8 @@ class MoE(nn.Module):
     """Mixture-of-Experts FFN layer; ``forward(x, token_mask=None) -> (y, l_aux, exp_counts)``.
 
     Arguments follow DeepSpeed's ``deepspeed.moe.layer.MoE``; ``expert`` is the ffn size (None: 4*hidden).
+    ``capacity_layout_min_fill`` picks the expert layout (see ``_use_capacity_layout``): 0 always the fixed
+    [E, C, D] slots, > 1 never (variable segments); results are the same either way.
     """
 
     def __init__(self, hidden_size: int, expert: int | None = None, num_experts: int = 1, ep_size: int = 1,
@@ -240,13 +242,16 @@ class MoE(nn.Module):
     def _use_capacity_layout(self, plan, capacity: int, S: int) -> bool:
         """Capacity layout (fixed [E, C, D] slot buffer, batched expert GEMMs) or variable segments?
 
-        Expert-parallel: drop mode always uses it (fixed all-to-all splits, no count exchange; every rank of
-        the group must take the same path), dropless never (splits vary anyway). Local: whichever computes
-        less waste - the capacity layout when the kept rows fill at least ``capacity_layout_min_fill`` of
-        the E*C slots (padding is computed too), otherwise the grouped GEMM over variable segments.
+        The capacity layout computes (and, expert-parallel, sends) its unused slots too, so it runs when the
+        kept rows fill at least ``capacity_layout_min_fill`` of the E*C slots. Local: decided from the fill
+        of this forward. Expert-parallel, every rank of the group must take the same path without asking the
+        others, so the decision is static: drop mode with a capacity factor at most 1/min_fill (the fill can
+        be no higher than 1/cf): fixed all-to-all splits, no count exchange - DeepSpeed's exchange at cf 1.0;
+        otherwise (dropless, or cf 1.25 / 2.0) variable splits that carry only the kept rows.
         """
         if not isinstance(self.dispatcher, LocalDispatcher):
-            return self.drop_tokens
+            cf = self.capacity_factor if self.training else self.eval_capacity_factor
+            return self.drop_tokens and cf * self.capacity_layout_min_fill <= 1.0
         if S == 0 or self.capacity_layout_min_fill > 1.0:
             return False
         kept = int(plan.kept_counts_E.sum())
