@@ -52,12 +52,13 @@ class _Meter:
         self.owner.comm_bytes += nbytes
 
 
-def _exchange(x: Tensor, group, out_splits: list[int], in_splits: list[int], meter: _Meter | None) -> Tensor:
-    """Variable-split ``all_to_all_single`` of the rows of x; returns the received rows."""
+def _exchange(x: Tensor, group, out_splits: list[int] | None, in_splits: list[int] | None,
+              meter: _Meter | None) -> Tensor:
+    """``all_to_all_single`` of the rows of x with variable splits, or equal ones (None: every rank of the
+    group must then pass None too - gloo runs a different collective for each); returns the received rows."""
     x = x.contiguous()
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    if len(set(out_splits)) == 1 and len(set(in_splits)) == 1:
-        out_splits = in_splits = None  # equal splits: the plain all-to-all (gloo's alltoallv costs more)
+    rows = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
 
     def fn():
         dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
@@ -172,7 +173,7 @@ class _Route:
         if idx is not None:
             self.hops.append(("perm", idx, transpose_segments(counts_AB.t())))
 
-    def a2a(self, group, send: list[int], recv: list[int]) -> None:
+    def a2a(self, group, send: list[int] | None, recv: list[int] | None) -> None:
         self.hops.append(("a2a", group, send, recv))
 
     def segments(self, plan: _SegmentPlan) -> None:
@@ -300,7 +301,7 @@ class AllToAllDispatcher:
         else:
             self.last_route = "all_to_all"
             route = _Route()
-            route.a2a(self.group, [El * C] * Q, [El * C] * Q)
+            route.a2a(self.group, None, None)  # equal splits on every rank: the plain all-to-all
         self._routes.append(route)
         return route.forward(x_ECD.reshape(E * C, D), self._meter).view(Q, El, C, D)
 
