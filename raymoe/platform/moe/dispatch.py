@@ -94,9 +94,10 @@ class LocalDispatcher:
     token-choices sorted by global expert with per-global-expert counts and returns the rows for this rank's
     experts (sorted by local expert) with per-local-expert counts; ``combine`` is its inverse (rows back in
     the order ``dispatch`` received them); ``all_reduce_max`` reduces over the expert-parallel group.
-    Capacity mode (drop_tokens) uses the fixed-size pair instead: ``dispatch_capacity`` takes the [E, C, D]
-    slot buffer (global experts, expert-major) and returns [Q, El, C, D] (Q = EP ranks the rows came from,
-    El = local experts); ``combine_capacity`` is its inverse. Equal splits: no count exchange, no re-sort.
+    The capacity layout (``MoE._use_capacity_layout``) uses the fixed-size pair: ``dispatch_capacity`` takes
+    the [E, C, D] slot buffer (global experts, expert-major) and returns [Q, El, C, D] (Q = EP ranks the rows
+    came from, El = local experts); ``combine_capacity`` is its inverse. Equal splits: no count exchange, no
+    re-sort.
     """
 
     def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
