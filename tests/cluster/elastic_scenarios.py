@@ -37,6 +37,10 @@ SCENARIOS = {
     # 2 shards each holding half the experts (EP=2, no replica): one's node is removed; the in-memory copies
     # (own + buddy, every 2 steps) restore its experts
     "remove_node": ["cluster.num_workers=2", "cluster.ep_size=2", "cluster.buddy_interval=2"],
+    # the same loss without in-memory copies: the lost experts come back from the last checkpoint
+    # (more steps: the removed node's shard may keep answering for a few steps before it is gone)
+    "remove_node_checkpoint": ["cluster.num_workers=2", "cluster.ep_size=2", "cluster.buddy_interval=0",
+                               "checkpoint.interval=2", "train.steps=24"],
 }
 
 
@@ -57,12 +61,12 @@ def main(scenario: str, out: Path) -> dict:
         infos = ray.get(coord.shard_info.remote(), timeout=30)
         if scenario == "save_fault":
             ray.get(coord.inject_fault.remote(1, "save", 4), timeout=30)
-        if scenario in ("grow_then_kill", "remove_node"):
+        if scenario in ("grow_then_kill", "remove_node", "remove_node_checkpoint"):
             # hold the run before step 3 and change the cluster while it waits: deterministic, not a race
             ray.get(coord.hold_before_step.remote(3), timeout=30)
         run = coord.run.remote()
         run_dir = out / "elastic"
-        if scenario in ("grow_then_kill", "remove_node"):
+        if scenario in ("grow_then_kill", "remove_node", "remove_node_checkpoint"):
             deadline = time.monotonic() + 120
             while not ray.get(coord.is_held.remote(), timeout=60):
                 if time.monotonic() > deadline:
@@ -80,7 +84,7 @@ def main(scenario: str, out: Path) -> dict:
             infos = ray.get(coord.shard_info.remote(), timeout=60)
             result["world_before_kill"] = len(infos)
             os.kill(infos[-1]["pid"], signal.SIGKILL)
-        elif scenario == "remove_node":
+        elif scenario in ("remove_node", "remove_node_checkpoint"):
             victim = next(n for n in nodes if n.node_id == infos[1]["node_id"])
             cluster.remove_node(victim, allow_graceful=False)
             ray.get(coord.release.remote(), timeout=30)

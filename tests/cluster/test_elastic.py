@@ -61,6 +61,18 @@ def test_node_removed_experts_restored_from_memory_copies(tmp_path):
 
 
 @pytest.mark.slow
+def test_node_removed_without_copies_falls_back_to_the_last_checkpoint(tmp_path):
+    res = _run("remove_node_checkpoint", tmp_path)
+    [event] = res["events"]
+    # removed while held before step 3; the loss shows at step 3 or a little later. The steps since the last
+    # checkpoint (every 2 steps) are re-run from it, on the one shard left, and give the same losses
+    assert event["source"] == "checkpoint" and event["lost_shards"] == 1 and res["world"] == 1
+    assert event["step"] >= 3 and event["resume_step"] % 2 == 0 and 0 <= event["lost_steps"] <= 2
+    assert event["resume_step"] + event["lost_steps"] == event["step"]
+    _same_losses(res)
+
+
+@pytest.mark.slow
 def test_world_grows_then_a_shard_is_killed_by_pid(tmp_path):
     res = _run("grow_then_kill", tmp_path)
     grow, recovery = res["events"]
