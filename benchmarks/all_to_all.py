@@ -85,28 +85,54 @@ def _bench_shape(rank, world, name, reps, groups, exchange, hierarchical, backwa
                                  exchange="auto" if exchange.startswith("capacity") else exchange,
                                  uniform_tokens=exchange == "capacity")(0, E)["dispatcher"]
     if exchange.startswith("capacity"):
-        return _bench_capacity(T, D, E, k, d, world, reps, backward)
+        return _measure(*_capacity_case(T, D, E, k, d), reps, backward), d.last_route
     x_MD, counts_E = _routed_rows(T, D, E, k, seed=rank)
     send = counts_E.view(world, -1).sum(1).tolist()
     recv_E = torch.empty_like(counts_E)
     dist.all_to_all_single(recv_E, counts_E)
     recv = recv_E.view(world, -1).sum(1).tolist()
     buf_in, buf_back = x_MD.new_empty(sum(recv), D), x_MD.new_empty(x_MD.shape)
-    nbytes = 2 * x_MD.numel() * x_MD.element_size()
 
     def raw():
         dist.all_to_all_single(buf_in, x_MD, recv, send)
         dist.all_to_all_single(buf_back, buf_in, send, recv)
 
-    def layer():
-        x_loc, _ = d.dispatch(x_MD, counts_E)
-        d.combine(x_loc)
+    def exchange_rows(x):
+        return d.combine(d.dispatch(x, counts_E)[0])
 
-    x_req = x_MD.clone().requires_grad_(True)
+    return _measure(raw, exchange_rows, x_MD, reps, backward), d.last_route
+
+
+def _capacity_case(T, D, E, k, d):
+    """Drop mode (capacity factor 1.0): the fixed [E, C, D] buffer; the slot count is the local capacity with
+    uniform_tokens (training), else agreed by an all-reduce first, as the MoE layer does. Raw moves the same
+    bytes with all_to_all_single."""
+    C = compute_capacity(T, E, k, 1.0, 4)
+    x_ECD = torch.randn(E, C, D)
+    buf_in, buf_back = torch.empty_like(x_ECD), torch.empty_like(x_ECD)
+
+    def raw():
+        dist.all_to_all_single(buf_in, x_ECD)
+        dist.all_to_all_single(buf_back, buf_in)
+
+    def exchange_slots(x):
+        c = C if d.uniform_tokens else int(d.all_reduce_max(torch.tensor(C)))
+        return d.combine_capacity(d.dispatch_capacity(x[:, :c]))
+
+    return raw, exchange_slots, x_ECD
+
+
+def _measure(raw, exchange, x, reps: int, backward: bool) -> list[tuple]:
+    """Rows (pass, raw bytes/s, layer bytes/s, ratio, payload bytes) of ``exchange(x)`` (dispatch + combine;
+    with ``backward`` also forward+backward) against ``raw`` (the same bytes by all_to_all_single)."""
+    nbytes = 2 * x.numel() * x.element_size()
+    x_req = x.clone().requires_grad_(True)
+
+    def layer():
+        exchange(x)
 
     def layer_fwd_bwd():
-        x_loc, _ = d.dispatch(x_req, counts_E)
-        d.combine(x_loc).sum().backward()
+        exchange(x_req).sum().backward()
 
     def raw_fwd_bwd():
         raw()
@@ -120,46 +146,7 @@ def _bench_shape(rank, world, name, reps, groups, exchange, hierarchical, backwa
         t_raw, t_layer, ratio = _paired(r_fn, l_fn, reps)
         mult = 2 if label == "fwd+bwd" else 1
         rows.append((label, mult * nbytes / t_raw, mult * nbytes / t_layer, ratio, nbytes))
-    return rows, d.last_route
-
-
-def _bench_capacity(T, D, E, k, d, world, reps, backward):
-    """Drop mode (capacity factor 1.0): the layer agrees on the slot count (one all-reduce of an int, as the
-    MoE layer does), then exchanges the fixed [E, C, D] buffer; raw = all_to_all_single of the same bytes."""
-    C = compute_capacity(T, E, k, 1.0, 4)
-    x_ECD = torch.randn(E, C, D)
-    buf_in, buf_back = torch.empty_like(x_ECD), torch.empty_like(x_ECD)
-    nbytes = 2 * x_ECD.numel() * x_ECD.element_size()
-
-    def raw():
-        dist.all_to_all_single(buf_in, x_ECD)
-        dist.all_to_all_single(buf_back, buf_in)
-
-    def slot_count() -> int:
-        # training (uniform_tokens): the local capacity; otherwise the layer agrees on it first
-        return C if d.uniform_tokens else int(d.all_reduce_max(torch.tensor(C)))
-
-    def layer():
-        d.combine_capacity(d.dispatch_capacity(x_ECD[:, :slot_count()]))
-
-    x_req = x_ECD.clone().requires_grad_(True)
-
-    def layer_fwd_bwd():
-        d.combine_capacity(d.dispatch_capacity(x_req[:, :slot_count()])).sum().backward()
-
-    def raw_fwd_bwd():
-        raw()
-        raw()
-
-    for fn in (raw, layer):
-        fn()
-    pairs = [("fwd", raw, layer)] + ([("fwd+bwd", raw_fwd_bwd, layer_fwd_bwd)] if backward else [])
-    rows = []
-    for label, r_fn, l_fn in pairs:
-        t_raw, t_layer, ratio = _paired(r_fn, l_fn, reps)
-        mult = 2 if label == "fwd+bwd" else 1
-        rows.append((label, mult * nbytes / t_raw, mult * nbytes / t_layer, ratio, nbytes))
-    return rows, d.last_route
+    return rows
 
 
 def _worker(rank, world, port, args, results):
