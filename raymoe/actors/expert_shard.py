@@ -31,10 +31,10 @@ from raymoe.config import RaymoeConfig, config_from_dict
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import parallel
 from raymoe.platform.data import build_dataset, windows_from_starts
-from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.model import GPT
 from raymoe.platform.runner import LocalRunner, prepare_for_inference
 from raymoe.platform.train_step import build_optimizer, train_step
-from raymoe.platform.trainer import evaluate_windows, gpt_config_from, resolve_dtype
+from raymoe.platform.trainer import evaluate_windows, gpt_config_from, model_config_of, resolve_dtype
 
 
 class ExpertShard:
@@ -253,7 +253,7 @@ class ExpertShard:
 
     def _inference_model(self, checkpoint: str) -> tuple[GPT, int | None]:
         info = ckpt.read_manifest(checkpoint)
-        gpt_cfg = GPTConfig(**(info.get("extra") or {}).get("model_config") or {})
+        gpt_cfg = model_config_of(info, checkpoint)
         layout = parallel.ParallelLayout.from_config(gpt_cfg, self.world, ep_size=self.world)
         groups = parallel.build_process_groups(layout, self.rank)  # EP group = world: creates no new group
         model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups))

@@ -116,15 +116,13 @@ def check_ep_size(checkpoint: str, ep_size: int) -> None:
     this machine; on a cluster the replicas check it again)."""
     if ep_size == 1 or not os.path.exists(checkpoint):
         return
+    from raymoe.deployments.ep_runner import check_ep_size
     from raymoe.platform.checkpoint import read_manifest
-    from raymoe.platform.model import GPTConfig
+    from raymoe.platform.trainer import model_config_of
 
-    extra = read_manifest(checkpoint).get("extra") or {}
-    if "model_config" in extra:
-        experts = GPTConfig(**extra["model_config"]).experts_per_layer()
-        if not experts or any(e % ep_size for e in experts.values()):
-            raise ValueError(f"ep_size={ep_size} must divide the expert count of every MoE layer; {checkpoint} "
-                             f"has {experts or 'no MoE layers'} (layer id: experts)")
+    info = read_manifest(checkpoint)
+    if "model_config" in (info.get("extra") or {}):
+        check_ep_size(model_config_of(info, checkpoint), ep_size, checkpoint)
 
 
 def placement_bundles(args: ServeArgs) -> list[dict]:

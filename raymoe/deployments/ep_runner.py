@@ -31,6 +31,14 @@ import torch
 from raymoe.platform.runner import Pending
 
 
+def check_ep_size(config, ep_size: int, checkpoint: str) -> None:
+    """ValueError unless ``ep_size`` divides the expert count of every MoE layer of ``config`` (a GPTConfig)."""
+    experts = config.experts_per_layer()
+    if not experts or any(e % ep_size for e in experts.values()):
+        raise ValueError(f"ep_size={ep_size} must divide the expert count of every MoE layer; {checkpoint} "
+                         f"has {experts or 'no MoE layers'} (layer id: experts)")
+
+
 class EPRunner:
     """Runner over ``ep_size`` ExpertShard actors (see the module docstring).
 
@@ -66,16 +74,9 @@ class EPRunner:
     # -- start / stop ------------------------------------------------------------------------------------
     def _check_checkpoint(self, checkpoint: str) -> None:
         from raymoe.platform.checkpoint import read_manifest
-        from raymoe.platform.model import GPTConfig
+        from raymoe.platform.trainer import model_config_of
 
-        extra = read_manifest(checkpoint).get("extra") or {}
-        if "model_config" not in extra:
-            raise ValueError(f"{checkpoint}: manifest has no extra.model_config; cannot build the shards' model")
-        experts = GPTConfig(**extra["model_config"]).experts_per_layer()
-        bad = {lid: e for lid, e in experts.items() if e % self.ep_size}
-        if bad or not experts:
-            raise ValueError(f"ep_size={self.ep_size} must divide the expert count of every MoE layer; "
-                             f"{checkpoint} has {experts or 'no MoE layers'} (layer id: experts)")
+        check_ep_size(model_config_of(read_manifest(checkpoint), checkpoint), self.ep_size, checkpoint)
 
     def _placement_group(self, ray, num_cpus, num_gpus, strategy, timeout_s):
         """(placement group, index of the first shard bundle): the current one (a Serve replica's: the last

@@ -235,13 +235,17 @@ def sample_text(model: GPT, prompt: str, max_new_tokens: int, temperature: float
     return prompt + tok.decode(out[0])
 
 
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """Build a model from the config stored in a checkpoint and load its weights (no optimizer)."""
-    info = ckpt.read_manifest(checkpoint)
+def model_config_of(info: dict, checkpoint: str | Path) -> GPTConfig:
+    """The model config a checkpoint's manifest (``info``, from ``read_manifest``) stores in extra.model_config."""
     extra = info.get("extra") or {}
     if "model_config" not in extra:
         raise ckpt.CheckpointError(f"{checkpoint}: manifest has no extra.model_config; cannot rebuild the model")
-    model = GPT(GPTConfig(**extra["model_config"]))
+    return GPTConfig(**extra["model_config"])
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """Build a model from the config stored in a checkpoint and load its weights (no optimizer)."""
+    model = GPT(model_config_of(ckpt.read_manifest(checkpoint), checkpoint))
     ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
     return model.to(device)
 
