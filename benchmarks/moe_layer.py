@@ -11,6 +11,8 @@ Ratios are measured side by side in one run (DESIGN.md "Performance method"):
 
 Usage: python benchmarks/moe_layer.py [--quick] [--shapes T4096_D512 ...] [--modes dropless cf1.0 cf1.25]
        [--cpu-time]   (1 thread timed by its CPU time: stable on a machine shared with other jobs)
+       [--device cuda [--dtype bf16]]   (GPU: timed with synchronize; bf16 runs the experts and the dense pair
+                                         in bf16 under autocast, the gate stays fp32, as in training)
 glibc reads MALLOC_MMAP_THRESHOLD_ at process start only, so the script re-executes itself with it set
 (large fresh tensors otherwise come from mmap and pay page faults on every allocation).
 """
@@ -44,6 +46,13 @@ MODES = {"dropless": None, "cf1.0": 1.0, "cf1.25": 1.25}
 
 
 CLOCK = time.perf_counter
+DEVICE = torch.device("cpu")
+DTYPE = torch.float32
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _times(fn, reps: int, warmup: int) -> list[float]:
@@ -51,10 +60,16 @@ def _times(fn, reps: int, warmup: int) -> list[float]:
         fn()
     ts = []
     for _ in range(reps):
+        _sync()
         t0 = CLOCK()
         fn()
+        _sync()
         ts.append(CLOCK() - t0)
     return ts
+
+
+def _autocast():
+    return torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE != torch.float32)
 
 
 def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, run_ref: bool,
@@ -62,38 +77,42 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, ru
     torch.manual_seed(0)
     extra = {} if min_fill is None else {"capacity_layout_min_fill": min_fill}
     moe = MoE(D, Fd, num_experts=E, k=k, capacity_factor=cf or 1.0, drop_tokens=cf is not None,
-              min_capacity=4, **extra).train()
+              min_capacity=4, **extra).to(DEVICE).train()
     moe.experts.force_fallback = segment_loop
     layouts = set()
     fwd_cap = moe.experts.forward_capacity
     moe.experts.forward_capacity = lambda *a, **kw: layouts.add("slots") or fwd_cap(*a, **kw)
     fwd_seg = moe.experts.forward
     moe.experts.forward = lambda *a, **kw: layouts.add("segment") or fwd_seg(*a, **kw)
-    x = torch.randn(T, D, requires_grad=backward)
-    gy = torch.randn(T, D)
+    x = torch.randn(T, D, device=DEVICE, requires_grad=backward)
+    gy = torch.randn(T, D, device=DEVICE)
+    one = torch.ones((), device=DEVICE)
     noise = moe.draw_noise(T)
 
     def fast():
-        y, l_aux, _ = moe(x, noise=noise)
+        with _autocast():
+            y, l_aux, _ = moe(x, noise=noise)
         if backward:
-            torch.autograd.backward([y, l_aux], [gy, torch.ones(())])
+            torch.autograd.backward([y, l_aux], [gy, one])
 
     def ref():
-        o = reference_forward(moe, x, noise=noise)
+        with _autocast():
+            o = reference_forward(moe, x, noise=noise)
         if backward:
-            torch.autograd.backward([o.y, o.l_aux], [gy, torch.ones(())])
+            torch.autograd.backward([o.y, o.l_aux], [gy, one])
 
     fast()
     M = int(moe.last_stats.kept_counts.sum())
-    xd = torch.randn(M, D, requires_grad=backward)
-    w1 = (torch.randn(D, Fd) * 0.02).requires_grad_(backward)
-    w2 = (torch.randn(Fd, D) * 0.02).requires_grad_(backward)
-    gd = torch.randn(M, D)
+    xd = torch.randn(M, D, device=DEVICE, requires_grad=backward)
+    w1 = (torch.randn(D, Fd, device=DEVICE) * 0.02).requires_grad_(backward)
+    w2 = (torch.randn(Fd, D, device=DEVICE) * 0.02).requires_grad_(backward)
+    gd = torch.randn(M, D, device=DEVICE)
 
     def dense():
-        y = F.gelu(xd @ w1, approximate="tanh") @ w2
+        with _autocast():
+            y = F.gelu(xd @ w1, approximate="tanh") @ w2
         if backward:
-            y.backward(gd)
+            y.backward(gd.to(y.dtype))
 
     dense()
     t_dense, t_fast = [], []
@@ -125,8 +144,13 @@ def main(argv=None):
                     help="MoE capacity_layout_min_fill: 0 = always the slot layout, 2 = always segments")
     ap.add_argument("--segment-loop", action="store_true",
                     help="segments: the per-expert GEMM loop (the fallback) instead of torch._grouped_mm")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16: autocast (fp32 master weights, fp32 gate), for GPUs; CPU bf16 GEMMs are slow")
     args = ap.parse_args(argv)
-    global CLOCK
+    global CLOCK, DEVICE, DTYPE
+    DEVICE = torch.device(args.device)
+    DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.cpu_time:
         args.threads = 1
         CLOCK = time.thread_time
@@ -138,7 +162,8 @@ def main(argv=None):
         args.reps, args.ref_reps = 2, 1
     if args.shapes:
         shapes = {n: s for n, s in shapes.items() if any(f in n for f in args.shapes)}
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, dtype fp32, "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, "
           f"clock {'thread CPU time' if args.cpu_time else 'wall'}, "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}, grouped_mm "
           f"{'yes' if hasattr(torch, '_grouped_mm') else 'no'}")

@@ -196,6 +196,15 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w1, std=self.init_std)
         nn.init.normal_(self.w2, std=self.out_init_std)
 
+    def _weights(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x, w1, w2) in the compute dtype: the autocast dtype when autocast is on for x's device (as
+        ``nn.Linear`` would run; the casts are differentiable, so the fp32 parameters get fp32 grads), else
+        the weights' own dtype. The custom GEMM functions below are outside autocast's op lists."""
+        dt = self.w1.dtype
+        if torch.is_autocast_enabled(x.device.type) and dt == torch.float32:
+            dt = torch.get_autocast_dtype(x.device.type)
+        return x.to(dt), self.w1.to(dt), self.w2.to(dt)
+
     def forward(self, x_MD: Tensor, counts_E: Tensor, scale_M: Tensor | None = None, *,
                 force_fallback: bool | None = None) -> Tensor:
         """x_MD: rows sorted by local expert, counts_E[e] rows each (sum <= M); returns [M, D].
@@ -205,21 +214,24 @@ class GroupedExperts(nn.Module):
         """
         if force_fallback is None:
             force_fallback = self.force_fallback
-        if x_MD.dtype != self.w1.dtype:
-            x_MD = x_MD.to(self.w1.dtype)
+        x_MD, w1, w2 = self._weights(x_MD)
+        with torch.autocast(x_MD.device.type, enabled=False):
+            return self._forward(x_MD, w1, w2, counts_E, scale_M, force_fallback)
+
+    def _forward(self, x_MD, w1, w2, counts_E, scale_M, force_fallback) -> Tensor:
         offs = None
         counts_list = None
         if force_fallback or not _probe_grouped_mm(x_MD.device, x_MD.dtype):
             counts_list = [int(c) for c in counts_E.tolist()]
         else:
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        h_MF = grouped_mm(x_MD, self.w1, counts_E, offs=offs, counts_list=counts_list,
+        h_MF = grouped_mm(x_MD, w1, counts_E, offs=offs, counts_list=counts_list,
                           force_fallback=force_fallback)
         h_MF = self.act(h_MF)
         scale_h = scale_M is not None and h_MF.shape[1] <= x_MD.shape[1]
         if scale_h:
             h_MF = h_MF * scale_M.unsqueeze(1).to(h_MF.dtype)
-        y_MD = grouped_mm(h_MF, self.w2, counts_E, offs=offs, counts_list=counts_list,
+        y_MD = grouped_mm(h_MF, w2, counts_E, offs=offs, counts_list=counts_list,
                           force_fallback=force_fallback)
         if scale_M is not None and not scale_h:
             y_MD = y_MD * scale_M.unsqueeze(1).to(y_MD.dtype)
@@ -228,16 +240,16 @@ class GroupedExperts(nn.Module):
     def forward_capacity(self, x_QECD: Tensor, scale_QEC: Tensor | None = None) -> Tensor:
         """Capacity layout: x_QECD[q, e] are the C slots of local expert e coming from EP rank q (unused slots
         hold zeros); returns y_QECD. ``scale_QEC`` multiplies each slot's output (as in :meth:`forward`)."""
-        if x_QECD.dtype != self.w1.dtype:
-            x_QECD = x_QECD.to(self.w1.dtype)
-        h = self.act(_ExpertBMM.apply(x_QECD, self.w1))
-        scale_h = scale_QEC is not None and h.shape[-1] <= x_QECD.shape[-1]
-        if scale_h:
-            h = h * scale_QEC.unsqueeze(-1).to(h.dtype)
-        y = _ExpertBMM.apply(h, self.w2)
-        if scale_QEC is not None and not scale_h:
-            y = y * scale_QEC.unsqueeze(-1).to(y.dtype)
-        return y
+        x_QECD, w1, w2 = self._weights(x_QECD)
+        with torch.autocast(x_QECD.device.type, enabled=False):
+            h = self.act(_ExpertBMM.apply(x_QECD, w1))
+            scale_h = scale_QEC is not None and h.shape[-1] <= x_QECD.shape[-1]
+            if scale_h:
+                h = h * scale_QEC.unsqueeze(-1).to(h.dtype)
+            y = _ExpertBMM.apply(h, w2)
+            if scale_QEC is not None and not scale_h:
+                y = y * scale_QEC.unsqueeze(-1).to(y.dtype)
+            return y
 
     def extra_repr(self) -> str:
         E, D, Fd = self.w1.shape

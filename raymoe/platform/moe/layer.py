@@ -145,7 +145,10 @@ class MoE(nn.Module):
         self.expert_load.zero_()
 
     def draw_noise(self, num_tokens: int, device=None, generator: torch.Generator | None = None) -> RouterNoise:
-        """The random draws a forward over ``num_tokens`` routed tokens needs in the current mode."""
+        """The random draws a forward over ``num_tokens`` routed tokens needs in the current mode (on the
+        layer's device unless ``device`` says otherwise)."""
+        if device is None:
+            device = self.gate.wg.weight.device
         return draw_router_noise(num_tokens, self.num_experts, self.hidden_size, k=self.k,
                                  noisy_gate_policy=self.noisy_gate_policy, use_rts=self.use_rts,
                                  top2_2nd_expert_sampling=self.top2_2nd_expert_sampling,
