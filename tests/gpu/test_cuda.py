@@ -215,3 +215,13 @@ def test_nccl_all_to_all_dispatch_equals_local(tmp_path, free_port):
     for name, err in results.items():
         assert err < 1e-5, (name, err)
 
+
+
+def test_local_layer_on_cuda_defaults_to_segments(monkeypatch):
+    """Measured on an H100 (benchmarks/moe_layer.py --device cuda): the grouped GEMM over segments beats the
+    slot layout at every shape, so a local layer with the default min fill never takes the slots there."""
+    m = MoE(64, 128, num_experts=8, k=2, capacity_factor=1.0).to(CUDA)
+    used = []
+    monkeypatch.setattr(m.experts, "forward_capacity", lambda *a, **kw: used.append("slots"))
+    y, _, _ = m(torch.randn(256, 64, device=CUDA))
+    assert used == [] and torch.isfinite(y).all()

@@ -9,8 +9,8 @@ preallocated outputs (autograd through slices + cat would allocate a full-size z
 backward).
 
 Fixed segments (capacity mode, [Q, E, C, D]): batched GEMMs (``torch.bmm`` over the experts) for the
-activations and their gradients, and one GEMM per expert, accumulated over Q, for the weight gradients.
-On CPU this beats the grouped GEMM (benchmarks/moe_layer.py): bmm runs each expert's product on one thread
+activations and their gradients, and one GEMM per expert, accumulated over Q, for the weight gradients
+(on a GPU a batched GEMM too: there the per-expert loop costs a kernel launch per expert). On CPU this beats the grouped GEMM (benchmarks/moe_layer.py): bmm runs each expert's product on one thread
 and spreads the experts over the threads, where the per-segment calls of the grouped GEMM split every small
 product across threads; the weight gradient is a long reduction (K = C) that one GEMM per expert handles best.
 """
@@ -137,7 +137,11 @@ class _ExpertBMM(torch.autograd.Function):
             w_ENK = w_EKN.transpose(1, 2)
             for q in range(Q):
                 torch.bmm(g_QECN[q], w_ENK, out=gx[q])
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and x_QECK.device.type != "cpu":  # one batched GEMM per source rank
+            gw = torch.bmm(x_QECK[0].transpose(1, 2), g_QECN[0])
+            for q in range(1, Q):
+                gw.baddbmm_(x_QECK[q].transpose(1, 2), g_QECN[q])
+        elif ctx.needs_input_grad[1]:
             gw = torch.empty_like(w_EKN)
             for e in range(E):
                 torch.mm(x_QECK[0, e].t(), g_QECN[0, e], out=gw[e])

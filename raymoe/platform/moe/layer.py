@@ -17,6 +17,9 @@ from .experts import ACTIVATIONS, GroupedExperts
 from .router import (NOISY_GATE_POLICIES, RouterNoise, TopKRouter, compute_capacity, draw_router_noise,
                      load_balancing_loss, noise_needs, select_experts, z_loss)
 
+# Slot layout when the kept rows fill at least this share of the E*C slots (benchmarks/moe_layer.py, CPU).
+DEFAULT_MIN_FILL = 0.9
+
 
 @dataclass
 class RouterStats:
@@ -54,7 +57,8 @@ class MoE(nn.Module):
 
     Arguments follow DeepSpeed's ``deepspeed.moe.layer.MoE``; ``expert`` is the ffn size (None: 4*hidden).
     ``capacity_layout_min_fill`` picks the expert layout (see ``_use_capacity_layout``): 0 always the fixed
-    [E, C, D] slots, > 1 never (variable segments); results are the same either way.
+    [E, C, D] slots, > 1 never (variable segments), None the measured default (0.9 on CPU; local layers on a
+    GPU use segments); results are the same either way.
     """
 
     def __init__(self, hidden_size: int, expert: int | None = None, num_experts: int = 1, ep_size: int = 1,
@@ -64,7 +68,7 @@ class MoE(nn.Module):
                  z_loss_coef: float = 0.0, expert_bias: bool = False, expert_bias_update_rate: float = 1e-3,
                  activation: str = "gelu", dispatcher=None, layer_id: int = 0,
                  global_expert_ids: list[int] | None = None, init_std: float = 0.02,
-                 capacity_layout_min_fill: float = 0.9):
+                 capacity_layout_min_fill: float | None = None):
         super().__init__()
         ffn = self._check_args(hidden_size, expert, num_experts, ep_size, k, capacity_factor,
                                eval_capacity_factor, min_capacity, noisy_gate_policy, activation, dispatcher)
@@ -85,7 +89,7 @@ class MoE(nn.Module):
         self.z_loss_coef = float(z_loss_coef)
         self.expert_bias_update_rate = float(expert_bias_update_rate)
         self.layer_id = int(layer_id)
-        self.capacity_layout_min_fill = float(capacity_layout_min_fill)
+        self.capacity_layout_min_fill = None if capacity_layout_min_fill is None else float(capacity_layout_min_fill)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         if global_expert_ids is None:
             global_expert_ids = getattr(dispatcher, "local_expert_ids", None)
@@ -252,13 +256,18 @@ class MoE(nn.Module):
         be no higher than 1/cf): fixed all-to-all splits, no count exchange - DeepSpeed's exchange at cf 1.0;
         otherwise (dropless, or cf 1.25 / 2.0) variable splits that carry only the kept rows.
         """
+        min_fill = self.capacity_layout_min_fill
         if not isinstance(self.dispatcher, LocalDispatcher):
             cf = self.capacity_factor if self.training else self.eval_capacity_factor
-            return self.drop_tokens and cf * self.capacity_layout_min_fill <= 1.0
-        if S == 0 or self.capacity_layout_min_fill > 1.0:
+            return self.drop_tokens and cf * (DEFAULT_MIN_FILL if min_fill is None else min_fill) <= 1.0
+        if min_fill is None:
+            if plan.counts_E.device.type != "cpu":
+                return False  # GPU: the grouped GEMM over segments beat the slots at every benchmark shape
+            min_fill = DEFAULT_MIN_FILL
+        if S == 0 or min_fill > 1.0:
             return False
         kept = int(plan.kept_counts_E.sum())
-        return kept >= self.capacity_layout_min_fill * self.num_experts * capacity
+        return kept >= min_fill * self.num_experts * capacity
 
     def _experts_capacity(self, x_TD: Tensor, tok_M: Tensor, slot_M: Tensor, g_M: Tensor, C: int,
                           fold_gate: bool) -> Tensor:

@@ -71,7 +71,12 @@ def draw_router_noise(num_tokens: int, num_experts: int, hidden_size: int, *, k:
     if need["gumbel2"]:
         noise.gumbel2_SE = _gumbel((S, E), device, generator)
     if need["rts"]:
-        noise.rts_order_KS = torch.stack([torch.randperm(S, generator=generator, device=device) for _ in range(k)])
+        if torch.device(device or "cpu").type == "cpu":  # Fisher-Yates: O(S) per row
+            noise.rts_order_KS = torch.stack([torch.randperm(S, generator=generator, device=device)
+                                              for _ in range(k)])
+        else:  # one batched sort instead of k randperm launches (each a multi-kernel sort on a GPU)
+            u = torch.rand((k, S), device=device, generator=generator, dtype=torch.float32)
+            noise.rts_order_KS = u.argsort(dim=1)
     return noise
 
 
