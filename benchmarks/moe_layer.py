@@ -5,6 +5,7 @@ Ratios are measured side by side in one run (DESIGN.md "Performance method"):
   useful GF/s        = useful FLOPs / MoE time; useful FLOPs = 2 * M * 2 * D * F forward (x3 for fwd+bwd),
                        M = kept token-choices (T*k when dropless)
   dense-equivalence  = time of a dense pair gelu(x_MD @ w1_DF) @ w2_FD at the same M and dtype / MoE time
+                       (both start each rep with grads set to None, as a training step after zero_grad does)
   ref/fast           = einsum reference time / fast time (reference timed with fewer reps)
   layout             = slots (capacity layout [E, C, D], batched GEMMs) or segment (variable segments, grouped
                        GEMM); the layer picks slots when the kept rows fill >= 0.9 of the slots (--min-fill)
@@ -90,6 +91,8 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, ru
     noise = moe.draw_noise(T)
 
     def fast():
+        moe.zero_grad(set_to_none=True)  # as a training step does: backward writes fresh grads, no accumulation
+        x.grad = None
         with _autocast():
             y, l_aux, _ = moe(x, noise=noise)
         if backward:
@@ -109,6 +112,7 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, ru
     gd = torch.randn(M, D, device=DEVICE)
 
     def dense():
+        xd.grad = w1.grad = w2.grad = None
         with _autocast():
             y = F.gelu(xd @ w1, approximate="tanh") @ w2
         if backward:

@@ -9,10 +9,9 @@ preallocated outputs (autograd through slices + cat would allocate a full-size z
 backward).
 
 Fixed segments (capacity mode, [Q, E, C, D]): batched GEMMs (``torch.bmm`` over the experts) for the
-activations and their gradients, and one GEMM per expert, accumulated over Q, for the weight gradients
-(on a GPU a batched GEMM too: there the per-expert loop costs a kernel launch per expert). On CPU this beats the grouped GEMM (benchmarks/moe_layer.py): bmm runs each expert's product on one thread
-and spreads the experts over the threads, where the per-segment calls of the grouped GEMM split every small
-product across threads; the weight gradient is a long reduction (K = C) that one GEMM per expert handles best.
+activations, their gradients and the weight gradients (accumulated over Q). On CPU this beats the grouped
+GEMM (benchmarks/moe_layer.py): bmm runs each expert's product on one thread and spreads the experts over
+the threads, where the per-segment calls of the grouped GEMM split every small product across threads.
 """
 
 from __future__ import annotations
@@ -130,23 +129,18 @@ class _ExpertBMM(torch.autograd.Function):
     def backward(ctx, g_QECN):
         x_QECK, w_EKN = ctx.saved_tensors
         g_QECN = g_QECN.contiguous()
-        Q, E = x_QECK.shape[:2]
+        Q = x_QECK.shape[0]
         gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = torch.empty_like(x_QECK)
             w_ENK = w_EKN.transpose(1, 2)
             for q in range(Q):
                 torch.bmm(g_QECN[q], w_ENK, out=gx[q])
-        if ctx.needs_input_grad[1] and x_QECK.device.type != "cpu":  # one batched GEMM per source rank
-            gw = torch.bmm(x_QECK[0].transpose(1, 2), g_QECN[0])
+        if ctx.needs_input_grad[1]:  # batched over the experts, accumulated over the source ranks
+            gw = torch.empty_like(w_EKN)
+            torch.bmm(x_QECK[0].transpose(1, 2), g_QECN[0], out=gw)
             for q in range(1, Q):
                 gw.baddbmm_(x_QECK[q].transpose(1, 2), g_QECN[q])
-        elif ctx.needs_input_grad[1]:
-            gw = torch.empty_like(w_EKN)
-            for e in range(E):
-                torch.mm(x_QECK[0, e].t(), g_QECN[0, e], out=gw[e])
-                for q in range(1, Q):
-                    gw[e].addmm_(x_QECK[q, e].t(), g_QECN[q, e])
         return gx, gw
 
 
