@@ -7,9 +7,10 @@ tokens/s, p50/p99 request latency, p50/p99 time to first token (``--stream``), a
 
 Usage: python benchmarks/serve_load.py [--checkpoint DIR] [--clients 8] [--duration 10] [--max-tokens 32]
        [--prompt-len 32] [--max-batch-size 16] [--stream [--stream-interval 0.02]] [--num-cpus 2]
-       [--layout single|split] [--rounds N] [--cpu-report]
+       [--layout single|split] [--rounds N] [--cpu-report] [--ingress proxy|direct|both]
 ``--layout``: the Serve app (single: routes + engine in one deployment, the default; split: ingress ->
-LLMServer). ``--rounds N``: N alternating windows per mode (for shared machines). ``--cpu-report``: CPU
+LLMServer). ``--ingress``: how clients reach Serve (see --help); "both" (default) prints a row for each.
+``--rounds N``: N alternating windows per mode (for shared machines). ``--cpu-report``: CPU
 cores per process in each mode, with a warning when processes outside this benchmark used the CPU.
 Without --checkpoint a random-weight model of the local_tiny shape (4 layers, d=128, 8 experts on blocks 1
 and 3, block 128) is saved to a temporary folder. Greedy decoding, so both modes generate the same tokens.
@@ -169,16 +170,21 @@ def in_process_client(eng, a):
     return one
 
 
-def start_serve(ckpt: str, a) -> str:
-    """A local Ray + Serve deployment of the same checkpoint and engine settings; returns the URL."""
+def start_serve(ckpt: str, a) -> dict[str, str]:
+    """A local Ray + Serve deployment of the same checkpoint and engine settings; returns {mode: URL}:
+    "serve-http" through Serve's HTTP proxy, "serve-direct" to the replica's own HTTP server (--ingress)."""
+    import os
+
     import ray
     from ray import serve
 
-    from raymoe.deployments.app import build_app
+    from raymoe.deployments.app import build_app, direct_ingress_env, direct_ingress_urls
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    if a.ingress != "proxy":  # read by the Serve processes when they start: before ray.init
+        os.environ.update(direct_ingress_env(port))
     # Ray starts workers at nice 15; the in-process baseline runs at the caller's priority, so on a shared
     # machine the comparison would measure priority, not Serve. Same priority for both: niceness 0.
     ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False,
@@ -191,7 +197,15 @@ def start_serve(ckpt: str, a) -> str:
         "stream_interval_s": a.stream_interval,
         "engine_kwargs": {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients,
                           "torch_threads": a.threads}}), name="bench", route_prefix="/")
-    return f"http://127.0.0.1:{port}/v1/completions"
+    urls = {}
+    if a.ingress != "direct":
+        urls["serve-http"] = f"http://127.0.0.1:{port}/v1/completions"
+    if a.ingress != "proxy":
+        found = direct_ingress_urls("127.0.0.1", port, 1)
+        if not found:
+            raise SystemExit("the replica's direct-ingress server did not answer (Ray < 2.56?)")
+        urls["serve-direct"] = f"{found[0]}/v1/completions"
+    return urls
 
 
 def stop_serve() -> None:
@@ -243,6 +257,10 @@ async def measure(modes: dict, a, pool: list[str]) -> dict[str, tuple[list[Sampl
     return out
 
 
+def _serve_modes(urls: dict[str, str], a) -> dict:
+    return {name: (lambda http, _u=url: serve_client(http, _u, a)) for name, url in urls.items()}
+
+
 def run(ckpt: str, a, pool: list[str]) -> dict[str, tuple[list[Sample], float]]:
     """rounds == 1: in-process first (no Ray running), then Serve. rounds > 1: both up, windows alternate."""
     eng = start_engine(ckpt, a)
@@ -250,16 +268,16 @@ def run(ckpt: str, a, pool: list[str]) -> dict[str, tuple[list[Sample], float]]:
         if a.rounds == 1:
             res = asyncio.run(measure({"in-process": lambda http: in_process_client(eng, a)}, a, pool))
             eng.shutdown(10)
-            url = start_serve(ckpt, a)
+            urls = start_serve(ckpt, a)
             try:
-                res.update(asyncio.run(measure({"serve-http": lambda http: serve_client(http, url, a)}, a, pool)))
+                res.update(asyncio.run(measure(_serve_modes(urls, a), a, pool)))
             finally:
                 stop_serve()
             return res
-        url = start_serve(ckpt, a)
+        urls = start_serve(ckpt, a)
         try:
             return asyncio.run(measure({"in-process": lambda http: in_process_client(eng, a),
-                                        "serve-http": lambda http: serve_client(http, url, a)}, a, pool))
+                                        **_serve_modes(urls, a)}, a, pool))
         finally:
             stop_serve()
     finally:
@@ -301,6 +319,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="1: in-process, then Serve (Ray not running during "
                     "in-process); N > 1: both set up, N alternating windows of duration/N s per mode (both modes "
                     "see the same background load on a shared machine; Ray idles during in-process windows)")
+    ap.add_argument("--ingress", choices=["proxy", "direct", "both"], default="both",
+                    help="Serve side: proxy = through Serve's HTTP proxy (Ray's defaults); direct = Ray Serve's "
+                         "throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1), clients send to the "
+                         "replica's own HTTP server; both = the throughput-optimized Serve measured both ways")
     a = ap.parse_args()
     if a.clients < 1 or a.duration <= 0 or a.max_tokens < 1 or a.rounds < 1:
         raise SystemExit("--clients, --duration, --max-tokens and --rounds must be positive")
@@ -308,17 +330,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.checkpoint or make_checkpoint(tmp)
         res = run(ckpt, a, pool)
-        rows = [summarize(name, *res[name]) for name in ("in-process", "serve-http")]
-    print(f"\n{a.clients} clients, {a.duration:.0f} s in {a.rounds} round(s), {a.layout} layout, "
+        rows = [summarize(name, *res[name]) for name in ("in-process", "serve-http", "serve-direct") if name in res]
+    print(f"\n{a.clients} clients, {a.duration:.0f} s in {a.rounds} round(s), {a.layout} layout, ingress {a.ingress}, "
           f"{'ProcessEngine' if a.engine_process else 'Engine'} in Serve, prompt {a.prompt_len} tokens, max_tokens {a.max_tokens}, "
           f"max_batch_size {a.max_batch_size}, stream={a.stream}, stream_interval {a.stream_interval} s")
     print(f"{'mode':12s} {'requests':>8s} {'tok/s':>9s} {'p50 s':>8s} {'p99 s':>8s} {'ttft50 s':>9s} {'ttft99 s':>9s}")
     for r in rows:
         print(f"{r['mode']:12s} {r['requests']:8d} {r['tokens_per_s']:9.1f} {r['p50_s']:8.3f} {r['p99_s']:8.3f} "
               f"{r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f}")
-    base, srv = rows
-    print(f"ratio serve/in-process: tokens/s {srv['tokens_per_s'] / base['tokens_per_s']:.2f}, "
-          f"p50 latency {srv['p50_s'] / base['p50_s']:.2f}, p99 latency {srv['p99_s'] / base['p99_s']:.2f}")
+    base = rows[0]
+    for srv in rows[1:]:
+        print(f"ratio {srv['mode']}/in-process: tokens/s {srv['tokens_per_s'] / base['tokens_per_s']:.2f}, "
+              f"p50 latency {srv['p50_s'] / base['p50_s']:.2f}, p99 latency {srv['p99_s'] / base['p99_s']:.2f}")
     print_cpu_use()
     print("JSON " + json.dumps(rows))
 

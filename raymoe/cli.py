@@ -5,7 +5,7 @@
     raymoe generate --checkpoint runs/tiny/checkpoints --prompt "def "
     raymoe config [--config X] [--set ...] [--fields]
     raymoe report runs/tiny
-    raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N] [--ep-size N]
+    raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N] [--ep-size N] [--direct-ingress]
     raymoe checkpoint inspect runs/tiny/checkpoints [--verify]
     raymoe checkpoint reshard runs/tiny/checkpoints --workers 4 [--ep-size 4]
 """
@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     p.add_argument("--address", default=None, help="Ray to use: 'local' (a new private instance; the default "
                                                    "unless RAY_ADDRESS is set), 'auto' or HOST:PORT of a cluster")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="Ray Serve's throughput-optimized mode (local Ray only): each ingress replica also answers "
+                        "HTTP on its own port from --port+1 up, skipping the proxy hop (printed at start)")
 
     p = sub.add_parser("config", help="print the resolved config, or --fields to list every field")
     _add_config_args(p)
@@ -177,7 +180,11 @@ def _cmd_serve(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     if address != "local" and args.num_cpus is not None:
         raise ValueError(f"--num-cpus applies to a local Ray instance only, not to --address {address}")
-    run_blocking(sargs, host=args.host, port=args.port, address=address, num_cpus=args.num_cpus)
+    if args.direct_ingress and address != "local":
+        raise ValueError(f"--direct-ingress needs a local Ray instance (--address local), not {address!r}: on a "
+                         "cluster set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in every node's environment before `ray start`")
+    run_blocking(sargs, host=args.host, port=args.port, address=address, num_cpus=args.num_cpus,
+                 direct_ingress=args.direct_ingress)
     return 0
 
 

@@ -217,21 +217,64 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
+DIRECT_INGRESS_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Environment for Ray Serve's direct ingress (its throughput-optimized mode, Ray >= 2.56): every ingress
+    replica also answers HTTP itself, on ports from ``port + 1`` up, without the proxy hop. Must be in the
+    environment of the Serve processes, i.e. set before Ray starts (on a cluster: before ``ray start``)."""
+    return {**DIRECT_INGRESS_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + 1),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1000)}
+
+
+def direct_ingress_urls(host: str, port: int, replicas: int, timeout_s: float = 30.0) -> list[str]:
+    """Base URLs of the replicas' direct-ingress servers (ports ``port + 1`` ...), found by asking each
+    candidate port's ``/healthz``; waits up to ``timeout_s`` for ``replicas`` of them."""
+    import json
+    import time
+    import urllib.request
+
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    deadline, found = time.monotonic() + timeout_s, []
+    while True:
+        found = []
+        for p in range(port + 1, port + 1 + max(4 * replicas, 8)):
+            try:
+                with urllib.request.urlopen(f"http://{probe}:{p}/healthz", timeout=1.0) as r:
+                    if json.loads(r.read()).get("status") == "ok":
+                        found.append(f"http://{host}:{p}")
+            except OSError:
+                continue
+        if len(found) >= replicas or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, app_name: str = "raymoe",
-                 address: str = "local", num_cpus: Optional[int] = None, log=_print) -> None:
+                 address: str = "local", num_cpus: Optional[int] = None, direct_ingress: bool = False,
+                 log=_print) -> None:
     """`raymoe serve`: start Ray and Serve, deploy, block until Ctrl-C, then shut down Serve cleanly.
 
     address "local" starts a private Ray instance (never joins a cluster that happens to run on this machine);
-    "auto" or "HOST:PORT" joins a running cluster (then num_cpus must be None). Shutdown: Serve stops routing
-    new requests, drains each replica (``graceful_shutdown_wait_loop_s``), then calls `LLMServer.__del__`,
-    whose engine shutdown lets running generations finish.
+    "auto" or "HOST:PORT" joins a running cluster (then num_cpus must be None). ``direct_ingress`` (local
+    only): Ray Serve's throughput-optimized mode, see :func:`direct_ingress_env`; the proxy still answers on
+    ``port``. Shutdown: Serve stops routing new requests, drains each replica
+    (``graceful_shutdown_wait_loop_s``), then calls `LLMServer.__del__`, whose engine shutdown lets running
+    generations finish.
     """
+    import os
     import time
 
     import ray
     from ray import serve
 
     app = build_app(args)  # argument errors before anything starts
+    if direct_ingress and (address != "local" or ray.is_initialized()):
+        raise ValueError("direct ingress is set when Ray starts: with --address local only; on a cluster put "
+                         f"{DIRECT_INGRESS_ENV} in every node's environment before `ray start`")
+    if direct_ingress:
+        os.environ.update(direct_ingress_env(port))
     if not ray.is_initialized():
         if address == "local":
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
@@ -243,6 +286,15 @@ def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, 
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=app_name, route_prefix="/")
         log(f"serving '{args.model_id}' on http://{host}:{port}/v1 (Ctrl-C to stop)")
+        if direct_ingress:
+            if not args.single_deployment:
+                replicas = args.ingress_num_replicas
+            elif args.autoscaling_config is not None:
+                replicas = max(1, int(args.autoscaling_config.get("min_replicas", 1)))
+            else:
+                replicas = args.num_replicas or 1
+            for url in direct_ingress_urls(host, port, replicas):
+                log(f"direct ingress (one replica, no proxy hop): {url}/v1")
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:

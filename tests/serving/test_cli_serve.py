@@ -26,6 +26,7 @@ FAKE = "raymoe.deployments.fake_engine:FakeEngine"
     ["serve", "--engine", FAKE, "--max-batch-size", "0"],
     ["serve", "--engine", FAKE, "--ep-size", "2"],                   # expert-parallel shards load a checkpoint
     ["serve", "--checkpoint", "/nonexistent/ckpt", "--ep-size", "0"],
+    ["serve", "--engine", FAKE, "--address", "auto", "--direct-ingress"],  # set when Ray starts: local only
 ])
 def test_cli_serve_argument_errors(argv, capsys):
     assert main(argv) == 2
@@ -50,21 +51,38 @@ def _get(url: str, timeout: float = 5.0) -> dict:
 
 
 @pytest.mark.slow
-def test_cli_serve_answers_then_ctrl_c_shuts_down(tmp_path):
-    """A separate Ray instance in a subprocess (its own session), like a user's terminal."""
+@pytest.mark.parametrize("direct", [False, True])
+def test_cli_serve_answers_then_ctrl_c_shuts_down(tmp_path, direct):
+    """A separate Ray instance in a subprocess (its own session), like a user's terminal. With --direct-ingress
+    the replica also answers on its own port (Serve's throughput-optimized mode), with the same results."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli", "serve", "--engine", FAKE, "--port", str(port),
-                             "--model-id", "cli", "--num-cpus", "2", "--address", "local"], stdout=log,
+                             "--model-id", "cli", "--num-cpus", "2", "--address", "local",
+                             *(["--direct-ingress"] if direct else [])], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    ready = "direct ingress" if direct else "serving 'cli' on http://127.0.0.1"
     try:
         deadline = time.monotonic() + 90
-        while "serving 'cli' on http://127.0.0.1" not in (tmp_path / "serve.log").read_text():
+        while ready not in (tmp_path / "serve.log").read_text():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
         assert _get(f"http://127.0.0.1:{port}/v1/models")["data"][0]["id"] == "cli"
+        if direct:
+            line = next(x for x in (tmp_path / "serve.log").read_text().splitlines() if "direct ingress" in x)
+            url = line.split(": ", 1)[1].strip()
+            assert url == f"http://127.0.0.1:{port + 1}/v1"
+            assert _get(f"{url}/models")["data"][0]["id"] == "cli"
+            body = json.dumps({"model": "cli", "prompt": "abc", "max_tokens": 4, "temperature": 0}).encode()
+            answers = []
+            for base in (f"http://127.0.0.1:{port}/v1", url):
+                req = urllib.request.Request(f"{base}/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    answers.append(json.loads(r.read())["choices"][0]["text"])
+            assert answers[0] == answers[1] and answers[0]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
