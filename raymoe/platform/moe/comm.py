@@ -168,10 +168,14 @@ class _Route:
     def __init__(self):
         self.hops: list[tuple] = []
 
-    def perm(self, counts_AB: Tensor) -> None:
+    def perm(self, counts_AB: Tensor, device=None) -> None:
+        """Reorder (a, b)-major segments to b-major; the index lives on ``device`` (default: the counts')."""
         idx = transpose_segments(counts_AB)
         if idx is not None:
-            self.hops.append(("perm", idx, transpose_segments(counts_AB.t())))
+            inv = transpose_segments(counts_AB.t())
+            if device is not None:
+                idx, inv = idx.to(device), inv.to(device)
+            self.hops.append(("perm", idx, inv))
 
     def a2a(self, group, send: list[int] | None, recv: list[int] | None) -> None:
         self.hops.append(("a2a", group, send, recv))
@@ -252,6 +256,7 @@ class AllToAllDispatcher:
         self.intra_group, self.inter_group = intra_group, inter_group
         self._meter = _Meter(self)
         self._routes: list[_Route] = []
+        self.last_group_max_count = None  # largest per-expert count in the group, set by every dispatch()
 
     def _check_hierarchical(self, P, intra_group, inter_group) -> bool:
         """Whether the two-phase route applies: an EP group of several nodes with several ranks each."""
@@ -312,8 +317,11 @@ class AllToAllDispatcher:
         Q, El, C, D = y_QECD.shape
         return self._routes.pop().inverse(y_QECD.reshape(Q * El * C, D), self._meter).view(Q * El, C, D)
 
+    # dispatch() learns the group's largest per-expert count (dropless capacity) with the counts it exchanges
+    reports_group_max = True
+
     def all_reduce_max(self, t: Tensor) -> Tensor:
-        """Max of ``t`` over the EP group (dropless capacity)."""
+        """Max of ``t`` over the EP group (the slot count of the capacity layout)."""
         out = t.detach().reshape(-1).clone()
         self._meter.run(lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group))
         return out.reshape(t.shape)
@@ -322,21 +330,29 @@ class AllToAllDispatcher:
     def _plan_flat(self, counts_E: Tensor, x_MD: Tensor) -> tuple[_Route, Tensor]:
         Q, El = self.ep_size, self.num_local_experts
         # One all_to_all_single of the counts; a last column carries each rank's row total to every peer so
-        # that all ranks can choose the same exchange.
-        send_QE1 = torch.cat([counts_E.view(Q, El), counts_E.sum().expand(Q, 1)], 1).contiguous()
+        # that all ranks can choose the same exchange. The splits are made from Python lists (two host reads).
+        # A third extra column carries the largest per-expert count, so dropless layers learn the group's
+        # capacity here instead of from an all-reduce of their own (``last_group_max_count``).
+        local_max = counts_E.max() if counts_E.numel() else counts_E.new_zeros(())
+        send_QE1 = torch.cat([counts_E.view(Q, El), counts_E.sum().expand(Q, 1), local_max.expand(Q, 1)],
+                             1).contiguous()
         recv_QE1 = torch.empty_like(send_QE1)
         self._meter.run(lambda: dist.all_to_all_single(recv_QE1, send_QE1, group=self.group))
-        recv_QE = recv_QE1[:, :El]
+        recv = recv_QE1.tolist()
+        self.last_group_max_count = max(r[El + 1] for r in recv)
+        recv_QE = [r[:El] for r in recv]
+        counts = counts_E.tolist()
         route = _Route()
-        if self._use_p2p(int(recv_QE1[:, El].sum()), x_MD):
+        if self._use_p2p(sum(r[El] for r in recv), x_MD):
             self.last_route = "p2p"
-            route.segments(self._segment_plan(counts_E.tolist(), recv_QE.tolist()))
+            route.segments(self._segment_plan(counts, recv_QE))
         else:
             self.last_route = "all_to_all"
-            send_split, recv_split = torch.stack([counts_E.view(Q, El).sum(1), recv_QE.sum(1)]).tolist()
-            route.a2a(self.group, send_split, recv_split)
-            route.perm(recv_QE)
-        return route, recv_QE.sum(0)
+            send_split = [sum(counts[q * El:(q + 1) * El]) for q in range(Q)]
+            route.a2a(self.group, send_split, [sum(r) for r in recv_QE])
+            route.perm(torch.tensor(recv_QE, dtype=torch.long), device=x_MD.device)
+        counts_loc = torch.tensor([sum(r[e] for r in recv_QE) for e in range(El)], dtype=torch.long)
+        return route, counts_loc.to(counts_E.device)
 
     def _use_p2p(self, group_rows: int, x_MD: Tensor) -> bool:
         if self.exchange != "auto":
@@ -376,7 +392,9 @@ class AllToAllDispatcher:
         # Every rank needs the whole count matrix C[src, dst, e] to lay out both phases.
         parts = [torch.empty_like(counts_E) for _ in range(Q)]
         self._meter.run(lambda: dist.all_gather(parts, counts_E.contiguous(), group=self.group))
-        return self._hierarchical_route(torch.stack(parts).view(Q, Q, El), expert_major=True)
+        C_QQE = torch.stack(parts).view(Q, Q, El)
+        self.last_group_max_count = int(C_QQE.max())
+        return self._hierarchical_route(C_QQE, expert_major=True)
 
     def _hierarchical_route(self, C_QQE: Tensor, expert_major: bool) -> tuple[_Route, Tensor]:
         """Both phases from the count matrix; rows end in (source rank, local expert) order, re-sorted to

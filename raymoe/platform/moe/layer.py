@@ -205,7 +205,10 @@ class MoE(nn.Module):
         if use_rts and noise.rts_order_KS is None:
             raise ValueError("router noise field 'rts_order_KS' is required by the options in force but is None")
         plan = plan_dispatch(idx_SK, E, capacity, noise.rts_order_KS if use_rts else None)
-        if capacity is None:
+        # Dropless capacity = the largest per-expert count over the EP group. An expert-parallel dispatcher
+        # learns it in dispatch's count exchange (no collective of its own; the EP layout choice below is static).
+        group_max_later = capacity is None and getattr(self.dispatcher, "reports_group_max", False)
+        if capacity is None and not group_max_later:
             local_max = plan.counts_E.max() if S > 0 else plan.counts_E.new_zeros(())
             capacity = int(self.dispatcher.all_reduce_max(local_max))
         l_aux = load_balancing_loss(probs_SE, idx_SK, plan.counts_E, K)
@@ -228,6 +231,8 @@ class MoE(nn.Module):
                 y_MD = self.experts(x_MD, plan.kept_counts_E, g_M)
             else:
                 x_loc, counts_loc = self.dispatcher.dispatch(x_MD, plan.kept_counts_E)
+                if group_max_later:
+                    capacity = int(self.dispatcher.last_group_max_count)
                 y_MD = self.dispatcher.combine(self.experts(x_loc, counts_loc))
                 y_MD = y_MD * g_M.unsqueeze(1).to(y_MD.dtype)
             # In-place into a fresh buffer: the out-of-place index_add would clone the zeros first.
