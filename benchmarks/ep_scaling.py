@@ -11,7 +11,7 @@ box mean little):
 3. All-to-all efficiency: see benchmarks/all_to_all.py (the layer's exchange vs raw all_to_all_single);
    `--a2a` runs it here too.
 
-    python benchmarks/ep_scaling.py [--quick] [--workers 1 2 4] [--a2a]
+    python benchmarks/ep_scaling.py [--quick] [--workers 1 2 4] [--a2a] [--device cuda]
 """
 
 from __future__ import annotations
@@ -38,22 +38,34 @@ MODEL = ["model.block_size=128", "model.n_layer=4", "model.n_head=4", "model.d_m
          "train.progress=false", "sample.max_new_tokens=0"]
 
 
-def moe_vs_dense(steps: int, cache: str) -> dict:
-    """Median step time of the MoE and the equal-active-parameter dense model, interleaved."""
+def moe_vs_dense(steps: int, cache: str, device: str = "cpu") -> dict:
+    """Median step time of the MoE and the equal-active-parameter dense model, interleaved (on a GPU: bf16
+    autocast as `raymoe train` uses there, timed with synchronize)."""
+    dev = torch.device(device)
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     cfg = load_config(None, MODEL + [f"data.cache_dir={cache}"])
     ds, _ = build_dataset(None, cache_dir=cache).split(0.05, block_size=128)
     models = {}
     for name, moe_layers in (("moe", None), ("dense", [])):
         torch.manual_seed(0)
         gcfg = GPTConfig.from_dict({**gpt_config_from(cfg).to_dict(), "moe_layers": moe_layers})
-        model = GPT(gcfg)
-        models[name] = (model, build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95)))
+        model = GPT(gcfg).to(dev)
+        models[name] = (model, build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
+                                               device_type=dev.type))
     times: dict[str, list[float]] = {k: [] for k in models}
     for step in range(steps + 2):
         x, y = sample_batch(ds, seed=0, step=step, rank=0, world=1, global_batch=16, block_size=128)
+        x, y = x.to(dev), y.to(dev)
         for name, (model, opt) in models.items():
+            sync()
             t0 = time.perf_counter()
-            train_step(model, opt, [(x, y)], lr=1e-3, grad_clip=1.0)
+            train_step(model, opt, [(x, y)], lr=1e-3, grad_clip=1.0, autocast_dtype=amp)
+            sync()
             if step >= 2:  # warm-up
                 times[name].append(time.perf_counter() - t0)
     tokens = 16 * 128
@@ -92,15 +104,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--a2a", action="store_true", help="also run benchmarks/all_to_all.py")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: MoE vs dense only (bf16), no Ray scaling")
     args = ap.parse_args()
     steps = 4 if args.quick else 12
     with tempfile.TemporaryDirectory() as cache:
-        md = moe_vs_dense(steps, cache)
+        md = moe_vs_dense(steps if args.device == "cpu" else 10 * steps, cache, args.device)
         print(f"MoE vs dense (same active params; total {md['params']['moe']['total'] / 1e6:.2f}M vs "
               f"{md['params']['dense']['total'] / 1e6:.2f}M, active {md['params']['moe']['active'] / 1e6:.2f}M vs "
               f"{md['params']['dense']['active'] / 1e6:.2f}M):")
         print(f"  tokens/s moe {md['tokens_per_s']['moe']:.0f}  dense {md['tokens_per_s']['dense']:.0f}  "
-              f"ratio {md['ratio_moe_over_dense']:.2f} (target >= 0.8)")
+              f"ratio {md['ratio_moe_over_dense']:.2f} (target >= 0.8)" + (f", on {args.device}" if args.device != "cpu" else ""))
+        if args.device != "cpu":
+            return
         scaling = ray_scaling(args.workers, steps + 2, cache)
     base = scaling[min(scaling)]
     print("expert-parallel scaling on Ray (same global batch, EP = shards, gloo):")

@@ -79,8 +79,10 @@ def test_generate_and_eval_commands(tmp_path, capsys):
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["val_ppl"] > 1
-    # the same windows and forward sizes as the validation loss logged at the end of training
-    assert result["val_loss"] == pytest.approx(_records(run)[-1]["val_loss"], abs=1e-6)
+    # the same windows and forward sizes as the validation loss logged at the end of training (exact in fp32
+    # on CPU; on a GPU `train.device=auto` trains and evaluates in bf16, whose reductions are not bit-stable)
+    tol = 1e-6 if not torch.cuda.is_available() else 2e-2
+    assert result["val_loss"] == pytest.approx(_records(run)[-1]["val_loss"], abs=tol)
 
 
 def test_mixture_of_students_staged_kd(tmp_path):
