@@ -247,7 +247,17 @@ class Engine(BaseEngine):
         self._maybe_swap()
         self._retire()
         new = self._admit()
-        if new:
+        mixed = bool(new and self._rows and hasattr(self.runner, "prefill_and_decode"))
+        if mixed:
+            try:  # one forward: the new rows' prompts and the running rows' next tokens
+                self._prefill_and_decode(new)
+            except Exception as exc:
+                for r in new + self._rows:
+                    r.fail(exc)
+                self._rows = []
+                self.runner.reset()
+            self._retire()
+        elif new:
             try:
                 self._prefill(new)
             except Exception as exc:
@@ -256,7 +266,7 @@ class Engine(BaseEngine):
                 self._rows = [r for r in self._rows if r not in new]
                 self._reset_after_failure()
             self._retire()
-        if self._rows:
+        if self._rows and not mixed:
             try:
                 self._decode()
             except Exception as exc:
@@ -295,13 +305,38 @@ class Engine(BaseEngine):
         self._rows = []
         self.runner.reset()
 
-    def _prefill(self, reqs: list[Request]) -> None:
+    @staticmethod
+    def _prompts(reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids and their mask (False = padding)."""
         P = max(len(r.prompt_ids) for r in reqs)
         idx_BP = torch.zeros(len(reqs), P, dtype=torch.long)
         mask_BP = torch.zeros(len(reqs), P, dtype=torch.bool)
         for i, r in enumerate(reqs):
             idx_BP[i, P - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask_BP[i, P - len(r.prompt_ids):] = True
+        return idx_BP, mask_BP
+
+    def _prefill_and_decode(self, new: list[Request]) -> None:
+        """Admissions while rows are running: the runner's mixed step (one forward instead of two)."""
+        idx_BP, mask_BP = self._prompts(new)
+        rows = self._rows
+        idx_B1 = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
+        new_BV, run_BV = self.runner.prefill_and_decode(idx_BP, mask_BP, idx_B1)
+        self._count_experts()
+        self.counters["prefills"] += 1
+        self.counters["prefill_tokens"] += int(mask_BP.sum())
+        self.counters["decode_steps"] += 1
+        self.counters["mixed_steps"] += 1
+        self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows) + len(new))
+        self.observer.on_step(len(rows), len(self._waiting), len(rows))
+        for r, t in zip(rows, self._sample(run_BV, rows)):
+            self._push(r, t)
+        self._rows = rows + new
+        for r, t in zip(new, self._sample(new_BV, new)):
+            self._push(r, t)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        idx_BP, mask_BP = self._prompts(reqs)
         logits_BV = self.runner.prefill(idx_BP, mask_BP)
         self._count_experts()
         tokens = self._sample(logits_BV, reqs)

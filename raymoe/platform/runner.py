@@ -25,6 +25,7 @@ import torch
 
 from raymoe.platform.batch_cache import SlotKVCache
 from raymoe.platform.generate import KVCache
+from raymoe.platform.mixed_step import forward_groups
 
 
 @dataclass
@@ -92,6 +93,24 @@ class LocalRunner:
         self._record_counts()
         self.cache.add_rows(cache)
         return out.logits[:, -1, :]
+
+    def prefill_and_decode(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor,
+                           idx_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`prefill` of new rows and `decode` of the running rows in one forward (`forward_groups`); the new
+        rows are appended after the running ones. Returns (new rows' logits, running rows' logits)."""
+        B, R = idx_BP.shape[0], self.cache.rows
+        if R + B > self.max_rows:
+            raise ValueError(f"prefill of {B} rows: {R} are running and max_rows={self.max_rows}")
+        if idx_B1.shape != (R, 1):
+            raise ValueError(f"decode needs one token per running row: shape {(R, 1)}, got {tuple(idx_B1.shape)}")
+        self.cache.compact()
+        new_cache = KVCache.for_model(self.model, B, idx_BP.shape[1])
+        run_mask_B1 = torch.ones(R, 1, dtype=torch.bool, device=self.device)
+        new_BV, run_BV = forward_groups(self.model, [(idx_BP.to(self.device), new_cache, mask_BP.to(self.device)),
+                                                     (idx_B1.to(self.device), self.cache, run_mask_B1)])
+        self._record_counts()
+        self.cache.add_rows(new_cache)
+        return new_BV, run_BV
 
     def decode(self, idx_B1: torch.Tensor) -> torch.Tensor:
         """One token per running row (``idx_B1`` in row order); logits [B, V]."""
