@@ -225,3 +225,30 @@ def test_local_layer_on_cuda_defaults_to_segments(monkeypatch):
     monkeypatch.setattr(m.experts, "forward_capacity", lambda *a, **kw: used.append("slots"))
     y, _, _ = m(torch.randn(256, 64, device=CUDA))
     assert used == [] and torch.isfinite(y).all()
+
+
+def test_mixed_prefill_decode_step_on_cuda():
+    """The serving runner's mixed step (new prompts + running rows in one forward) on CUDA equals a prefill
+    and a decode run separately."""
+    from raymoe.platform.model import GPT, GPTConfig
+    from raymoe.platform.runner import LocalRunner
+
+    def runner():
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=4, n_head=4, d_model=32, expert_interval=2,
+                          num_experts=[2, 4], k=1)).to(CUDA)
+        return LocalRunner(m, 4)
+
+    a, b = runner(), runner()
+    idx = torch.tensor([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8]])
+    mask = idx > 0
+    new_idx, new_mask = torch.tensor([[9, 10]]), torch.ones(1, 2, dtype=torch.bool)
+    with torch.no_grad():
+        tok = a.prefill(idx, mask).argmax(-1, keepdim=True).cpu()
+        b.prefill(idx, mask)
+        new_a, run_a = a.prefill_and_decode(new_idx, new_mask, tok)
+        run_b = b.decode(tok)
+        new_b = b.prefill(new_idx, new_mask)
+    torch.testing.assert_close(run_a, run_b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new_a, new_b, rtol=1e-4, atol=1e-4)
+    assert a.rows == b.rows == 3 and run_a.device.type == "cuda"
