@@ -316,29 +316,35 @@ class Engine(BaseEngine):
             mask_BP[i, P - len(r.prompt_ids):] = True
         return idx_BP, mask_BP
 
+    @staticmethod
+    def _next_tokens(rows: list[Request]) -> torch.Tensor:
+        return torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
+
     def _prefill_and_decode(self, new: list[Request]) -> None:
         """Admissions while rows are running: the runner's mixed step (one forward instead of two)."""
         idx_BP, mask_BP = self._prompts(new)
         rows = self._rows
-        idx_B1 = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
-        new_BV, run_BV = self.runner.prefill_and_decode(idx_BP, mask_BP, idx_B1)
+        new_BV, run_BV = self.runner.prefill_and_decode(idx_BP, mask_BP, self._next_tokens(rows))
         self._count_experts()
-        self.counters["prefills"] += 1
-        self.counters["prefill_tokens"] += int(mask_BP.sum())
-        self.counters["decode_steps"] += 1
         self.counters["mixed_steps"] += 1
-        self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows) + len(new))
-        self.observer.on_step(len(rows), len(self._waiting), len(rows))
-        for r, t in zip(rows, self._sample(run_BV, rows)):
-            self._push(r, t)
-        self._rows = rows + new
-        for r, t in zip(new, self._sample(new_BV, new)):
-            self._push(r, t)
+        self._accept_decode(rows, run_BV)
+        self._accept_prefill(new, mask_BP, new_BV)
+        self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(self._rows))
 
     def _prefill(self, reqs: list[Request]) -> None:
         idx_BP, mask_BP = self._prompts(reqs)
         logits_BV = self.runner.prefill(idx_BP, mask_BP)
         self._count_experts()
+        self._accept_prefill(reqs, mask_BP, logits_BV)
+
+    def _decode(self) -> None:
+        rows = self._rows
+        logits_BV = self.runner.decode(self._next_tokens(rows))
+        self._count_experts()
+        self._accept_decode(rows, logits_BV)
+
+    def _accept_prefill(self, reqs: list[Request], mask_BP: torch.Tensor, logits_BV: torch.Tensor) -> None:
+        """New rows join the batch with their first token."""
         tokens = self._sample(logits_BV, reqs)
         self._rows.extend(reqs)
         self.counters["prefills"] += 1
@@ -346,11 +352,8 @@ class Engine(BaseEngine):
         for r, t in zip(reqs, tokens):
             self._push(r, t)
 
-    def _decode(self) -> None:
-        rows = self._rows
-        idx_B1 = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
-        logits_BV = self.runner.decode(idx_B1)
-        self._count_experts()
+    def _accept_decode(self, rows: list[Request], logits_BV: torch.Tensor) -> None:
+        """Running rows take their next token."""
         self.counters["decode_steps"] += 1
         self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows))
         self.observer.on_step(len(rows), len(self._waiting), len(rows))

@@ -85,8 +85,7 @@ class LocalRunner:
         """Prefill new rows (left-padded; mask False = padding), append them; logits [B, V] of their last
         position."""
         B, P = idx_BP.shape
-        if self.cache.rows + B > self.max_rows:
-            raise ValueError(f"prefill of {B} rows: {self.cache.rows} are running and max_rows={self.max_rows}")
+        self._check_room(B)
         cache = KVCache.for_model(self.model, B, P)
         out = self.model(idx_BP.to(self.device), kv_cache=cache, token_mask_BT=mask_BP.to(self.device),
                          last_logits_only=True)
@@ -99,10 +98,8 @@ class LocalRunner:
         """`prefill` of new rows and `decode` of the running rows in one forward (`forward_groups`); the new
         rows are appended after the running ones. Returns (new rows' logits, running rows' logits)."""
         B, R = idx_BP.shape[0], self.cache.rows
-        if R + B > self.max_rows:
-            raise ValueError(f"prefill of {B} rows: {R} are running and max_rows={self.max_rows}")
-        if idx_B1.shape != (R, 1):
-            raise ValueError(f"decode needs one token per running row: shape {(R, 1)}, got {tuple(idx_B1.shape)}")
+        self._check_room(B)
+        self._check_decode(idx_B1)
         self.cache.compact()
         new_cache = KVCache.for_model(self.model, B, idx_BP.shape[1])
         run_mask_B1 = torch.ones(R, 1, dtype=torch.bool, device=self.device)
@@ -115,13 +112,22 @@ class LocalRunner:
     def decode(self, idx_B1: torch.Tensor) -> torch.Tensor:
         """One token per running row (``idx_B1`` in row order); logits [B, V]."""
         B = self.cache.rows
-        if idx_B1.shape != (B, 1):
-            raise ValueError(f"decode needs one token per running row: shape {(B, 1)}, got {tuple(idx_B1.shape)}")
+        self._check_decode(idx_B1)
         self.cache.compact()
         mask_B1 = torch.ones(B, 1, dtype=torch.bool, device=self.device)
         out = self.model(idx_B1.to(self.device), kv_cache=self.cache, token_mask_BT=mask_B1, last_logits_only=True)
         self._record_counts()
         return out.logits[:, -1, :]
+
+    def _check_room(self, new_rows: int) -> None:
+        if self.cache.rows + new_rows > self.max_rows:
+            raise ValueError(f"prefill of {new_rows} rows: {self.cache.rows} are running and "
+                             f"max_rows={self.max_rows}")
+
+    def _check_decode(self, idx_B1: torch.Tensor) -> None:
+        R = self.cache.rows
+        if idx_B1.shape != (R, 1):
+            raise ValueError(f"decode needs one token per running row: shape {(R, 1)}, got {tuple(idx_B1.shape)}")
 
     def idle_forward(self) -> torch.Tensor:
         """A forward that routes no token and touches no cache: an expert shard with no rows in this step

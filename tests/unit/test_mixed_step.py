@@ -6,19 +6,14 @@ import torch
 from raymoe.platform.batch_cache import SlotKVCache
 from raymoe.platform.generate import KVCache
 from raymoe.platform.mixed_step import forward_groups
-from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.model import GPT
 from raymoe.platform.runner import LocalRunner
+from test_generate import spicy
 
 
 def _model(moe: bool = True) -> GPT:
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=257, block_size=64, n_layer=4, n_head=4, d_model=32, expert_interval=2 if moe else 0,
-               num_experts=[2, 4] if moe else 1, k=1)
-    m = GPT(GPTConfig(**cfg))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)  # large weights: logits differ a lot from token to token
+    """test_generate's model with large random weights, in eval mode and dropless (as the serving runner)."""
+    m = spicy(moe)
     m.eval()
     m.set_dropless(True)
     return m
