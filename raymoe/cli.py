@@ -180,9 +180,6 @@ def _cmd_serve(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     if address != "local" and args.num_cpus is not None:
         raise ValueError(f"--num-cpus applies to a local Ray instance only, not to --address {address}")
-    if args.direct_ingress and address != "local":
-        raise ValueError(f"--direct-ingress needs a local Ray instance (--address local), not {address!r}: on a "
-                         "cluster set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 in every node's environment before `ray start`")
     run_blocking(sargs, host=args.host, port=args.port, address=address, num_cpus=args.num_cpus,
                  direct_ingress=args.direct_ingress)
     return 0
