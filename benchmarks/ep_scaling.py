@@ -113,7 +113,8 @@ def main() -> None:
               f"{md['params']['dense']['total'] / 1e6:.2f}M, active {md['params']['moe']['active'] / 1e6:.2f}M vs "
               f"{md['params']['dense']['active'] / 1e6:.2f}M):")
         print(f"  tokens/s moe {md['tokens_per_s']['moe']:.0f}  dense {md['tokens_per_s']['dense']:.0f}  "
-              f"ratio {md['ratio_moe_over_dense']:.2f} (target >= 0.8)" + (f", on {args.device}" if args.device != "cpu" else ""))
+              f"ratio {md['ratio_moe_over_dense']:.2f} (target >= 0.8)"
+              + (f", on {args.device}" if args.device != "cpu" else ""))
         if args.device != "cpu":
             return
         scaling = ray_scaling(args.workers, steps + 2, cache)

@@ -187,8 +187,8 @@ def main(argv=None):
               f"{r['gflops']:>8.1f}{r['dense_gflops']:>10.1f}{r['dense_eq']:>9.2f}  {r['layout']}", flush=True)
     if args.no_ref:
         return
-    # The reference runs after every fast case: its huge one-hot tensors leave the allocator in a state that
-    # slowed the cases measured after them (E32 segments 0.84 -> 0.68 dense-equivalence when interleaved).
+    # The reference runs after every fast case, so its huge one-hot tensors cannot disturb the fast timings.
+    # (The segment layout's run-to-run swings, see README, happen without the reference too.)
     print(f"\n{'shape':<26}{'mode':<9}{'pass':<8}{'ref ms':>10}{'ref/fast':>9}")
     for name, mode, p in cases:
         tr = _bench_case(*shapes[name], MODES[mode], p == "fwd+bwd", args.reps, args.ref_reps, only_ref=True,
