@@ -98,6 +98,15 @@ class ServeArgs(BaseModel):
             self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
         return self
 
+    def ingress_replicas_at_start(self) -> int:
+        """Replicas of the HTTP-facing deployment when the app starts (OpenAIServer, or OpenAIIngress with
+        ``single_deployment: false``)."""
+        if not self.single_deployment:
+            return self.ingress_num_replicas
+        if self.autoscaling_config is not None:
+            return max(1, int(self.autoscaling_config.get("min_replicas", 1)))
+        return self.num_replicas or 1
+
 
 def engine_kwargs_of(args: ServeArgs) -> dict:
     """The engine's keyword arguments: ``engine_kwargs`` plus the expert-parallel settings."""
@@ -287,13 +296,7 @@ def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, 
         serve.run(app, name=app_name, route_prefix="/")
         log(f"serving '{args.model_id}' on http://{host}:{port}/v1 (Ctrl-C to stop)")
         if direct_ingress:
-            if not args.single_deployment:
-                replicas = args.ingress_num_replicas
-            elif args.autoscaling_config is not None:
-                replicas = max(1, int(args.autoscaling_config.get("min_replicas", 1)))
-            else:
-                replicas = args.num_replicas or 1
-            for url in direct_ingress_urls(host, port, replicas):
+            for url in direct_ingress_urls(host, port, args.ingress_replicas_at_start()):
                 log(f"direct ingress (one replica, no proxy hop): {url}/v1")
         while True:
             time.sleep(1.0)
