@@ -3,7 +3,9 @@
 N concurrent clients send completion requests back to back for a bounded time, first to an `Engine` in this
 process (asyncio clients calling ``engine.generate``/``engine.stream``), then to a local Serve deployment of the
 same checkpoint and engine settings on 127.0.0.1 (aiohttp clients). Printed per mode: requests, generated
-tokens/s, p50/p99 request latency, p50/p99 time to first token (``--stream``), and Serve / in-process ratios.
+tokens/s, p50/p99 request latency, p50/p99 time to first token (``--stream``), and Serve / in-process ratios; then the engine's side per mode
+(generated tokens per step, ms per step, prefills and how many ran inside a mixed step): a lower tokens/s with
+the same tokens/step means slower steps, not emptier batches.
 
 Usage: python benchmarks/serve_load.py [--checkpoint DIR] [--clients 8] [--duration 10] [--max-tokens 32]
        [--prompt-len 32] [--max-batch-size 16] [--stream [--stream-interval 0.02]] [--num-cpus 2]
@@ -239,7 +241,7 @@ def serve_client(http, url: str, a):
     return one
 
 
-async def measure(modes: dict, a, pool: list[str]) -> dict[str, tuple[list[Sample], float]]:
+async def measure(modes: dict, a, pool: list[str], eng=None) -> dict[str, tuple[list[Sample], float]]:
     """Warm up every mode, then ``a.rounds`` rounds of duration/rounds seconds per mode, alternating, so
     that both modes see the same background load; samples and wall time summed per mode."""
     import aiohttp
@@ -252,9 +254,39 @@ async def measure(modes: dict, a, pool: list[str]) -> dict[str, tuple[list[Sampl
             await drive(one, a.clients, min(2.0, a.duration / 4), pool)
         for _ in range(a.rounds):
             for name, one in ones.items():
+                before = await engine_stats(name, eng)
                 samples, wall = await drive(one, a.clients, a.duration / a.rounds, pool, name if a.cpu_report else "")
                 out[name] = (out[name][0] + samples, out[name][1] + wall)
+                add_engine_use(name, before, await engine_stats(name, eng))
     return out
+
+
+ENGINE_USE: dict[str, dict[str, float]] = {}  # mode -> summed engine counter deltas
+
+
+async def engine_stats(mode: str, eng) -> dict:
+    """The serving engine's counters: the in-process engine's, or the Serve replica's (via its handle)."""
+    if mode == "in-process":
+        return eng.stats()
+    from ray import serve
+
+    return (await serve.get_app_handle("bench").info.remote())["stats"]
+
+
+def add_engine_use(mode: str, before: dict, after: dict) -> None:
+    use = ENGINE_USE.setdefault(mode, {})
+    for k in ("busy_s", "decode_steps", "mixed_steps", "prefills", "generated_tokens"):
+        use[k] = use.get(k, 0) + after.get(k, 0) - before.get(k, 0)
+
+
+def print_engine_use() -> None:
+    """Where the engine's time went per mode: tokens per step (how full the batch was), ms per step (a mixed
+    step, one prompt admitted into the running batch, costs more than a decode step), busy seconds."""
+    for mode, u in ENGINE_USE.items():
+        steps = max(u["decode_steps"] + u["prefills"] - u["mixed_steps"], 1)
+        print(f"engine during {mode}: {u['generated_tokens'] / steps:.2f} tokens/step, "
+              f"{1e3 * u['busy_s'] / steps:.2f} ms/step, busy {u['busy_s']:.1f} s, {steps} steps "
+              f"({u['prefills']} prefills, {u['mixed_steps']} of them in mixed steps)")
 
 
 def _serve_modes(urls: dict[str, str], a) -> dict:
@@ -266,18 +298,18 @@ def run(ckpt: str, a, pool: list[str]) -> dict[str, tuple[list[Sample], float]]:
     eng = start_engine(ckpt, a)
     try:
         if a.rounds == 1:
-            res = asyncio.run(measure({"in-process": lambda http: in_process_client(eng, a)}, a, pool))
+            res = asyncio.run(measure({"in-process": lambda http: in_process_client(eng, a)}, a, pool, eng))
             eng.shutdown(10)
             urls = start_serve(ckpt, a)
             try:
-                res.update(asyncio.run(measure(_serve_modes(urls, a), a, pool)))
+                res.update(asyncio.run(measure(_serve_modes(urls, a), a, pool, eng)))
             finally:
                 stop_serve()
             return res
         urls = start_serve(ckpt, a)
         try:
             return asyncio.run(measure({"in-process": lambda http: in_process_client(eng, a),
-                                        **_serve_modes(urls, a)}, a, pool))
+                                        **_serve_modes(urls, a)}, a, pool, eng))
         finally:
             stop_serve()
     finally:
@@ -343,6 +375,7 @@ def main() -> None:
         print(f"ratio {srv['mode']}/in-process: tokens/s {srv['tokens_per_s'] / base['tokens_per_s']:.2f}, "
               f"p50 latency {srv['p50_s'] / base['p50_s']:.2f}, p99 latency {srv['p99_s'] / base['p99_s']:.2f}")
     print_cpu_use()
+    print_engine_use()
     print("JSON " + json.dumps(rows))
 
 

@@ -235,7 +235,9 @@ class Engine(BaseEngine):
                             self._heartbeat = time.monotonic()
                         if self._stop:
                             return
+                    t0 = time.perf_counter()
                     self._iteration()
+                    self.counters["busy_s"] += time.perf_counter() - t0  # time with work (benchmarks)
                     self._heartbeat = time.monotonic()
         except BaseException as exc:  # a bug in the loop itself: record it so check_health reports it
             self._fatal = exc

@@ -59,6 +59,7 @@ def test_batched_greedy_equals_single_request(engine):
     assert stats["max_batch_size_seen"] > 1  # rows really shared decode steps
     assert stats["prefills"] > 1  # and joined at different step boundaries
     assert stats["mixed_steps"] > 0  # some joined in the running rows' decode forward
+    assert 0 < stats["busy_s"] < 60  # time in steps with work (benchmarks/serve_load.py: ms per step)
 
 
 def test_stop_strings_and_per_row_settings(engine):
