@@ -4,11 +4,15 @@ Ratios are measured side by side in one run (DESIGN.md "Performance method"):
   times are the minimum over interleaved reps (the machine may be shared; min is the least-disturbed run)
   useful GF/s        = useful FLOPs / MoE time; useful FLOPs = 2 * M * 2 * D * F forward (x3 for fwd+bwd),
                        M = kept token-choices (T*k when dropless)
-  dense-equivalence  = time of a dense pair gelu(x_MD @ w1_DF) @ w2_FD at the same M and dtype / MoE time
-                       (both start each rep with grads set to None, as a training step after zero_grad does)
+  dense-equivalence  = time of a dense pair gelu(x_ND @ w1_DF) @ w2_FD with N = T*k rows (DESIGN.md's definition;
+                       in drop mode the MoE computes only the kept M <= N, useful GF/s counts those) in the
+                       same dtype / MoE time (both start each rep with grads set to None, as a training step
+                       after zero_grad does)
   ref/fast           = einsum reference time / fast time (reference timed with fewer reps, after all fast cases)
-  layout             = slots (capacity layout [E, C, D], batched GEMMs) or segment (variable segments, grouped
-                       GEMM); the layer picks slots when the kept rows fill >= 0.9 of the slots (--min-fill)
+  layout             = how the experts ran (MoE.last_stats.layout): slots (a padded [E, C, D] buffer, batched
+                       GEMMs; the layer picks it when the kept rows fill >= 0.8 of the slots, C = the largest
+                       kept count) or segments (variable segments, grouped GEMM); --min-fill 0 forces slots,
+                       2 segments; fill = kept rows / (E * largest kept count)
 
 Usage: python benchmarks/moe_layer.py [--quick] [--shapes T4096_D512 ...] [--modes dropless cf1.0 cf1.25]
        [--cpu-time]   (1 thread timed by its CPU time: stable on a machine shared with other jobs)
@@ -81,11 +85,6 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, on
     moe = MoE(D, Fd, num_experts=E, k=k, capacity_factor=cf or 1.0, drop_tokens=cf is not None,
               min_capacity=4, **extra).to(DEVICE).train()
     moe.experts.force_fallback = segment_loop
-    layouts = set()
-    fwd_cap = moe.experts.forward_capacity
-    moe.experts.forward_capacity = lambda *a, **kw: layouts.add("slots") or fwd_cap(*a, **kw)
-    fwd_seg = moe.experts.forward
-    moe.experts.forward = lambda *a, **kw: layouts.add("segment") or fwd_seg(*a, **kw)
     x = torch.randn(T, D, device=DEVICE, requires_grad=backward)
     gy = torch.randn(T, D, device=DEVICE)
     one = torch.ones((), device=DEVICE)
@@ -108,11 +107,11 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, on
     if only_ref:
         return min(_times(ref, ref_reps, 1))
     fast()
-    M = int(moe.last_stats.kept_counts.sum())
-    xd = torch.randn(M, D, device=DEVICE, requires_grad=backward)
+    M, N = int(moe.last_stats.kept_counts.sum()), T * k
+    xd = torch.randn(N, D, device=DEVICE, requires_grad=backward)
     w1 = (torch.randn(D, Fd, device=DEVICE) * 0.02).requires_grad_(backward)
     w2 = (torch.randn(Fd, D, device=DEVICE) * 0.02).requires_grad_(backward)
-    gd = torch.randn(M, D, device=DEVICE)
+    gd = torch.randn(N, D, device=DEVICE)
 
     def dense():
         xd.grad = w1.grad = w2.grad = None
@@ -128,9 +127,10 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, on
         t_fast += _times(fast, 1, 0)
     # min over reps: the least-disturbed run estimates the uncontended time on a shared machine
     td, tf = min(t_dense), min(t_fast)
-    flops = 2 * M * 2 * D * Fd * (3 if backward else 1)
-    return dict(M=M, N=T * k, t_fast=tf, t_dense=td, gflops=flops / tf / 1e9, layout="+".join(sorted(layouts)),
-                dense_gflops=flops / td / 1e9, dense_eq=td / tf)
+    flops = 2 * 2 * D * Fd * (3 if backward else 1)  # per row
+    return dict(M=M, N=N, t_fast=tf, t_dense=td, gflops=M * flops / tf / 1e9,
+                layout=f"{moe.last_stats.layout} (fill {M / (E * int(moe.last_stats.kept_counts.max())):.2f})",
+                dense_gflops=N * flops / td / 1e9, dense_eq=td / tf)
 
 
 def main(argv=None):
@@ -147,7 +147,7 @@ def main(argv=None):
                     help="1 thread, timed by the thread's CPU time: robust when other processes share the cores")
     ap.add_argument("--no-reexec", action="store_true", help="do not re-exec with MALLOC_* set")
     ap.add_argument("--min-fill", type=float, default=None,
-                    help="MoE capacity_layout_min_fill: 0 = always the slot layout, 2 = always segments")
+                    help="MoE capacity_layout_min_fill: 0 = always one slot buffer, 2 = always segments")
     ap.add_argument("--segment-loop", action="store_true",
                     help="segments: the per-expert GEMM loop (the fallback) instead of torch._grouped_mm")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")

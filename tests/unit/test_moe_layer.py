@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from raymoe.platform.moe import MoE
+from raymoe.platform.moe.layer import DEFAULT_MIN_FILL
 from raymoe.platform.moe.reference import reference_forward
 
 D, FFN, E = 8, 12, 4
@@ -141,25 +142,38 @@ def test_token_mask_excludes_tokens_from_capacity_and_output():
 
 
 def test_layout_choice_follows_slot_fill(monkeypatch):
-    # the capacity layout computes its padding too: locally it runs only when the kept rows fill the slots
+    # slots compute their padding too: one [E, C] buffer only when the kept rows fill it
     torch.manual_seed(0)
-    m = MoE(D, FFN, num_experts=E, k=1, capacity_factor=1.0, min_capacity=1)
-    used = []
-    monkeypatch.setattr(m.experts, "forward_capacity", lambda *a, **kw: used.append("slots") or
-                        type(m.experts).forward_capacity(m.experts, *a, **kw))
+    m = MoE(D, FFN, num_experts=E, k=1, capacity_factor=1.0, min_capacity=1)  # CPU default: DEFAULT_MIN_FILL
     x = torch.randn(64, D)
     m(x)
-    fill = m.last_stats.kept_counts.sum().item() / (E * m.last_stats.capacity)
-    assert (used == ["slots"]) == (fill >= 0.9)
-    used.clear()
+    kept = m.last_stats.kept_counts
+    fill = kept.sum().item() / (E * kept.max().item())
+    assert m.last_stats.layout == ("slots" if fill >= DEFAULT_MIN_FILL else "segments")
     m.capacity_layout_min_fill = 0.0
     m(x)
-    assert used == ["slots"]
-    used.clear()
+    assert m.last_stats.layout == "slots"
+    m.capacity_layout_min_fill = 2.0
+    m(x)
+    assert m.last_stats.layout == "segments"
     m.set_dropless(True)
     m.capacity_layout_min_fill = 1.0  # dropless pads every expert to the max count: full only if balanced
     m(x)
-    assert (used == ["slots"]) == bool((m.last_stats.kept_counts == m.last_stats.kept_counts.max()).all())
+    kept = m.last_stats.kept_counts
+    assert m.last_stats.layout == ("slots" if bool((kept == kept.max()).all()) else "segments")
+
+
+def test_local_slots_pad_to_the_largest_kept_count(monkeypatch):
+    # cf 2.0: the capacity is far above every expert's count; a local layer's slots stop at the largest count
+    torch.manual_seed(0)
+    m = MoE(D, FFN, num_experts=E, k=2, capacity_factor=2.0, min_capacity=1, capacity_layout_min_fill=0.0)
+    shapes = []
+    monkeypatch.setattr(m.experts, "forward_capacity", lambda x, *a, **kw: shapes.append(tuple(x.shape)) or
+                        type(m.experts).forward_capacity(m.experts, x, *a, **kw))
+    m(torch.randn(32, D))
+    st = m.last_stats
+    assert st.layout == "slots" and st.capacity == 32  # ceil(2 * 32 / 4 * 2.0)
+    assert shapes == [(1, E, int(st.kept_counts.max()), D)] and int(st.kept_counts.max()) < st.capacity
 
 
 def test_dropless_drops_nothing():

@@ -17,8 +17,11 @@ from .experts import ACTIVATIONS, GroupedExperts
 from .router import (NOISY_GATE_POLICIES, RouterNoise, TopKRouter, compute_capacity, draw_router_noise,
                      load_balancing_loss, noise_needs, select_experts, z_loss)
 
-# Slot layout when the kept rows fill at least this share of the E*C slots (benchmarks/moe_layer.py, CPU).
-DEFAULT_MIN_FILL = 0.9
+# Slot layout when the kept rows fill at least this share of the E*C slots. Measured on CPU with
+# benchmarks/moe_layer.py (--min-fill 0 vs 2, dropless): the slots ran steadily where the segments' small
+# per-expert GEMMs swing from run to run - fill 0.88 (E32) 0.82-0.83 vs 0.68-0.82 of dense; 0.86 (E64)
+# 0.73-0.74 vs 0.73-0.78; 0.83 (E16) 0.61-0.64 vs 0.55-0.67.
+DEFAULT_MIN_FILL = 0.8
 
 
 @dataclass
@@ -32,6 +35,8 @@ class RouterStats:
     dropped_fraction: detached float tensor, dropped token-choices / routed token-choices.
     l_aux: the load-balancing loss returned by forward.
     kept_mask: bool [S, K], whether the c-th choice of routed token s was kept (S = routed tokens, in order).
+    layout: how the experts ran: "slots" (a padded [E, C] slot buffer, batched GEMMs) or "segments"
+        (exactly each expert's rows, grouped GEMM).
     """
 
     z_loss: Tensor
@@ -41,6 +46,7 @@ class RouterStats:
     dropped_fraction: Tensor
     l_aux: Tensor | None = None
     kept_mask: Tensor | None = None
+    layout: str = ""
 
 
 def gate_weights(probs_SE: Tensor, idx_SK: Tensor, kept_KS: Tensor) -> Tensor:
@@ -56,9 +62,9 @@ class MoE(nn.Module):
     """Mixture-of-Experts FFN layer; ``forward(x, token_mask=None) -> (y, l_aux, exp_counts)``.
 
     Arguments follow DeepSpeed's ``deepspeed.moe.layer.MoE``; ``expert`` is the ffn size (None: 4*hidden).
-    ``capacity_layout_min_fill`` picks the expert layout (see ``_use_capacity_layout``): 0 always the fixed
-    [E, C, D] slots, > 1 never (variable segments), None the measured default (0.9 on CPU; local layers on a
-    GPU use segments); results are the same either way.
+    ``capacity_layout_min_fill`` picks the expert layout (see ``_slot_capacity``): 0 always the fixed
+    [E, C, D] slots, > 1 never (variable segments), None the measured default (0.8 on CPU; local layers on a
+    GPU use segments); results are the same either way (``last_stats.layout`` says which ran).
     """
 
     def __init__(self, hidden_size: int, expert: int | None = None, num_experts: int = 1, ep_size: int = 1,
@@ -218,14 +224,16 @@ class MoE(nn.Module):
 
         # No exchange: fold the gate weights into the experts' narrower intermediate.
         fold_gate = isinstance(self.dispatcher, LocalDispatcher)
-        if self._use_capacity_layout(plan, capacity, S):
-            slots_C = capacity
+        slots_C = self._slot_capacity(plan, capacity, S)
+        if slots_C is not None:
             if not fold_gate and (routed_S is not None or not getattr(self.dispatcher, "uniform_tokens", False)):
                 # Ranks size their buffers alike even if their token counts differ (a mismatched all-to-all
                 # aborts the process); drops still follow each rank's own capacity, as in DeepSpeed.
                 slots_C = int(self.dispatcher.all_reduce_max(torch.tensor(capacity, device=x_TD.device)))
             y_TD = self._experts_capacity(x_TD, tok_M, slots(plan, slots_C), g_M, slots_C, fold_gate)
+            layout = "slots"
         else:
+            layout = "segments"
             x_MD = x_TD.index_select(0, tok_M)
             if fold_gate:
                 y_MD = self.experts(x_MD, plan.kept_counts_E, g_M)
@@ -248,31 +256,36 @@ class MoE(nn.Module):
             torch.zeros((), device=x_TD.device),
             l_aux=l_aux,
             kept_mask=plan.kept_KS.t(),
+            layout=layout,
         )
         return y_TD, l_aux, stats
 
-    def _use_capacity_layout(self, plan, capacity: int, S: int) -> bool:
-        """Capacity layout (fixed [E, C, D] slot buffer, batched expert GEMMs) or variable segments?
+    def _slot_capacity(self, plan, capacity: int, S: int) -> int | None:
+        """Slots per expert C of the capacity layout (fixed [E, C, D] slot buffer, batched expert GEMMs), or
+        None for variable segments.
 
         The capacity layout computes (and, expert-parallel, sends) its unused slots too, so it runs when the
         kept rows fill at least ``capacity_layout_min_fill`` of the E*C slots. Local: decided from the fill
-        of this forward. Expert-parallel, every rank of the group must take the same path without asking the
-        others, so the decision is static: drop mode with a capacity factor at most 1/min_fill (the fill can
-        be no higher than 1/cf): fixed all-to-all splits, no count exchange - DeepSpeed's exchange at cf 1.0;
-        otherwise (dropless, or cf 1.25 / 2.0) variable splits that carry only the kept rows.
+        of this forward, with C = the largest kept count (no expert needs more; at cf 1.25 the capacity is
+        often above it). Expert-parallel, every rank of the group must take the same path without asking
+        the others, so the decision is static and C is the capacity: drop mode with a capacity factor at
+        most 1/min_fill (the fill can be no higher than 1/cf): fixed all-to-all splits, no count exchange -
+        DeepSpeed's exchange at cf 1.0; otherwise (dropless, or cf 1.25 / 2.0) variable splits that carry
+        only the kept rows.
         """
         min_fill = self.capacity_layout_min_fill
         if not isinstance(self.dispatcher, LocalDispatcher):
             cf = self.capacity_factor if self.training else self.eval_capacity_factor
-            return self.drop_tokens and cf * (DEFAULT_MIN_FILL if min_fill is None else min_fill) <= 1.0
+            fixed = self.drop_tokens and cf * (DEFAULT_MIN_FILL if min_fill is None else min_fill) <= 1.0
+            return capacity if fixed else None
         if min_fill is None:
             if plan.counts_E.device.type != "cpu":
-                return False  # GPU: the grouped GEMM over segments beat the slots at every benchmark shape
+                return None  # GPU: the grouped GEMM over segments beat the slots at every benchmark shape
             min_fill = DEFAULT_MIN_FILL
         if S == 0 or min_fill > 1.0:
-            return False
-        kept = int(plan.kept_counts_E.sum())
-        return kept >= min_fill * self.num_experts * capacity
+            return None
+        C = int(plan.kept_counts_E.max())
+        return C if C > 0 and int(plan.kept_counts_E.sum()) >= min_fill * self.num_experts * C else None
 
     def _experts_capacity(self, x_TD: Tensor, tok_M: Tensor, slot_M: Tensor, g_M: Tensor, C: int,
                           fold_gate: bool) -> Tensor:
