@@ -3,10 +3,10 @@
 Both are measured in one run, interleaved, in the same gloo world of N processes on this machine
 (DESIGN.md "Performance method"):
   layer   = what the MoE layer runs per exchange. Dropless (variable splits): AllToAllDispatcher.dispatch +
-            combine: per-expert count exchange, the row exchange, re-sorting received rows to local-expert
-            order and back; route "a2a" = all_to_all_single + re-sort, "auto" = the default (p2p segments
-            straight to their place when segments are large, see raymoe.platform.moe.comm), "hier" =
-            --hierarchical. Drop mode (capacity factor 1.0): dispatch_capacity + combine_capacity of the
+            combine: per-expert count exchange and the row exchange; route "a2a" = all_to_all_single +
+            re-sorting the received rows to local-expert order and back, "auto" = the default (on CPU the
+            source-order route: no re-sort, the experts run (source rank, expert) segments; see
+            raymoe.platform.moe.comm), "hier" = --hierarchical. Drop mode (capacity factor 1.0): dispatch_capacity + combine_capacity of the
             fixed [E, C, D] buffer, equal splits; "cap" = as in training (uniform_tokens: every rank runs
             equal micro-batches), "cap+agree" = preceded by the slot-count all-reduce the layer runs when
             token counts may differ (token masks, other callers), "cap-hier" = two-phase

@@ -102,7 +102,6 @@ def zero_tokens(rank: int, world: int, job: dict) -> dict:
     make = parallel.make_moe_kwargs(layout, groups, hierarchical=bool(rpn), ranks_per_node=rpn,
                                     exchange=job.get("exchange", "auto"))
     d = make(0, E)["dispatcher"]
-    d.p2p_min_segment_bytes = job.get("p2p_min_segment_bytes", d.p2p_min_segment_bytes)
     # dispatcher level: rank 0 sends 5 rows to its own expert 0, rank 1 sends 3 rows to that remote expert,
     # the other ranks send nothing; every expert but expert 0 gets no row
     counts = torch.tensor([{0: 5, 1: 3}.get(rank, 0)] + [0] * (E - 1))
@@ -110,13 +109,13 @@ def zero_tokens(rank: int, world: int, job: dict) -> dict:
     x_loc, c_loc = d.dispatch(x, counts)
     y = d.combine(x_loc * 2.0)
     y.sum().backward()
-    out = {"route": d.last_route, "rows": x_loc.shape[0], "local_counts": c_loc.tolist(),
+    out = {"route": d.last_route, "rows": x_loc.shape[0], "counts_dim": c_loc.dim(),
+           "local_counts": c_loc.reshape(-1, c_loc.shape[-1]).sum(0).tolist(),  # source order: [Q, El]
            "grad_ok": bool((x.grad == 2.0).all()),
            "y_ok": bool(torch.equal(y, 2 * x.detach()))}
     # layer level, dropless: every token of rank 0 goes to expert 0; other ranks route no token at all
     torch.manual_seed(0)
     kw = make(0, E)
-    kw["dispatcher"].p2p_min_segment_bytes = d.p2p_min_segment_bytes
     moe = MoE(8, expert=16, num_experts=E, k=1, drop_tokens=False, **kw)
     with torch.no_grad():
         moe.gate.wg.weight.zero_()

@@ -30,15 +30,17 @@ def runs(data_path):
     d = data_path
     local = [_train(f"w1/{c}", c, d) for c in H.CONFIGS]
     world2 = [_train(f"w2ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (1, 2)]
+    # "auto" (the default) is the source-order route on CPU; "a" runs re-sort after the all_to_all
     world2 += [_train("w2ep2p/k2_dropless", "k2_dropless", d, ep=2, exchange="p2p"),
+               _train("w2ep2a/k2_dropless", "k2_dropless", d, ep=2, exchange="all_to_all"),
                ("w2/uneven", dict(kind="uneven_tokens")),
                ("w2/zero", dict(kind="zero_tokens")), ("w2p/zero", dict(kind="zero_tokens", exchange="p2p")),
-               # "auto" must pick the same route on a rank with no rows as on the others
-               ("w2a/zero", dict(kind="zero_tokens", exchange="auto", p2p_min_segment_bytes=1))]
+               ("w2a/zero", dict(kind="zero_tokens", exchange="all_to_all"))]
     world4 = [_train(f"w4ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (2, 4)]
     world4 += [_train(f"w4ep4h/{c}", c, d, ep=4, hierarchical=True, ranks_per_node=2)
                for c in ("k1_drop", "k2_dropless")]
-    world4.append(_train("w4ep4p/k2_dropless", "k2_dropless", d, ep=4, exchange="p2p"))
+    world4 += [_train("w4ep4p/k2_dropless", "k2_dropless", d, ep=4, exchange="p2p"),
+               _train("w4ep4a/k2_dropless", "k2_dropless", d, ep=4, exchange="all_to_all")]
     world4 += [_train("w4pr/pyramid", "pyramid", d, ep={1: 2, 3: 4}),
                _train("w4prh/pyramid", "pyramid", d, ep={1: 2, 3: 4}, hierarchical=True, ranks_per_node=2),
                ("w4/zero", dict(kind="zero_tokens", ranks_per_node=2)),
@@ -79,8 +81,8 @@ def test_capacity_dropping_really_drops(runs):
 
 
 @pytest.mark.parametrize("flat,other", [
-    ("w4ep4/k1_drop", "w4ep4h/k1_drop"), ("w4ep4/k2_dropless", "w4ep4h/k2_dropless"),
-    ("w4ep4/k2_dropless", "w4ep4p/k2_dropless"), ("w2ep2/k2_dropless", "w2ep2p/k2_dropless"),
+    ("w4ep4/k1_drop", "w4ep4h/k1_drop"), ("w4ep4a/k2_dropless", "w4ep4h/k2_dropless"),
+    ("w4ep4a/k2_dropless", "w4ep4p/k2_dropless"), ("w2ep2a/k2_dropless", "w2ep2p/k2_dropless"),
 ])
 def test_other_routes_equal_flat_all_to_all_bitwise(runs, flat, other):
     # hierarchical (2 simulated nodes x 2 ranks) and point-to-point segments move the same rows to the same
@@ -90,6 +92,16 @@ def test_other_routes_equal_flat_all_to_all_bitwise(runs, flat, other):
     assert a["losses"] == b["losses"]
     for k in a["state"]:
         assert torch.equal(a["state"][k], b["state"][k]), k
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_source_order_route_equals_resorted(runs, world):
+    # the default CPU route skips the re-sort: the experts run (source rank, expert) segments instead, so the
+    # weight gradients sum in another order - equal to rounding, and to EP=1 (test_ep_sizes_and_world_sizes_agree)
+    a, b = runs[f"w{world}ep{world}a/k2_dropless"], runs[f"w{world}ep{world}/k2_dropless"]
+    assert b["routes"] == ["source_order"]
+    loss, weight, key = _max_diff(a, b)
+    assert loss < TOL and weight < TOL, (key, loss, weight)
 
 
 @pytest.mark.parametrize("name,route", [("w2/uneven", "all_to_all"), ("w4h/uneven", "hierarchical")])
@@ -118,11 +130,12 @@ def test_all_to_all_time_is_recorded(runs):
     assert runs["w2ep1/k1_drop"]["comm_seconds"] == 0
 
 
-@pytest.mark.parametrize("name,route", [("w2/zero", "all_to_all"), ("w2p/zero", "p2p"), ("w2a/zero", "p2p"),
+@pytest.mark.parametrize("name,route", [("w2/zero", "source_order"), ("w2p/zero", "p2p"), ("w2a/zero", "all_to_all"),
                                         ("w4/zero", "hierarchical")])
 def test_zero_token_experts_do_not_hang(runs, name, route):
     per_rank = runs[name]
     assert all(r["route"] == route for r in per_rank)
+    assert all(r["counts_dim"] == (2 if route == "source_order" else 1) for r in per_rank)
     for rank, r in enumerate(per_rank):
         assert r["rows"] == (8 if rank == 0 else 0)
         assert r["local_counts"] == ([8, 0] if rank == 0 else [0, 0])

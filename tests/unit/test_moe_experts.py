@@ -141,3 +141,35 @@ def test_capacity_layout_equals_per_slot_dense_math(Q, C, scaled):
     torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
     for got, want in ((x.grad, xr.grad), (ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("counts_QE", [[[3, 0, 5, 2], [1, 4, 0, 2]], [[0, 0, 6, 0], [0, 0, 0, 0], [2, 0, 1, 0]]])
+def test_source_order_segments_equal_expert_sorted_rows(counts_QE):
+    # [Q, E] counts: rows in (source rank, expert) order (the expert-parallel exchange without its re-sort);
+    # the same as running the rows re-sorted by expert, forward and backward (an expert's weight gradient
+    # sums over its segments; an expert without rows gets zeros)
+    torch.manual_seed(4)
+    ex = GroupedExperts(4, 6, 10)
+    c_QE = torch.tensor(counts_QE)
+    M = int(c_QE.sum())
+    x = torch.randn(M, 6)
+    scale = torch.rand(M)
+    expert_of_row = torch.cat([torch.full((int(n),), e) for row in counts_QE for e, n in enumerate(row)])
+    order = torch.sort(expert_of_row, stable=True).indices  # source order -> expert order
+    g = torch.randn(M, 6)
+
+    def run(xx, counts, s, gg):
+        ex.zero_grad(set_to_none=True)
+        xx = xx.clone().requires_grad_()
+        y = ex(xx, counts, s)
+        y.backward(gg)
+        return y.detach(), xx.grad, ex.w1.grad.clone(), ex.w2.grad.clone()
+
+    y, gx, gw1, gw2 = run(x, c_QE, scale, g)
+    ys, gxs, gw1s, gw2s = run(x[order], c_QE.sum(0), scale[order], g[order])
+    torch.testing.assert_close(y[order], ys, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gx[order], gxs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw1, gw1s, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gw2, gw2s, atol=1e-6, rtol=1e-5)
+    for e in range(4):
+        assert (gw1[e].abs().max() == 0) == (int(c_QE[:, e].sum()) == 0)

@@ -12,10 +12,16 @@ the backward of a permutation is the inverse permutation (a gather, not a scatte
 Flat route (DeepSpeed-MoE's dispatch): exchange the per-expert counts, exchange the rows, then re-sort the
 received rows from (source rank, local expert) order to local-expert-contiguous order.
 
-Segment route (``exchange="p2p"``, or "auto" for large segments on CPU): the same counts exchange, then
-each (source rank, expert) segment is sent point-to-point straight into its final, expert-contiguous place,
-so neither side re-sorts. On gloo/CPU the two re-sorting copies cost about a third of the exchange itself
-(benchmarks/all_to_all.py); with small segments the per-message latency wins and the flat route is used.
+Source-order route (``exchange="source_order"``, "auto" on CPU): the same two exchanges without the re-sort:
+``dispatch`` returns the rows as they arrive with their counts as [Q, El], and the experts run one GEMM per
+(source rank, expert) segment (the segment loop, which is what the grouped GEMM does on CPU anyway). On
+gloo/CPU the two re-sorting copies (and their backward) cost about a third of the exchange itself
+(benchmarks/all_to_all.py). GPUs keep the re-sort: it is cheap there and the grouped GEMM needs
+expert-contiguous rows.
+
+Segment route (``exchange="p2p"``): the same counts exchange, then each (source rank, expert) segment is sent
+point-to-point straight into its final, expert-contiguous place, so neither side re-sorts (one message per
+segment).
 
 Capacity route (``dispatch_capacity``, drop mode): the layer sends DeepSpeed's fixed [E, C, D] slot buffer;
 every split is El*C rows, so there is no count exchange and no re-sort (the experts consume the received
@@ -212,9 +218,10 @@ class AllToAllDispatcher:
     intra-node / inter-node route; it needs ``intra_group`` (the ``ranks_per_node`` ranks of this node inside
     the EP group, ordered by local index) and ``inter_group`` (the ranks with this local index on every node
     of the EP group, ordered by node); with one node or one rank per node it is the flat route.
-    ``exchange`` (flat route): "all_to_all" (one ``all_to_all_single`` + re-sort), "p2p" (segments straight
-    to their places) or "auto" (p2p on CPU when the mean (source, expert) segment is at least
-    ``p2p_min_segment_bytes``; every rank decides from the same group-wide total, so they always agree).
+    ``exchange`` (flat route): "all_to_all" (one ``all_to_all_single`` + re-sort), "source_order" (the same
+    without the re-sort: rows reach the experts in (source rank, expert) segments), "p2p" (segments straight
+    to their places) or "auto" (source_order on CPU, all_to_all on GPUs; decided by the device, so every
+    rank agrees).
     ``uniform_tokens``: the caller promises that every rank of the EP group runs each forward with the same
     number of tokens and no token mask (the trainer's equal micro-batches; DeepSpeed assumes it always).
     Drop mode then sizes the fixed [E, C, D] exchange from the local capacity without asking the peers;
@@ -225,18 +232,17 @@ class AllToAllDispatcher:
     backward exchanges until the caller resets them.
     """
 
-    EXCHANGES = ("auto", "all_to_all", "p2p")
+    EXCHANGES = ("auto", "all_to_all", "source_order", "p2p")
 
     def __init__(self, ep_group, ep_size: int, ep_rank: int, num_experts: int, *, hierarchical: bool = False,
                  ranks_per_node: int | None = None, timer: Callable[[], float] | None = None,
                  intra_group=None, inter_group=None, exchange: str = "auto",
-                 p2p_min_segment_bytes: int = 256 * 1024, uniform_tokens: bool = False):
+                 uniform_tokens: bool = False):
         if exchange not in self.EXCHANGES:
             raise ValueError(f"exchange={exchange!r}; allowed: {list(self.EXCHANGES)}")
         self.exchange = exchange
         self.uniform_tokens = bool(uniform_tokens)
-        self.p2p_min_segment_bytes = int(p2p_min_segment_bytes)
-        self.last_route = None  # "all_to_all", "p2p" or "hierarchical" (tests, benchmarks)
+        self.last_route = None  # "all_to_all", "source_order", "p2p" or "hierarchical" (tests, benchmarks)
         if ep_size < 1 or num_experts % ep_size:
             raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
         if not 0 <= ep_rank < ep_size:
@@ -275,7 +281,8 @@ class AllToAllDispatcher:
     # -- dispatcher interface -----------------------------------------------------------------------------
     def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
         """Rows sorted by global expert + per-global-expert counts -> (rows of the local experts sorted by
-        local expert, per-local-expert counts)."""
+        local expert, per-local-expert counts [El]); on the source-order route (rows in (source rank, local
+        expert) order) the counts are [Q, El] (`GroupedExperts.forward` takes both)."""
         if counts_E.numel() != self.num_experts:
             raise ValueError(f"counts_E has {counts_E.numel()} entries, expected num_experts={self.num_experts}")
         counts_E = counts_E.to(torch.long)
@@ -343,24 +350,20 @@ class AllToAllDispatcher:
         recv_QE = [r[:El] for r in recv]
         counts = counts_E.tolist()
         route = _Route()
-        if self._use_p2p(sum(r[El] for r in recv), x_MD):
-            self.last_route = "p2p"
+        kind = self.exchange if self.exchange != "auto" else (
+            "source_order" if x_MD.device.type == "cpu" else "all_to_all")
+        self.last_route = kind
+        if kind == "p2p":
             route.segments(self._segment_plan(counts, recv_QE))
         else:
-            self.last_route = "all_to_all"
             send_split = [sum(counts[q * El:(q + 1) * El]) for q in range(Q)]
             route.a2a(self.group, send_split, [sum(r) for r in recv_QE])
-            route.perm(torch.tensor(recv_QE, dtype=torch.long), device=x_MD.device)
+            if kind == "all_to_all":
+                route.perm(torch.tensor(recv_QE, dtype=torch.long), device=x_MD.device)
+            elif Q > 1 and El > 1:  # source order differs from expert order: the experts get [Q, El] counts
+                return route, torch.tensor(recv_QE, dtype=torch.long, device=counts_E.device)
         counts_loc = torch.tensor([sum(r[e] for r in recv_QE) for e in range(El)], dtype=torch.long)
         return route, counts_loc.to(counts_E.device)
-
-    def _use_p2p(self, group_rows: int, x_MD: Tensor) -> bool:
-        if self.exchange != "auto":
-            return self.exchange == "p2p"
-        if x_MD.device.type != "cpu" or self.num_local_experts == 1:
-            return False  # one local expert: the flat route needs no re-sort
-        row_bytes = math.prod(x_MD.shape[1:]) * x_MD.element_size()  # from the shape: a rank may have 0 rows
-        return group_rows * row_bytes >= self.p2p_min_segment_bytes * self.ep_size * self.num_experts
 
     def _segment_plan(self, counts: list[int], recv_QE: list[list[int]]) -> _SegmentPlan:
         """Segment (me -> q, local expert e) goes to q's row offset of (e, me) in expert-major order."""

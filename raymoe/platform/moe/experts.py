@@ -75,15 +75,17 @@ def _probe_grouped_mm_once(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _SegmentMM(torch.autograd.Function):
-    """y[seg_e] = x[seg_e] @ w[e] for expert-contiguous segments; rows past sum(counts) get zeros."""
+    """y[seg_i] = x[seg_i] @ w[expert_i] for consecutive row segments (``counts`` rows each; segment i uses
+    expert i, or ``experts[i]`` when given - an expert may then have several segments, and its weight gradient
+    sums over them); rows past sum(counts) get zeros."""
 
     @staticmethod
-    def forward(ctx, x_MD, w_EDF, counts):
+    def forward(ctx, x_MD, w_EDF, counts, experts):
         ctx.save_for_backward(x_MD, w_EDF)
-        ctx.counts = counts
+        ctx.counts, ctx.experts = counts, experts if experts is not None else range(len(counts))
         y_MF = x_MD.new_empty(x_MD.shape[0], w_EDF.shape[2])
         end = 0
-        for e, n in enumerate(counts):
+        for e, n in zip(ctx.experts, counts):
             if n:
                 torch.mm(x_MD[end:end + n], w_EDF[e], out=y_MF[end:end + n])
             end += n
@@ -96,21 +98,29 @@ class _SegmentMM(torch.autograd.Function):
         x_MD, w_EDF = ctx.saved_tensors
         g_MF = g_MF.contiguous()
         gx = torch.empty_like(x_MD) if ctx.needs_input_grad[0] else None
-        gw = torch.empty_like(w_EDF) if ctx.needs_input_grad[1] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            written = [False] * w_EDF.shape[0]
+            gw = torch.empty_like(w_EDF)
         end = 0
-        for e, n in enumerate(ctx.counts):
+        for e, n in zip(ctx.experts, ctx.counts):
             seg = slice(end, end + n)
             if gx is not None and n:
                 torch.mm(g_MF[seg], w_EDF[e].t(), out=gx[seg])
-            if gw is not None:
-                if n:
-                    torch.mm(x_MD[seg].t(), g_MF[seg], out=gw[e])
+            if gw is not None and n:
+                if written[e]:
+                    gw[e].addmm_(x_MD[seg].t(), g_MF[seg])
                 else:
-                    gw[e].zero_()
+                    torch.mm(x_MD[seg].t(), g_MF[seg], out=gw[e])
+                    written[e] = True
             end += n
+        if gw is not None:
+            for e in range(w_EDF.shape[0]):
+                if not written[e]:
+                    gw[e].zero_()
         if gx is not None and end < x_MD.shape[0]:
             gx[end:].zero_()
-        return gx, gw, None
+        return gx, gw, None, None
 
 
 class _ExpertBMM(torch.autograd.Function):
@@ -145,11 +155,15 @@ class _ExpertBMM(torch.autograd.Function):
 
 
 def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, *, offs: Tensor | None = None,
-               counts_list: list[int] | None = None, force_fallback: bool = False) -> Tensor:
-    """Grouped GEMM over expert-contiguous rows: segment e (counts_E[e] rows) times w_EDF[e].
+               counts_list: list[int] | None = None, force_fallback: bool = False,
+               segment_experts: list[int] | None = None) -> Tensor:
+    """Grouped GEMM over expert-contiguous rows: segment e (counts_E[e] rows) times w_EDF[e]; with
+    ``segment_experts`` segment i (counts_list[i] rows) times w_EDF[segment_experts[i]] (the segment loop).
 
     Rows past sum(counts_E) are unspecified (the fallback writes zeros); callers pass exactly the routed rows.
     """
+    if segment_experts is not None:
+        return _SegmentMM.apply(x_MD, w_EDF, counts_list, segment_experts)
     if not force_fallback and _probe_grouped_mm(x_MD.device, x_MD.dtype):
         if offs is None:
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
@@ -159,7 +173,7 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, *, offs: Tensor | 
             pass
     if counts_list is None:
         counts_list = [int(c) for c in counts_E.tolist()]
-    return _SegmentMM.apply(x_MD, w_EDF, counts_list)
+    return _SegmentMM.apply(x_MD, w_EDF, counts_list, None)
 
 
 class GroupedExperts(nn.Module):
@@ -205,7 +219,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_MD: Tensor, counts_E: Tensor, scale_M: Tensor | None = None, *,
                 force_fallback: bool | None = None) -> Tensor:
-        """x_MD: rows sorted by local expert, counts_E[e] rows each (sum <= M); returns [M, D].
+        """x_MD: rows sorted by local expert, counts_E[e] rows each (sum <= M); returns [M, D]. A 2-D
+        ``counts_QE`` [Q, E] means rows in (source rank, local expert) order - the expert-parallel exchange
+        without its re-sort - computed by the segment loop (Q*E segments).
 
         ``scale_M`` (the gate weights) multiplies each row's output; it is applied to whichever of the
         activation [M, F] or the output [M, D] is narrower (same result, fewer bytes touched).
@@ -219,18 +235,23 @@ class GroupedExperts(nn.Module):
     def _forward(self, x_MD, w1, w2, counts_E, scale_M, force_fallback) -> Tensor:
         offs = None
         counts_list = None
-        if force_fallback or not _probe_grouped_mm(x_MD.device, x_MD.dtype):
+        seg_experts = None
+        if counts_E.dim() == 2:
+            Q, E = counts_E.shape
+            counts_list = [int(c) for c in counts_E.reshape(-1).tolist()]
+            seg_experts = list(range(E)) * Q
+        elif force_fallback or not _probe_grouped_mm(x_MD.device, x_MD.dtype):
             counts_list = [int(c) for c in counts_E.tolist()]
         else:
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
         h_MF = grouped_mm(x_MD, w1, counts_E, offs=offs, counts_list=counts_list,
-                          force_fallback=force_fallback)
+                          force_fallback=force_fallback, segment_experts=seg_experts)
         h_MF = self.act(h_MF)
         scale_h = scale_M is not None and h_MF.shape[1] <= x_MD.shape[1]
         if scale_h:
             h_MF = h_MF * scale_M.unsqueeze(1).to(h_MF.dtype)
         y_MD = grouped_mm(h_MF, w2, counts_E, offs=offs, counts_list=counts_list,
-                          force_fallback=force_fallback)
+                          force_fallback=force_fallback, segment_experts=seg_experts)
         if scale_M is not None and not scale_h:
             y_MD = y_MD * scale_M.unsqueeze(1).to(y_MD.dtype)
         return y_MD

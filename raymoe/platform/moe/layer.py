@@ -22,6 +22,9 @@ from .router import (NOISY_GATE_POLICIES, RouterNoise, TopKRouter, compute_capac
 # per-expert GEMMs swing from run to run - fill 0.88 (E32) 0.82-0.83 vs 0.68-0.82 of dense; 0.86 (E64)
 # 0.73-0.74 vs 0.73-0.78; 0.83 (E16) 0.61-0.64 vs 0.55-0.67.
 DEFAULT_MIN_FILL = 0.8
+# Expert-parallel, the slots' padding is also sent over the network: fixed slots only for capacity factors up
+# to 1/0.9 (cf 1.0), variable splits above (cf 1.25 sends 20% less).
+EP_MIN_FILL = 0.9
 
 
 @dataclass
@@ -276,7 +279,7 @@ class MoE(nn.Module):
         min_fill = self.capacity_layout_min_fill
         if not isinstance(self.dispatcher, LocalDispatcher):
             cf = self.capacity_factor if self.training else self.eval_capacity_factor
-            fixed = self.drop_tokens and cf * (DEFAULT_MIN_FILL if min_fill is None else min_fill) <= 1.0
+            fixed = self.drop_tokens and cf * (EP_MIN_FILL if min_fill is None else min_fill) <= 1.0
             return capacity if fixed else None
         if min_fill is None:
             if plan.counts_E.device.type != "cpu":
