@@ -124,13 +124,16 @@ def prompts(n: int, length: int, seed: int = 0) -> list[str]:
 CPU_USE: dict[str, dict[str, float]] = {}  # mode -> {process name: CPU seconds, "_wall": seconds} (--cpu-report)
 
 
-async def drive(one, n_clients: int, duration_s: float, pool: list[str], mode: str = "") -> tuple[list[Sample], float]:
-    """n_clients loops calling ``one(prompt) -> Sample`` until the deadline; returns samples and wall time."""
+async def drive(one, n_clients: int, duration_s: float, pool: list[str], mode: str = "",
+                stagger_s: float = 0.0) -> tuple[list[Sample], float]:
+    """n_clients loops calling ``one(prompt) -> Sample`` until the deadline (client i starts ``i * stagger_s``
+    late); returns samples and wall time."""
     snap = cpu_snapshot() if mode else None
     deadline = time.perf_counter() + duration_s
     samples: list[Sample] = []
 
     async def client(i: int):
+        await asyncio.sleep(i * stagger_s)
         k = i
         while time.perf_counter() < deadline:
             samples.append(await one(pool[k % len(pool)]))
@@ -250,18 +253,24 @@ async def measure(modes: dict, a, pool: list[str], eng=None) -> dict[str, tuple[
     conn = aiohttp.TCPConnector(limit=a.clients)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as http:
         ones = {name: make(http) for name, make in modes.items()}
+        stagger = {}
         for name, one in ones.items():
-            await drive(one, a.clients, min(2.0, a.duration / 4), pool)
+            warm, _ = await drive(one, a.clients, min(2.0, a.duration / 4), pool)
+            # "auto": the clients' first requests spread evenly over one request's duration (this mode's p50)
+            stagger[name] = a.stagger if a.stagger != "auto" else percentile([w.latency_s for w in warm], 50) / a.clients
+            STAGGER[name] = stagger[name]
         for _ in range(a.rounds):
             for name, one in ones.items():
                 before = await engine_stats(name, eng)
-                samples, wall = await drive(one, a.clients, a.duration / a.rounds, pool, name if a.cpu_report else "")
+                samples, wall = await drive(one, a.clients, a.duration / a.rounds, pool, name if a.cpu_report else "",
+                                            stagger[name])
                 out[name] = (out[name][0] + samples, out[name][1] + wall)
                 add_engine_use(name, before, await engine_stats(name, eng))
     return out
 
 
 ENGINE_USE: dict[str, dict[str, float]] = {}  # mode -> summed engine counter deltas
+STAGGER: dict[str, float] = {}  # mode -> seconds between the clients' first requests
 
 
 async def engine_stats(mode: str, eng) -> dict:
@@ -346,6 +355,12 @@ def main() -> None:
                     help="Serve mode: the replica runs the engine in a child process (ProcessEngine: its decode "
                          "loop does not share the GIL with Serve's request handling); --no-engine-process: in "
                          "the replica's process (Engine)")
+    ap.add_argument("--stagger", type=lambda v: v if v == "auto" else float(v), default="auto",
+                    help="seconds between the clients' first requests in each measured window; auto (default): "
+                         "that mode's warm-up p50 latency / clients, so arrivals are spread over a request's "
+                         "duration in both modes. 0: all clients start together - in-process they then tend to "
+                         "stay in lockstep (every prompt of a round in one prefill), which clients across a "
+                         "network do not")
     ap.add_argument("--cpu-report", action="store_true", help="print the processes using the CPU per mode and "
                                                               "warn when processes outside the benchmark ran")
     ap.add_argument("--rounds", type=int, default=1, help="1: in-process, then Serve (Ray not running during "
@@ -366,6 +381,7 @@ def main() -> None:
     print(f"\n{a.clients} clients, {a.duration:.0f} s in {a.rounds} round(s), {a.layout} layout, ingress {a.ingress}, "
           f"{'ProcessEngine' if a.engine_process else 'Engine'} in Serve, prompt {a.prompt_len} tokens, max_tokens {a.max_tokens}, "
           f"max_batch_size {a.max_batch_size}, stream={a.stream}, stream_interval {a.stream_interval} s")
+    print("client start stagger: " + ", ".join(f"{m} {1e3 * v:.1f} ms" for m, v in STAGGER.items()))
     print(f"{'mode':12s} {'requests':>8s} {'tok/s':>9s} {'p50 s':>8s} {'p99 s':>8s} {'ttft50 s':>9s} {'ttft99 s':>9s}")
     for r in rows:
         print(f"{r['mode']:12s} {r['requests']:8d} {r['tokens_per_s']:9.1f} {r['p50_s']:8.3f} {r['p99_s']:8.3f} "
