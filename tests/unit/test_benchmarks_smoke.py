@@ -26,3 +26,30 @@ def test_moe_layer_quick_prints_both_tables():
 def test_all_to_all_smoke():
     text = _run("all_to_all.py", "--worlds", "2", "--reps", "2", "--shapes", "T1024_D128_E16_k2")
     assert "ratio" in text and "cap:all_to_all" in text
+
+
+def test_serve_load_clients_start_staggered(monkeypatch):
+    # serve_load's closed-loop clients: client i's first request goes out i * stagger_s after the start, so
+    # the arrivals are spread in every mode (with 0 they start together)
+    import asyncio
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("serve_load", BENCH / "serve_load.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "serve_load", mod)  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    for stagger in (0.0, 0.05):
+        first: dict[str, float] = {}
+
+        async def one(prompt):
+            first.setdefault(prompt, time.perf_counter())
+            await asyncio.sleep(0.01)
+            return mod.Sample(0.01, None, 3)
+
+        t0 = time.perf_counter()
+        samples, wall = asyncio.run(mod.drive(one, 4, 0.4, ["c0", "c1", "c2", "c3"], stagger_s=stagger))
+        assert len(samples) > 4 and all(s.tokens == 3 for s in samples) and wall >= 0.4
+        offsets = [first[f"c{i}"] - t0 for i in range(4)]  # client i sends pool[i] (pool size = clients)
+        for i, off in enumerate(offsets):
+            assert i * stagger <= off + 1e-3 < i * stagger + 0.04, (stagger, offsets)
