@@ -3,13 +3,16 @@
 N concurrent clients send completion requests back to back for a bounded time, first to an `Engine` in this
 process (asyncio clients calling ``engine.generate``/``engine.stream``), then to a local Serve deployment of the
 same checkpoint and engine settings on 127.0.0.1 (aiohttp clients). Printed per mode: requests, generated
-tokens/s, p50/p99 request latency, p50/p99 time to first token (``--stream``), and Serve / in-process ratios; then the engine's side per mode
-(generated tokens per step, ms per step, prefills and how many ran inside a mixed step): a lower tokens/s with
-the same tokens/step means slower steps, not emptier batches.
+tokens/s, p50/p99 request latency, p50/p99 time to first token (``--stream``), and Serve / in-process ratios;
+then the engine's side per mode (generated tokens per step, ms per step, prefills and how many ran inside a
+mixed step): a lower tokens/s with the same tokens/step means slower steps, not emptier batches.
 
 Usage: python benchmarks/serve_load.py [--checkpoint DIR] [--clients 8] [--duration 10] [--max-tokens 32]
        [--prompt-len 32] [--max-batch-size 16] [--stream [--stream-interval 0.02]] [--num-cpus 2]
-       [--layout single|split] [--rounds N] [--cpu-report] [--ingress proxy|direct|both]
+       [--layout single|split] [--rounds N] [--cpu-report] [--ingress proxy|direct|both] [--stagger auto|S]
+``--stagger``: seconds between the clients' first requests in each window (auto: the mode's warm-up p50 /
+clients: arrivals spread over a request's duration in both modes; 0: together - in-process clients then stay
+in lockstep, one prefill for all prompts of a round, which clients across a network never do).
 ``--layout``: the Serve app (single: routes + engine in one deployment, the default; split: ingress ->
 LLMServer). ``--ingress``: how clients reach Serve (see --help); "both" (default) prints a row for each.
 ``--rounds N``: N alternating windows per mode (for shared machines). ``--cpu-report``: CPU
@@ -257,7 +260,8 @@ async def measure(modes: dict, a, pool: list[str], eng=None) -> dict[str, tuple[
         for name, one in ones.items():
             warm, _ = await drive(one, a.clients, min(2.0, a.duration / 4), pool)
             # "auto": the clients' first requests spread evenly over one request's duration (this mode's p50)
-            stagger[name] = a.stagger if a.stagger != "auto" else percentile([w.latency_s for w in warm], 50) / a.clients
+            p50 = percentile([w.latency_s for w in warm], 50)
+            stagger[name] = a.stagger if a.stagger != "auto" else p50 / a.clients
             STAGGER[name] = stagger[name]
         for _ in range(a.rounds):
             for name, one in ones.items():
@@ -334,6 +338,19 @@ def summarize(name: str, samples: list[Sample], wall_s: float) -> dict:
             "mean_tokens": statistics.mean(s.tokens for s in samples) if samples else 0.0}
 
 
+def stagger_arg(value: str):
+    """--stagger: "auto" or seconds >= 0."""
+    if value == "auto":
+        return value
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"--stagger {value!r}: expected 'auto' or seconds >= 0")
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None)
@@ -355,7 +372,7 @@ def main() -> None:
                     help="Serve mode: the replica runs the engine in a child process (ProcessEngine: its decode "
                          "loop does not share the GIL with Serve's request handling); --no-engine-process: in "
                          "the replica's process (Engine)")
-    ap.add_argument("--stagger", type=lambda v: v if v == "auto" else float(v), default="auto",
+    ap.add_argument("--stagger", type=stagger_arg, default="auto",
                     help="seconds between the clients' first requests in each measured window; auto (default): "
                          "that mode's warm-up p50 latency / clients, so arrivals are spread over a request's "
                          "duration in both modes. 0: all clients start together - in-process they then tend to "
