@@ -73,8 +73,9 @@ def plan_dispatch(idx_SK: Tensor, num_experts: int, capacity: int | None,
         kept_order_M, expert_M, pos_M = order_N, expert_N, pos_N
         kept_counts_E = counts_E
     else:
-        keep_N = pos_N < capacity
-        kept_order_M, expert_M, pos_M = order_N[keep_N], expert_N[keep_N], pos_N[keep_N]
+        # One nonzero for the three selections (each boolean-mask index runs its own; on a GPU each is a sync).
+        keep_M = (pos_N < capacity).nonzero().squeeze(1)
+        kept_order_M, expert_M, pos_M = (t.index_select(0, keep_M) for t in (order_N, expert_N, pos_N))
         kept_counts_E = counts_E.clamp(max=capacity)
     choice_M = kept_order_M if src_N is None else src_N[kept_order_M]
     if capacity is None:
