@@ -336,17 +336,15 @@ class AllToAllDispatcher:
     # -- routes -------------------------------------------------------------------------------------------
     def _plan_flat(self, counts_E: Tensor, x_MD: Tensor) -> tuple[_Route, Tensor]:
         Q, El = self.ep_size, self.num_local_experts
-        # One all_to_all_single of the counts; a last column carries each rank's row total to every peer so
-        # that all ranks can choose the same exchange. The splits are made from Python lists (two host reads).
-        # A third extra column carries the largest per-expert count, so dropless layers learn the group's
-        # capacity here instead of from an all-reduce of their own (``last_group_max_count``).
+        # One all_to_all_single of the counts; the splits are made from Python lists (two host reads). An
+        # extra column carries the largest per-expert count, so dropless layers learn the group's capacity
+        # here instead of from an all-reduce of their own (``last_group_max_count``).
         local_max = counts_E.max() if counts_E.numel() else counts_E.new_zeros(())
-        send_QE1 = torch.cat([counts_E.view(Q, El), counts_E.sum().expand(Q, 1), local_max.expand(Q, 1)],
-                             1).contiguous()
+        send_QE1 = torch.cat([counts_E.view(Q, El), local_max.expand(Q, 1)], 1).contiguous()
         recv_QE1 = torch.empty_like(send_QE1)
         self._meter.run(lambda: dist.all_to_all_single(recv_QE1, send_QE1, group=self.group))
         recv = recv_QE1.tolist()
-        self.last_group_max_count = max(r[El + 1] for r in recv)
+        self.last_group_max_count = max(r[El] for r in recv)
         recv_QE = [r[:El] for r in recv]
         counts = counts_E.tolist()
         route = _Route()
