@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     p.add_argument("--address", default=None, help="Ray to use: 'local' (a new private instance; the default "
                                                    "unless RAY_ADDRESS is set), 'auto' or HOST:PORT of a cluster")
+    p.add_argument("--stream-interval", type=float, default=0.0,
+                   help="streaming: min seconds between two chunks of one stream (tokens in between are batched "
+                        "into the next chunk); 0 = a chunk per token. Fewer, larger SSE events cost the server "
+                        "less (benchmarks/serve_load.py --stream-interval)")
     p.add_argument("--direct-ingress", action="store_true",
                    help="Ray Serve's throughput-optimized mode (local Ray only): each ingress replica also answers "
                         "HTTP on its own port from --port+1 up, skipping the proxy hop (printed at start)")
@@ -173,7 +177,8 @@ def _cmd_serve(args) -> int:
         if args.ep_size != 1:  # ServeArgs checks it (>= 1) and the shard settings
             scale.update(ep_size=args.ep_size, ep_shard_cpus=args.ep_shard_cpus)
         sargs = ServeArgs(checkpoint=args.checkpoint, model_id=args.model_id, engine_kwargs=engine_kwargs,
-                          max_ongoing_requests=args.max_batch_size + args.max_waiting, **scale)
+                          max_ongoing_requests=args.max_batch_size + args.max_waiting,
+                          stream_interval_s=args.stream_interval, **scale)
     except ValueError as exc:  # pydantic's ValidationError: one line per field
         errors = exc.errors() if hasattr(exc, "errors") else [{"loc": (), "msg": str(exc)}]
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'serve'}: {e['msg']}" for e in errors)) from None

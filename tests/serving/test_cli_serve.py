@@ -27,6 +27,7 @@ FAKE = "raymoe.deployments.fake_engine:FakeEngine"
     ["serve", "--engine", FAKE, "--ep-size", "2"],                   # expert-parallel shards load a checkpoint
     ["serve", "--checkpoint", "/nonexistent/ckpt", "--ep-size", "0"],
     ["serve", "--engine", FAKE, "--address", "auto", "--direct-ingress"],  # set when Ray starts: local only
+    ["serve", "--engine", FAKE, "--stream-interval", "-0.1"],
 ])
 def test_cli_serve_argument_errors(argv, capsys):
     assert main(argv) == 2
@@ -43,6 +44,9 @@ def test_cli_serve_passes_the_expert_parallel_size(monkeypatch, tmp_path):
     assert (a.ep_size, a.ep_shard_cpus, a.engine_cls) == (2, 0.5, app.EP_ENGINE)
     assert main(["serve", "--checkpoint", str(tmp_path)]) == 0
     assert (seen["args"].ep_size, seen["args"].engine_cls) == (1, app.DEFAULT_ENGINE)
+    assert seen["args"].stream_interval_s == 0.0
+    assert main(["serve", "--checkpoint", str(tmp_path), "--stream-interval", "0.05"]) == 0
+    assert seen["args"].stream_interval_s == 0.05
 
 
 def _get(url: str, timeout: float = 5.0) -> dict:
