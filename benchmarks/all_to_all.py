@@ -7,9 +7,10 @@ Both are measured in one run, interleaved, in the same gloo world of N processes
             re-sorting the received rows to local-expert order and back, "auto" = the default (on CPU the
             source-order route: no re-sort, the experts run (source rank, expert) segments; see
             raymoe.platform.moe.comm), "hier" = --hierarchical. Drop mode (capacity factor 1.0):
-            dispatch_capacity + combine_capacity of the fixed [E, C, D] buffer, equal splits; "cap" = as in training (uniform_tokens: every rank runs
-            equal micro-batches), "cap+agree" = preceded by the slot-count all-reduce the layer runs when
-            token counts may differ (token masks, other callers), "cap-hier" = two-phase
+            dispatch_capacity + combine_capacity of the fixed [E, C, D] buffer, equal splits; "cap" = as in
+            training (uniform_tokens: every rank runs equal micro-batches), "cap+agree" = preceded by the
+            slot-count all-reduce the layer runs when token counts may differ (token masks, other callers),
+            "cap-hier" = two-phase
   raw     = two all_to_all_single calls with the same split sizes into preallocated buffers (the floor)
   bytes/s = payload bytes this rank sends (dispatch + combine) / time (min over reps of the slowest rank,
             each rep after a barrier); ratio = layer bytes/s / raw bytes/s (target >= 0.8), the median over
