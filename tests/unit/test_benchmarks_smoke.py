@@ -22,6 +22,13 @@ def test_moe_layer_quick_prints_both_tables():
     assert text.count("fwd+bwd") >= 2 * 3 * 2  # both shapes, three modes, both tables
 
 
+def test_expert_gemm_ceiling_quick_checks_numerics_and_prints_every_variant():
+    text = _run("expert_gemm_ceiling.py", "--quick")
+    assert "numerics checked" in text
+    for name in ("dense", "padded-bmm", "split-gemms", "experts/thread", "fused/thread"):
+        assert f"\n{name} " in text
+
+
 @pytest.mark.slow
 def test_all_to_all_smoke():
     text = _run("all_to_all.py", "--worlds", "2", "--reps", "2", "--shapes", "T1024_D128_E16_k2")
