@@ -238,6 +238,10 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `raymoe` console script; user errors print one clear line and exit 2."""
     args = _parser().parse_args(argv)
+    if args.command in ("train", "eval", "generate"):  # they run the model in this process (serve: in the engine)
+        from raymoe.platform.host_memory import tune_malloc
+
+        tune_malloc()
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as exc:

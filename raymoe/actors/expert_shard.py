@@ -31,6 +31,7 @@ from raymoe.config import RaymoeConfig, config_from_dict
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import parallel
 from raymoe.platform.data import build_dataset, windows_from_starts
+from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model import GPT
 from raymoe.platform.runner import LocalRunner, prepare_for_inference
 from raymoe.platform.train_step import build_optimizer, train_step
@@ -41,6 +42,7 @@ class ExpertShard:
     """A Ray actor (see :func:`remote_class`); lifecycle verbs: start, check_health, shutdown."""
 
     def __init__(self, cfg: dict, *, build_data: bool = True):
+        tune_malloc()  # this worker process allocates the model's tensors every step
         self.cfg: RaymoeConfig = config_from_dict(cfg, source="coordinator")
         self.rank = -1
         self.world = 0

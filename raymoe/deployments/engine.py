@@ -39,8 +39,9 @@ from typing import Optional
 import torch
 
 from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
-from raymoe.platform.runner import LocalRunner, load_local_model
 from raymoe.platform.generate import _RowState, top_k_filter, top_p_filter
+from raymoe.platform.host_memory import tune_malloc
+from raymoe.platform.runner import LocalRunner, load_local_model
 
 _RELOAD_POLICIES = ("drain", "immediate")
 
@@ -103,6 +104,7 @@ class Engine(BaseEngine):
         """Load the model (if given a checkpoint), allocate the batch cache and start the decode loop."""
         if self._thread is not None:
             return
+        tune_malloc()  # the process that runs the model: the replica, or the engine's child process
         if self.torch_threads:
             torch.set_num_threads(self.torch_threads)
         self.runner = self._make_runner()

@@ -29,6 +29,13 @@ def test_expert_gemm_ceiling_quick_checks_numerics_and_prints_every_variant():
         assert f"\n{name} " in text
 
 
+def test_host_memory_quick_compares_default_and_tuned_processes():
+    text = _run("host_memory.py", "--quick")
+    for name in ("moe-E32", "dense-E32", "tiny-step"):
+        assert f"\n{name} " in text
+    assert "default/tuned" in text
+
+
 @pytest.mark.slow
 def test_all_to_all_smoke():
     text = _run("all_to_all.py", "--worlds", "2", "--reps", "2", "--shapes", "T1024_D128_E16_k2")
