@@ -3,7 +3,7 @@
 By default glibc serves large allocations from fresh ``mmap`` pages and unmaps them on free (the threshold
 starts at 128 KiB and adapts up to 32 MiB), and it returns free memory at the top of the heap to the OS.
 PyTorch on CPU allocates new activation and gradient tensors every step, so every step page-faults on each
-page it writes: the E32 MoE layer runs 1.28x slower that way (benchmarks/host_memory.py; the other
+page it writes: the E32 MoE layer runs 1.27-1.28x slower that way (benchmarks/host_memory.py; the other
 benchmarks always ran with the equivalent ``MALLOC_*`` settings, DESIGN.md "Performance method"). Serving
 freed memory from the heap lets the next step reuse pages it already touched.
 
