@@ -1,7 +1,8 @@
 """How close can a pure-PyTorch CPU MoE expert MLP get to a dense GEMM pair? (ceilings behind the layer's
 dense-equivalence, benchmarks/moe_layer.py)
 
-All variants compute, for N = T*k routed rows spread over E experts by a random top-k router, the expert MLP
+All variants compute, for N = T*k routed rows spread over E experts by a freshly initialized top-k gate (as
+the layer benchmark's; its uneven column norms make the load uneven), the expert MLP
 y = gelu(x @ w1[e]) @ w2[e] forward and backward (grads of x, w1, w2; written out as GEMMs and the gelu and
 its backward, no autograd), in fp32; the times are the minimum over interleaved reps, printed as
 dense / variant (1.0 = as fast as one dense pair over the same N rows):
@@ -17,9 +18,10 @@ dense / variant (1.0 = as fast as one dense pair over the same N rows):
                 the token matrix, the gate weight (and its gradient), scatter-add into the token output (one
                 [T, D] buffer per thread, summed), and the mirror in backward - no [N, D] intermediate
 
-Each thread's GEMM runs at the dense pair's speed (experts/thread about 1.0), but the per-expert elementwise
-work, gathers and scatters done from Python cost the fused variant more than padding costs the batched GEMM;
-the layer adds routing on top of either. Usage:
+Measured at E32 on 2 cores: whole experts on threads come closest (0.94-0.96: each thread's GEMMs run at the
+dense pair's speed, less two thread hand-offs), but the per-expert elementwise work, gathers and scatters done
+from Python cost the fused variant more (0.87-0.90) than padding costs the batched GEMM (0.91-0.93); at E16 and
+E64 the fused variant beats the padded one. The layer adds routing on top of any of them. Usage:
   python benchmarks/expert_gemm_ceiling.py [--shape T2048_D1024_F256_E32_k4] [--reps 7] [--threads N] [--quick]
 """
 
@@ -40,14 +42,14 @@ import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor, wait  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from raymoe.platform.moe.experts import ACTIVATIONS  # noqa: E402
 
 _POOL = ThreadPoolExecutor(max(os.cpu_count() or 1, 1), thread_name_prefix="ceiling")
 _LOCK = threading.Lock()
 
 
-def gelu(h):
-    return F.gelu(h, approximate="tanh")
+gelu = ACTIVATIONS["gelu"]  # the experts' default activation (tanh approximation)
 
 
 def gelu_bwd(g, h):
