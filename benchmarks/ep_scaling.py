@@ -31,7 +31,7 @@ from raymoe.config import load_config
 from raymoe.platform.data import build_dataset, sample_batch
 from raymoe.platform.model import GPT, GPTConfig
 from raymoe.platform.train_step import build_optimizer, train_step
-from raymoe.platform.trainer import gpt_config_from
+from raymoe.platform.model_io import gpt_config_from
 
 MODEL = ["model.block_size=128", "model.n_layer=4", "model.n_head=4", "model.d_model=256", "model.d_ff=1024",
          "moe.num_experts=8", "moe.k=1", "moe.capacity_factor=1.25", "train.global_batch_size=16",

@@ -36,7 +36,7 @@ def _case_fns(quick: bool):
     from raymoe.platform.model import GPT
     from raymoe.platform.moe import MoE
     from raymoe.platform.train_step import build_optimizer, train_step
-    from raymoe.platform.trainer import gpt_config_from
+    from raymoe.platform.model_io import gpt_config_from
 
     T, D, Fd, E, k = (256, 128, 64, 8, 2) if quick else (2048, 1024, 256, 32, 4)
     torch.manual_seed(0)

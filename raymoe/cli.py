@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from raymoe.config import load_config
-    from raymoe.platform.trainer import LocalTrainer, load_model, sample_text
+    from raymoe.platform.generate import sample_text
+    from raymoe.platform.model_io import load_model
+    from raymoe.platform.trainer import LocalTrainer
 
     cfg = load_config(args.config, args.overrides)
     if cfg.cluster.mode == "ray":
@@ -119,7 +121,8 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from raymoe.config import load_config
     from raymoe.platform.data import build_dataset, eval_window_starts
-    from raymoe.platform.trainer import evaluate_windows, load_model
+    from raymoe.platform.model_io import load_model
+    from raymoe.platform.trainer import evaluate_windows
 
     cfg = load_config(args.config, args.overrides)
     model = load_model(args.checkpoint)
@@ -136,7 +139,7 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from raymoe.platform.data import ByteTokenizer
     from raymoe.platform.generate import generate
-    from raymoe.platform.trainer import load_model
+    from raymoe.platform.model_io import load_model
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")

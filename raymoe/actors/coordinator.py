@@ -24,7 +24,8 @@ from raymoe.platform import metrics as M
 from raymoe.platform.data import build_dataset, eval_window_starts, global_batch_starts
 from raymoe.platform.parallel import choose_ep_size
 from raymoe.platform.train_step import lr_at
-from raymoe.platform.trainer import MetricsLog, format_step_line, write_plots, gpt_config_from
+from raymoe.platform.model_io import gpt_config_from
+from raymoe.platform.trainer import MetricsLog, format_step_line, write_plots
 
 from .elastic import SHARD_FAILURES, Elastic
 from .expert_shard import remote_class

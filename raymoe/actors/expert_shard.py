@@ -35,7 +35,8 @@ from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model import GPT
 from raymoe.platform.runner import LocalRunner, prepare_for_inference
 from raymoe.platform.train_step import build_optimizer, train_step
-from raymoe.platform.trainer import evaluate_windows, gpt_config_from, model_config_of, resolve_dtype
+from raymoe.platform.model_io import gpt_config_from, model_config_of
+from raymoe.platform.trainer import evaluate_windows, resolve_dtype
 
 
 class ExpertShard:

@@ -127,7 +127,7 @@ def check_ep_size(checkpoint: str, ep_size: int) -> None:
         return
     from raymoe.deployments.ep_runner import check_ep_size
     from raymoe.platform.checkpoint import read_manifest
-    from raymoe.platform.trainer import model_config_of
+    from raymoe.platform.model_io import model_config_of
 
     info = read_manifest(checkpoint)
     if "model_config" in (info.get("extra") or {}):

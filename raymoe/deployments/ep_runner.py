@@ -74,7 +74,7 @@ class EPRunner:
     # -- start / stop ------------------------------------------------------------------------------------
     def _check_checkpoint(self, checkpoint: str) -> None:
         from raymoe.platform.checkpoint import read_manifest
-        from raymoe.platform.trainer import model_config_of
+        from raymoe.platform.model_io import model_config_of
 
         check_ep_size(model_config_of(read_manifest(checkpoint), checkpoint), self.ep_size, checkpoint)
 

@@ -282,3 +282,18 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
         for i, toks in enumerate(step.tokens):
             outputs[i].extend(toks)
     return outputs
+
+def sample_text(model: nn.Module, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                top_p: float | None, seed: int = 0) -> str:
+    """``prompt`` plus a generated continuation (byte tokenizer), at most up to the model's context length."""
+    from raymoe.platform.data import ByteTokenizer
+
+    tok = ByteTokenizer()
+    ids = tok.encode(prompt)
+    room = model.config.block_size - len(ids) + 1
+    if room < 1:
+        raise ValueError(f"prompt is {len(ids)} tokens; the model's context (block_size) is "
+                         f"{model.config.block_size}")
+    out = generate(model, [ids], max_new_tokens=min(max_new_tokens, room), temperature=temperature,
+                   top_k=top_k, top_p=top_p, eos_id=tok.eos_id, seed=seed)
+    return prompt + tok.decode(out[0])

@@ -51,7 +51,7 @@ def prepare_for_inference(model):
 def load_local_model(checkpoint: str, device) -> tuple[Any, Optional[int]]:
     """(whole model, step) of a checkpoint, ready for inference on ``device``."""
     from raymoe.platform.checkpoint import read_manifest
-    from raymoe.platform.trainer import load_model
+    from raymoe.platform.model_io import load_model
 
     step = read_manifest(checkpoint).get("step")
     return prepare_for_inference(load_model(checkpoint, device=device)), step

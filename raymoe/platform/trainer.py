@@ -17,24 +17,19 @@ from typing import Callable
 
 import torch
 
-from raymoe.config import RaymoeConfig, resolved_d_ff
+from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
-from raymoe.platform.data import (ByteTokenizer, build_dataset, eval_window_starts, sample_batch,
+from raymoe.platform.data import (build_dataset, eval_window_starts, sample_batch,
                                   windows_from_starts)
 from raymoe.platform.distill import KDSchedule, build_student_config
-from raymoe.platform.generate import generate
-from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.model import GPT
+from raymoe.platform.model_io import gpt_config_from, load_model
 from raymoe.platform.parallel import seed_router_noise
 from raymoe.platform.train_step import KDSettings, StepResult, build_optimizer, evaluate, lr_at, train_step
 
 CSV_FIELDS = ("step", "loss", "ce_loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "step_s")
 
 
-def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
-    """Translate the user-facing config sections into the model's dataclass."""
-    names = {f.name for f in dataclasses.fields(GPTConfig)}
-    values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg)}
-    return GPTConfig(**{k: v for k, v in values.items() if k in names})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -221,33 +216,10 @@ def evaluate_windows(model: GPT, split_ds, starts, *, block_size: int, micro_bat
     return evaluate(model, zip(x.split(micro_batch), y.split(micro_batch)), autocast_dtype=autocast_dtype)
 
 
-def sample_text(model: GPT, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-                top_p: float | None, seed: int = 0) -> str:
-    """``prompt`` plus a generated continuation (byte tokenizer), at most up to the model's context length."""
-    tok = ByteTokenizer()
-    ids = tok.encode(prompt)
-    room = model.config.block_size - len(ids) + 1
-    if room < 1:
-        raise ValueError(f"prompt is {len(ids)} tokens; the model's context (block_size) is "
-                         f"{model.config.block_size}")
-    out = generate(model, [ids], max_new_tokens=min(max_new_tokens, room), temperature=temperature,
-                   top_k=top_k, top_p=top_p, eos_id=tok.eos_id, seed=seed)
-    return prompt + tok.decode(out[0])
 
 
-def model_config_of(info: dict, checkpoint: str | Path) -> GPTConfig:
-    """The model config a checkpoint's manifest (``info``, from ``read_manifest``) stores in extra.model_config."""
-    extra = info.get("extra") or {}
-    if "model_config" not in extra:
-        raise ckpt.CheckpointError(f"{checkpoint}: manifest has no extra.model_config; cannot rebuild the model")
-    return GPTConfig(**extra["model_config"])
 
 
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """Build a model from the config stored in a checkpoint and load its weights (no optimizer)."""
-    model = GPT(model_config_of(ckpt.read_manifest(checkpoint), checkpoint))
-    ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
-    return model.to(device)
 
 
 def format_step_line(rec: dict, total: int) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from raymoe.platform import checkpoint as ckpt
-from raymoe.platform.trainer import load_model
+from raymoe.platform.model_io import load_model
 
 SCRIPT = Path(__file__).with_name("elastic_scenarios.py")
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from raymoe.config import load_config
-from raymoe.platform.trainer import LocalTrainer, load_model
+from raymoe.platform.model_io import load_model
+from raymoe.platform.trainer import LocalTrainer
 
 TINY = [
     "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.d_ff=64",

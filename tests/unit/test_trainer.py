@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raymoe.cli import main
-from raymoe.platform.trainer import load_model
+from raymoe.platform.model_io import load_model
 
 TINY = [
     "model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.d_ff=64",
