@@ -13,6 +13,8 @@ from torch import nn
 from raymoe.platform import checkpoint as ck
 from raymoe.platform.checkpoint import (CheckpointError, finalize_checkpoint, inspect_checkpoint,
                                         latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint)
+from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.moe.experts import GroupedExperts
 
 D, F, E = 4, 6, 4
 
@@ -255,9 +257,6 @@ def test_latest_list_and_inspect(tmp_path):
 
 
 def test_grouped_experts_round_trip(tmp_path):
-    experts_mod = pytest.importorskip("raymoe.platform.moe.experts")
-    GroupedExperts = experts_mod.GroupedExperts
-
     class Net(nn.Module):
         def __init__(self, ids):
             super().__init__()
@@ -333,13 +332,12 @@ def test_remove_checkpoint_and_read_manifest(tmp_path):
 
 
 def test_gpt_moe_resume_and_reshard(tmp_path):
-    model_mod = pytest.importorskip("raymoe.platform.model")
-    cfg = model_mod.GPTConfig(vocab_size=257, block_size=8, n_layer=2, n_head=2, d_model=16, d_ff=32,
-                              num_experts=4, expert_interval=2)
+    cfg = GPTConfig(vocab_size=257, block_size=8, n_layer=2, n_head=2, d_model=16, d_ff=32,
+                    num_experts=4, expert_interval=2)
 
     def build(seed):
         torch.manual_seed(seed)
-        m = model_mod.GPT(cfg)
+        m = GPT(cfg)
         return m, torch.optim.AdamW(m.parameters(), lr=1e-3)
 
     def run(m, o, steps):
