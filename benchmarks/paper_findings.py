@@ -115,10 +115,10 @@ def train_one(job: dict) -> dict:
     """Train one (variant, seed) run; returns its curve, final validation loss, parameters and throughput."""
     os.environ.setdefault("OMP_NUM_THREADS", str(job["threads"]))
     from raymoe.config import load_config
-    from raymoe.platform.data import eval_window_starts, windows_from_starts
+    from raymoe.platform.data import eval_window_starts
     from raymoe.platform.report import read_records
-    from raymoe.platform.train_step import evaluate
     from raymoe.platform.trainer import LocalTrainer
+    from raymoe.platform.training import val_metrics, window_loss_sums
 
     cfg = load_config(None, job["overrides"])
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -128,13 +128,14 @@ def train_one(job: dict) -> dict:
     # final loss on (up to) the whole validation split: the same windows for every run, so differences pair
     block, batch = cfg.model.block_size, cfg.train.global_batch_size
     starts = eval_window_starts(trainer.val_ds, block, batch, job["final_eval_batches"])
-    x, y = windows_from_starts(trainer.val_ds, starts, block, trainer.device)
-    final = evaluate(trainer.model, zip(x.split(batch), y.split(batch)))["val_loss"]
+    total, val_tokens = window_loss_sums(trainer.model, trainer.val_ds, starts, block_size=block, micro_batch=batch,
+                                         device=trainer.device)
+    final = val_metrics(total, val_tokens)["val_loss"]
     records = read_records(summary["run_dir"])
     speeds = [r["tokens_per_s"] for r in records if r["step"] > 1]  # step 1 pays for warm-up
     moe = trainer.model.moe_modules()
     return {
-        "variant": job["variant"], "seed": job["seed"], "final_val": final, "val_tokens": int(y.numel()),
+        "variant": job["variant"], "seed": job["seed"], "final_val": final, "val_tokens": val_tokens,
         "curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
         "params": summary["parameters"], "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
         "wall_s": wall, "cpu_s": time.process_time() - cpu0, "checkpoint": summary["checkpoint"],

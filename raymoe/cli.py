@@ -120,19 +120,12 @@ def _cmd_train(args) -> int:
 
 def _cmd_eval(args) -> int:
     from raymoe.config import load_config
-    from raymoe.platform.data import build_dataset, eval_window_starts
     from raymoe.platform.model_io import load_model
-    from raymoe.platform.trainer import evaluate_windows
+    from raymoe.platform.training import evaluate_checkpoint_windows
 
     cfg = load_config(args.config, args.overrides)
-    model = load_model(args.checkpoint)
-    ds = build_dataset(cfg.data.sources or None, cache_dir=cfg.data.cache_dir, jsonl_field=cfg.data.jsonl_field)
-    block, t = model.config.block_size, cfg.train
-    _, val = ds.split(cfg.data.val_fraction, block_size=block)
     # the same windows and forward sizes as the validation loss logged during training
-    starts = eval_window_starts(val, block, t.global_batch_size, t.eval_batches)
-    print(json.dumps(evaluate_windows(model, val, starts, block_size=block,
-                                      micro_batch=t.micro_batch_size or t.global_batch_size)))
+    print(json.dumps(evaluate_checkpoint_windows(cfg, load_model(args.checkpoint))))
     return 0
 
 

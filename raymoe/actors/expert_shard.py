@@ -36,7 +36,7 @@ from raymoe.platform.model import GPT
 from raymoe.platform.runner import LocalRunner, prepare_for_inference
 from raymoe.platform.train_step import build_optimizer, train_step
 from raymoe.platform.model_io import gpt_config_from, model_config_of
-from raymoe.platform.trainer import evaluate_windows, resolve_dtype
+from raymoe.platform.training import resolve_dtype, window_loss_sums
 
 
 class ExpertShard:
@@ -141,11 +141,8 @@ class ExpertShard:
     @torch.no_grad()
     def eval_step(self, starts: list[int], micro_batch: int) -> tuple[float, int]:
         """Summed cross-entropy and token count over this rank's evaluation windows (micro-batch forwards)."""
-        res = evaluate_windows(self.model, self.val_ds, np.asarray(starts, dtype=np.int64),
-                               block_size=self.cfg.model.block_size, micro_batch=micro_batch, device=self.device,
-                               autocast_dtype=self.dtype)
-        tokens = len(starts) * self.cfg.model.block_size
-        return res["val_loss"] * tokens, tokens
+        return window_loss_sums(self.model, self.val_ds, starts, block_size=self.cfg.model.block_size,
+                                micro_batch=micro_batch, device=self.device, autocast_dtype=self.dtype)
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def save(self, root: str, step: int) -> str:

@@ -17,7 +17,12 @@ from raymoe.platform.model import GPT, GPTConfig
 
 
 def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
-    """Translate the user-facing config sections into the model's dataclass."""
+    """The model a run trains: the ``model`` and ``moe`` sections, or, with ``distill.teacher_checkpoint``, the
+    Mixture-of-Students student of that teacher (``distill.student_layers`` deep, default 87.5% of it)."""
+    teacher = cfg.distill.teacher_checkpoint
+    if teacher:
+        t_cfg = model_config_of(ckpt.read_manifest(teacher), teacher)
+        return t_cfg.student(cfg.distill.student_layers or max(1, round(t_cfg.n_layer * 0.875)))
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg)}
     return GPTConfig(**{k: v for k, v in values.items() if k in names})

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from raymoe.platform.distill import kd_loss
 
@@ -154,25 +153,3 @@ def clip_grads_(params: list[torch.Tensor], total_norm: torch.Tensor, max_norm: 
     """Scale gradients so their global norm is at most ``max_norm`` (torch's clip_grad_norm_ rule)."""
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
     torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.device))
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[Batch], *,
-             autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
-    """Mean validation cross-entropy (nats/token) and perplexity over ``batches``."""
-    was_training = model.training
-    model.eval()
-    device_type = next(model.parameters()).device.type
-    total, count = 0.0, 0
-    try:
-        for x, y in batches:
-            with autocast_context(device_type, autocast_dtype):
-                logits = model(x).logits
-            total += float(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum"))
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("evaluate got no batches: the validation split is empty or too short")
-    loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

@@ -1,0 +1,309 @@
+"""The training loop: one implementation, run by local training and by every expert shard (SPMD).
+
+`Trainer.run` is the loop (torchtitan's ``Trainer.train()`` is the model): step, evaluate at
+``train.eval_interval``, report, checkpoint at ``checkpoint.interval`` and at the end. A local run is a world of
+one rank; a distributed run starts the same loop on every shard from a schedule handed out once (start step,
+optional stop step) and the ranks stay in lockstep through their collectives. What differs is injected:
+
+- the rank's place in the world (``rank``, ``world``, ``group``: the process group that sums each step's
+  metrics, one small all-reduce per step, so every rank holds the same record);
+- the model, optimizer and gradient synchronisation built for that rank (:mod:`raymoe.platform.distributed`);
+- a :class:`Reporter` that receives each step's record and each written checkpoint (local: the run log and a
+  commit in this process; a shard: rank 0 reports to the coordinator, which commits the manifest);
+- :class:`StepHooks` called before each step and each checkpoint write (fault injection in tests).
+
+Which windows a rank reads is a pure function of (seed, step, rank, world): the global batch of a step is the
+same for any world size, rank r takes the r-th contiguous slice, and the router noise of every micro-batch is
+seeded by its index in the global batch, so one rank accumulating all micro-batches and N ranks each running
+their slice give the same losses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raymoe.config import RaymoeConfig
+from raymoe.platform import checkpoint as ckpt
+from raymoe.platform.data import build_dataset, eval_window_starts, global_batch_starts, windows_from_starts
+from raymoe.platform.distill import KDSchedule
+from raymoe.platform.parallel import reset_comm_stats, seed_router_noise, total_comm_seconds
+from raymoe.platform.train_step import KDSettings, StepResult, autocast_context, lr_at, train_step
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# -- choices made once per run --------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available; allowed here: 'auto', 'cpu'")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 on GPU for 'auto', fp32 (no autocast) on CPU."""
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def micro_batch_size(cfg: RaymoeConfig) -> int:
+    """Sequences per forward pass: ``train.micro_batch_size``, else the whole batch of one rank at the
+    configured world size. Fixed for the run: when an elastic world changes, ranks run more or fewer
+    micro-batches per step and the global batch stays the same."""
+    t = cfg.train
+    world = cfg.cluster.num_workers if cfg.cluster.mode == "ray" else 1
+    return t.micro_batch_size or t.global_batch_size // world
+
+
+def build_splits(cfg: RaymoeConfig, block_size: int | None = None):
+    """(train, validation) token datasets of ``cfg.data`` (built and cached once per cache folder), split for
+    windows of ``block_size`` tokens (default ``model.block_size``)."""
+    d = cfg.data
+    ds = build_dataset(d.sources or None, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field)
+    return ds.split(d.val_fraction, block_size=block_size or cfg.model.block_size)
+
+
+def load_teacher(cfg: RaymoeConfig, device: torch.device):
+    """The frozen Mixture-of-Students teacher and its KD schedule, or (None, None) without distillation."""
+    d = cfg.distill
+    if not d.teacher_checkpoint:
+        return None, None
+    from raymoe.platform.model_io import load_model
+
+    teacher = load_model(d.teacher_checkpoint, device=device)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, KDSchedule(d.kd_stop_step)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def window_loss_sums(model, split_ds, starts, *, block_size: int, micro_batch: int, device="cpu",
+                     autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """(summed cross-entropy, token count) over the windows at ``starts``, in forwards of ``micro_batch``
+    windows (each forward sees the capacity it sees in training)."""
+    x, y = windows_from_starts(split_ds, np.asarray(starts, dtype=np.int64), block_size, device)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for xb, yb in zip(x.split(micro_batch), y.split(micro_batch)):
+            with autocast_context(torch.device(device).type, autocast_dtype):
+                logits = model(xb).logits
+            total += float(torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), yb.view(-1), reduction="sum"))
+            count += yb.numel()
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def val_metrics(total: float, count: int) -> dict[str, float]:
+    """Validation loss (nats/token) and perplexity from summed cross-entropy and a token count."""
+    if count == 0:
+        raise ValueError("evaluation got no tokens: the validation split is empty or too short")
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def evaluate_checkpoint_windows(cfg: RaymoeConfig, model, device="cpu") -> dict[str, float]:
+    """The validation loss that training logs, for ``model`` (``raymoe eval``): the same windows and forward
+    sizes, one process."""
+    block, t = model.config.block_size, cfg.train
+    _, val = build_splits(cfg, block)
+    starts = eval_window_starts(val, block, t.global_batch_size, t.eval_batches)
+    return val_metrics(*window_loss_sums(model, val, starts, block_size=block, micro_batch=micro_batch_size(cfg),
+                                         device=device))
+
+
+# -- the injected parts -------------------------------------------------------------------------------------
+class Reporter(Protocol):
+    """Where the loop's results go (every rank calls it; a distributed reporter acts on rank 0)."""
+
+    def record(self, rec: dict) -> None:
+        """One step's record (the same on every rank)."""
+
+    def checkpoint_written(self, step: int, path: Path) -> None:
+        """Every rank wrote its part of checkpoint ``step`` under ``path``: commit it."""
+
+    def step_done(self, step: int) -> None:
+        """After ``step`` steps (its record reported, its checkpoint written): e.g. in-memory copies."""
+
+
+class StepHooks(Protocol):
+    """Called by the loop before each step and each checkpoint write (fault injection in tests)."""
+
+    def before_step(self, step: int, trainer: "Trainer", micro_batches: int) -> None: ...
+
+    def before_save(self, step: int, trainer: "Trainer", root: Path) -> None: ...
+
+
+@dataclass
+class RankInfo:
+    """This rank's place: ``rank`` of ``world``; ``group`` sums the per-step metrics (None for world 1);
+    ``writes_dense`` / ``writes_experts``: the parts of a checkpoint this rank writes."""
+
+    rank: int = 0
+    world: int = 1
+    group: object = None
+    writes_dense: bool = True
+    writes_experts: bool = True
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+class Trainer:
+    """One rank's training loop over an injected model (see the module docstring)."""
+
+    def __init__(self, cfg: RaymoeConfig, model, optimizer, train_ds, val_ds, *, device: torch.device,
+                 reporter: Reporter, place: RankInfo | None = None, grad_sync=None, grad_norm_fn=None,
+                 teacher=None, kd_schedule: KDSchedule | None = None, hooks: StepHooks | None = None):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.train_ds, self.val_ds = train_ds, val_ds
+        self.device, self.dtype = device, resolve_dtype(cfg.train.dtype, device)
+        self.place = place or RankInfo()
+        self.reporter, self.hooks = reporter, hooks
+        self.grad_sync, self.grad_norm_fn = grad_sync, grad_norm_fn
+        self.teacher, self.kd_schedule = teacher, kd_schedule
+        self.micro = micro_batch_size(cfg)
+        self.ckpt_dir = Path(cfg.run.output_dir) / cfg.run.name / "checkpoints"
+        self.stop_requested = False  # set from another thread (the coordinator's stop request)
+        self.last_synced = -1  # the last step whose record every rank holds (0-based)
+        self.last_record: dict | None = None
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This rank's share of the global batch of ``step``, split into micro-batches (router noise seeded)."""
+        t, block, p = self.cfg.train, self.cfg.model.block_size, self.place
+        starts = global_batch_starts(self.cfg.run.seed, step, t.global_batch_size,
+                                     self.train_ds.num_windows(block), self.train_ds.name)
+        mine = np.array_split(starts, p.world)[p.rank]
+        x, y = windows_from_starts(self.train_ds, mine, block, self.device)
+        batches = list(zip(x.split(self.micro), y.split(self.micro)))
+        seed_router_noise(self.cfg.run.seed, step, p.rank, model=self.model, micro_batches=len(batches))
+        return batches
+
+    def step(self, step: int) -> dict:
+        """Run optimizer step ``step`` (0-based) on this rank; returns the step's record for the whole world."""
+        t = self.cfg.train
+        kd = None
+        if self.teacher is not None and self.kd_schedule.active(step):
+            d = self.cfg.distill
+            kd = KDSettings(self.teacher, d.beta, d.temperature, d.kl_direction)
+        lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
+        batches = self.micro_batches(step)
+        if self.hooks is not None:
+            self.hooks.before_step(step, self, len(batches))
+        reset_comm_stats(self.model)
+        t0 = time.perf_counter()
+        res = train_step(self.model, self.optimizer, batches, lr=lr, grad_clip=t.grad_clip,
+                         autocast_dtype=self.dtype, kd=kd, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm_fn)
+        return self._reduce(step, res, time.perf_counter() - t0, total_comm_seconds(self.model))
+
+    def _reduce(self, step: int, res: StepResult, step_s: float, comm_s: dict[int, float]) -> dict:
+        """Sum this rank's results over the world (one all-reduce) and build the step's record; the stop
+        flag travels with it, so every rank agrees on where a requested stop happens."""
+        W = self.place.world
+        counts = [c for layer in res.expert_counts for c in layer]
+        vec = [res.loss, res.ce_loss, res.aux_loss, res.tokens, float(self.stop_requested), *counts,
+               *res.dropped_fraction, *res.l_aux, *comm_s.values()]
+        if W > 1:
+            buf = torch.tensor(vec, dtype=torch.float64)
+            dist.all_reduce(buf, group=self.place.group)
+            vec = buf.tolist()
+        loss, ce, aux, tokens, stop = vec[:5]
+        rec = {"step": step + 1, "loss": loss / W, "ce_loss": ce / W, "aux_loss": aux / W, "lr": res.lr,
+               "grad_norm": res.grad_norm, "tokens": int(round(tokens)), "step_s": step_s,
+               "tokens_per_s": tokens / step_s if step_s > 0 else 0.0, "kd": res.kd_active, "world": W}
+        rest = vec[5:]
+        if res.expert_counts:
+            n_layers = len(res.expert_counts)
+            flat, rest = rest[:len(counts)], rest[len(counts):]
+            rec["expert_counts"], i = [], 0
+            for layer in res.expert_counts:
+                rec["expert_counts"].append([int(round(c)) for c in flat[i:i + len(layer)]])
+                i += len(layer)
+            rec["dropped_fraction"] = [v / W for v in rest[:n_layers]]
+            rec["l_aux"] = [v / W for v in rest[n_layers:2 * n_layers]]
+            rest = rest[2 * n_layers:]
+        if comm_s:
+            rec["all_to_all_s"] = {str(k): v / W for k, v in zip(comm_s, rest)}
+        rec["_stop"] = stop > 0
+        return rec
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss over the run's evaluation windows, split over the ranks (contiguous slices)."""
+        t, block, p = self.cfg.train, self.cfg.model.block_size, self.place
+        starts = eval_window_starts(self.val_ds, block, t.global_batch_size, t.eval_batches)
+        total, count = window_loss_sums(self.model, self.val_ds, np.array_split(starts, p.world)[p.rank],
+                                        block_size=block, micro_batch=self.micro, device=self.device,
+                                        autocast_dtype=self.dtype)
+        if p.world > 1:
+            buf = torch.tensor([total, count], dtype=torch.float64)
+            dist.all_reduce(buf, group=p.group)
+            total, count = buf[0].item(), int(buf[1].item())
+        return val_metrics(total, count)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        """Write this rank's part of checkpoint ``step`` (no manifest); returns the checkpoint dir."""
+        p = self.place
+        if self.hooks is not None:
+            self.hooks.before_save(step, self, self.ckpt_dir)
+        return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, write_dense=p.writes_dense,
+                                    write_experts=p.writes_experts, write_manifest=False,
+                                    rank=p.rank if p.world > 1 else None)
+
+    def checkpoint(self, step: int) -> None:
+        """Every rank writes its part; once all did (a barrier), the reporter commits the checkpoint."""
+        path = self.save(step)
+        if self.place.world > 1:
+            dist.barrier(group=self.place.group)
+        self.reporter.checkpoint_written(step, path)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def run(self, start: int, stop_at: int | None = None) -> int:
+        """Train from step ``start`` (0-based) to ``train.steps``, or until ``stop_at`` or a stop request, and
+        write the final checkpoint when the last step is done. Returns the next step to run."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        end = t.steps if stop_at is None else min(stop_at, t.steps)
+        self.last_synced, step = start - 1, start
+        while step < end:
+            rec = self.step(step)
+            done = step + 1
+            if done % t.eval_interval == 0 or done == t.steps:
+                rec.update(self.evaluate())
+            stop = rec.pop("_stop")
+            self.reporter.record(rec)
+            self.last_synced, self.last_record, step = done - 1, rec, done
+            if c.interval and done % c.interval == 0 and done != t.steps:
+                self.checkpoint(done)
+            self.reporter.step_done(done)
+            if stop:
+                break
+        if step == t.steps:
+            self.checkpoint(t.steps)
+        return step
+
+
+def commit_checkpoint(path: Path, step: int, cfg: RaymoeConfig, model_config, extra: dict | None = None) -> Path:
+    """Commit checkpoint ``step`` whose parts are all written under ``path`` (the manifest last, atomically;
+    refused unless every expert of every layer is there), then delete all but the newest
+    ``checkpoint.keep_last``. Local training and the coordinator both commit here."""
+    ckpt.finalize_checkpoint(path, step=step, config=cfg.model_dump(mode="json"),
+                             extra={"model_config": model_config.to_dict(), **(extra or {})},
+                             expected_experts=model_config.experts_per_layer())
+    for old in ckpt.list_checkpoints(path.parent)[:-cfg.checkpoint.keep_last]:
+        ckpt.remove_checkpoint(old)
+    return path
