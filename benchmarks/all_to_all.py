@@ -29,10 +29,10 @@ import socket
 import statistics
 import sys
 
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34),
-               MALLOC_TOP_PAD_=str(1 << 28))
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at process start
+    from _host import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()
 
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402

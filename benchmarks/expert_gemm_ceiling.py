@@ -30,12 +30,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 
-if "MALLOC_MMAP_THRESHOLD_" not in os.environ and "--no-reexec" not in sys.argv:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34),
-               MALLOC_TOP_PAD_=str(1 << 28))
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at process start
+    from _host import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()
 
 import threading  # noqa: E402
 import time  # noqa: E402

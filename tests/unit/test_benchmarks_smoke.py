@@ -1,17 +1,21 @@
 """The benchmark scripts still run (smoke sizes): they are user-facing tools, not tests of speed."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from raymoe.platform.host_memory import USER_VARS, malloc_env
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _run(*argv: str, timeout: float = 240.0) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in USER_VARS}  # as on a fresh shell
     out = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -20,6 +24,8 @@ def test_moe_layer_quick_prints_both_tables():
     text = _run("moe_layer.py", "--quick")
     assert "dense-eq" in text and "ref/fast" in text
     assert text.count("fwd+bwd") >= 2 * 3 * 2  # both shapes, three modes, both tables
+    # it re-executed itself with raymoe's own malloc settings (benchmarks/_host.py)
+    assert f"MALLOC_MMAP_THRESHOLD_={malloc_env()['MALLOC_MMAP_THRESHOLD_']}," in text
 
 
 def test_expert_gemm_ceiling_quick_checks_numerics_and_prints_every_variant():
