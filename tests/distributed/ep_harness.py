@@ -116,6 +116,7 @@ def zero_tokens(rank: int, world: int, job: dict) -> dict:
     # layer level, dropless: every token of rank 0 goes to expert 0; other ranks route no token at all
     torch.manual_seed(0)
     kw = make(0, E)
+    reduces = _count_all_reduces(kw["dispatcher"])
     moe = MoE(8, expert=16, num_experts=E, k=1, drop_tokens=False, **kw)
     with torch.no_grad():
         moe.gate.wg.weight.zero_()
@@ -126,7 +127,7 @@ def zero_tokens(rank: int, world: int, job: dict) -> dict:
     (y.square().sum() + l_aux).backward()
     out.update(finite=bool(torch.isfinite(y).all() and torch.isfinite(h.grad).all()),
                expert_grad_zero=[bool(g.abs().sum() == 0) for g in moe.experts.w1.grad],
-               y_zero=bool((y == 0).all()), capacity=moe.last_stats.capacity)
+               y_zero=bool((y == 0).all()), capacity=moe.last_stats.capacity, all_reduces=reduces[0])
     moe.eval()
     with torch.no_grad():
         moe(h, token_mask=mask)
@@ -152,6 +153,7 @@ def uneven_tokens(rank: int, world: int, job: dict) -> dict:
     layout = parallel.ParallelLayout(world, {0: world})
     groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
     moe = MoE(**args, **parallel.make_moe_kwargs(layout, groups, hierarchical=bool(rpn), ranks_per_node=rpn)(0, E))
+    reduces = _count_all_reduces(moe.dispatcher)
     parallel.load_full_state_dict(moe, ref.state_dict())
     T = [7, 0, 12, 3][rank % 4]
     x = torch.randn(T, 8, generator=torch.Generator().manual_seed(rank))
@@ -170,7 +172,18 @@ def uneven_tokens(rank: int, world: int, job: dict) -> dict:
     return {"T": T, "capacity": moe.last_stats.capacity, "ref_capacity": ref.last_stats.capacity,
             "y": diff(y, y_ref), "x_grad": diff(xa.grad, xb.grad) if T else 0.0,
             "w1_grad": diff(moe.experts.w1.grad, g_ref[mine]), "dropped": float(moe.last_stats.dropped_fraction),
-            "route": moe.dispatcher.last_route}
+            "route": moe.dispatcher.last_route, "all_reduces": reduces[0]}
+
+
+def _count_all_reduces(dispatcher) -> list[int]:
+    """Counts the dispatcher's all-reduces (in a one-element list the caller reads after its forwards)."""
+    n, inner = [0], dispatcher.all_reduce_max
+
+    def counted(t):
+        n[0] += 1
+        return inner(t)
+    dispatcher.all_reduce_max = counted
+    return n
 
 
 JOBS = {"train": train, "zero_tokens": zero_tokens, "uneven_tokens": uneven_tokens}

@@ -144,3 +144,10 @@ def test_zero_token_experts_do_not_hang(runs, name, route):
         assert r["expert_grad_zero"] == ([False, True] if rank == 0 else [True, True])
         assert r["y_zero"] == (rank != 0)
         assert r["capacity"] == 12  # dropless: the max count over the EP group (rank 0's 12 tokens)
+
+
+@pytest.mark.parametrize("name,expected", [("w2/zero", 0), ("w4/zero", 0), ("w2/uneven", 1), ("w4h/uneven", 1)])
+def test_layer_collectives_besides_the_exchange(runs, name, expected):
+    # dropless learns the group's largest count from dispatch's count exchange (no all-reduce of its own);
+    # drop mode without uniform_tokens agrees on the slot count with one all-reduce per forward
+    assert [r["all_reduces"] for r in runs[name]] == [expected] * len(runs[name])

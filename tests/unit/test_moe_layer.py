@@ -1,12 +1,14 @@
 """MoE layer: fast path == dense reference for every option, and the layer's behavioural contract."""
 
+import collections
 import itertools
+import re
 
 import pytest
 import torch
 
-from raymoe.platform.moe import MoE
-from raymoe.platform.moe.layer import DEFAULT_MIN_FILL
+from raymoe.platform.moe import LocalDispatcher, MoE, TokenDispatcher, plan_dispatch
+from raymoe.platform.moe.dispatch import DEFAULT_MIN_FILL
 from raymoe.platform.moe.reference import reference_forward
 
 D, FFN, E = 8, 12, 4
@@ -294,3 +296,75 @@ def test_argument_validation():
     with pytest.raises(ValueError, match="hidden_size"):
         MoE(D, FFN, num_experts=4)(torch.randn(3, D + 1))
     assert MoE(D, num_experts=2).experts.w1.shape == (2, D, 4 * D)
+
+
+class _CountingDispatcher:
+    """A custom TokenDispatcher: the local one behind a call counter; ``folds_gate=False`` makes the layer
+    scale the combined rows instead (the expert-parallel order of operations, run in one process)."""
+
+    def __init__(self, folds_gate: bool = True):
+        self.inner, self.folds_gate, self.calls = LocalDispatcher(), folds_gate, collections.Counter()
+        self.local_expert_ids = None
+
+    def __getattr__(self, name):  # every protocol method: count, then run the local one
+        fn = getattr(self.inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+
+def test_dispatchers_implement_the_protocol():
+    from raymoe.platform.moe.comm import AllToAllDispatcher
+
+    for d in (LocalDispatcher(), AllToAllDispatcher(None, 2, 0, 4), _CountingDispatcher()):
+        assert isinstance(d, TokenDispatcher)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("drop", [True, False])
+@pytest.mark.parametrize("folds_gate", [True, False])
+def test_custom_dispatcher_runs_through_the_protocol(layout, drop, folds_gate):
+    torch.manual_seed(3)
+    args = dict(num_experts=E, k=2, drop_tokens=drop, capacity_factor=1.0, min_capacity=1,
+                capacity_layout_min_fill=LAYOUTS[layout])
+    ref = MoE(D, FFN, **args)
+    d = _CountingDispatcher(folds_gate)
+    m = MoE(D, FFN, dispatcher=d, **args)
+    m.load_state_dict(ref.state_dict())
+    x, mask = torch.randn(2, 9, D), torch.rand(2, 9) > 0.2
+    noise = ref.draw_noise(int(mask.sum()))
+    a, b = _run(m, x, mask, noise, "fast"), _run(ref, x, mask, noise, "fast")
+    _assert_same(a, b)
+    if folds_gate:  # the same calls in the same order: bitwise the local layer
+        assert torch.equal(a["y"], b["y"]) and torch.equal(a["gx"], b["gx"])
+    assert m.last_stats.layout == ref.last_stats.layout == layout
+    pair = ("dispatch_capacity", "combine_capacity") if layout == "slots" else ("dispatch", "combine")
+    assert d.calls == collections.Counter({"plan_layout": 1, pair[0]: 1, pair[1]: 1,
+                                           **({} if drop else {"group_capacity": 1})})
+
+
+def test_all_to_all_dispatcher_layout_is_static():
+    # expert-parallel ranks cannot see each other's fill: slots exactly in drop mode with cf <= 1/0.9; with
+    # uniform_tokens and no mask the slot count is the local capacity (no collective, so no process group here)
+    from raymoe.platform.moe.comm import AllToAllDispatcher
+
+    d = AllToAllDispatcher(None, 2, 0, 4, uniform_tokens=True)
+    plan = plan_dispatch(torch.tensor([[0], [3], [3]]), 4, 2)
+    assert d.plan_layout(plan, 2, capacity_factor=1.0, min_fill=None, masked=False) == 2
+    assert d.plan_layout(plan, 2, capacity_factor=1.25, min_fill=None, masked=False) is None
+    assert d.plan_layout(plan, None, capacity_factor=1.0, min_fill=0.0, masked=False) is None
+    assert d.plan_layout(plan, 2, capacity_factor=2.0, min_fill=0.0, masked=False) == 2
+    assert d.folds_gate is False and LocalDispatcher.folds_gate is True
+
+
+def test_layer_has_no_dispatcher_type_checks():
+    # one layer code path for every dispatcher: the protocol's members, never the dispatcher's type or flags
+    import inspect
+
+    for name, fn in vars(MoE).items():
+        if callable(fn) and name != "_check_args":
+            src = inspect.getsource(fn)
+            assert not re.search(r"\b(isinstance|getattr|hasattr|type)\(", src), name
+    assert "uniform_tokens" not in inspect.getsource(MoE)

@@ -43,6 +43,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .dispatch import DispatchPlan
+
+# Expert parallel, the slots' padding is also sent over the network: the fixed slot exchange only where the
+# fill is guaranteed to reach this share, i.e. drop mode with capacity factor <= 1/0.9 (cf 1.0 yes, cf 1.25
+# no: its variable splits send 20% less).
+EP_MIN_FILL = 0.9
+
 
 class _Meter:
     """Accumulates seconds and bytes of the collectives of one dispatcher (forward and backward)."""
@@ -211,7 +218,8 @@ class _Route:
 
 
 class AllToAllDispatcher:
-    """Expert-parallel dispatcher: rows go to the rank that holds their expert and come back after.
+    """Expert-parallel :class:`~raymoe.platform.moe.dispatch.TokenDispatcher`: rows go to the rank that holds
+    their expert and come back after.
 
     ``ep_group``: the process group of this rank's EP group (ranks ordered by EP rank); expert placement is
     contiguous (EP rank r holds global experts r*El .. (r+1)*El - 1). ``hierarchical`` selects the two-phase
@@ -225,8 +233,10 @@ class AllToAllDispatcher:
     ``uniform_tokens``: the caller promises that every rank of the EP group runs each forward with the same
     number of tokens and no token mask (the trainer's equal micro-batches; DeepSpeed assumes it always).
     Drop mode then sizes the fixed [E, C, D] exchange from the local capacity without asking the peers;
-    otherwise the layer first agrees on the slot count with an all-reduce (a mismatched fixed-size
+    otherwise ``plan_layout`` first agrees on the slot count with an all-reduce (a mismatched fixed-size
     all-to-all aborts the process rather than raising).
+    The layer applies the gate weights after ``combine`` (``folds_gate`` is False): the experts' rows come
+    from every rank, in an order the sender's gate weights do not follow.
     ``timer``: a clock (seconds) read around every collective; on CUDA pass one that synchronizes if the
     collective time itself is wanted. ``comm_seconds`` / ``comm_bytes`` accumulate over forward and
     backward exchanges until the caller resets them.
@@ -262,7 +272,7 @@ class AllToAllDispatcher:
         self.intra_group, self.inter_group = intra_group, inter_group
         self._meter = _Meter(self)
         self._routes: list[_Route] = []
-        self.last_group_max_count = None  # largest per-expert count in the group, set by every dispatch()
+        self._group_max_count = None  # largest per-expert count in the group, set by every dispatch()
 
     def _check_hierarchical(self, P, intra_group, inter_group) -> bool:
         """Whether the two-phase route applies: an EP group of several nodes with several ranks each."""
@@ -279,6 +289,33 @@ class AllToAllDispatcher:
         return True
 
     # -- dispatcher interface -----------------------------------------------------------------------------
+    folds_gate = False
+
+    def plan_layout(self, plan: DispatchPlan, capacity: int | None, *, capacity_factor: float,
+                    min_fill: float | None, masked: bool) -> int | None:
+        """Slots per expert C, or None for variable segments; the same on every rank of the group.
+
+        No rank can see the others' fill, so the choice is static: drop mode with a capacity factor at most
+        1/min_fill (the fill can be no higher than 1/cf) sends the fixed slots with C = the capacity, no
+        count exchange (DeepSpeed's exchange at cf 1.0); dropless, cf 1.25 or cf 2.0 send variable splits that
+        carry only the kept rows. Ranks size their slot buffers alike even if their token counts differ
+        (an all-reduce max of the capacity, skipped when ``uniform_tokens`` promises equal unmasked
+        forwards); drops still follow each rank's own capacity, as in DeepSpeed."""
+        fill = EP_MIN_FILL if min_fill is None else min_fill
+        if capacity is None or capacity_factor * fill > 1.0:
+            return None
+        if masked or not self.uniform_tokens:
+            return int(self.all_reduce_max(torch.tensor(capacity, device=plan.counts_E.device)))
+        return capacity
+
+    def group_capacity(self, counts_E: Tensor) -> int:
+        """Largest per-expert count over the EP group: learned from the count exchange of this forward's
+        ``dispatch`` (no collective of its own), else an all-reduce max."""
+        group_max, self._group_max_count = self._group_max_count, None
+        if group_max is None:
+            group_max = self.all_reduce_max(counts_E.max())
+        return int(group_max)
+
     def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
         """Rows sorted by global expert + per-global-expert counts -> (rows of the local experts sorted by
         local expert, per-local-expert counts [El]); on the source-order route (rows in (source rank, local
@@ -324,11 +361,8 @@ class AllToAllDispatcher:
         Q, El, C, D = y_QECD.shape
         return self._routes.pop().inverse(y_QECD.reshape(Q * El * C, D), self._meter).view(Q * El, C, D)
 
-    # dispatch() learns the group's largest per-expert count (dropless capacity) with the counts it exchanges
-    reports_group_max = True
-
     def all_reduce_max(self, t: Tensor) -> Tensor:
-        """Max of ``t`` over the EP group (the slot count of the capacity layout)."""
+        """Max of ``t`` over the EP group (the slot count of the capacity layout, the dropless capacity)."""
         out = t.detach().reshape(-1).clone()
         self._meter.run(lambda: dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group))
         return out.reshape(t.shape)
@@ -338,13 +372,13 @@ class AllToAllDispatcher:
         Q, El = self.ep_size, self.num_local_experts
         # One all_to_all_single of the counts; the splits are made from Python lists (two host reads). An
         # extra column carries the largest per-expert count, so dropless layers learn the group's capacity
-        # here instead of from an all-reduce of their own (``last_group_max_count``).
+        # here instead of from an all-reduce of their own (``group_capacity``).
         local_max = counts_E.max() if counts_E.numel() else counts_E.new_zeros(())
         send_QE1 = torch.cat([counts_E.view(Q, El), local_max.expand(Q, 1)], 1).contiguous()
         recv_QE1 = torch.empty_like(send_QE1)
         self._meter.run(lambda: dist.all_to_all_single(recv_QE1, send_QE1, group=self.group))
         recv = recv_QE1.tolist()
-        self.last_group_max_count = max(r[El] for r in recv)
+        self._group_max_count = max(r[El] for r in recv)
         recv_QE = [r[:El] for r in recv]
         counts = counts_E.tolist()
         route = _Route()
@@ -394,7 +428,7 @@ class AllToAllDispatcher:
         parts = [torch.empty_like(counts_E) for _ in range(Q)]
         self._meter.run(lambda: dist.all_gather(parts, counts_E.contiguous(), group=self.group))
         C_QQE = torch.stack(parts).view(Q, Q, El)
-        self.last_group_max_count = int(C_QQE.max())
+        self._group_max_count = int(C_QQE.max())
         return self._hierarchical_route(C_QQE, expert_major=True)
 
     def _hierarchical_route(self, C_QQE: Tensor, expert_major: bool) -> tuple[_Route, Tensor]:

@@ -1,8 +1,9 @@
-"""Index-based dispatch: mapping tables from (token, choice) to expert slots, and the dispatcher interface.
+"""Index-based dispatch: mapping tables from (token, choice) to expert slots, and the dispatcher interface
+(:class:`TokenDispatcher`) with its no-communication implementation.
 
 Shape legend: S routed tokens, E experts (global), K top-k, N = K*S token-choices (flattened choice-major:
 n = c*S + s), M kept token-choices (M <= N), D model dim, C capacity (slots per expert), Q expert-parallel
-ranks, El experts per rank.
+ranks, El experts per rank, R rows a dispatch delivers to this rank's experts.
 
 No [S, E, C] one-hot tensor is built: a stable sort of the N expert ids (small int tensor) groups the
 token-choices by expert while keeping the priority order inside each expert (choice-major, then token
@@ -12,6 +13,7 @@ position or a random RTS order), and "position within expert" is arange minus th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -88,18 +90,97 @@ def plan_dispatch(idx_SK: Tensor, num_experts: int, capacity: int | None,
     return DispatchPlan(choice_M, token_M, counts_E, kept_counts_E, kept_KS, expert_M, pos_M)
 
 
-class LocalDispatcher:
-    """No-communication dispatcher (ep_size=1): all experts are local. The reference for EP dispatchers.
+# Local slot layout when the kept rows fill at least this share of the E*C slots. On CPU the slots' batched
+# GEMMs run steadier than the segments' small per-expert GEMMs at that fill (benchmarks/moe_layer.py,
+# --min-fill 0 vs 2); below it the padding costs more than it saves.
+DEFAULT_MIN_FILL = 0.8
 
-    An expert-parallel dispatcher implements the same three methods: ``dispatch`` receives the kept
-    token-choices sorted by global expert with per-global-expert counts and returns the rows for this rank's
-    experts (sorted by local expert) with per-local-expert counts; ``combine`` is its inverse (rows back in
-    the order ``dispatch`` received them); ``all_reduce_max`` reduces over the expert-parallel group.
-    The capacity layout (``MoE._use_capacity_layout``) uses the fixed-size pair: ``dispatch_capacity`` takes
-    the [E, C, D] slot buffer (global experts, expert-major) and returns [Q, El, C, D] (Q = EP ranks the rows
-    came from, El = local experts); ``combine_capacity`` is its inverse. Equal splits: no count exchange, no
-    re-sort.
+
+@runtime_checkable
+class TokenDispatcher(Protocol):
+    """What the MoE layer needs from the component that moves token rows to their experts and back.
+
+    The layer calls every member unconditionally; an implementation decides the expert layout, whether the
+    experts can fold the gate weights in, and how the group's dropless capacity is known (Megatron-Core's
+    swappable token dispatchers are the model). :class:`LocalDispatcher` (no communication, the reference)
+    and :class:`raymoe.platform.moe.comm.AllToAllDispatcher` (expert parallel) implement it.
+
+    Per forward the layer calls ``plan_layout``, then either ``dispatch`` / ``combine`` (variable segments)
+    or ``dispatch_capacity`` / ``combine_capacity`` (the fixed [E, C, D] slots, the capacity layout), then,
+    dropless, ``group_capacity``.
     """
+
+    @property
+    def folds_gate(self) -> bool:
+        """True: the experts scale their rows by the gate weights (the rows reach them in the order the
+        layer sent them, so the layer's gate weights line up); False: the layer scales the combined rows."""
+        ...
+
+    @property
+    def local_expert_ids(self) -> list[int] | None:
+        """Global ids of the experts this rank holds, or None for all of them."""
+        ...
+
+    def plan_layout(self, plan: DispatchPlan, capacity: int | None, *, capacity_factor: float,
+                    min_fill: float | None, masked: bool) -> int | None:
+        """Slots per expert C of the slot layout for this forward, or None for variable segments.
+
+        ``capacity``: the drop-mode capacity (None: dropless); ``capacity_factor``: the one in force;
+        ``min_fill``: the layer's ``capacity_layout_min_fill`` (None: the implementation's default);
+        ``masked``: whether a token mask selected the routed tokens."""
+        ...
+
+    def group_capacity(self, counts_E: Tensor) -> int:
+        """Dropless capacity: the largest per-expert count [E] over the group; called after the experts ran."""
+        ...
+
+    def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
+        """Kept token-choices sorted by global expert + per-global-expert counts [E] -> (rows of this rank's
+        experts, their counts: per local expert [El], or [Q, El] for rows in (source rank, expert) order)."""
+        ...
+
+    def combine(self, y_RD: Tensor) -> Tensor:
+        """Inverse of the last ``dispatch``: the experts' rows back in the order ``dispatch`` received them."""
+        ...
+
+    def dispatch_capacity(self, x_ECD: Tensor) -> Tensor:
+        """[E, C, D] slots of all global experts (expert-major) -> [Q, El, C, D], the slots of this rank's
+        experts from each of the Q ranks; every split is El*C rows, so only the rows are exchanged."""
+        ...
+
+    def combine_capacity(self, y_QECD: Tensor) -> Tensor:
+        """Inverse of the last ``dispatch_capacity``: [Q, El, C, D] -> [E, C, D] in this rank's slot order."""
+        ...
+
+
+class LocalDispatcher:
+    """No-communication :class:`TokenDispatcher` (ep_size=1): all experts are local. The reference for the
+    expert-parallel dispatchers.
+
+    Rows stay where they are, so the experts fold the gate weights into their narrower intermediate. The
+    layout follows this forward's fill: slots when the kept rows fill at least ``min_fill`` (default
+    :data:`DEFAULT_MIN_FILL` on CPU) of E*C slots with C = the largest kept count (no expert needs more; in
+    drop mode the capacity is often above it); segments otherwise, and always on a GPU, where the grouped
+    GEMM over segments beat the slots at every benchmark shape.
+    """
+
+    folds_gate = True
+    local_expert_ids = None
+
+    def plan_layout(self, plan: DispatchPlan, capacity: int | None, *, capacity_factor: float,
+                    min_fill: float | None, masked: bool) -> int | None:
+        if min_fill is None:
+            if plan.counts_E.device.type != "cpu":
+                return None
+            min_fill = DEFAULT_MIN_FILL
+        if min_fill > 1.0:
+            return None
+        kept_E = plan.kept_counts_E
+        C = int(kept_E.max())
+        return C if C > 0 and int(kept_E.sum()) >= min_fill * kept_E.numel() * C else None
+
+    def group_capacity(self, counts_E: Tensor) -> int:
+        return int(counts_E.max())
 
     def dispatch(self, x_MD: Tensor, counts_E: Tensor) -> tuple[Tensor, Tensor]:
         return x_MD, counts_E
@@ -112,6 +193,3 @@ class LocalDispatcher:
 
     def combine_capacity(self, y_QECD: Tensor) -> Tensor:
         return y_QECD.squeeze(0)
-
-    def all_reduce_max(self, t: Tensor) -> Tensor:
-        return t

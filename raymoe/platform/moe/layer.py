@@ -1,7 +1,11 @@
 """The MoE layer (DeepSpeed-MoE argument names and semantics, index-based dispatch).
 
+The layer routes, then hands the rows to its :class:`~raymoe.platform.moe.dispatch.TokenDispatcher`, which
+decides the expert layout, moves the rows (locally or expert-parallel) and knows the dropless capacity.
+
 Shape legend: T tokens (all leading dims flattened), S routed tokens (token_mask), D model dim, F ffn dim,
-E experts (global), K top-k, N = K*S token-choices, M kept token-choices, C capacity.
+E experts (global), K top-k, N = K*S token-choices, M kept token-choices, C capacity, R rows a dispatch
+delivers to this rank's experts, Q expert-parallel ranks the slots came from.
 """
 
 from __future__ import annotations
@@ -12,19 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import LocalDispatcher, plan_dispatch, slots
+from .dispatch import LocalDispatcher, TokenDispatcher, plan_dispatch, slots
 from .experts import ACTIVATIONS, GroupedExperts
 from .router import (NOISY_GATE_POLICIES, RouterNoise, TopKRouter, compute_capacity, draw_router_noise,
                      load_balancing_loss, noise_needs, select_experts, z_loss)
-
-# Slot layout when the kept rows fill at least this share of the E*C slots. Measured on CPU with
-# benchmarks/moe_layer.py (--min-fill 0 vs 2, dropless): the slots ran steadily where the segments' small
-# per-expert GEMMs swing from run to run - fill 0.88 (E32) 0.82-0.83 vs 0.68-0.82 of dense; 0.86 (E64)
-# 0.73-0.74 vs 0.73-0.78; 0.83 (E16) 0.61-0.64 vs 0.55-0.67.
-DEFAULT_MIN_FILL = 0.8
-# Expert-parallel, the slots' padding is also sent over the network: fixed slots only for capacity factors up
-# to 1/0.9 (cf 1.0), variable splits above (cf 1.25 sends 20% less).
-EP_MIN_FILL = 0.9
 
 
 @dataclass
@@ -65,9 +60,11 @@ class MoE(nn.Module):
     """Mixture-of-Experts FFN layer; ``forward(x, token_mask=None) -> (y, l_aux, exp_counts)``.
 
     Arguments follow DeepSpeed's ``deepspeed.moe.layer.MoE``; ``expert`` is the ffn size (None: 4*hidden).
-    ``capacity_layout_min_fill`` picks the expert layout (see ``_slot_capacity``): 0 always the fixed
-    [E, C, D] slots, > 1 never (variable segments), None the measured default (0.8 on CPU; local layers on a
-    GPU use segments); results are the same either way (``last_stats.layout`` says which ran).
+    ``dispatcher`` (a :class:`~raymoe.platform.moe.dispatch.TokenDispatcher`; None: the local one) moves
+    the rows to the experts. ``capacity_layout_min_fill`` is the share of the E*C slots the kept rows must
+    fill for the fixed [E, C, D] slot layout (the dispatcher's ``plan_layout``): 0 always the slots, > 1
+    never (variable segments), None the dispatcher's default; results are the same either way
+    (``last_stats.layout`` says which ran).
     """
 
     def __init__(self, hidden_size: int, expert: int | None = None, num_experts: int = 1, ep_size: int = 1,
@@ -99,9 +96,9 @@ class MoE(nn.Module):
         self.expert_bias_update_rate = float(expert_bias_update_rate)
         self.layer_id = int(layer_id)
         self.capacity_layout_min_fill = None if capacity_layout_min_fill is None else float(capacity_layout_min_fill)
-        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.dispatcher: TokenDispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         if global_expert_ids is None:
-            global_expert_ids = getattr(dispatcher, "local_expert_ids", None)
+            global_expert_ids = self.dispatcher.local_expert_ids
             if global_expert_ids is None:
                 if ep_size > 1:
                     raise ValueError("ep_size>1 needs global_expert_ids (or a dispatcher.local_expert_ids)")
@@ -200,7 +197,6 @@ class MoE(nn.Module):
         return y_TD.view(x.shape), l_aux, stats.exp_counts
 
     def _moe(self, x_TD: Tensor, x_SD: Tensor, routed_S: Tensor | None, noise: RouterNoise):
-        T, D = x_TD.shape
         S, E, K = x_SD.shape[0], self.num_experts, self.k
         training = self.training
         logits_SE = self.gate.logits(x_SD, noise, training=training, noisy_gate_policy=self.noisy_gate_policy)
@@ -214,40 +210,20 @@ class MoE(nn.Module):
         if use_rts and noise.rts_order_KS is None:
             raise ValueError("router noise field 'rts_order_KS' is required by the options in force but is None")
         plan = plan_dispatch(idx_SK, E, capacity, noise.rts_order_KS if use_rts else None)
-        # Dropless capacity = the largest per-expert count over the EP group. An expert-parallel dispatcher
-        # learns it in dispatch's count exchange (no collective of its own; the EP layout choice below is static).
-        group_max_later = capacity is None and getattr(self.dispatcher, "reports_group_max", False)
-        if capacity is None and not group_max_later:
-            local_max = plan.counts_E.max() if S > 0 else plan.counts_E.new_zeros(())
-            capacity = int(self.dispatcher.all_reduce_max(local_max))
         l_aux = load_balancing_loss(probs_SE, idx_SK, plan.counts_E, K)
         g_KS = gate_weights(probs_SE, idx_SK, plan.kept_KS)
         g_M = g_KS.reshape(-1).index_select(0, plan.choice_M)
         tok_M = plan.token_M if routed_S is None else routed_S.index_select(0, plan.token_M)
 
-        # No exchange: fold the gate weights into the experts' narrower intermediate.
-        fold_gate = isinstance(self.dispatcher, LocalDispatcher)
-        slots_C = self._slot_capacity(plan, capacity, S)
+        cf = self.capacity_factor if training else self.eval_capacity_factor
+        slots_C = self.dispatcher.plan_layout(plan, capacity, capacity_factor=cf,
+                                              min_fill=self.capacity_layout_min_fill, masked=routed_S is not None)
         if slots_C is not None:
-            if not fold_gate and (routed_S is not None or not getattr(self.dispatcher, "uniform_tokens", False)):
-                # Ranks size their buffers alike even if their token counts differ (a mismatched all-to-all
-                # aborts the process); drops still follow each rank's own capacity, as in DeepSpeed.
-                slots_C = int(self.dispatcher.all_reduce_max(torch.tensor(capacity, device=x_TD.device)))
-            y_TD = self._experts_capacity(x_TD, tok_M, slots(plan, slots_C), g_M, slots_C, fold_gate)
-            layout = "slots"
+            y_TD = self._experts_slots(x_TD, tok_M, slots(plan, slots_C), g_M, slots_C)
         else:
-            layout = "segments"
-            x_MD = x_TD.index_select(0, tok_M)
-            if fold_gate:
-                y_MD = self.experts(x_MD, plan.kept_counts_E, g_M)
-            else:
-                x_loc, counts_loc = self.dispatcher.dispatch(x_MD, plan.kept_counts_E)
-                if group_max_later:
-                    capacity = int(self.dispatcher.last_group_max_count)
-                y_MD = self.dispatcher.combine(self.experts(x_loc, counts_loc))
-                y_MD = y_MD * g_M.unsqueeze(1).to(y_MD.dtype)
-            # In-place into a fresh buffer: the out-of-place index_add would clone the zeros first.
-            y_TD = torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, tok_M, y_MD.to(x_TD.dtype))
+            y_TD = self._experts_segments(x_TD, tok_M, plan.kept_counts_E, g_M)
+        if capacity is None:  # dropless: the largest count over the group (known after the dispatch)
+            capacity = self.dispatcher.group_capacity(plan.counts_E)
 
         n_choices = max(S * K, 1)
         stats = RouterStats(
@@ -259,40 +235,23 @@ class MoE(nn.Module):
             torch.zeros((), device=x_TD.device),
             l_aux=l_aux,
             kept_mask=plan.kept_KS.t(),
-            layout=layout,
+            layout="segments" if slots_C is None else "slots",
         )
         return y_TD, l_aux, stats
 
-    def _slot_capacity(self, plan, capacity: int, S: int) -> int | None:
-        """Slots per expert C of the capacity layout (fixed [E, C, D] slot buffer, batched expert GEMMs), or
-        None for variable segments.
+    def _experts_segments(self, x_TD: Tensor, tok_M: Tensor, counts_E: Tensor, g_M: Tensor) -> Tensor:
+        """Variable segments: exactly each expert's kept rows (grouped GEMM) -> y_TD."""
+        T, D = x_TD.shape
+        fold = self.dispatcher.folds_gate
+        x_RD, counts_R = self.dispatcher.dispatch(x_TD.index_select(0, tok_M), counts_E)
+        y_MD = self.dispatcher.combine(self.experts(x_RD, counts_R, g_M if fold else None))
+        if not fold:
+            y_MD = y_MD * g_M.unsqueeze(1).to(y_MD.dtype)
+        # In-place into a fresh buffer: the out-of-place index_add would clone the zeros first.
+        return torch.zeros(T, D, dtype=x_TD.dtype, device=x_TD.device).index_add_(0, tok_M, y_MD.to(x_TD.dtype))
 
-        The capacity layout computes (and, expert-parallel, sends) its unused slots too, so it runs when the
-        kept rows fill at least ``capacity_layout_min_fill`` of the E*C slots. Local: decided from the fill
-        of this forward, with C = the largest kept count (no expert needs more; at cf 1.25 the capacity is
-        often above it). Expert-parallel, every rank of the group must take the same path without asking
-        the others, so the decision is static and C is the capacity: drop mode with a capacity factor at
-        most 1/min_fill (the fill can be no higher than 1/cf): fixed all-to-all splits, no count exchange -
-        DeepSpeed's exchange at cf 1.0; otherwise (dropless, or cf 1.25 / 2.0) variable splits that carry
-        only the kept rows.
-        """
-        min_fill = self.capacity_layout_min_fill
-        if not isinstance(self.dispatcher, LocalDispatcher):
-            cf = self.capacity_factor if self.training else self.eval_capacity_factor
-            fixed = self.drop_tokens and cf * (EP_MIN_FILL if min_fill is None else min_fill) <= 1.0
-            return capacity if fixed else None
-        if min_fill is None:
-            if plan.counts_E.device.type != "cpu":
-                return None  # GPU: the grouped GEMM over segments beat the slots at every benchmark shape
-            min_fill = DEFAULT_MIN_FILL
-        if S == 0 or min_fill > 1.0:
-            return None
-        C = int(plan.kept_counts_E.max())
-        return C if C > 0 and int(plan.kept_counts_E.sum()) >= min_fill * self.num_experts * C else None
-
-    def _experts_capacity(self, x_TD: Tensor, tok_M: Tensor, slot_M: Tensor, g_M: Tensor, C: int,
-                          fold_gate: bool) -> Tensor:
-        """Capacity layout (DeepSpeed's [E, C, D] buffer) -> y_TD.
+    def _experts_slots(self, x_TD: Tensor, tok_M: Tensor, slot_M: Tensor, g_M: Tensor, C: int) -> Tensor:
+        """Slot layout (DeepSpeed's [E, C, D] buffer, batched GEMMs) -> y_TD.
 
         Every slot has a source token (unused slots point at token 0) and a gate weight (0 for unused slots),
         so dispatch is one gather by the slot table and combine one scatter-add by the same table, and both
@@ -312,7 +271,7 @@ class MoE(nn.Module):
             g_EC = g_M.new_zeros(E * C).index_copy(0, slot_M, g_M)
             x_ECD = x_TD.index_select(0, src_EC).to(dtype)
         x_QECD = self.dispatcher.dispatch_capacity(x_ECD.view(E, C, D))
-        scale_QEC = g_EC.view(1, E, C) if fold_gate and g_EC is not None else None
+        scale_QEC = g_EC.view(1, E, C) if self.dispatcher.folds_gate and g_EC is not None else None
         y_ECD = self.dispatcher.combine_capacity(self.experts.forward_capacity(x_QECD, scale_QEC)).reshape(E * C, D)
         if src_EC is None:
             return x_TD.new_zeros(0, D) + 0 * y_ECD.sum().to(x_TD.dtype)

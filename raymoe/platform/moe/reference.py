@@ -69,7 +69,7 @@ def reference_gating(logits: Tensor, moe, noise: RouterNoise, training: bool):
         cf = moe.capacity_factor if training else moe.eval_capacity_factor
         capacity = compute_capacity(S, E, k, cf, moe.min_capacity)
     else:
-        capacity = int(moe.dispatcher.all_reduce_max(exp_counts.max())) if S else 0
+        capacity = moe.dispatcher.group_capacity(exp_counts) if S else 0
     use_rts = training and moe.use_rts and moe.drop_tokens
     prior_E = torch.zeros(E, device=logits.device)
     kept, locs = [], []
