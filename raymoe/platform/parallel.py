@@ -88,22 +88,47 @@ class ParallelLayout:
                 self.check_layer(layer, self.num_experts[layer])
 
     @classmethod
+    def plan(cls, experts_per_layer: dict[int, int], world_size: int,
+             ep_size: int | list[int] | dict[int, int] | str | None = None, *, max_ep: int | None = None,
+             fallback_to_auto: bool = False) -> "ParallelLayout":
+        """The expert-parallel degree of every MoE layer: the one place a layout is resolved (training, elastic
+        re-forming, resharding, serving).
+
+        ``ep_size``: None or "auto" (per layer the largest degree that divides both ``world_size`` and the
+        layer's experts, :func:`choose_ep_size`), an int for every layer, a list with one entry per MoE layer in
+        layer order, or a {layer id: degree} dict. ``fallback_to_auto``: a requested degree that does not fit
+        this world (an elastic world after losing or gaining ranks) becomes "auto" instead of an error.
+        """
+        layers = sorted(experts_per_layer)
+        if ep_size is None or ep_size == "auto":
+            wanted = None
+        elif isinstance(ep_size, dict):
+            unknown = sorted(set(ep_size) - set(layers))
+            if unknown:
+                raise ValueError(f"ep_size names layers {unknown} that are not MoE layers; MoE layers: {layers}")
+            wanted = {lid: int(ep_size.get(lid, 1)) for lid in layers}
+        elif isinstance(ep_size, (list, tuple)):
+            if len(ep_size) != len(layers):
+                raise ValueError(f"ep_size has {len(ep_size)} entries but there are {len(layers)} MoE layers "
+                                 f"{layers}: give one entry per MoE layer, one int, or 'auto'")
+            wanted = {lid: int(e) for lid, e in zip(layers, ep_size)}
+        else:
+            wanted = {lid: int(ep_size) for lid in layers}
+
+        def fits(lid: int, e: int) -> bool:
+            return e >= 1 and world_size % e == 0 and experts_per_layer[lid] % e == 0
+
+        if wanted is not None and fallback_to_auto and not all(fits(lid, e) for lid, e in wanted.items()):
+            wanted = None
+        if wanted is None:
+            wanted = {lid: choose_ep_size(experts_per_layer[lid], world_size, max_ep) for lid in layers}
+        return cls(world_size, wanted, dict(experts_per_layer))
+
+    @classmethod
     def from_config(cls, config, world_size: int, ep_size: int | dict[int, int] | None = None,
                     max_ep: int | None = None) -> "ParallelLayout":
-        """Layout for a GPTConfig: ``ep_size`` an int (all MoE layers), a {layer: ep} dict, or None (the
-        largest valid degree per layer, :func:`choose_ep_size`)."""
-        experts = config.experts_per_layer()
-        if ep_size is None:
-            eps = {lid: choose_ep_size(e, world_size, max_ep) for lid, e in experts.items()}
-        elif isinstance(ep_size, dict):
-            unknown = sorted(set(ep_size) - set(experts))
-            if unknown:
-                raise ValueError(f"ep_size names layers {unknown} that are not MoE layers; "
-                                 f"MoE layers: {sorted(experts)}")
-            eps = {lid: int(ep_size.get(lid, 1)) for lid in experts}
-        else:
-            eps = {lid: int(ep_size) for lid in experts}
-        return cls(world_size, eps, dict(experts))
+        """:meth:`plan` for a GPTConfig's MoE layers."""
+        return cls.plan(config.experts_per_layer(), world_size, ep_size, max_ep=max_ep)
 
     def ep_size(self, layer_id: int) -> int:
         return self.ep_sizes.get(layer_id, 1)

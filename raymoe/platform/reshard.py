@@ -9,7 +9,7 @@ module computes that assignment for a target world size and EP degree and verifi
 from __future__ import annotations
 
 from raymoe.platform.checkpoint import CheckpointError, expert_file_name, inspect_checkpoint
-from raymoe.platform.parallel import choose_ep_size, expert_placement
+from raymoe.platform.parallel import ParallelLayout, expert_placement
 
 
 def reshard_plan(path, world: int, ep_size: int | None = None) -> dict:
@@ -23,13 +23,13 @@ def reshard_plan(path, world: int, ep_size: int | None = None) -> dict:
     layers = {int(k): list(v) for k, v in info["expert_ids"].items()}
     plan: dict = {"path": info["path"], "step": info["step"], "world": world, "ep_sizes": {}, "ranks": []}
     for lid, ids in layers.items():
-        n = len(ids)
-        if ids != list(range(n)):
-            raise CheckpointError(f"{info['path']}: layer {lid} has experts {ids}, expected 0..{n - 1}")
-        ep = ep_size or choose_ep_size(n, world)
-        if world % ep or n % ep:
-            raise ValueError(f"ep_size={ep} must divide world={world} and layer {lid}'s num_experts={n}")
-        plan["ep_sizes"][lid] = ep
+        if ids != list(range(len(ids))):
+            raise CheckpointError(f"{info['path']}: layer {lid} has experts {ids}, expected 0..{len(ids) - 1}")
+    try:
+        layout = ParallelLayout.plan({lid: len(ids) for lid, ids in layers.items()}, world, ep_size)
+    except ValueError as exc:
+        raise ValueError(f"--ep-size {ep_size} does not fit --workers {world}: {exc}") from None
+    plan["ep_sizes"] = dict(layout.ep_sizes)
     if info["has_optimizer"] is False:
         plan["warning"] = "checkpoint has no optimizer state: training resumes with fresh AdamW moments"
     for rank in range(world):

@@ -1,0 +1,181 @@
+"""The coordinator's view of its shards: placement, forming a world, calling every shard, liveness.
+
+A world is formed (and re-formed after a membership change) by ordering the shards so that shards on one node
+get consecutive ranks, planning the expert-parallel size of every MoE layer for that world size (the one place:
+`raymoe.platform.parallel.ParallelLayout.plan`), handing out a fresh rendezvous and starting every shard.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raymoe.config import RaymoeConfig
+from raymoe.platform.parallel import ParallelLayout
+
+SHARD_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError,
+                  ray.exceptions.ActorUnavailableError)
+
+
+def rank_order(infos: list[dict]) -> list[int]:
+    """Shard indices ordered so that shards on one node get consecutive ranks (node order of first sight)."""
+    first_seen: dict[str, int] = {}
+    for i, info in enumerate(infos):
+        first_seen.setdefault(info["node_id"], i)
+    return sorted(range(len(infos)), key=lambda i: (first_seen[infos[i]["node_id"]], i))
+
+
+def plan_ep_sizes(cfg: RaymoeConfig, experts_per_layer: dict[int, int], world: int) -> dict[int, int]:
+    """Expert-parallel size per MoE layer for ``world`` shards from ``cluster.ep_size``; an elastic run whose
+    configured size no longer fits the world falls back to 'auto' for it instead of failing."""
+    c = cfg.cluster
+    try:
+        return ParallelLayout.plan(experts_per_layer, world, c.ep_size, fallback_to_auto=c.elastic).ep_sizes
+    except ValueError as exc:
+        raise ValueError(f"cluster.ep_size={c.ep_size!r} with cluster.num_workers={world}: {exc}") from None
+
+
+class ShardGroup:
+    """The shards of one run and their placement groups (see the module docstring).
+
+    ``shard_cls``: the actor class factory ``(num_cpus, num_gpus) -> actor class`` (injected: benchmarks pass
+    no-op shards); ``coordinator``: the handle the shards report to.
+    """
+
+    def __init__(self, cfg: RaymoeConfig, cfg_dict: dict, shard_cls, coordinator=None):
+        self.cfg, self.cfg_dict, self.shard_cls, self.coordinator = cfg, cfg_dict, shard_cls, coordinator
+        self.shards: list = []
+        self.infos: list[dict] = []
+        self.world = 0
+        self.ep_sizes: dict[int, int] = {}
+        self.expert_sets: list[set] = []
+        self.pg = None
+        self.extra_pgs: list = []
+        self._inflight: list = []
+
+    # -- placement ----------------------------------------------------------------------------------------
+    def bundle(self) -> dict:
+        c = self.cfg.cluster
+        return {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
+
+    def _new_shard(self, pg, bundle_index: int):
+        c = self.cfg.cluster
+        return self.shard_cls(c.cpus_per_worker, c.gpus_per_worker).options(
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=bundle_index)).remote(self.cfg_dict)
+
+    def create(self, n: int) -> list:
+        """Reserve one placement group of ``n`` bundles and start a shard in each."""
+        c = self.cfg.cluster
+        self.pg = placement_group([self.bundle() for _ in range(n)], strategy=c.placement_strategy)
+        ray.get(self.pg.ready(), timeout=c.start_timeout_s)
+        return [self._new_shard(self.pg, i) for i in range(n)]
+
+    def add(self, n: int) -> list:
+        """Up to ``n`` new shards on free resources (one placement group each; fewer if bundles don't fit)."""
+        new = []
+        for _ in range(n):
+            pg = placement_group([self.bundle()])
+            try:
+                ray.get(pg.ready(), timeout=10)
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(pg)
+                break
+            self.extra_pgs.append(pg)
+            new.append(self._new_shard(pg, 0))
+        return new
+
+    def room(self) -> int:
+        """How many more shards the cluster's free resources hold."""
+        c = self.cfg.cluster
+        free = ray.available_resources()
+        n = int(free.get("CPU", 0) // c.cpus_per_worker)
+        if c.gpus_per_worker:
+            n = min(n, int(free.get("GPU", 0) // c.gpus_per_worker))
+        return max(n, 0)
+
+    # -- calling the shards -------------------------------------------------------------------------------
+    def gather(self, refs: list, timeout: float | None = None) -> list:
+        """ray.get that fails as soon as one shard's call fails (not when the slowest survivor times out)."""
+        self._inflight = refs
+        timeout = timeout or self.cfg.cluster.collective_timeout_s
+        deadline = time.monotonic() + timeout
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise ray.exceptions.GetTimeoutError(f"shards did not answer within {timeout}s")
+            ray.get(ready[0])  # raises the shard's failure right away
+        return ray.get(refs)
+
+    def track(self, refs: list) -> None:
+        """Remember ``refs`` as the calls in flight (``settle`` waits for them after a failure)."""
+        self._inflight = refs
+
+    def settle(self, timeout: float) -> None:
+        """Wait (bounded) until every call of the failed operation has returned or failed."""
+        if self._inflight:
+            ray.wait(self._inflight, num_returns=len(self._inflight), timeout=timeout)
+
+    def alive(self, shards: list) -> list:
+        """The shards that answer a health check; the others are killed (their bundles freed)."""
+        alive = []
+        for s in shards:
+            try:
+                ray.get(s.check_health.remote(), timeout=10)
+                alive.append(s)
+            except Exception:
+                ray.kill(s, no_restart=True)
+        return alive
+
+    @staticmethod
+    def kill(shards: list) -> None:
+        for s in shards:
+            ray.kill(s, no_restart=True)
+
+    # -- forming the world --------------------------------------------------------------------------------
+    def form(self, shards: list, experts_per_layer: dict[int, int], parts_ref=None, step: int = 0,
+             ckpt_path: str | None = None) -> dict:
+        """(Re)form the world from ``shards``: ranks ordered by node, EP sizes for this world size, a fresh
+        rendezvous; ``parts_ref`` (an ObjectRef of exported checkpoint files) or ``ckpt_path`` restores the
+        state. Raises a SHARD_FAILURES error if a shard dies meanwhile."""
+        c = self.cfg.cluster
+        infos = ray.get([s.node_info.remote() for s in shards], timeout=c.start_timeout_s)
+        order = rank_order(infos)
+        shards, infos = [shards[i] for i in order], [infos[i] for i in order]
+        world = len(shards)
+        per_node: dict[str, int] = {}
+        for info in infos:
+            per_node[info["node_id"]] = per_node.get(info["node_id"], 0) + 1
+        ranks_per_node = c.ranks_per_node or (min(per_node.values()) if len(set(per_node.values())) == 1
+                                              else None)
+        ep_sizes = plan_ep_sizes(self.cfg, experts_per_layer, world)
+        port = ray.get(shards[0].free_port.remote(), timeout=c.start_timeout_s)
+        init_method = f"tcp://{infos[0]['ip']}:{port}"
+        self.shards, self.infos, self.world, self.ep_sizes = shards, infos, world, ep_sizes
+        buddies = [shards[(r + 1) % world] if c.buddy_interval and world > 1 else None for r in range(world)]
+        started = self.gather([s.start.remote(init_method, r, world, ep_sizes, ranks_per_node, parts_ref, step,
+                                              self.coordinator, buddies[r])
+                               for r, s in enumerate(shards)], timeout=c.start_timeout_s)
+        if ckpt_path is not None:
+            self.gather([s.load.remote(str(ckpt_path)) for s in shards], timeout=c.start_timeout_s)
+        self.expert_sets = [{(int(lid), g) for lid, ids in st["experts"].items() for g in ids} for st in started]
+        return {"world": world, "ep_sizes": ep_sizes, "ranks_per_node": ranks_per_node,
+                "nodes": len(per_node), "shards": started}
+
+    def shutdown(self) -> None:
+        """Tear down the process groups, the shards and the placement groups."""
+        if self.shards:
+            try:
+                ray.get([s.shutdown.remote() for s in self.shards], timeout=30)
+            except Exception:  # a shard that is already gone cannot tear down; kill it below
+                pass
+            for s in self.shards:
+                ray.kill(s)
+            self.shards = []
+        for pg in ([self.pg] if self.pg is not None else []) + self.extra_pgs:
+            remove_placement_group(pg)
+        self.pg, self.extra_pgs = None, []
