@@ -18,10 +18,7 @@ dense / variant (1.0 = as fast as one dense pair over the same N rows):
                 the token matrix, the gate weight (and its gradient), scatter-add into the token output (one
                 [T, D] buffer per thread, summed), and the mirror in backward - no [N, D] intermediate
 
-Measured at E32 on 2 cores: whole experts on threads come closest (0.94-0.96: each thread's GEMMs run at the
-dense pair's speed, less two thread hand-offs), but the per-expert elementwise work, gathers and scatters done
-from Python cost the fused variant more (0.87-0.90) than padding costs the batched GEMM (0.91-0.93); at E16 and
-E64 the fused variant beats the padded one. The layer adds routing on top of any of them. Usage:
+The layer adds routing on top of any of them. Current numbers: docs/benchmarks.md. Usage:
   python benchmarks/expert_gemm_ceiling.py [--shape T2048_D1024_F256_E32_k4] [--reps 7] [--threads N] [--quick]
 """
 

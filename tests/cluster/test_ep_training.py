@@ -30,6 +30,7 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ep2_on_ray_matches_single_process(ray_cluster, tmp_path):
     from raymoe.actors.launch import train_on_ray
 
@@ -49,6 +50,7 @@ def test_ep2_on_ray_matches_single_process(ray_cluster, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_metrics_are_exported_to_prometheus(ray_cluster, tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 

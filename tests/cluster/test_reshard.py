@@ -4,6 +4,7 @@ Router noise is seeded per (step, micro-batch) and the global batch is planned p
 changes its world size at a checkpoint must continue exactly like an uninterrupted single-process run.
 """
 
+import pytest
 import torch
 
 from raymoe.config import load_config
@@ -31,6 +32,7 @@ def _assert_same_weights(a_dir, b_dir):
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
+@pytest.mark.slow
 def test_resume_at_other_expert_parallel_sizes(ray_cluster, tmp_path):
     from raymoe.actors.launch import train_on_ray
 

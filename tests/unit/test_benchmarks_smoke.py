@@ -35,6 +35,7 @@ def test_expert_gemm_ceiling_quick_checks_numerics_and_prints_every_variant():
         assert f"\n{name} " in text
 
 
+@pytest.mark.slow
 def test_host_memory_quick_compares_default_and_tuned_processes():
     text = _run("host_memory.py", "--quick")
     for name in ("moe-E32", "dense-E32", "tiny-step"):
