@@ -150,10 +150,16 @@ async def drive(one, n_clients: int, duration_s: float, pool: list[str], mode: s
     return samples, wall
 
 
+def engine_settings(a) -> dict:
+    """The engine's settings (`EngineConfig` fields), the same in both modes."""
+    return {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients, "torch_threads": a.threads}
+
+
 def start_engine(ckpt: str, a):
     from raymoe.deployments.engine import Engine
+    from raymoe.deployments.engine_config import EngineConfig
 
-    eng = Engine(ckpt, max_batch_size=a.max_batch_size, max_waiting=4 * a.clients, torch_threads=a.threads)
+    eng = Engine(ckpt, config=EngineConfig(**engine_settings(a)))
     eng.start()
     return eng
 
@@ -203,8 +209,7 @@ def start_serve(ckpt: str, a) -> dict[str, str]:
         "single_deployment": a.layout == "single",
         "engine_cls": f"raymoe.deployments.{'proc_engine:ProcessEngine' if a.engine_process else 'engine:Engine'}",
         "stream_interval_s": a.stream_interval,
-        "engine_kwargs": {"max_batch_size": a.max_batch_size, "max_waiting": 4 * a.clients,
-                          "torch_threads": a.threads}}), name="bench", route_prefix="/")
+        "engine": engine_settings(a)}), name="bench", route_prefix="/")
     urls = {}
     if a.ingress != "direct":
         urls["serve-http"] = f"http://127.0.0.1:{port}/v1/completions"

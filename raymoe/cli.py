@@ -51,9 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-replicas", type=int, default=1, help="LLMServer replicas (min replicas with --max-replicas)")
     p.add_argument("--max-replicas", type=int, default=None, help="autoscale LLMServer between --num-replicas "
                                                                    "and this")
-    p.add_argument("--max-batch-size", type=int, default=16, help="rows in a replica's running decode batch")
-    p.add_argument("--max-waiting", type=int, default=64, help="queued requests per replica before 429")
-    p.add_argument("--reload-policy", choices=["drain", "immediate"], default="drain")
+    # engine settings: EngineConfig fields (raymoe.deployments.engine_config); unset flags keep its defaults
+    p.add_argument("--max-batch-size", type=int, default=None, help="rows in a replica's running decode batch "
+                                                                     "(default 16)")
+    p.add_argument("--max-waiting", type=int, default=None, help="queued requests per replica before 429 "
+                                                                  "(default 64)")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, help="padded prompt tokens prefilled per step "
+                                                                         "(default 2048)")
+    p.add_argument("--reload-policy", default=None, help="drain (default) or immediate")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch threads of each engine")
     p.add_argument("--engine", default=None, help="engine class 'module:Class' (e.g. "
                                                   "raymoe.deployments.fake_engine:FakeEngine)")
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel shards per replica (ExpertShard actors "
@@ -134,10 +141,7 @@ def _cmd_generate(args) -> int:
     from raymoe.platform.generate import generate
     from raymoe.platform.model_io import load_model
 
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     model = load_model(args.checkpoint)
-    model.eval()
     tok = ByteTokenizer()
     outs = generate(model, [tok.encode(p) for p in args.prompt], max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id,
@@ -156,25 +160,24 @@ def _cmd_serve(args) -> int:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.num_replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.num_replicas):
         raise ValueError(f"need 1 <= --num-replicas <= --max-replicas; got {args.num_replicas}, {args.max_replicas}")
-    engine_kwargs = {"max_batch_size": args.max_batch_size, "max_waiting": args.max_waiting,
-                     "reload_policy": args.reload_policy}
-    scale = {"num_replicas": args.num_replicas}
-    if args.max_replicas is not None and args.max_replicas > args.num_replicas:
-        scale = {"autoscaling_config": {"min_replicas": args.num_replicas, "max_replicas": args.max_replicas,
-                                        "target_ongoing_requests": args.max_batch_size}}
-    if args.max_batch_size < 1 or args.max_waiting < 1:
-        raise ValueError(f"--max-batch-size and --max-waiting must be >= 1; got {args.max_batch_size}, "
-                         f"{args.max_waiting}")
     if not args.checkpoint and not args.engine:
         raise ValueError("--checkpoint is required (or --engine, e.g. raymoe.deployments.fake_engine:FakeEngine)")
+    engine_flags = ("max_batch_size", "max_waiting", "max_prefill_tokens", "reload_policy", "device", "torch_threads")
+    fields = {"checkpoint": args.checkpoint, "model_id": args.model_id, "stream_interval_s": args.stream_interval,
+              "engine": {k: getattr(args, k) for k in engine_flags if getattr(args, k) is not None}}
+    if args.engine:
+        fields["engine_cls"] = args.engine  # otherwise ServeArgs picks the default for the ep_size
+    if args.ep_size != 1:  # ServeArgs checks it (>= 1) and the shard settings
+        fields.update(ep_size=args.ep_size, ep_shard_cpus=args.ep_shard_cpus)
     try:
-        if args.engine:
-            scale["engine_cls"] = args.engine  # otherwise ServeArgs picks the default for the ep_size
-        if args.ep_size != 1:  # ServeArgs checks it (>= 1) and the shard settings
-            scale.update(ep_size=args.ep_size, ep_shard_cpus=args.ep_shard_cpus)
-        sargs = ServeArgs(checkpoint=args.checkpoint, model_id=args.model_id, engine_kwargs=engine_kwargs,
-                          max_ongoing_requests=args.max_batch_size + args.max_waiting,
-                          stream_interval_s=args.stream_interval, **scale)
+        sargs = ServeArgs(**fields)
+        eng = sargs.engine
+        scale = {"num_replicas": args.num_replicas, "autoscaling_config": None}
+        if args.max_replicas is not None and args.max_replicas > args.num_replicas:
+            scale = {"num_replicas": None, "autoscaling_config": {
+                "min_replicas": args.num_replicas, "max_replicas": args.max_replicas,
+                "target_ongoing_requests": eng.max_batch_size}}
+        sargs = ServeArgs(**fields, **scale, max_ongoing_requests=eng.max_batch_size + eng.max_waiting)
     except ValueError as exc:  # pydantic's ValidationError: one line per field
         errors = exc.errors() if hasattr(exc, "errors") else [{"loc": (), "msg": str(exc)}]
         raise ValueError("; ".join(f"{'.'.join(map(str, e['loc'])) or 'serve'}: {e['msg']}" for e in errors)) from None

@@ -9,7 +9,10 @@ LLMServer) are autoscaled by ``autoscaling_config``. `build_app` sets code defau
 ``deployments:`` entries (by name) override any option, e.g. ``user_config: {checkpoint: DIR}`` for live
 reloads.
 
-Backpressure. The engine's queue (``engine_kwargs.max_waiting``) answers 429 with an OpenAI body. Single
+Engine settings: ``engine`` (`raymoe.deployments.engine_config.EngineConfig`, or the engine class's
+``config_cls``), the same typed object ``raymoe serve`` flags fill.
+
+Backpressure. The engine's queue (``engine.max_waiting``) answers 429 with an OpenAI body. Single
 layout: a replica takes ``ingress_max_ongoing_requests`` HTTP requests (keep it > max_batch_size +
 max_waiting so the engine queue answers first), the proxy queues ``ingress_max_queued_requests`` more and
 answers ``ingress_backpressure_status`` (plain text) beyond. Split layout: an LLMServer replica takes at most
@@ -19,7 +22,7 @@ the ingress deployment has the ``ingress_*`` limits, past which the proxy answer
 
 Expert-parallel replicas (``ep_size`` > 1): the engine replica gets ``placement_group_bundles`` = [the replica's own
 bundle] + ``ep_size`` shard bundles (``ep_shard_cpus``/``ep_shard_gpus`` each; ``ep_placement_strategy``),
-and its engine runs the model over ``ep_size`` `ExpertShard` actors started in the last ``ep_size`` bundles
+and its engine runs the model over ``ep_size`` `InferenceShard` actors started in the last ``ep_size`` bundles
 (`raymoe.deployments.ep_runner.EPRunner`). Serve reserves the placement group before it starts the replica
 and removes it when the replica stops; the shards are the replica's child actors. So a replica *is* an
 expert-parallel group: ``num_replicas`` and ``autoscaling_config`` (min/max/target_ongoing_requests) count
@@ -31,7 +34,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raymoe.deployments.engine_config import EngineConfig, config_cls_of
 
 DEFAULT_ENGINE = "raymoe.deployments.proc_engine:ProcessEngine"  # the Engine in a child process of the replica
 EP_ENGINE = "raymoe.deployments.engine:Engine"  # the default with ep_size > 1 (its shards are processes already)
@@ -48,8 +53,9 @@ class ServeArgs(BaseModel):
     engine_cls: str = Field(DEFAULT_ENGINE, description="engine class 'module:Class' (injected into the replica; "
                             f"the default becomes {EP_ENGINE} with ep_size > 1); "
                                                         "raymoe.deployments.fake_engine:FakeEngine needs no model")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the engine "
-                                          "(max_batch_size, max_waiting, max_prefill_tokens, reload_policy, ...)")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="engine settings (max_batch_size, "
+                                 "max_waiting, max_prefill_tokens, reload_policy, device, torch_threads, ...): "
+                                 "raymoe.deployments.engine_config.EngineConfig, or the engine_cls's config_cls")
     default_max_tokens: int = Field(16, ge=1, description="max_tokens of /v1/completions when omitted")
     stream_interval_s: float = Field(0.0, ge=0, description="streaming: min seconds between two chunks of one "
                                      "request (0 = every step; larger = fewer, larger messages)")
@@ -76,6 +82,30 @@ class ServeArgs(BaseModel):
     ep_shard_gpus: float = Field(0.0, ge=0, description="GPUs of each shard's placement-group bundle (ep_size > 1)")
     ep_placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="placement-group strategy of a replica and its shards (STRICT_PACK: one node)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_config(cls, data: Any) -> Any:
+        """Validate ``engine`` with the config class of the engine that will run (FakeEngine adds fields)."""
+        if not isinstance(data, dict):
+            return data
+        if "engine_kwargs" in data:
+            raise ValueError("engine_kwargs was replaced by engine: the same keys, now a typed "
+                             f"EngineConfig with fields {sorted(EngineConfig.model_fields)}; rename the key")
+        ep_size = data.get("ep_size", 1)
+        engine_cls = data.get("engine_cls") or (EP_ENGINE if isinstance(ep_size, int) and ep_size > 1
+                                                else DEFAULT_ENGINE)
+        config_cls = config_cls_of(_import_engine_cls(engine_cls))
+        given = data.get("engine")
+        if isinstance(given, config_cls):
+            return data
+        if isinstance(given, EngineConfig):
+            given = given.model_dump(exclude_unset=True)
+        try:
+            return {**data, "engine": config_cls.model_validate(given if given is not None else {})}
+        except ValidationError as e:
+            raise ValueError("; ".join(f"engine.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                       for err in e.errors())) from None
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
@@ -108,16 +138,22 @@ class ServeArgs(BaseModel):
         return self.num_replicas or 1
 
 
-def engine_kwargs_of(args: ServeArgs) -> dict:
-    """The engine's keyword arguments: ``engine_kwargs`` plus the expert-parallel settings."""
-    kw = dict(args.engine_kwargs)
+def engine_args_of(args: ServeArgs) -> dict:
+    """Keyword arguments of the engine class: its config, plus the expert-parallel settings with ep_size > 1."""
+    kw: dict[str, Any] = {"config": args.engine}
     if args.ep_size > 1:
-        for key in ("ep_size", "ep_options"):
-            if key in kw:
-                raise ValueError(f"engine_kwargs.{key}: set the serve arg ep_size (and ep_shard_*) instead")
         kw["ep_size"] = args.ep_size
         kw["ep_options"] = {"num_cpus": args.ep_shard_cpus, "num_gpus": args.ep_shard_gpus}
     return kw
+
+
+def _import_engine_cls(engine_cls: str) -> type:
+    from raymoe.deployments.server import resolve_engine_cls
+
+    try:
+        return resolve_engine_cls(engine_cls)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"engine_cls={engine_cls!r} cannot be imported: {e}") from None
 
 
 def check_ep_size(checkpoint: str, ep_size: int) -> None:
@@ -145,25 +181,14 @@ def placement_bundles(args: ServeArgs) -> list[dict]:
     return [replica] + [dict(shard) for _ in range(args.ep_size)]
 
 
-def check_engine_args(engine_cls: str, engine_kwargs: dict) -> None:
-    """Fail at build time (not in every replica, retried by Serve) on an unknown engine or keyword."""
+def check_engine_args(engine_cls: str, engine_args: dict) -> None:
+    """Fail at build time (not in every replica, retried by Serve) when the engine cannot take these arguments."""
     import inspect
 
-    from raymoe.deployments.server import resolve_engine_cls
-
-    try:
-        cls = resolve_engine_cls(engine_cls)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"engine_cls={engine_cls!r} cannot be imported: {e}") from None
-    if engine_kwargs.get("ep_size", 1) > 1 and "ep_size" not in inspect.signature(cls).parameters:
-        raise ValueError(f"ep_size={engine_kwargs['ep_size']} needs an engine with expert-parallel support "
+    cls = _import_engine_cls(engine_cls)
+    if engine_args.get("ep_size", 1) > 1 and "ep_size" not in inspect.signature(cls).parameters:
+        raise ValueError(f"ep_size={engine_args['ep_size']} needs an engine with expert-parallel support "
                          f"({EP_ENGINE}); {engine_cls} has no ep_size argument")
-    if getattr(cls, "inner_engine", None):  # a wrapper (ProcessEngine): the arguments are its inner engine's
-        cls = resolve_engine_cls(cls.inner_engine)
-    try:
-        inspect.signature(cls).bind(None, **engine_kwargs, observer=None)
-    except TypeError as e:
-        raise ValueError(f"engine_kwargs {sorted(engine_kwargs)} do not fit {cls.__name__}: {e}") from None
 
 
 def llm_server_deployment(args: ServeArgs, single: bool = False):
@@ -205,14 +230,14 @@ def build_app(args: dict | ServeArgs | None = None):
     from raymoe.deployments.ingress import OpenAIIngress
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
-    engine_kwargs = engine_kwargs_of(a)
-    check_engine_args(a.engine_cls, engine_kwargs)
+    engine_args = engine_args_of(a)
+    check_engine_args(a.engine_cls, engine_args)
     if a.checkpoint:
         check_ep_size(a.checkpoint, a.ep_size)
     if a.single_deployment:
-        return llm_server_deployment(a, single=True).bind(a.engine_cls, engine_kwargs, a.checkpoint,
+        return llm_server_deployment(a, single=True).bind(a.engine_cls, engine_args, a.checkpoint,
                                                           a.stream_interval_s, a.model_id, a.default_max_tokens)
-    server = llm_server_deployment(a).bind(a.engine_cls, engine_kwargs, a.checkpoint, a.stream_interval_s)
+    server = llm_server_deployment(a).bind(a.engine_cls, engine_args, a.checkpoint, a.stream_interval_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=a.ingress_num_replicas,
         max_ongoing_requests=a.ingress_max_ongoing_requests, max_queued_requests=a.ingress_max_queued_requests,

@@ -1,19 +1,17 @@
 """`Engine`: continuous-batching generation for a GPT(-MoE) in this process (no Ray needed).
 
-One background thread runs the decode loop; each iteration:
+One background thread drives the platform's decode loop (`raymoe.platform.decode.DecodeLoop`, the same loop
+``raymoe generate`` runs); each iteration:
 
-1. applies a pending weight swap (see Reload) and drops aborted/finished rows;
+1. applies a pending weight swap (see Reload);
 2. admits waiting requests (FIFO, up to ``max_batch_size`` running rows and ``max_prefill_tokens`` padded
-   prompt tokens per iteration), prefills them together (left-padded, padding masked) and samples their
-   first token, then merges their KV into the running batch (`SlotKVCache`);
-3. runs one decode step for every running row (one token each) and samples per row with the row's own
-   max_tokens, temperature, top_k, top_p, stop strings and random generator (seeded when ``seed`` is set).
+   prompt tokens per iteration) and runs one loop step: the new prompts are prefilled and the running rows
+   decode one token (see the loop's docstring for the mixed step, sampling, stop rules and per-row errors).
 
-The MoE layers run dropless and padding is masked, so a row's tokens do not depend on which other rows share
-its batch: batched greedy output equals single-request greedy output (tests check it). Errors stay per
-request: bad input is rejected before queueing (`RequestError`); a failure while sampling one row fails that
-row; a failing prefill fails the rows being admitted; a failing decode step fails the running rows and resets
-the batch. The loop itself keeps running, so the replica stays up.
+Here: the thread, the request queue and its limit (`EngineOverloadedError`, a 429), reload policies, health,
+metrics (`EngineObserver`) and expert-load accounting. Bad input is rejected before queueing
+(`RequestError`); a failing step fails only the requests it ran, and the thread keeps running, so the replica
+stays up.
 
 Reload: ``reload(checkpoint)`` loads the new weights in the caller's thread, then the loop swaps them in
 between two steps. ``reload_policy="drain"`` (default): admission pauses, running requests finish on the old
@@ -22,11 +20,10 @@ set of weights and none is dropped (new requests wait at most one generation). `
 happens at the next step boundary; running rows continue on the new weights with their existing KV cache
 (computed by the old weights); needs an identical architecture.
 
-The model itself sits behind a runner (`raymoe.platform.runner`): `LocalRunner` (the whole model and its
-batch KV cache in this process) or, with ``ep_size > 1``, `EPRunner` (a group of ``ep_size`` `ExpertShard`
-actors in this process's placement group, each holding its experts, a dense replica and the KV cache of its
-share of the rows; hidden states cross shards only by all-to-all inside the MoE layers). The loop, admission,
-sampling and stop rules here are the same for both.
+The model sits behind a runner (`raymoe.platform.runner.ModelRunner`): `LocalRunner` (the whole model and its
+batch KV cache in this process) or, with ``ep_size > 1``, `EPRunner` (``ep_size`` `InferenceShard` actors in
+this process's placement group, each holding its experts, a dense replica and the KV cache of its share of the
+rows; hidden states cross shards only by all-to-all inside the MoE layers).
 """
 
 from __future__ import annotations
@@ -38,57 +35,80 @@ from typing import Optional
 
 import torch
 
+from raymoe.deployments.engine_config import EngineConfig
 from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
-from raymoe.platform.generate import _RowState, top_k_filter, top_p_filter
+from raymoe.platform.decode import DecodeLoop, Row
 from raymoe.platform.host_memory import tune_malloc
-from raymoe.platform.runner import LocalRunner, load_local_model
+from raymoe.platform.runner import LocalRunner, load_local_model, prepare_for_inference
 
-_RELOAD_POLICIES = ("drain", "immediate")
+
+class RequestRow(Row):
+    """A request as a row of the decode loop: sampling settings from its params, a random generator of its own
+    (seeded with ``params.seed``: its tokens do not depend on the other rows), output delivered by the request."""
+
+    def __init__(self, req: Request, eos_id: Optional[int], observer: EngineObserver, device="cpu"):
+        p = req.params
+        gen = torch.Generator(device=device)
+        if p.seed is not None:
+            gen.manual_seed(p.seed)
+        else:
+            gen.seed()
+        super().__init__(req.prompt_ids, p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                         generator=gen, stop_sequences=req.stop_ids, eos_id=eos_id)
+        self.req, self.observer = req, observer
+
+    def gone(self) -> bool:
+        return self.req.done or self.req.aborted
+
+    def emit(self, tokens: list[int], finish_reason: Optional[str]) -> None:
+        self.req.completion_tokens = self.completion_tokens
+        reason = None if finish_reason is None else ("length" if finish_reason == "length" else "stop")
+        self.req.emit(tokens, reason, self.observer)
+
+    def fail(self, exc: BaseException) -> None:
+        self.req.fail(exc)
+
+    def dropped(self) -> None:
+        if self.req.aborted:
+            self.req.done = True
 
 
 class Engine(BaseEngine):
     """Continuous-batching engine over one model (see the module docstring).
 
     checkpoint: a checkpoint dir (or a folder of them: its latest), loaded by `start()`; or pass ``model``
-    (a GPT) directly. max_batch_size: running rows; max_waiting: queued requests before 429s;
-    max_prefill_tokens: padded prompt tokens prefilled per iteration (bounds the pause of running rows).
-    ep_size: 1 = the whole model here; N > 1 = expert-parallel over N `ExpertShard` actors (needs Ray and a
+    (a GPT) directly. config: `EngineConfig` (batch and queue limits, reload policy, device, threads).
+    ep_size: 1 = the whole model here; N > 1 = expert-parallel over N `InferenceShard` actors (needs Ray and a
     checkpoint; inside a Serve replica they go to the last N bundles of its placement group).
-    ep_options: `EPRunner` options (``num_cpus``/``num_gpus`` per shard, ``backend``, ``timeout_s``).
+    ep_options: `EPRunner` keyword arguments (``num_cpus``/``num_gpus`` per shard, ``backend``, ``timeout_s``).
     """
 
-    def __init__(self, checkpoint: Optional[str] = None, *, model=None, model_id: str = "raymoe",
-                 max_batch_size: int = 16, max_waiting: int = 64, max_prefill_tokens: int = 2048,
-                 reload_policy: str = "drain", device: str = "cpu", torch_threads: Optional[int] = None,
-                 expert_load_interval_s: float = 1.0, stall_timeout_s: float = 120.0,
-                 ep_size: int = 1, ep_options: Optional[dict] = None,
+    config_cls = EngineConfig
+
+    def __init__(self, checkpoint: Optional[str] = None, *, model=None, config: Optional[EngineConfig] = None,
+                 model_id: str = "raymoe", ep_size: int = 1, ep_options: Optional[dict] = None,
                  observer: Optional[EngineObserver] = None):
-        super().__init__(max_waiting=max_waiting, observer=observer)
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig; got {type(config).__name__}")
+        super().__init__(max_waiting=config.max_waiting, observer=observer)
         if (checkpoint is None) == (model is None):
             raise ValueError("Engine needs exactly one of checkpoint=... or model=...")
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an int >= 1; got {max_batch_size!r}")
-        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be an int >= 1; got {max_prefill_tokens!r}")
-        if reload_policy not in _RELOAD_POLICIES:
-            raise ValueError(f"reload_policy must be one of {_RELOAD_POLICIES}; got {reload_policy!r}")
         if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
             raise ValueError(f"ep_size must be an int >= 1; got {ep_size!r}")
         if ep_size > 1 and model is not None:
             raise ValueError("ep_size > 1 loads its shards from checkpoint=...; model=... is for ep_size=1")
         if ep_options and ep_size == 1:
             raise ValueError(f"ep_options {sorted(ep_options)} need ep_size > 1")
+        self.config = config
         self.ep_size, self.ep_options = ep_size, dict(ep_options or {})
         self.runner = None
+        self.loop: Optional[DecodeLoop] = None
         self.checkpoint = str(checkpoint) if checkpoint is not None else None
-        self.model, self.model_id, self.device = model, model_id, torch.device(_pick_device(device))
-        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
-        self.reload_policy, self.torch_threads = reload_policy, torch_threads
-        self.expert_load_interval_s, self.stall_timeout_s = expert_load_interval_s, stall_timeout_s
+        self.model, self.model_id, self.device = model, model_id, torch.device(_pick_device(config.device))
         self.step = None
         self._cv = threading.Condition()
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._rows: list[Request] = []
+        self._waiting: collections.deque[RequestRow] = collections.deque()
         self._thread: Optional[threading.Thread] = None
         self._stop = False
         self._fatal: Optional[BaseException] = None
@@ -99,35 +119,43 @@ class Engine(BaseEngine):
         self._last_expert_publish = time.monotonic()
         self.counters = collections.Counter()
 
+    @property
+    def _running(self) -> list[Row]:
+        return self.loop.rows if self.loop is not None else []
+
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> None:
         """Load the model (if given a checkpoint), allocate the batch cache and start the decode loop."""
         if self._thread is not None:
             return
         tune_malloc()  # the process that runs the model: the replica, or the engine's child process
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         self.runner = self._make_runner()
+        self.loop = DecodeLoop(self.runner, max_rows=self.config.max_batch_size,
+                               max_prefill_tokens=self.config.max_prefill_tokens, on_forward=self._count_experts,
+                               on_decode=self._on_decode)
         self._set_model_info()
         self._thread = run_thread(self._loop, "raymoe-engine")
         self._accepting = True
 
     def check_health(self) -> None:
-        """Raise RuntimeError when not started, stopped, the loop died, or a step hangs > stall_timeout_s."""
+        """Raise RuntimeError when not started, stopped, the loop died, the runner is unhealthy, or a step hangs
+        > stall_timeout_s."""
         if self._thread is None:
             raise RuntimeError("engine not started")
         if not self._thread.is_alive():
             raise RuntimeError(f"engine decode loop is not running (error: {self._fatal!r})")
         self.runner.check_health()
-        busy = bool(self._rows or self._waiting)
-        if busy and time.monotonic() - self._heartbeat > self.stall_timeout_s:
+        busy = bool(self._running or self._waiting)
+        if busy and time.monotonic() - self._heartbeat > self.config.stall_timeout_s:
             raise RuntimeError(f"engine made no step for {time.monotonic() - self._heartbeat:.0f}s")
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop admitting; give running and queued requests up to timeout_s; fail the rest; stop the loop."""
         self._accepting = False
         deadline = time.monotonic() + max(0.0, timeout_s)
-        while (self._rows or self._waiting) and time.monotonic() < deadline and self._alive():
+        while (self._running or self._waiting) and time.monotonic() < deadline and self._alive():
             time.sleep(0.01)
         with self._cv:
             self._stop = True
@@ -135,10 +163,11 @@ class Engine(BaseEngine):
         if self._thread is not None:
             self._thread.join(timeout=10.0)
         err = EngineShutdownError("engine shut down before the request finished")
-        for r in list(self._waiting) + list(self._rows):
+        for r in list(self._waiting) + list(self._running):
             r.fail(err)
         self._waiting.clear()
-        self._rows = []
+        if self.loop is not None:
+            self.loop.rows = []
         if self.runner is not None:
             self.runner.shutdown()
 
@@ -150,13 +179,13 @@ class Engine(BaseEngine):
         if self.ep_size > 1:
             from raymoe.deployments.ep_runner import EPRunner  # imports Ray
 
-            runner = EPRunner(self.checkpoint, self.ep_size, self.max_batch_size, threads=self.torch_threads,
-                              **self.ep_options)
+            runner = EPRunner(self.checkpoint, self.ep_size, self.config.max_batch_size,
+                              threads=self.config.torch_threads, **self.ep_options)
             self.step = runner.step
             return runner
         if self.model is None:
             self.model, self.step = load_local_model(self.checkpoint, self.device)
-        return LocalRunner(self.model.to(self.device), self.max_batch_size)
+        return LocalRunner(prepare_for_inference(self.model.to(self.device)), self.config.max_batch_size)
 
     def _set_model_info(self) -> None:
         cfg = self.runner.config
@@ -173,7 +202,7 @@ class Engine(BaseEngine):
             self.checkpoint, self.model = str(checkpoint), None
             return
         pending = self.runner.prepare(str(checkpoint))
-        if self.reload_policy == "immediate" and pending.config != self.runner.config:
+        if self.config.reload_policy == "immediate" and pending.config != self.runner.config:
             raise ValueError(f"reload_policy='immediate' needs the same architecture; {checkpoint} has "
                              f"{pending.config} but the engine serves {self.runner.config}")
         done = threading.Event()
@@ -185,11 +214,12 @@ class Engine(BaseEngine):
 
     def _maybe_swap(self) -> None:
         item = self._pending_reload
-        if item is None or (self.reload_policy == "drain" and self._rows):
+        if item is None or (self.config.reload_policy == "drain" and self._running):
             return
         pending = item["pending"]
         self.runner.swap(pending)  # same architecture: running rows keep their cache (immediate policy)
-        self.model = getattr(self.runner, "model", None)
+        if isinstance(self.runner, LocalRunner):
+            self.model = self.runner.model
         self.step, self.checkpoint = pending.step, pending.checkpoint
         self._set_model_info()
         self._expert_window, self._expert_total = {}, {}
@@ -203,27 +233,22 @@ class Engine(BaseEngine):
         return len(self._waiting)
 
     def _enqueue(self, req: Request) -> None:
-        req.state = _RowState(req.stop_ids, self.eos_id)
-        gen = torch.Generator(device=self.device)
-        if req.params.seed is not None:
-            gen.manual_seed(req.params.seed)
-        else:
-            gen.seed()
-        req.generator = gen
+        row = RequestRow(req, self.eos_id, self.observer, self.device)
         with self._cv:
-            self._waiting.append(req)
+            self._waiting.append(row)
             self._cv.notify_all()
 
     def info(self) -> dict:
         """What this engine serves (for /v1/models and logs)."""
         return {"model_id": self.model_id, "engine": type(self).__name__, "checkpoint": self.checkpoint,
                 "step": self.step, "block_size": self.block_size, "vocab_size": self.vocab_size,
-                "max_batch_size": self.max_batch_size, "reload_policy": self.reload_policy,
+                "max_batch_size": self.config.max_batch_size, "reload_policy": self.config.reload_policy,
                 "ep_size": self.ep_size, **(self.runner.info() if self.runner is not None else {})}
 
     def stats(self) -> dict:
         """Counters for tests and debugging: steps, tokens, batch sizes seen, expert load totals."""
-        return {"running": len(self._rows), "waiting": len(self._waiting), **self.counters,
+        loop_counters = self.loop.counters if self.loop is not None else {}
+        return {"running": len(self._running), "waiting": len(self._waiting), **loop_counters, **self.counters,
                 "expert_counts": {lid: t.tolist() for lid, t in self._expert_total.items()}}
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -232,7 +257,7 @@ class Engine(BaseEngine):
             with torch.inference_mode():
                 while True:
                     with self._cv:
-                        while not (self._stop or self._waiting or self._rows or self._pending_reload):
+                        while not (self._stop or self._waiting or self._running or self._pending_reload):
                             self._cv.wait(timeout=1.0)
                             self._heartbeat = time.monotonic()
                         if self._stop:
@@ -243,161 +268,23 @@ class Engine(BaseEngine):
                     self._heartbeat = time.monotonic()
         except BaseException as exc:  # a bug in the loop itself: record it so check_health reports it
             self._fatal = exc
-            for r in list(self._waiting) + self._rows:
+            for r in list(self._waiting) + list(self._running):
                 r.fail(RuntimeError(f"engine loop failed: {exc!r}"))
             raise
 
     def _iteration(self) -> None:
         self._maybe_swap()
-        self._retire()
-        new = self._admit()
-        mixed = bool(new and self._rows and hasattr(self.runner, "prefill_and_decode"))
-        if mixed:
-            try:  # one forward: the new rows' prompts and the running rows' next tokens
-                self._prefill_and_decode(new)
-            except Exception as exc:
-                for r in new + self._rows:
-                    r.fail(exc)
-                self._rows = []
-                self.runner.reset()
-            self._retire()
-        elif new:
-            try:
-                self._prefill(new)
-            except Exception as exc:
-                for r in new:
-                    r.fail(exc)
-                self._rows = [r for r in self._rows if r not in new]
-                self._reset_after_failure()
-            self._retire()
-        if self._rows and not mixed:
-            try:
-                self._decode()
-            except Exception as exc:
-                for r in self._rows:
-                    r.fail(exc)
-                self._rows = []
-                self.runner.reset()
-            self._retire()
-        if not self._rows:
+        new: list[Row] = []
+        if not (self._pending_reload is not None and self.config.reload_policy == "drain"):
+            with self._cv:
+                new = self.loop.admit(self._waiting)
+        self.loop.step(new)
+        if not self._running:
             self.observer.on_step(0, len(self._waiting), 0)  # idle: gauges back to the truth
         self._publish_expert_load()
 
-    def _admit(self) -> list[Request]:
-        if self._pending_reload is not None and self.reload_policy == "drain":
-            return []
-        taken: list[Request] = []
-        with self._cv:
-            while self._waiting and len(self._rows) + len(taken) < self.max_batch_size:
-                r = self._waiting[0]
-                if r.aborted:
-                    self._waiting.popleft()
-                    r.done = True
-                    continue
-                longest = max([len(r.prompt_ids)] + [len(t.prompt_ids) for t in taken])
-                if taken and longest * (len(taken) + 1) > self.max_prefill_tokens:
-                    break
-                taken.append(self._waiting.popleft())
-        return taken
-
-    def _reset_after_failure(self) -> None:
-        """After a failed prefill: the running rows continue if the runner still holds exactly them."""
-        if getattr(self.runner, "rows", None) == len(self._rows):
-            return
-        for r in self._rows:
-            r.fail(RuntimeError("the batch was reset after a failed prefill"))
-        self._rows = []
-        self.runner.reset()
-
-    @staticmethod
-    def _prompts(reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids and their mask (False = padding)."""
-        P = max(len(r.prompt_ids) for r in reqs)
-        idx_BP = torch.zeros(len(reqs), P, dtype=torch.long)
-        mask_BP = torch.zeros(len(reqs), P, dtype=torch.bool)
-        for i, r in enumerate(reqs):
-            idx_BP[i, P - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask_BP[i, P - len(r.prompt_ids):] = True
-        return idx_BP, mask_BP
-
-    @staticmethod
-    def _next_tokens(rows: list[Request]) -> torch.Tensor:
-        return torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
-
-    def _prefill_and_decode(self, new: list[Request]) -> None:
-        """Admissions while rows are running: the runner's mixed step (one forward instead of two)."""
-        idx_BP, mask_BP = self._prompts(new)
-        rows = self._rows
-        new_BV, run_BV = self.runner.prefill_and_decode(idx_BP, mask_BP, self._next_tokens(rows))
-        self._count_experts()
-        self.counters["mixed_steps"] += 1
-        self._accept_decode(rows, run_BV)
-        self._accept_prefill(new, mask_BP, new_BV)
-        self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(self._rows))
-
-    def _prefill(self, reqs: list[Request]) -> None:
-        idx_BP, mask_BP = self._prompts(reqs)
-        logits_BV = self.runner.prefill(idx_BP, mask_BP)
-        self._count_experts()
-        self._accept_prefill(reqs, mask_BP, logits_BV)
-
-    def _decode(self) -> None:
-        rows = self._rows
-        logits_BV = self.runner.decode(self._next_tokens(rows))
-        self._count_experts()
-        self._accept_decode(rows, logits_BV)
-
-    def _accept_prefill(self, reqs: list[Request], mask_BP: torch.Tensor, logits_BV: torch.Tensor) -> None:
-        """New rows join the batch with their first token."""
-        tokens = self._sample(logits_BV, reqs)
-        self._rows.extend(reqs)
-        self.counters["prefills"] += 1
-        self.counters["prefill_tokens"] += int(mask_BP.sum())
-        for r, t in zip(reqs, tokens):
-            self._push(r, t)
-
-    def _accept_decode(self, rows: list[Request], logits_BV: torch.Tensor) -> None:
-        """Running rows take their next token."""
-        self.counters["decode_steps"] += 1
-        self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows))
-        self.observer.on_step(len(rows), len(self._waiting), len(rows))
-        for r, t in zip(rows, self._sample(logits_BV, rows)):
-            self._push(r, t)
-
-    def _sample(self, logits_BV: torch.Tensor, reqs: list[Request]) -> list[Optional[int]]:
-        """One token per row with that row's settings; a row whose sampling fails is failed (None)."""
-        greedy = logits_BV.argmax(dim=-1).tolist()
-        out: list[Optional[int]] = []
-        for i, r in enumerate(reqs):
-            p = r.params
-            if p.temperature == 0:
-                out.append(greedy[i])
-                continue
-            try:
-                logits_1V = top_k_filter(logits_BV[i:i + 1].float() / p.temperature, p.top_k)
-                probs_1V = torch.softmax(top_p_filter(logits_1V, p.top_p), dim=-1)
-                out.append(int(torch.multinomial(probs_1V, 1, generator=r.generator)))
-            except Exception as exc:  # e.g. non-finite logits: this request only
-                r.fail(exc)
-                out.append(None)
-        return out
-
-    def _push(self, r: Request, token: Optional[int]) -> None:
-        if token is None or r.done:
-            return
-        r.next_token = token
-        self.counters["generated_tokens"] += 1
-        r.accept(token, self.observer)
-
-    def _retire(self) -> None:
-        """Drop rows that finished, failed or whose client went away."""
-        keep = [i for i, r in enumerate(self._rows) if not (r.done or r.aborted)]
-        if len(keep) != len(self._rows):
-            for r in self._rows:
-                if r.aborted:
-                    r.done = True
-            self._rows = [self._rows[i] for i in keep]
-            self.runner.keep_rows(keep)
+    def _on_decode(self, batch_size: int) -> None:
+        self.observer.on_step(batch_size, len(self._waiting), batch_size)
 
     # -- expert load at inference ------------------------------------------------------------------------
     def _count_experts(self) -> None:
@@ -407,7 +294,7 @@ class Engine(BaseEngine):
 
     def _publish_expert_load(self) -> None:
         now = time.monotonic()
-        if now - self._last_expert_publish < self.expert_load_interval_s and self._rows:
+        if now - self._last_expert_publish < self.config.expert_load_interval_s and self._running:
             return
         self._last_expert_publish = now
         for lid, counts in self._expert_window.items():
@@ -425,4 +312,3 @@ def _pick_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but CUDA is not available; allowed here: 'cpu', 'auto'")
     return name
-

@@ -1,4 +1,4 @@
-"""`EPRunner`: the engine's model runner over a group of `ExpertShard` actors (expert-parallel serving).
+"""`EPRunner`: the engine's model runner over a group of `InferenceShard` actors (expert-parallel serving).
 
 Layout. The group has ``ep_size`` shards; every MoE layer is split over all of them (expert-parallel size =
 group size, global experts r*E/ep .. (r+1)*E/ep - 1 on rank r, as in training), and each shard holds a dense
@@ -40,7 +40,7 @@ def check_ep_size(config, ep_size: int, checkpoint: str) -> None:
 
 
 class EPRunner:
-    """Runner over ``ep_size`` ExpertShard actors (see the module docstring).
+    """`ModelRunner` over ``ep_size`` `InferenceShard` actors (see the module docstring).
 
     num_cpus / num_gpus: resources of each shard (its bundle when the runner reserves the placement group);
     device: the shards' device (default: "cuda" with num_gpus, else "cpu");
@@ -99,23 +99,20 @@ class EPRunner:
     def _start(self, ray, pg, first, checkpoint, device, threads, num_cpus, num_gpus, backend, timeout_s) -> None:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from raymoe.actors.expert_shard import ExpertShard
+        from raymoe.actors.inference_shard import remote_class
+        from raymoe.platform.model import GPTConfig
 
-        cfg = {"cluster": {"backend": backend, "collective_timeout_s": self.timeout_s}}
-        cls = ray.remote(ExpertShard)
-        self.shards = [cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=(
-            PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first + r))).remote(cfg, build_data=False)
-            for r in range(self.ep_size)]
+        cls = remote_class(num_cpus, num_gpus)
+        shard_args = dict(max_rows=self.max_rows, device=device or ("cuda" if num_gpus else "cpu"),
+                          threads=threads or max(1, int(num_cpus)), backend=backend,
+                          collective_timeout_s=self.timeout_s)
+        self.shards = [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=first + r)).remote(**shard_args) for r in range(self.ep_size)]
         ip = ray.get(self.shards[0].node_info.remote(), timeout=timeout_s)["ip"]
         port = ray.get(self.shards[0].free_port.remote(), timeout=timeout_s)
         init = f"tcp://{ip}:{port}"
-        threads = threads or max(1, int(num_cpus))
-        device = device or ("cuda" if num_gpus else "cpu")
-        self.shard_info = ray.get([s.start_inference.remote(init, r, self.ep_size, str(checkpoint), self.max_rows,
-                                                            device, threads)
+        self.shard_info = ray.get([s.start.remote(init, r, self.ep_size, str(checkpoint))
                                    for r, s in enumerate(self.shards)], timeout=timeout_s)
-        from raymoe.platform.model import GPTConfig
-
         self.config = GPTConfig(**self.shard_info[0]["config"])
         self.step = self.shard_info[0]["step"]
 
@@ -137,10 +134,17 @@ class EPRunner:
             remove_placement_group(self._own_pg)
             self._own_pg = None
 
-    # -- engine interface (raymoe.platform.runner) ----------------------------------------------------
+    # -- ModelRunner (raymoe.platform.runner) ---------------------------------------------------------
+    mixed_step = False  # prefill_and_decode is a decode round then a prefill round (two calls per shard)
+
     @property
     def rows(self) -> int:
         return len(self.owner)
+
+    def prefill_and_decode(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor,
+                           idx_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        run_BV = self.decode(idx_B1)
+        return self.prefill(idx_BP, mask_BP), run_BV
 
     def prefill(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor) -> torch.Tensor:
         counts = [self.owner.count(s) for s in range(self.ep_size)]
@@ -178,7 +182,7 @@ class EPRunner:
 
         if self._broken is not None:
             raise RuntimeError(f"expert-parallel group is broken: {self._broken!r}")
-        refs = [shard.serve_step.remote(kind, self._keep[s], *args) for s, (shard, (_, args))
+        refs = [shard.step.remote(kind, self._keep[s], *args) for s, (shard, (_, args))
                 in enumerate(zip(self.shards, parts))]
         self._keep = [None] * self.ep_size
         try:
@@ -218,7 +222,7 @@ class EPRunner:
         self.owner, self._keep = [], [None] * self.ep_size
         if self._broken is None:
             try:
-                ray.get([s.serve_reset.remote() for s in self.shards], timeout=self.timeout_s)
+                ray.get([s.reset.remote() for s in self.shards], timeout=self.timeout_s)
             except BaseException as exc:
                 self._broken = exc
                 raise
@@ -229,18 +233,26 @@ class EPRunner:
         from raymoe.platform.model import GPTConfig
 
         self._check_checkpoint(checkpoint)
-        res = ray.get([s.serve_prepare.remote(str(checkpoint)) for s in self.shards], timeout=self.timeout_s)
+        res = ray.get([s.prepare.remote(str(checkpoint)) for s in self.shards], timeout=self.timeout_s)
         return Pending(GPTConfig(**res[0]["config"]), res[0]["step"], str(checkpoint))
 
     def swap(self, pending: Pending) -> None:
         import ray
 
-        ray.get([s.serve_swap.remote() for s in self.shards], timeout=self.timeout_s)
+        ray.get([s.swap.remote() for s in self.shards], timeout=self.timeout_s)
         if pending.config != self.config:
             assert not self.owner, "an architecture change needs an empty batch (drain policy)"
             self.config = pending.config
 
     def check_health(self) -> None:
+        """RuntimeError when a step failed earlier or a shard does not answer its own health check."""
+        import ray
+
+        if self._broken is None:
+            try:
+                ray.get([s.check_health.remote() for s in self.shards], timeout=self.timeout_s)
+            except BaseException as exc:  # a dead shard (RayActorError), a failed one, or a timeout
+                self._broken = exc
         if self._broken is not None:
             raise RuntimeError(f"expert-parallel group is broken (a shard died or a collective failed): "
                                f"{self._broken!r}")

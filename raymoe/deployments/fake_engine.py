@@ -4,7 +4,8 @@ Output is deterministic: the prompt's bytes, cycled (prompt "ab" -> "abab..."), 
 ``token_delay_s`` seconds, with the same max_tokens / stop-string / finish-reason rules as `Engine`. A prompt
 containing ``fail_marker`` fails with RuntimeError after its first token (a per-request error); the other
 requests are unaffected. ``reload`` only records the checkpoint. It needs no checkpoint (``checkpoint`` is
-accepted and ignored so it can take `Engine`'s arguments).
+accepted and ignored so it is built like `Engine`). Its settings: `FakeEngineConfig` (`EngineConfig`'s
+fields, of which it uses max_batch_size and max_waiting, plus its own).
 """
 
 from __future__ import annotations
@@ -14,21 +15,38 @@ import threading
 import time
 from typing import Optional
 
+from pydantic import Field
+
+from raymoe.deployments.engine import RequestRow
+from raymoe.deployments.engine_config import EngineConfig
 from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
-from raymoe.platform.generate import _RowState
+
+
+class FakeEngineConfig(EngineConfig):
+    """`EngineConfig` plus the fake engine's own settings."""
+
+    block_size: int = Field(128, ge=1, description="context length the fake model reports (prompt limit)")
+    token_delay_s: float = Field(0.005, ge=0, description="seconds per decode step")
+    fail_marker: str = Field("<<fail>>", description="a prompt containing it fails after its first token "
+                             "('' = never)")
 
 
 class FakeEngine(BaseEngine):
     """See the module docstring."""
 
-    def __init__(self, checkpoint: Optional[str] = None, *, model_id: str = "raymoe", block_size: int = 128,
-                 max_batch_size: int = 8, max_waiting: int = 64, token_delay_s: float = 0.005,
-                 fail_marker: str = "<<fail>>", observer: Optional[EngineObserver] = None, **_ignored):
-        super().__init__(max_waiting=max_waiting, observer=observer)
-        self.checkpoint, self.model_id, self.block_size = checkpoint, model_id, block_size
-        self.max_batch_size, self.token_delay_s, self.fail_marker = max_batch_size, token_delay_s, fail_marker
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._rows: list[Request] = []
+    config_cls = FakeEngineConfig
+
+    def __init__(self, checkpoint: Optional[str] = None, *, config: Optional[FakeEngineConfig] = None,
+                 model_id: str = "raymoe", observer: Optional[EngineObserver] = None):
+        config = FakeEngineConfig() if config is None else config
+        if not isinstance(config, FakeEngineConfig):
+            raise TypeError(f"config must be a FakeEngineConfig; got {type(config).__name__}")
+        super().__init__(max_waiting=config.max_waiting, observer=observer)
+        self.config, self.checkpoint, self.model_id, self.block_size = config, checkpoint, model_id, config.block_size
+        self.max_batch_size, self.token_delay_s, self.fail_marker = (config.max_batch_size, config.token_delay_s,
+                                                                     config.fail_marker)
+        self._waiting: collections.deque[RequestRow] = collections.deque()
+        self._rows: list[RequestRow] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -72,29 +90,28 @@ class FakeEngine(BaseEngine):
         return len(self._waiting)
 
     def _enqueue(self, req: Request) -> None:
-        req.state = _RowState(req.stop_ids, self.eos_id)
         with self._lock:
-            self._waiting.append(req)
+            self._waiting.append(RequestRow(req, self.eos_id, self.observer))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 while self._waiting and len(self._rows) < self.max_batch_size:
                     self._rows.append(self._waiting.popleft())
-            rows = [r for r in self._rows if not (r.done or r.aborted)]
+            rows = [r for r in self._rows if not r.gone()]
             for r in rows:
                 self._step(r)
-            self._rows = [r for r in self._rows if not (r.done or r.aborted)]
+            self._rows = [r for r in self._rows if not r.gone()]
             if rows:
                 self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows))
                 self.observer.on_step(len(rows), len(self._waiting), len(rows))
             time.sleep(self.token_delay_s if rows else 0.002)
 
-    def _step(self, r: Request) -> None:
+    def _step(self, r: RequestRow) -> None:
         if r.completion_tokens == 1 and self.fail_marker and self.fail_marker.encode() in bytes(
                 t for t in r.prompt_ids if t < 256):
             r.fail(RuntimeError("FakeEngine: injected failure"))
             return
         token = r.prompt_ids[r.completion_tokens % len(r.prompt_ids)]
         self.counters["generated_tokens"] += 1
-        r.accept(token, self.observer)
+        r.take(token)

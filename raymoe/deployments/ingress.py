@@ -311,11 +311,11 @@ class OpenAIServer(OpenAIIngress):
     proxy -> replica) instead of two (proxy -> ingress -> engine replica). Same arguments as LLMServer plus
     the ingress's; lifecycle (user_config reloads, health checks, graceful shutdown) is LLMServer's."""
 
-    async def __init__(self, engine_cls, engine_kwargs=None, checkpoint=None, stream_interval_s: float = 0.0,
+    async def __init__(self, engine_cls, engine_args=None, checkpoint=None, stream_interval_s: float = 0.0,
                        model_id: str = "raymoe", default_max_tokens: int = 16, observer="ray"):
         from raymoe.deployments.server import LLMServer
 
-        self.llm = LLMServer(engine_cls, engine_kwargs, checkpoint, stream_interval_s, observer)
+        self.llm = LLMServer(engine_cls, engine_args, checkpoint, stream_interval_s, observer)
         await super().__init__(LocalHandle(self.llm), model_id, default_max_tokens)
 
     async def reconfigure(self, user_config) -> None:

@@ -2,10 +2,10 @@
 
 Why: a Serve replica runs its request handling (Ray's actor-call machinery, ASGI, FastAPI) in Python threads
 of the replica process. The engine's decode loop releases and re-takes the GIL around every torch op (hundreds
-per step for a small model), so every burst of request handling makes it wait: measured on 2 cores, the
-engine's step took ~5.5-6 ms inside a replica vs ~4 ms alone. Here the loop runs in a spawned child process
-whose only other threads are a command reader and an output flusher; the replica process keeps the
-request handling. (vLLM's V1 engine separates its engine core from the API server for the same reason.)
+per step for a small model), so every burst of request handling makes it wait and its steps get slower. Here
+the loop runs in a spawned child process whose only other threads are a command reader and an output flusher;
+the replica process keeps the request handling (vLLM's V1 engine separates its engine core from the API server
+for the same reason). benchmarks/serve_load.py (``--engine-process`` / ``--no-engine-process``) measures it.
 
 Protocol over one pipe: parent -> child ``("submit", id, prompt_ids, params, stop_ids, stream)``,
 ``("abort", id)``, ``("call", call_id, method, args)``; child -> parent lists of ``("out", id, item)``
@@ -26,6 +26,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any, Optional
 
+from raymoe.deployments.engine_config import EngineConfig
 from raymoe.deployments.protocol import (BaseEngine, EngineObserver, EngineShutdownError, Request,
                                          SamplingParams, run_thread)
 
@@ -78,17 +79,17 @@ def _child_entry(fd: int) -> None:
     """``python -c`` entry of the child (a plain subprocess: multiprocessing's spawn would re-run the parent's
     main module, which in a Ray worker is the worker itself)."""
     conn = Connection(fd)
-    checkpoint, kwargs = conn.recv()
-    _child_main(conn, checkpoint, kwargs)
+    checkpoint, config, model_id = conn.recv()
+    _child_main(conn, checkpoint, config, model_id)
 
 
-def _child_main(conn, checkpoint, kwargs) -> None:
+def _child_main(conn, checkpoint, config, model_id) -> None:
     """The child process: an Engine, a flusher thread, and this thread reading commands."""
     from raymoe.deployments.engine import Engine
 
     out = _Outbox(conn)
     try:
-        eng = Engine(checkpoint, **kwargs, observer=out)
+        eng = Engine(checkpoint, config=config, model_id=model_id, observer=out)
         eng.start()
     except BaseException as exc:
         conn.send([("reply", "ready", False, exc)])
@@ -143,20 +144,21 @@ class _ParentRequest(Request):
 
 
 class ProcessEngine(BaseEngine):
-    """`Engine` (same arguments, except ep_size > 1) running in a child process; see the module docstring."""
+    """`Engine` (same arguments, ep_size 1 only) running in a child process; see the module docstring."""
 
-    inner_engine = "raymoe.deployments.engine:Engine"  # build_app checks engine_kwargs against it
+    config_cls = EngineConfig
 
-    def __init__(self, checkpoint: Optional[str] = None, *, observer: Optional[EngineObserver] = None,
-                 start_timeout_s: float = 300.0, **engine_kwargs):
-        from raymoe.deployments.engine import Engine
-
-        if engine_kwargs.get("ep_size", 1) != 1:
-            raise ValueError("ProcessEngine runs ep_size=1 only (expert-parallel replicas use "
-                             "raymoe.deployments.engine:Engine, whose shards are separate processes already)")
-        Engine(checkpoint, **engine_kwargs)  # argument errors here, before a process starts
-        super().__init__(max_waiting=engine_kwargs.get("max_waiting", 64), observer=observer)
-        self.checkpoint, self.engine_kwargs, self.start_timeout_s = checkpoint, engine_kwargs, start_timeout_s
+    def __init__(self, checkpoint: Optional[str] = None, *, config: Optional[EngineConfig] = None,
+                 model_id: str = "raymoe", observer: Optional[EngineObserver] = None,
+                 start_timeout_s: float = 300.0):
+        config = EngineConfig() if config is None else config
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig; got {type(config).__name__}")
+        if checkpoint is None:
+            raise ValueError("ProcessEngine needs checkpoint=... (the child process loads it)")
+        super().__init__(max_waiting=config.max_waiting, observer=observer)
+        self.checkpoint, self.config, self.model_id = str(checkpoint), config, model_id
+        self.start_timeout_s = start_timeout_s
         self._proc = None
         self._conn = None
         self._send_lock = threading.Lock()
@@ -175,7 +177,7 @@ class ProcessEngine(BaseEngine):
         theirs.close()
         self._conn = Connection(mine.detach())
         ready = self._expect("ready")
-        self._conn.send((self.checkpoint, self.engine_kwargs))
+        self._conn.send((self.checkpoint, self.config, self.model_id))
         run_thread(self._read_forever, "raymoe-engine-reader")
         info = self._wait("ready", ready, self.start_timeout_s)
         self.block_size, self.vocab_size, self.eos_id = info["block_size"], info["vocab_size"], info["eos_id"]

@@ -128,7 +128,8 @@ _ids = itertools.count()
 
 
 class Request:
-    """One request inside an engine: prompt, params, delivery callback and per-request decode state."""
+    """One request inside an engine: prompt, params, delivery callback and what was delivered so far (the
+    engine's decode loop holds the decode state: `raymoe.deployments.engine.RequestRow`)."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: list[list[int]],
                  deliver: Callable[[Any], None], stream: bool = True):
@@ -146,9 +147,6 @@ class Request:
         self.completion_tokens = 0
         self.aborted = False
         self.done = False
-        self.state: Any = None  # the engine's per-row decode state (stop-sequence hold-back, finish reason)
-        self.generator: Any = None  # the engine's random generator for this row
-        self.next_token: Optional[int] = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def emit(self, tokens: list[int], finish_reason: Optional[str], observer: EngineObserver) -> None:
@@ -177,15 +175,6 @@ class Request:
             observer.on_finish(finish_reason, now - self.t_submit, len(self.prompt_ids), self.completion_tokens)
             self._send(None)
 
-    def accept(self, token: int, observer: EngineObserver) -> None:
-        """Count a sampled token, run it through the stop-sequence state and emit what it releases."""
-        self.completion_tokens += 1
-        released = self.state.push(token)
-        if self.state.finish_reason is None and self.completion_tokens >= self.params.max_tokens:
-            released += self.state.finish("length")
-        reason = self.state.finish_reason
-        self.emit(released, None if reason is None else ("length" if reason == "length" else "stop"), observer)
-
     def fail(self, exc: BaseException) -> None:
         if not self.done:
             self.done = True
@@ -209,9 +198,7 @@ class BaseEngine:
     vocab_size: int = 257
     eos_id: Optional[int] = 256
 
-    def __init__(self, *, max_waiting: int = 64, observer: Optional[EngineObserver] = None):
-        if not _is_int(max_waiting) or max_waiting < 1:
-            raise ValueError(f"max_waiting must be an int >= 1; got {max_waiting!r}")
+    def __init__(self, *, max_waiting: int, observer: Optional[EngineObserver] = None):
         self.max_waiting = max_waiting
         self.observer = observer or EngineObserver()
         self._accepting = False

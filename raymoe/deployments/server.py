@@ -1,7 +1,8 @@
 """`LLMServer`: the Serve deployment that hosts one engine per replica (the class is plain; app.py wraps it).
 
 The engine class is injected (``engine_cls``: a class or ``"module:Class"``), as in Ray Serve LLM, so tests
-and load tests can pass `FakeEngine`. Lifecycle: the constructor builds and starts the engine;
+and load tests can pass `FakeEngine`; ``engine_args`` are its keyword arguments (``config``: an
+`EngineConfig`, and the expert-parallel settings; see `raymoe.deployments.app.engine_args_of`). Lifecycle: the constructor builds and starts the engine;
 ``check_health`` (called by Serve every ``health_check_period_s``) asks the engine; ``reconfigure`` (Serve's
 ``user_config``: ``{"checkpoint": DIR}``) swaps weights live; ``__del__`` (Serve calls it after draining the
 replica for ``graceful_shutdown_wait_loop_s``) shuts the engine down, letting running requests finish.
@@ -11,7 +12,7 @@ Calls from the ingress carry one "job" (one choice): ``{"prompt": str | [ids], "
 ``{"status": http_status, "error": {OpenAI error}}`` so the ingress can answer with the right code.
 
 Expert-parallel replicas (``ep_size`` > 1 in `raymoe.deployments.app.ServeArgs`): the engine's runner starts
-``ep_size`` `ExpertShard` actors in the last bundles of this replica's placement group (the deployment's
+``ep_size`` `InferenceShard` actors in the last bundles of this replica's placement group (the deployment's
 ``placement_group_bundles``), so a whole EP group starts, scales and stops with its replica.
 """
 
@@ -70,14 +71,14 @@ class LLMServer:
     """Hosts one engine (see the module docstring)."""
 
     def __init__(self, engine_cls: Union[str, type] = "raymoe.deployments.engine:Engine",
-                 engine_kwargs: Optional[dict] = None, checkpoint: Optional[str] = None,
+                 engine_args: Optional[dict] = None, checkpoint: Optional[str] = None,
                  stream_interval_s: float = 0.0, observer: Optional[Any] = "ray"):
         if observer == "ray":
             from raymoe.deployments.metrics import RayEngineObserver
 
             observer = RayEngineObserver()
         cls = resolve_engine_cls(engine_cls)
-        self.engine = cls(checkpoint, **dict(engine_kwargs or {}), observer=observer)
+        self.engine = cls(checkpoint, **dict(engine_args or {}), observer=observer)
         self.engine.start()
         self._loaded = _resolved(checkpoint)
         self.stream_interval_s = stream_interval_s

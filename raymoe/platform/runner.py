@@ -1,31 +1,58 @@
-"""Model runners: what the engine's decode loop calls to run the model (no Ray here).
+"""Model runners: what the decode loop (`raymoe.platform.decode.DecodeLoop`) calls to run the model (no Ray here).
 
 Shape legend: B rows, P padded prompt length, V vocab.
 
-The engine (`raymoe.deployments.engine.Engine`) owns requests, admission, sampling and stop rules; a runner
-owns the weights and the KV cache of the running rows and answers with last-position logits. Two runners:
+The loop owns rows, admission, sampling and stop rules; a runner owns the weights and the KV cache of the
+running rows and answers with last-position logits. `ModelRunner` is the contract; implementations:
 
-- `LocalRunner`: the whole model in this process plus its `SlotKVCache` (plain replicas, in-process use).
-  It is also what each `ExpertShard` runs for its slice of the rows in expert-parallel serving.
-- `raymoe.deployments.ep_runner.EPRunner`: a group of `ExpertShard` actors (imports Ray, loaded lazily).
+- `LocalRunner`: the whole model in this process plus its `SlotKVCache` (``raymoe generate``, plain serving
+  replicas). It is also what each `raymoe.actors.inference_shard.InferenceShard` runs for its slice of the rows
+  in expert-parallel serving.
+- `RecomputeRunner`: no cache, every step re-runs each row's whole sequence (``generate(use_cache=False)``:
+  the reference the cache is tested against).
+- `raymoe.deployments.ep_runner.EPRunner`: a group of `InferenceShard` actors (imports Ray, loaded lazily).
 
-Row contract, the same for both: ``prefill`` appends its rows after the running ones; ``decode`` runs one
-token for every running row, in order; ``keep_rows(keep)`` (ascending indices) keeps those rows, in order;
-``reset`` drops every row. ``expert_counts`` holds the token-choices per expert of the last forward
-({layer id: LongTensor [E]}, all rows). ``prepare(checkpoint)`` loads weights without touching the running
-model (called from any thread); ``swap(pending)`` installs them between two steps (the loop's thread).
+Row contract, the same for all: ``prefill`` appends its rows after the running ones; ``decode`` runs one
+token for every running row, in order; ``prefill_and_decode`` does both in one call (``mixed_step`` says
+whether that is one forward, which the loop prefers, or two); ``keep_rows(keep)`` (ascending indices) keeps
+those rows, in order; ``reset`` drops every row. ``expert_counts`` holds the token-choices per expert of the
+last forward ({layer id: LongTensor [E]}, all rows). ``prepare(checkpoint)`` loads weights without touching
+the running model (called from any thread); ``swap(pending)`` installs them between two steps (the loop's
+thread).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from raymoe.platform.batch_cache import SlotKVCache
-from raymoe.platform.generate import KVCache
+from raymoe.platform.decode import left_pad
+from raymoe.platform.kv_cache import KVCache, SlotKVCache
 from raymoe.platform.mixed_step import forward_groups
+
+
+class ModelRunner(Protocol):
+    """What `DecodeLoop` and the serving engine call (see the module docstring)."""
+
+    config: Any  # the model's GPTConfig (block_size, vocab_size, ...)
+    mixed_step: bool  # prefill_and_decode runs one forward (True) or a decode then a prefill (False)
+    expert_counts: dict[int, torch.Tensor]
+
+    @property
+    def rows(self) -> int: ...
+    def prefill(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, idx_B1: torch.Tensor) -> torch.Tensor: ...
+    def prefill_and_decode(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor,
+                           idx_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def keep_rows(self, keep: Sequence[int]) -> None: ...
+    def reset(self) -> None: ...
+    def prepare(self, checkpoint: str) -> "Pending": ...
+    def swap(self, pending: "Pending") -> None: ...
+    def info(self) -> dict: ...
+    def check_health(self) -> None: ...
+    def shutdown(self) -> None: ...
 
 
 @dataclass
@@ -60,21 +87,29 @@ def load_local_model(checkpoint: str, device) -> tuple[Any, Optional[int]]:
 class LocalRunner:
     """One model in this process and the KV cache of up to ``max_rows`` running rows (see module docstring).
 
+    The model is switched to eval mode and dropless routing (capacity dropping would couple the rows of a
+    batch); callers that lend a model for a while (``generate``) restore their settings afterwards.
     ``loader(checkpoint) -> (model, step)`` builds models for ``prepare`` (default: the whole model of the
     checkpoint; an expert shard passes one that builds only its experts).
     """
 
+    mixed_step = True
+
     def __init__(self, model, max_rows: int, *, loader=None):
+        if not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
         self.max_rows = max_rows
         self.loader = loader
-        self._install(prepare_for_inference(model))
         self.expert_counts: dict[int, torch.Tensor] = {}
+        self._install(model)
 
     def _install(self, model) -> None:
+        model.eval()
+        model.set_dropless(True)
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device
-        self.cache = SlotKVCache.for_model(model, self.max_rows)
+        self.reset()
 
     @property
     def rows(self) -> int:
@@ -120,12 +155,12 @@ class LocalRunner:
         return out.logits[:, -1, :]
 
     def _check_room(self, new_rows: int) -> None:
-        if self.cache.rows + new_rows > self.max_rows:
-            raise ValueError(f"prefill of {new_rows} rows: {self.cache.rows} are running and "
+        if self.rows + new_rows > self.max_rows:
+            raise ValueError(f"prefill of {new_rows} rows: {self.rows} are running and "
                              f"max_rows={self.max_rows}")
 
     def _check_decode(self, idx_B1: torch.Tensor) -> None:
-        R = self.cache.rows
+        R = self.rows
         if idx_B1.shape != (R, 1):
             raise ValueError(f"decode needs one token per running row: shape {(R, 1)}, got {tuple(idx_B1.shape)}")
 
@@ -165,7 +200,48 @@ class LocalRunner:
         return {"runner": "local", "parameters": self.model.num_parameters()}
 
     def check_health(self) -> None:
-        pass
+        """Nothing here fails on its own (a failing forward raises in the loop's thread, which the engine's
+        health check watches)."""
 
     def shutdown(self) -> None:
-        pass
+        """Nothing to release: the model and its cache go with this object."""
+
+
+class RecomputeRunner(LocalRunner):
+    """`LocalRunner` without a KV cache: every step re-runs each row's whole sequence, left-padded. Slow; the
+    reference the cached path is tested against (``generate(..., use_cache=False)``)."""
+
+    mixed_step = False
+
+    def reset(self) -> None:
+        self.seqs: list[list[int]] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.seqs)
+
+    def _forward(self) -> torch.Tensor:
+        idx_BP, mask_BP = left_pad(self.seqs)
+        out = self.model(idx_BP.to(self.device), token_mask_BT=mask_BP.to(self.device), last_logits_only=True)
+        self._record_counts()
+        return out.logits[:, -1, :]
+
+    def prefill(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor) -> torch.Tensor:
+        self._check_room(idx_BP.shape[0])
+        B = len(self.seqs)
+        self.seqs += [row[m].tolist() for row, m in zip(idx_BP, mask_BP)]
+        return self._forward()[B:]
+
+    def decode(self, idx_B1: torch.Tensor) -> torch.Tensor:
+        self._check_decode(idx_B1)
+        for s, t in zip(self.seqs, idx_B1[:, 0].tolist()):
+            s.append(t)
+        return self._forward()
+
+    def prefill_and_decode(self, idx_BP, mask_BP, idx_B1):
+        run_BV = self.decode(idx_B1)
+        return self.prefill(idx_BP, mask_BP), run_BV
+
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        self.seqs = [self.seqs[i] for i in keep]
+

@@ -24,6 +24,8 @@ FAKE = "raymoe.deployments.fake_engine:FakeEngine"
     ["serve", "--engine", FAKE, "--address", "auto", "--num-cpus", "2"],
     ["serve", "--engine", "no_such_module:Engine"],                  # checked before Ray starts
     ["serve", "--engine", FAKE, "--max-batch-size", "0"],
+    ["serve", "--engine", FAKE, "--reload-policy", "later"],           # EngineConfig validates every engine flag
+    ["serve", "--engine", FAKE, "--device", "tpu"],
     ["serve", "--engine", FAKE, "--ep-size", "2"],                   # expert-parallel shards load a checkpoint
     ["serve", "--checkpoint", "/nonexistent/ckpt", "--ep-size", "0"],
     ["serve", "--engine", FAKE, "--address", "auto", "--direct-ingress"],  # set when Ray starts: local only
@@ -47,6 +49,26 @@ def test_cli_serve_passes_the_expert_parallel_size(monkeypatch, tmp_path):
     assert seen["args"].stream_interval_s == 0.0
     assert main(["serve", "--checkpoint", str(tmp_path), "--stream-interval", "0.05"]) == 0
     assert seen["args"].stream_interval_s == 0.05
+
+
+def test_cli_serve_flags_fill_the_engine_config(monkeypatch, tmp_path):
+    import raymoe.deployments.app as app
+    from raymoe.deployments.engine_config import EngineConfig
+
+    seen = {}
+    monkeypatch.setattr(app, "run_blocking", lambda sargs, **kw: seen.update(args=sargs, **kw))
+    assert main(["serve", "--checkpoint", str(tmp_path)]) == 0
+    assert seen["args"].engine == EngineConfig()  # unset flags: the config's defaults
+    assert main(["serve", "--checkpoint", str(tmp_path), "--max-batch-size", "4", "--max-waiting", "6",
+                 "--max-prefill-tokens", "512", "--reload-policy", "immediate", "--torch-threads", "2",
+                 "--device", "auto", "--max-replicas", "3"]) == 0
+    a = seen["args"]
+    assert a.engine == EngineConfig(max_batch_size=4, max_waiting=6, max_prefill_tokens=512,
+                                    reload_policy="immediate", torch_threads=2, device="auto")
+    assert a.max_ongoing_requests == 4 + 6 and a.num_replicas is None
+    assert a.autoscaling_config == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
+    assert main(["serve", "--engine", FAKE, "--max-batch-size", "2"]) == 0
+    assert type(seen["args"].engine).__name__ == "FakeEngineConfig" and seen["args"].engine.max_batch_size == 2
 
 
 def _get(url: str, timeout: float = 5.0) -> dict:

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from raymoe.deployments.engine import Engine
+from raymoe.deployments.engine_config import EngineConfig
 from raymoe.deployments.proc_engine import ProcessEngine
 from raymoe.deployments.protocol import EngineOverloadedError, EngineShutdownError, SamplingParams
 from serving_helpers import save_model, spicy_model, wait_until
@@ -22,7 +23,8 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(ckpt):
-    pe, ref = ProcessEngine(ckpt, max_batch_size=4, max_waiting=8), Engine(ckpt, max_batch_size=4)
+    pe = ProcessEngine(ckpt, config=EngineConfig(max_batch_size=4, max_waiting=8))
+    ref = Engine(ckpt, config=EngineConfig(max_batch_size=4))
     pe.start()
     ref.start()
     yield pe, ref
@@ -72,10 +74,11 @@ def test_abandoned_stream_is_aborted_in_the_child(engines):
     assert pe.stats()["generated_tokens"] - before < 60
 
 
+@pytest.mark.slow
 def test_queue_limit_and_shutdown(ckpt):
-    with pytest.raises(ValueError, match="max_batch_size"):
-        ProcessEngine(ckpt, max_batch_size=0)  # checked before a process starts
-    pe = ProcessEngine(ckpt, max_batch_size=1, max_waiting=1)
+    with pytest.raises(ValueError, match="checkpoint"):
+        ProcessEngine(None)  # checked before a process starts
+    pe = ProcessEngine(ckpt, config=EngineConfig(max_batch_size=1, max_waiting=1))
     pe.start()
     try:
         async def many():

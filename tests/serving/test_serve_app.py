@@ -30,7 +30,7 @@ def deploy(serve_url, name, **args):
 @pytest.fixture(scope="module")
 def fake(serve_url):
     url = deploy(serve_url, "fake", engine_cls=FAKE, model_id="fake",
-                 engine_kwargs={"token_delay_s": 0.002, "block_size": 64, "max_batch_size": 8})
+                 engine={"token_delay_s": 0.002, "block_size": 64, "max_batch_size": 8})
     yield url
     serve.delete("fake")
 
@@ -189,13 +189,14 @@ def test_request_failure_is_isolated(fake):
 # -- backpressure -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("single", [True, False])
 def test_backpressure_answers_429_with_openai_body(serve_url, single):
     if single:  # one deployment: the engine's queue answers
-        limits = {"engine_kwargs": {"token_delay_s": 0.03, "max_batch_size": 1, "max_waiting": 1}}
+        limits = {"engine": {"token_delay_s": 0.03, "max_batch_size": 1, "max_waiting": 1}}
     else:  # ingress -> LLMServer: Serve's queue in front of the LLMServer replica answers
         limits = {"max_ongoing_requests": 1, "max_queued_requests": 1,
-                  "engine_kwargs": {"token_delay_s": 0.03, "max_batch_size": 1}}
+                  "engine": {"token_delay_s": 0.03, "max_batch_size": 1}}
     url = deploy(serve_url, "busy", engine_cls=FAKE, model_id="busy", single_deployment=single, **limits)
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -214,6 +215,7 @@ def test_backpressure_answers_429_with_openai_body(serve_url, single):
 # -- the real engine through Serve --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_real_engine_batched_through_serve_equals_single(real):
     model = spicy_model(0)
     prompts = ["hello", "The fox", "abc" * 4, "z", "serving", "MoE!"]
@@ -239,6 +241,7 @@ def _replica_info(app, deployment="OpenAIServer"):
     return serve.get_deployment_handle(deployment, app).info.remote().result(timeout_s=T)
 
 
+@pytest.mark.slow
 def test_live_reload_via_user_config(real, checkpoints):
     before = _replica_info("yaml")
     assert before["checkpoint"] == str(checkpoints["a"])
@@ -250,11 +253,12 @@ def test_live_reload_via_user_config(real, checkpoints):
     assert r.json()["choices"][0]["text"] == greedy_text(spicy_model(1), "after", 12)
 
 
+@pytest.mark.slow
 def test_reload_does_not_drop_in_flight_streams(serve_url):
     def app(ckpt):
         return {"name": "reload", "route_prefix": "/reload", "import_path": "raymoe.deployments.app:build_app",
                 "args": {"engine_cls": FAKE, "model_id": "r", "ray_actor_options": {"num_cpus": 0},
-                         "engine_kwargs": {"token_delay_s": 0.05}},
+                         "engine": {"token_delay_s": 0.05}},
                 "deployments": [{"name": "OpenAIServer", "user_config": {"checkpoint": ckpt}}]}
 
     deploy_config(app("v1"))
@@ -287,9 +291,16 @@ def test_reload_does_not_drop_in_flight_streams(serve_url):
         serve.delete("reload")
 
 
-def test_ray_metric_hooks_accept_their_labels(serve_url):
-    """Every serving metric hook runs with the label names of its MetricDef (Ray rejects unknown tags)."""
+def test_ray_metric_hooks_reach_prometheus_with_their_labels(ray_cluster):
+    """Every serving metric hook runs with the label names of its MetricDef (Ray rejects unknown tags) and its
+    values reach Ray's Prometheus endpoint (labels unique to this test pick its series out of the session's)."""
+    import time
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
     from raymoe.deployments.metrics import RayEngineObserver, RequestCounter
+    from raymoe.platform import metrics as M
 
     obs = RayEngineObserver()
     obs.on_first_token(0.01)
@@ -298,6 +309,30 @@ def test_ray_metric_hooks_accept_their_labels(serve_url):
     obs.on_step(4, 2, 4)
     obs.on_step(0, 0, 0)
     obs.on_finish("length", 0.1, 5, 7)
-    obs.on_expert_load(1, [0.25, 0.75])
+    obs.on_expert_load(99, [0.25, 0.75])
     obs.on_reload()
-    RequestCounter().inc("completions", 200)
+    RequestCounter().inc("metrics_test", 299)
+    wanted = {"ray_" + d.name.removesuffix("_total") for d in M.SERVING_METRICS}
+    url = f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics"
+    deadline, found = time.monotonic() + 60, {}
+
+    def mine():
+        load = {s.labels["expert"]: s.value for s in found["ray_raymoe_serve_expert_load_fraction"].samples
+                if s.labels.get("layer") == "99"}
+        requests_ = [s.value for s in found["ray_raymoe_serve_requests"].samples
+                     if s.labels.get("route") == "metrics_test" and s.name.endswith("_total")]
+        return load, requests_
+
+    while time.monotonic() < deadline:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        found = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("ray_raymoe_serve")}
+        if wanted <= set(found) and mine()[0] and mine()[1]:
+            break
+        time.sleep(1)
+    assert wanted <= set(found), sorted(wanted - set(found))
+    load, requests_ = mine()
+    assert load == {"0": 0.25, "1": 0.75}
+    assert requests_ == [1.0]
+    statuses = {s.labels["status"] for s in found["ray_raymoe_serve_requests"].samples
+                if s.labels.get("route") == "metrics_test"}
+    assert statuses == {"299"}

@@ -8,12 +8,13 @@ import time
 import pytest
 import torch
 
-from raymoe.platform.batch_cache import SlotKVCache
 from raymoe.deployments.engine import Engine
-from raymoe.deployments.fake_engine import FakeEngine
+from raymoe.deployments.engine_config import EngineConfig
+from raymoe.deployments.fake_engine import FakeEngine, FakeEngineConfig
 from raymoe.deployments.protocol import (EngineObserver, EngineOverloadedError, EngineShutdownError, RequestError,
                                          SamplingParams)
-from raymoe.platform.generate import KVCache, generate
+from raymoe.platform.generate import generate
+from raymoe.platform.kv_cache import KVCache, SlotKVCache
 from serving_helpers import spicy_model
 
 PROMPTS = ["hello", "a", "The quick brown fox", "xyz" * 6, "q", "Mixture of experts", "0123456789"]
@@ -28,7 +29,7 @@ def reference(model, prompt: str, n: int, stop=None) -> list[int]:
 
 @pytest.fixture
 def engine():
-    eng = Engine(model=spicy_model(0), max_batch_size=4, max_waiting=64, max_prefill_tokens=64)
+    eng = Engine(model=spicy_model(0), config=EngineConfig(max_batch_size=4, max_waiting=64, max_prefill_tokens=64))
     eng.start()
     yield eng
     eng.shutdown(timeout_s=5)
@@ -112,12 +113,15 @@ def test_bad_requests_raise_request_error(engine, prompt, params, param):
 
 
 def test_max_tokens_none_fills_the_context(engine):
+    room = 64 - 3 + 1  # block_size - prompt + 1: the last sampled token is never fed back
+    ref = reference(spicy_model(0), "abc", room)
+    assert len(ref) == room  # this greedy continuation has no EOS: the request runs into the context limit
     res = engine.generate_sync("abc", SamplingParams(max_tokens=None, temperature=0.0))
-    assert res.finish_reason == "stop" or res.completion_tokens == 64 - 3 + 1
+    assert (res.finish_reason, res.completion_tokens, res.token_ids) == ("length", room, ref)
 
 
 def test_queue_full_is_overloaded_and_engine_survives():
-    eng = FakeEngine(max_batch_size=1, max_waiting=1, token_delay_s=0.02)
+    eng = FakeEngine(config=FakeEngineConfig(max_batch_size=1, max_waiting=1, token_delay_s=0.02))
     eng.start()
     try:
         async def main():
@@ -162,7 +166,7 @@ def test_expert_load_and_observer_hooks():
         def on_finish(self, reason, lat, pt, ct): seen["finish"] += 1
         def on_expert_load(self, layer, fr): seen["experts"][layer] = fr
 
-    eng = Engine(model=spicy_model(0), max_batch_size=4, observer=Obs(), expert_load_interval_s=0.0)
+    eng = Engine(model=spicy_model(0), config=EngineConfig(max_batch_size=4, expert_load_interval_s=0.0), observer=Obs())
     eng.start()
     try:
         eng.generate_sync("count experts", SamplingParams(max_tokens=8, temperature=0.0))
@@ -176,7 +180,7 @@ def test_expert_load_and_observer_hooks():
 
 @pytest.mark.parametrize("policy", ["drain", "immediate"])
 def test_reload_swaps_weights_without_dropping_requests(checkpoints, policy):
-    eng = Engine(str(checkpoints["a"]), max_batch_size=4, reload_policy=policy)
+    eng = Engine(str(checkpoints["a"]), config=EngineConfig(max_batch_size=4, reload_policy=policy))
     eng.start()
     try:
         old, new = spicy_model(0), spicy_model(1)
@@ -209,12 +213,15 @@ def test_lifecycle_health_and_shutdown():
     eng.start()
     eng.check_health()
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("r", eng.generate_sync("bye", SamplingParams(max_tokens=30))))
+    greedy = SamplingParams(max_tokens=30, temperature=0.0)
+    t = threading.Thread(target=lambda: out.setdefault("r", eng.generate_sync("bye", greedy)))
     t.start()
     time.sleep(0.02)
     eng.shutdown(timeout_s=30)  # graceful: the running request finishes first
     t.join(10)
-    assert out["r"].completion_tokens == 30 or out["r"].finish_reason == "stop"
+    ref = reference(spicy_model(0), "bye", 30)
+    assert len(ref) == 30  # no EOS in this continuation: it ends by length
+    assert (out["r"].finish_reason, out["r"].token_ids) == ("length", ref)
     with pytest.raises(RuntimeError):
         eng.check_health()
     with pytest.raises(EngineShutdownError):
@@ -222,12 +229,18 @@ def test_lifecycle_health_and_shutdown():
 
 
 def test_engine_argument_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="exactly one of checkpoint"):
         Engine()
-    with pytest.raises(ValueError):
-        Engine(model=spicy_model(0), max_batch_size=0)
-    with pytest.raises(ValueError):
-        Engine(model=spicy_model(0), reload_policy="later")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        EngineConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="reload_policy"):
+        EngineConfig(reload_policy="later")
+    with pytest.raises(ValueError, match="device must be"):
+        EngineConfig(device="tpu")
+    with pytest.raises(ValueError, match="Extra inputs"):
+        EngineConfig(max_bach_size=2)
+    with pytest.raises(TypeError, match="EngineConfig"):
+        Engine(model=spicy_model(0), config={"max_batch_size": 2})
 
 
 def test_slot_cache_join_leave_compact_matches_full_forward():

@@ -14,6 +14,7 @@ serve = pytest.importorskip("ray.serve")
 
 from raymoe.deployments.app import ServeArgs, build_app  # noqa: E402
 from raymoe.deployments.engine import Engine  # noqa: E402
+from raymoe.deployments.engine_config import EngineConfig  # noqa: E402
 from raymoe.deployments.protocol import SamplingParams  # noqa: E402
 from serving_helpers import save_model, spicy_model, wait_until  # noqa: E402
 
@@ -46,9 +47,10 @@ def pg_state(pg_id: str) -> str:
     return ray.util.placement_group_table().get(pg_id, {}).get("state", "REMOVED")
 
 
+@pytest.mark.slow
 def test_ep_engine_in_process_equals_whole_model(ray_cluster, checkpoints):
-    plain = Engine(model=spicy_model(0), max_batch_size=4)
-    ep = Engine(str(checkpoints["a"]), ep_size=2, max_batch_size=4)
+    plain = Engine(model=spicy_model(0), config=EngineConfig(max_batch_size=4))
+    ep = Engine(str(checkpoints["a"]), ep_size=2, config=EngineConfig(max_batch_size=4))
     plain.start()
     ep.start()
     try:
@@ -60,7 +62,7 @@ def test_ep_engine_in_process_equals_whole_model(ray_cluster, checkpoints):
         # live reload: every shard loads its part of the new checkpoint, swapped in between steps
         ep.reload(str(checkpoints["b"]), timeout_s=T)
         greedy = SamplingParams(max_tokens=12, temperature=0.0)
-        new_model = Engine(model=spicy_model(1), max_batch_size=1)
+        new_model = Engine(model=spicy_model(1), config=EngineConfig(max_batch_size=1))
         new_model.start()
         try:
             assert ep.generate_sync("after", greedy, T).token_ids == new_model.generate_sync("after", greedy, T).token_ids
@@ -95,10 +97,11 @@ def _texts(url) -> list[str]:
     return [r.json()["choices"][0]["text"] for r in resps]
 
 
+@pytest.mark.slow
 def test_ep_replica_equals_plain_replica_and_in_process(serve_url, checkpoints):
     ckpt = str(checkpoints["a"])
     common = {"checkpoint": ckpt, "model_id": "m", "ray_actor_options": {"num_cpus": 0},
-              "engine_kwargs": {"max_batch_size": 4}}
+              "engine": {"max_batch_size": 4}}
     # the EP replica in the default one-deployment layout (as serve_ep.yaml), the plain one in the split layout
     serve.run(build_app({**common, "ep_size": 2}), name="ep", route_prefix="/ep")
     try:
@@ -107,7 +110,7 @@ def test_ep_replica_equals_plain_replica_and_in_process(serve_url, checkpoints):
             plain = _texts(f"{serve_url}/plain")
         finally:
             serve.delete("plain")
-        eng = Engine(ckpt, max_batch_size=4)
+        eng = Engine(ckpt, config=EngineConfig(max_batch_size=4))
         eng.start()
         try:
             local = [bytes(t for t in toks if t < 256).decode("utf-8", errors="replace") for toks in staggered(eng)]
@@ -145,8 +148,10 @@ def test_bad_ep_settings_are_rejected_before_deploying(checkpoints, tmp_path):
         ServeArgs(checkpoint="/x", ep_size=2, llm_server_options={"placement_group_bundles": [{"CPU": 1}]})
     with pytest.raises(ValueError, match="ep_size=3 must divide"):
         build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 3})  # 4 experts
-    with pytest.raises(ValueError, match="engine_kwargs.ep_size"):
-        build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2, "engine_kwargs": {"ep_size": 2}})
+    with pytest.raises(ValueError, match="engine.ep_size"):  # set at the top level, not in the engine's config
+        build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2, "engine": {"ep_size": 2}})
+    with pytest.raises(ValueError, match="engine_kwargs was replaced by engine"):
+        build_app({"checkpoint": str(checkpoints["a"]), "engine_kwargs": {"max_batch_size": 2}})
     with pytest.raises(ValueError, match="expert-parallel support"):
         build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2,
                    "engine_cls": "raymoe.deployments.fake_engine:FakeEngine"})
@@ -154,7 +159,7 @@ def test_bad_ep_settings_are_rejected_before_deploying(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="expert-parallel support"):
         build_app({"checkpoint": str(checkpoints["a"]), "ep_size": 2, "engine_cls": proc})
     with pytest.raises(ValueError, match="max_bach_size"):  # checked against the Engine it wraps
-        build_app({"checkpoint": str(checkpoints["a"]), "engine_cls": proc, "engine_kwargs": {"max_bach_size": 2}})
+        build_app({"checkpoint": str(checkpoints["a"]), "engine_cls": proc, "engine": {"max_bach_size": 2}})
     dense = save_model(tmp_path / "dense", GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=1,
                                                          d_model=8, num_experts=1, expert_interval=99)))
     with pytest.raises(ValueError, match="ep_size=2"):

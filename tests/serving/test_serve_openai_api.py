@@ -84,7 +84,7 @@ def test_build_app_rejects_bad_arguments_before_deploying():
     with pytest.raises(ValueError, match="checkpoint is required"):
         build_app({})
     with pytest.raises(ValueError, match="max_bach_size"):
-        build_app({"checkpoint": "/x", "engine_kwargs": {"max_bach_size": 3}})
+        build_app({"checkpoint": "/x", "engine": {"max_bach_size": 3}})
     with pytest.raises(ValueError, match="cannot be imported"):
         build_app({"engine_cls": "nowhere:Engine"})
     with pytest.raises(ValueError, match="Extra inputs"):

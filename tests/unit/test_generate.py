@@ -5,8 +5,9 @@ import contextlib
 import pytest
 import torch
 
-from raymoe.platform.generate import (KVCache, StreamStep, _RowState, generate, generate_stream, sample_next,
-                                      top_k_filter, top_p_filter)
+from raymoe.platform.decode import _RowState
+from raymoe.platform.generate import StreamStep, generate, generate_stream, sample_next, top_k_filter, top_p_filter
+from raymoe.platform.kv_cache import KVCache
 from raymoe.platform.model import GPT, GPTConfig
 
 V = 257

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from raymoe.platform.batch_cache import SlotKVCache
-from raymoe.platform.generate import KVCache
+from raymoe.platform.kv_cache import KVCache, SlotKVCache
 from raymoe.platform.mixed_step import forward_groups
 from raymoe.platform.model import GPT
 from raymoe.platform.runner import LocalRunner

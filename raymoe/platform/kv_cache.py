@@ -1,28 +1,85 @@
-"""KV cache for continuous batching: rows join and leave between decode steps.
+"""The KV cache `GPT.forward(kv_cache=...)` appends to: one call's batch (`KVCache`) and the running batch of
+continuous decoding (`SlotKVCache`, rows join and leave between steps).
 
-Shape legend: B active rows, R row capacity, H heads, L slots (cache length), Lc slot capacity, Dh head dim.
+Shape legend: B rows, T tokens in one forward call, L slots (cache length), Lc slot capacity, R row capacity,
+H heads, Dh head dim.
 
-It duck-types `raymoe.platform.generate.KVCache` (what `GPT.forward` uses: ``length``, ``key_mask_BL``,
-``valid_len_B``, ``begin``/``write``/``end``), so the unchanged model decodes a batch whose rows started at
-different times. Layout: every row is right-aligned at slot ``length`` (each decode step appends one slot to
-every row), so a row's real tokens are the last ``valid_len_B[i]`` slots; slots before are masked out
-(``key_mask_BL`` False: never attended to). Positions come from ``valid_len_B``, so where a row sits in the
-slot range does not change its numbers. Hence:
+What the model uses (both classes): ``length`` (slots in use), ``key_mask_BL`` (which slots hold real tokens:
+padding and slots before a row's first token are never attended to), ``valid_len_B`` (real tokens per row:
+the next position of each row) and ``begin``/``write``/``end`` around a forward call.
+
+`KVCache` holds the rows of one prefill: rows are left-padded to a common length, so slot i is the same
+call position in every row.
+
+`SlotKVCache` holds up to ``max_rows`` rows that started at different times. Every row is right-aligned at slot
+``length`` (each decode step appends one slot to every row), so a row's real tokens are the last
+``valid_len_B[i]`` slots. Positions come from ``valid_len_B``, so where a row sits in the slot range does not
+change its numbers. Hence:
 
 - joining rows whose prefill is longer than ``length``: shift every row right (one slice copy);
 - compacting: slots older than the longest live row are unused by every row: shift left (one slice copy);
 - leaving rows: gather the kept rows to the front (skipped when only trailing rows leave).
 
-Buffers are allocated once ([R, H, Lc, Dh] per layer and k/v); the active rows are views ``buf[:B]``.
+Its buffers are allocated once ([R, H, Lc, Dh] per layer and k/v); the active rows are views ``buf[:B]``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 
-from raymoe.platform.generate import KVCache
+
+class KVCache:
+    """Preallocated per-layer key/value cache, [B, H, max_len, Dh] per layer, shared slot index for all rows.
+
+    Rows are aligned by slot (left padding), `key_mask_BL` marks which slots hold real tokens and
+    `valid_len_B` counts real tokens per row (the next position of each row).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
+                 *, device=None, dtype=torch.float32):
+        if max_len < 1 or batch_size < 1:
+            raise ValueError(f"KVCache needs max_len >= 1 and batch_size >= 1; got {max_len}, {batch_size}")
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.key_mask_BL = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.valid_len_B = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self._pending = 0
+
+    @classmethod
+    def for_model(cls, model: nn.Module, batch_size: int, max_len: int) -> "KVCache":
+        """A cache sized for `model` (a GPT: uses model.config and the dtype/device of its parameters)."""
+        cfg = model.config
+        p = next(model.parameters())
+        return cls(cfg.n_layer, batch_size, cfg.n_head, cfg.d_model // cfg.n_head, max_len,
+                   device=p.device, dtype=p.dtype)
+
+    def begin(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
+        """Reserve slots [length, length + T) for the forward call about to run."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"KVCache overflow: {self.length} + {T} tokens > max_len={self.max_len}")
+        self._pending = T
+        sl = slice(self.length, self.length + T)
+        self.key_mask_BL[:, sl] = True if token_mask_BT is None else token_mask_BT.to(self.key_mask_BL.device)
+
+    def write(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
+        """Store this call's keys/values of `layer`; returns all keys/values so far, [B, H, L, Dh]."""
+        end = self.length + k_BHTd.shape[2]
+        self.k[layer][:, :, self.length:end] = k_BHTd
+        self.v[layer][:, :, self.length:end] = v_BHTd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def end(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
+        """Commit the slots reserved by `begin`."""
+        assert T == self._pending, "KVCache.end without a matching begin"
+        self.length += T
+        self.valid_len_B += T if token_mask_BT is None else token_mask_BT.long().sum(1).to(self.valid_len_B.device)
+        self._pending = 0
 
 
 class SlotKVCache(KVCache):

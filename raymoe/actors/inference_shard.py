@@ -1,0 +1,167 @@
+"""InferenceShard: one rank of an expert-parallel serving group (`raymoe.deployments.ep_runner.EPRunner`).
+
+``start`` joins a torch.distributed group whose expert-parallel size is the group size on every MoE layer,
+builds the model with only this rank's experts and loads them and the dense part from a training checkpoint
+(each rank reads the dense file and its own experts' files). ``step`` runs this rank's rows through a
+`raymoe.platform.runner.LocalRunner` and returns their last-position logits; the replica sends token ids
+only, and hidden states cross shards by all-to-all inside the MoE layers. Every rank is called for every step,
+also with no rows (an idle forward): the all-to-alls are collective.
+
+Lifecycle verbs: ``start``, ``check_health`` (started, still in its process group, no failed step), ``shutdown``
+(leave the process group). Weights: ``prepare`` loads new ones beside the serving ones, ``swap`` installs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from datetime import timedelta
+from typing import Optional
+
+import ray
+import torch
+import torch.distributed as dist
+
+from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import parallel
+from raymoe.platform.host_memory import tune_malloc
+from raymoe.platform.model import GPT
+from raymoe.platform.model_io import model_config_of
+from raymoe.platform.runner import LocalRunner, Pending, prepare_for_inference
+
+_BACKENDS = ("auto", "gloo", "nccl")
+
+
+class InferenceShard:
+    """A Ray actor (see :func:`remote_class`) serving one rank's rows and experts (see the module docstring).
+
+    max_rows: rows this shard's KV cache holds; device: "cpu" or "cuda" (cuda only when Ray gave this actor a
+    GPU); threads: torch intra-op threads; backend: torch.distributed backend ("auto": nccl on GPU, gloo on
+    CPU); collective_timeout_s: bound on every collective (a dead peer fails the step instead of hanging it).
+    """
+
+    def __init__(self, *, max_rows: int, device: str = "cpu", threads: Optional[int] = None,
+                 backend: str = "auto", collective_timeout_s: float = 120.0):
+        if not isinstance(max_rows, int) or max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda'; got {device!r}")
+        tune_malloc()  # this process allocates activations every step
+        self.max_rows, self.threads, self.collective_timeout_s = max_rows, threads, collective_timeout_s
+        use_cuda = device == "cuda" and torch.cuda.is_available() and bool(ray.get_gpu_ids())
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        self.backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+        self.rank, self.world = -1, 0
+        self.runner: Optional[LocalRunner] = None
+        self._pending: Optional[Pending] = None
+        self._failed: Optional[str] = None  # the error of a failed step: the group cannot continue
+
+    # -- placement / rendezvous ---------------------------------------------------------------------------
+    def node_info(self) -> dict:
+        """Where this shard runs."""
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    def free_port(self) -> int:
+        """A free TCP port on this node, for the rendezvous when this shard is rank 0."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def start(self, init_method: str, rank: int, world: int, checkpoint: str) -> dict:
+        """Join the group of ``world`` shards as ``rank`` and load this rank's part of ``checkpoint``."""
+        self.abort()
+        self.rank, self.world = rank, world
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=self.collective_timeout_s))
+        model, step = self._load(checkpoint)
+        self.runner = LocalRunner(model, self.max_rows, loader=self._load)
+        self._failed = None
+        ctx = ray.get_runtime_context()
+        return {"rank": rank, "step": step, "config": dataclasses.asdict(model.config), "pid": os.getpid(),
+                "node_id": ctx.get_node_id(), "placement_group_id": ctx.get_placement_group_id(),
+                "device": str(self.device), "parameters": model.num_parameters(),
+                "experts": {m.layer_id: list(m.experts.global_expert_ids) for m in model.moe_modules()}}
+
+    def check_health(self) -> dict:
+        """Raise RuntimeError unless started, still in its process group and no step failed; else a summary."""
+        if self.runner is None:
+            raise RuntimeError("inference shard not started")
+        if not dist.is_initialized():
+            raise RuntimeError(f"inference shard rank {self.rank} left its process group")
+        if self._failed is not None:
+            raise RuntimeError(f"inference shard rank {self.rank}: a step failed: {self._failed}")
+        return {"rank": self.rank, "rows": self.runner.rows, "pid": os.getpid()}
+
+    def abort(self) -> None:
+        """Leave the current process group (after a peer failed or before joining a new one)."""
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # a group broken by a dead peer may refuse an orderly teardown
+                pass
+
+    def shutdown(self) -> None:
+        self.abort()
+        self.runner = None
+
+    # -- serving ------------------------------------------------------------------------------------------
+    def _load(self, checkpoint: str) -> tuple[GPT, Optional[int]]:
+        info = ckpt.read_manifest(checkpoint)
+        gpt_cfg = model_config_of(info, checkpoint)
+        layout = parallel.ParallelLayout.from_config(gpt_cfg, self.world, ep_size=self.world)
+        groups = parallel.build_process_groups(layout, self.rank)  # EP group = world: creates no new group
+        model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups))
+        ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
+        return prepare_for_inference(model.to(self.device)), info.get("step")
+
+    @torch.inference_mode()
+    def step(self, kind: str, keep: Optional[list[int]], idx: torch.Tensor,
+             mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Keep rows ``keep`` (None: all), then ``kind`` = "prefill" (new rows ``idx``/``mask``, appended) or
+        "decode" (one token per row); no rows: an idle forward. Returns (logits [rows, V], this rank's expert
+        counts)."""
+        if kind not in ("prefill", "decode"):
+            raise ValueError(f"kind={kind!r}; allowed: 'prefill', 'decode'")
+        r = self.runner
+        try:
+            if keep is not None:
+                r.keep_rows(keep)
+            if idx.shape[0] == 0:
+                logits = r.idle_forward()
+            elif kind == "prefill":
+                logits = r.prefill(idx, mask)
+            else:
+                logits = r.decode(idx)
+        except Exception as exc:
+            self._failed = repr(exc)
+            raise
+        return logits.cpu(), {lid: c.cpu() for lid, c in r.expert_counts.items()}
+
+    def reset(self) -> None:
+        """Drop every row (after a failed step); the shard is usable again if its group still is."""
+        self.runner.reset()
+        self._failed = None
+
+    def prepare(self, checkpoint: str) -> dict:
+        """Load new weights beside the serving ones (no collective); ``swap`` installs them."""
+        self._pending = self.runner.prepare(checkpoint)
+        return {"config": dataclasses.asdict(self._pending.config), "step": self._pending.step}
+
+    def swap(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("swap without prepare")
+        self.runner.swap(self._pending)
+        self._pending = None
+
+
+def remote_class(num_cpus: float, num_gpus: float):
+    """The InferenceShard actor class with its resource request."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(InferenceShard)
