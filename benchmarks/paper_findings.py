@@ -142,7 +142,7 @@ def train_one(job: dict) -> dict:
         "n_layer": trainer.model.config.n_layer,
         "moe_layers": trainer.model.config.moe_layer_ids(),
         "experts": list(trainer.model.config.experts_per_layer().values()),
-        "k": trainer.model.config.k if moe else 0, "residual": bool(moe) and trainer.model.config.use_residual,
+        "k": trainer.model.config.moe.k if moe else 0, "residual": bool(moe) and trainer.model.config.moe.use_residual,
     }
 
 

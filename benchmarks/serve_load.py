@@ -107,9 +107,9 @@ def make_checkpoint(folder: str) -> str:
     from raymoe.platform.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=257, block_size=128, n_layer=4, n_head=4, d_model=128, d_ff=512,
-                          expert_interval=2, num_experts=8, k=1))
-    return str(save_checkpoint(folder, 0, model, extra={"model_config": dataclasses.asdict(model.config)}))
+    model = GPT(GPTConfig.from_dict(dict(vocab_size=257, block_size=128, n_layer=4, n_head=4, d_model=128, d_ff=512,
+                          expert_interval=2, num_experts=8, k=1)))
+    return str(save_checkpoint(folder, 0, model, extra={"model_config": model.config.to_dict()}))
 
 
 def prompts(n: int, length: int, seed: int = 0) -> list[str]:

@@ -8,7 +8,7 @@ message names the field path and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,7 +45,55 @@ class ModelConfig(_Section):
         return self
 
 
-class MoEConfig(_Section):
+NoisyGatePolicy = Literal["Jitter", "RSample"]
+NOISY_GATE_POLICIES = (None, *get_args(NoisyGatePolicy))
+
+
+def moe_schedule(n_layer: int, expert_interval: int, moe_layers: list[int] | None) -> list[int]:
+    """Block ids that get an MoE layer: ``moe_layers`` if given, else every block i with
+    i % expert_interval == expert_interval - 1 (interval 0: none, a dense model)."""
+    if moe_layers is not None:
+        return sorted(set(moe_layers))
+    if expert_interval == 0:
+        return []
+    return [i for i in range(n_layer) if i % expert_interval == expert_interval - 1]
+
+
+def check_top_k(k: int, expert_counts: list[int], where: str = "moe.k") -> None:
+    """ValueError unless every MoE layer has at least ``k`` experts."""
+    if expert_counts and k > min(expert_counts):
+        raise ValueError(f"{where}={k} must be <= the smallest num_experts ({min(expert_counts)})")
+
+
+class MoEArgs(_Section):
+    """Routing and loss options of an MoE layer, with DeepSpeed-MoE's names: the one typed argument object.
+
+    The ``moe`` section of a config holds these fields (plus the layer schedule); the model's
+    :class:`~raymoe.platform.model.GPTConfig` carries one instance and every
+    :class:`~raymoe.platform.moe.MoE` layer reads it (DeepSpeed-style keyword arguments build one).
+    """
+
+    k: int = Field(1, ge=1, description="Experts per token (top-k gating).")
+    capacity_factor: float = Field(1.0, gt=0, description="Training capacity factor (tokens per expert).")
+    eval_capacity_factor: float = Field(1.0, gt=0, description="Capacity factor in eval mode.")
+    min_capacity: int = Field(4, ge=0, description="Minimum expert capacity in tokens.")
+    drop_tokens: bool = Field(True, description="Drop tokens over capacity; false = dropless.")
+    use_rts: bool = Field(True, description="Random Token Selection: drop overflow at random, not by position.")
+    noisy_gate_policy: NoisyGatePolicy | None = Field(
+        None, description="Gate noise in training: null, 'Jitter' (input jitter) or 'RSample' (Gumbel)."
+    )
+    top2_2nd_expert_sampling: bool = Field(
+        True, description="Top-2 gating: sample the second expert with Gumbel noise in training (DeepSpeed's default)."
+    )
+    use_residual: bool = Field(False, description="Residual-MoE: dense MLP + top-1 expert mixed per token.")
+    z_loss_coef: float = Field(0.0, ge=0, description="Router z-loss coefficient (0 = off).")
+    expert_bias: bool = Field(False, description="Aux-loss-free balancing bias (DeepSeek-V3 style).")
+    expert_bias_update_rate: float = Field(1e-3, ge=0, description="Step size of the expert bias update.")
+
+
+class MoEConfig(MoEArgs):
+    """The ``moe`` section: which blocks are MoE layers, their expert counts and sizes, and :class:`MoEArgs`."""
+
     num_experts: int | list[int] = Field(
         8,
         description="Experts per MoE layer: one int for all, or a list with one entry per MoE layer "
@@ -58,20 +106,7 @@ class MoEConfig(_Section):
         None, description="Explicit block ids that get an MoE (overrides expert_interval); [] = dense model."
     )
     expert_ffn: int | None = Field(None, ge=1, description="FFN size of each expert; default model.d_ff.")
-    k: int = Field(1, ge=1, description="Experts per token (top-k gating).")
-    capacity_factor: float = Field(1.0, gt=0, description="Training capacity factor (tokens per expert).")
-    eval_capacity_factor: float = Field(1.0, gt=0, description="Capacity factor in eval mode.")
-    min_capacity: int = Field(4, ge=0, description="Minimum expert capacity in tokens.")
-    drop_tokens: bool = Field(True, description="Drop tokens over capacity; false = dropless.")
-    use_rts: bool = Field(True, description="Random Token Selection: drop overflow at random, not by position.")
-    noisy_gate_policy: Literal["Jitter", "RSample"] | None = Field(
-        None, description="Gate noise in training: null, 'Jitter' (input jitter) or 'RSample' (Gumbel)."
-    )
-    use_residual: bool = Field(False, description="Residual-MoE: dense MLP + top-1 expert mixed per token.")
     aux_loss_coef: float = Field(0.01, ge=0, description="Coefficient of the summed load-balancing loss.")
-    z_loss_coef: float = Field(0.0, ge=0, description="Router z-loss coefficient (0 = off).")
-    expert_bias: bool = Field(False, description="Aux-loss-free balancing bias (DeepSeek-V3 style).")
-    expert_bias_update_rate: float = Field(1e-3, ge=0, description="Step size of the expert bias update.")
 
     @field_validator("num_experts")
     @classmethod
@@ -80,6 +115,10 @@ class MoEConfig(_Section):
         if not values or any(e < 1 for e in values):
             raise ValueError(f"num_experts must be an int >= 1 or a non-empty list of ints >= 1, got {v!r}")
         return v
+
+    def args(self) -> MoEArgs:
+        """The :class:`MoEArgs` part of this section."""
+        return MoEArgs(**self.model_dump(include=set(MoEArgs.model_fields)))
 
 
 class DataConfig(_Section):
@@ -149,7 +188,7 @@ class DistillConfig(_Section):
     kl_direction: Literal["teacher_student", "student_teacher"] = Field(
         "teacher_student",
         description="KD term: KL(teacher || student) (Hinton KD, DeepSpeed MoS; the default) or "
-        "KL(student || teacher) (mode-seeking; measured to hurt small byte-level students).",
+        "KL(student || teacher) (mode-seeking: the student concentrates on the teacher's largest modes).",
     )
 
 
@@ -239,8 +278,7 @@ class RaymoeConfig(_Section):
         if bad:
             raise ValueError(f"moe.moe_layers {bad} out of range: allowed 0..{self.model.n_layer - 1}")
         experts = self.moe.num_experts if isinstance(self.moe.num_experts, list) else [self.moe.num_experts]
-        if n_moe and self.moe.k > min(experts):
-            raise ValueError(f"moe.k={self.moe.k} must be <= the smallest num_experts ({min(experts)})")
+        check_top_k(self.moe.k, experts if n_moe else [])
         ep = self.cluster.ep_size
         if isinstance(ep, list) and len(ep) != n_moe:
             raise ValueError(f"cluster.ep_size has {len(ep)} entries but the schedule has {n_moe} MoE layers "
@@ -272,10 +310,7 @@ class RaymoeConfig(_Section):
 
 def moe_layer_ids(cfg: RaymoeConfig) -> list[int]:
     """Block ids that get an MoE under this config's schedule."""
-    if cfg.moe.moe_layers is not None:
-        return sorted(set(cfg.moe.moe_layers))
-    step = cfg.moe.expert_interval
-    return [i for i in range(cfg.model.n_layer) if i % step == step - 1]
+    return moe_schedule(cfg.model.n_layer, cfg.moe.expert_interval, cfg.moe.moe_layers)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -85,7 +85,7 @@ class InferenceShard:
         self.runner = LocalRunner(model, self.max_rows, loader=self._load)
         self._failed = None
         ctx = ray.get_runtime_context()
-        return {"rank": rank, "step": step, "config": dataclasses.asdict(model.config), "pid": os.getpid(),
+        return {"rank": rank, "step": step, "config": model.config.to_dict(), "pid": os.getpid(),
                 "node_id": ctx.get_node_id(), "placement_group_id": ctx.get_placement_group_id(),
                 "device": str(self.device), "parameters": model.num_parameters(),
                 "experts": {m.layer_id: list(m.experts.global_expert_ids) for m in model.moe_modules()}}
@@ -153,7 +153,7 @@ class InferenceShard:
     def prepare(self, checkpoint: str) -> dict:
         """Load new weights beside the serving ones (no collective); ``swap`` installs them."""
         self._pending = self.runner.prepare(checkpoint)
-        return {"config": dataclasses.asdict(self._pending.config), "step": self._pending.step}
+        return {"config": self._pending.config.to_dict(), "step": self._pending.step}
 
     def swap(self) -> None:
         if self._pending is None:

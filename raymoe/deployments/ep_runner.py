@@ -113,7 +113,7 @@ class EPRunner:
         init = f"tcp://{ip}:{port}"
         self.shard_info = ray.get([s.start.remote(init, r, self.ep_size, str(checkpoint))
                                    for r, s in enumerate(self.shards)], timeout=timeout_s)
-        self.config = GPTConfig(**self.shard_info[0]["config"])
+        self.config = GPTConfig.from_dict(self.shard_info[0]["config"])
         self.step = self.shard_info[0]["step"]
 
     def shutdown(self) -> None:
@@ -234,7 +234,7 @@ class EPRunner:
 
         self._check_checkpoint(checkpoint)
         res = ray.get([s.prepare.remote(str(checkpoint)) for s in self.shards], timeout=self.timeout_s)
-        return Pending(GPTConfig(**res[0]["config"]), res[0]["step"], str(checkpoint))
+        return Pending(GPTConfig.from_dict(res[0]["config"]), res[0]["step"], str(checkpoint))
 
     def swap(self, pending: Pending) -> None:
         import ray
@@ -264,4 +264,4 @@ class EPRunner:
                   for i in self.shard_info]
         pg = self._own_pg.id.hex() if self._own_pg is not None else ray.get_runtime_context().get_placement_group_id()
         return {"runner": "expert_parallel", "ep_size": self.ep_size, "shards": shards, "placement_group_id": pg,
-                "rank0_parameters": self.shard_info[0]["parameters"], "config": dataclasses.asdict(self.config)}
+                "rank0_parameters": self.shard_info[0]["parameters"], "config": self.config.to_dict()}

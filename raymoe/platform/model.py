@@ -11,6 +11,7 @@ position embedding: a row's first real token always gets position 0.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+from raymoe.config import MoEArgs, check_top_k, moe_schedule
+
+# The routing options of GPTConfig.moe, as flat keys: how checkpoints written before they were grouped store them.
+_FLAT_MOE_KEYS = frozenset(MoEArgs.model_fields)
 
 
 @dataclass
@@ -30,7 +34,8 @@ class GPTConfig:
     MoE schedule: layer i is an MoE layer when `i % expert_interval == expert_interval - 1` (interval 2 ->
     layers 1, 3, 5, ...; interval 0 -> dense model); an explicit `moe_layers` list overrides the interval.
     `num_experts` is one int for all MoE layers or a list with one count per MoE layer in layer order
-    (PR-MoE pyramid, e.g. [4, 4, 8]). The MoE fields mirror `raymoe.platform.moe.MoE`'s arguments.
+    (PR-MoE pyramid, e.g. [4, 4, 8]). `moe` holds the routing options every MoE layer reads
+    (:class:`raymoe.config.MoEArgs`, DeepSpeed-MoE's names); a dict is accepted and validated into one.
     """
 
     vocab_size: int = 257
@@ -45,19 +50,8 @@ class GPTConfig:
     moe_layers: Optional[list[int]] = None
     num_experts: Union[int, list[int]] = 8
     expert_ffn: Optional[int] = None  # expert FFN size; None -> d_ff
-    k: int = 1
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    use_rts: bool = True
-    noisy_gate_policy: Optional[str] = None
-    top2_2nd_expert_sampling: bool = True
-    use_residual: bool = False
     aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    expert_bias: bool = False
-    expert_bias_update_rate: float = 1e-3
+    moe: MoEArgs = field(default_factory=MoEArgs)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -83,9 +77,13 @@ class GPTConfig:
                     f"got {self.moe_layers}"
                 )
             self.moe_layers = sorted(self.moe_layers)
-        self._validate_moe()
+        if isinstance(self.moe, dict):
+            self.moe = MoEArgs(**self.moe)
+        if not isinstance(self.moe, MoEArgs):
+            raise TypeError(f"GPTConfig.moe must be a raymoe.config.MoEArgs or a dict; got {type(self.moe).__name__}")
+        self._validate_experts()
 
-    def _validate_moe(self) -> None:
+    def _validate_experts(self) -> None:
         ids = self.moe_layer_ids()
         if isinstance(self.num_experts, (list, tuple)):
             self.num_experts = list(self.num_experts)
@@ -98,23 +96,9 @@ class GPTConfig:
                 _require_int("num_experts[i]", e, minimum=1)
         else:
             _require_int("num_experts", self.num_experts, minimum=1)
-        _require_int("k", self.k, minimum=1)
-        counts = list(self.experts_per_layer().values())
-        if counts and self.k > min(counts):
-            raise ValueError(f"GPTConfig.k must be <= the smallest num_experts ({min(counts)}); got k={self.k}")
-        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-            raise ValueError(
-                "GPTConfig.capacity_factor and eval_capacity_factor must be > 0; "
-                f"got {self.capacity_factor}, {self.eval_capacity_factor}"
-            )
-        _require_int("min_capacity", self.min_capacity, minimum=0)
-        if self.noisy_gate_policy not in _NOISY_GATE_POLICIES:
-            raise ValueError(
-                f"GPTConfig.noisy_gate_policy must be one of {_NOISY_GATE_POLICIES}; got {self.noisy_gate_policy!r}"
-            )
-        for name in ("aux_loss_coef", "z_loss_coef", "expert_bias_update_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"GPTConfig.{name} must be >= 0; got {getattr(self, name)}")
+        check_top_k(self.moe.k, list(self.experts_per_layer().values()), where="GPTConfig.moe.k")
+        if self.aux_loss_coef < 0:
+            raise ValueError(f"GPTConfig.aux_loss_coef must be >= 0; got {self.aux_loss_coef}")
 
     @property
     def n_embd(self) -> int:
@@ -127,12 +111,7 @@ class GPTConfig:
 
     def moe_layer_ids(self) -> list[int]:
         """Sorted ids of the blocks whose MLP is an MoE layer."""
-        if self.moe_layers is not None:
-            return list(self.moe_layers)
-        if self.expert_interval == 0:
-            return []
-        iv = self.expert_interval
-        return [i for i in range(self.n_layer) if i % iv == iv - 1]
+        return moe_schedule(self.n_layer, self.expert_interval, self.moe_layers)
 
     def experts_per_layer(self) -> dict[int, int]:
         """{layer id: number of experts} for every MoE layer."""
@@ -147,11 +126,18 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (round trips through `from_dict`)."""
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["moe"] = self.moe.model_dump(mode="json")
+        return copy.deepcopy(out)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
-        """Build from a dict; unknown keys are a ValueError (catches typos and version skew)."""
+        """Build from a dict (a checkpoint's ``extra.model_config``); unknown keys are a ValueError (catches typos
+        and version skew). Routing options stored flat at the top level (older checkpoints) go into ``moe``."""
+        d = dict(d)
+        flat = {k: d.pop(k) for k in list(d) if k in _FLAT_MOE_KEYS}
+        if flat:
+            d["moe"] = {**flat, **dict(d.get("moe") or {})}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -182,7 +168,8 @@ class GPTConfig:
         if isinstance(self.num_experts, list):
             m = len(self.num_experts)
             num_experts = [self.num_experts[_spread(j, n_moe, m)] for j in range(n_moe)]
-        return dataclasses.replace(self, n_layer=num_layers, moe_layers=moe_layers, num_experts=num_experts)
+        return dataclasses.replace(self, n_layer=num_layers, moe_layers=moe_layers, num_experts=num_experts,
+                                   moe=self.moe.model_copy())
 
 
 def _spread(j: int, n: int, m: int) -> int:
@@ -306,14 +293,8 @@ class GPT(nn.Module):
 
     def _moe_args(self, layer_id: int, num_experts: int, extra: MoEKwargs) -> dict:
         c = self.config
-        args = dict(
-            hidden_size=c.d_model, expert=c.expert_ffn_size, num_experts=num_experts, k=c.k,
-            capacity_factor=c.capacity_factor, eval_capacity_factor=c.eval_capacity_factor,
-            min_capacity=c.min_capacity, use_residual=c.use_residual, noisy_gate_policy=c.noisy_gate_policy,
-            drop_tokens=c.drop_tokens, use_rts=c.use_rts, top2_2nd_expert_sampling=c.top2_2nd_expert_sampling,
-            z_loss_coef=c.z_loss_coef, expert_bias=c.expert_bias,
-            expert_bias_update_rate=c.expert_bias_update_rate, layer_id=layer_id,
-        )
+        args = dict(hidden_size=c.d_model, expert=c.expert_ffn_size, num_experts=num_experts, args=c.moe,
+                    layer_id=layer_id)
         if callable(extra):
             extra = extra(layer_id, num_experts)
         args.update(extra or {})
@@ -457,7 +438,7 @@ class GPT(nn.Module):
 
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step on every MoE layer (call after optimizer.step())."""
-        if self.config.expert_bias:
+        if self.config.moe.expert_bias:
             for m in self.moe_modules():
                 m.update_expert_bias()
 
@@ -472,7 +453,7 @@ class GPT(nn.Module):
         for moe in self.moe_modules():
             numel, n_local = _expert_numel(moe)
             if n_local:
-                inactive += (n_local - min(self.config.k, n_local)) * (numel // n_local)
+                inactive += (n_local - min(self.config.moe.k, n_local)) * (numel // n_local)
         embedding = self.wte.weight.numel() + self.wpe.weight.numel()
         return {"total": total, "active": total - inactive, "embedding": embedding}
 

@@ -24,7 +24,7 @@ def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
         t_cfg = model_config_of(ckpt.read_manifest(teacher), teacher)
         return t_cfg.student(cfg.distill.student_layers or max(1, round(t_cfg.n_layer * 0.875)))
     names = {f.name for f in dataclasses.fields(GPTConfig)}
-    values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg)}
+    values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg), "moe": cfg.moe.args()}
     return GPTConfig(**{k: v for k, v in values.items() if k in names})
 
 
@@ -33,7 +33,7 @@ def model_config_of(info: dict, checkpoint: str | Path) -> GPTConfig:
     extra = info.get("extra") or {}
     if "model_config" not in extra:
         raise ckpt.CheckpointError(f"{checkpoint}: manifest has no extra.model_config; cannot rebuild the model")
-    return GPTConfig(**extra["model_config"])
+    return GPTConfig.from_dict(extra["model_config"])
 
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GPT:

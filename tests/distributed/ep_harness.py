@@ -53,7 +53,7 @@ def train(rank: int, world: int, job: dict) -> dict:
     from raymoe.platform.train_step import build_optimizer, train_step
 
     t = dict(TRAIN, **job.get("train", {}))
-    cfg = GPTConfig(**CONFIGS[job["config"]])
+    cfg = GPTConfig.from_dict(CONFIGS[job["config"]])
     layout = parallel.ParallelLayout.from_config(cfg, world, job.get("ep", 1))
     rpn = job.get("ranks_per_node")
     groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)

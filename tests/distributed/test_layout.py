@@ -93,8 +93,8 @@ def test_transpose_segments_matches_reference_and_inverts(shape):
 def test_noise_seeds_follow_the_global_micro_batch_index():
     assert parallel.micro_batch_seed(1, 2, 3) == parallel.micro_batch_seed(1, 2, 3)
     assert len({parallel.micro_batch_seed(1, s, i) for s in range(4) for i in range(4)}) == 16
-    cfg = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=16, num_experts=4,
-                    noisy_gate_policy="RSample")
+    cfg = GPTConfig.from_dict(dict(vocab_size=32, block_size=8, n_layer=2, n_head=2, d_model=16, num_experts=4,
+                    noisy_gate_policy="RSample"))
     model = GPT(cfg)
     draws = []
     model.blocks[1].mlp.register_forward_pre_hook(lambda m, a: draws.append(torch.rand(1).item()))

@@ -120,8 +120,8 @@ def test_kv_cache_generation_equals_recompute_on_cuda():
     from raymoe.platform.generate import generate
     from raymoe.platform.model import GPT, GPTConfig
     torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=257, block_size=48, n_layer=4, n_head=4, d_model=32, expert_interval=2,
-                      num_experts=[2, 4], k=1)).to(CUDA)
+    m = GPT(GPTConfig.from_dict(dict(vocab_size=257, block_size=48, n_layer=4, n_head=4, d_model=32, expert_interval=2,
+                      num_experts=[2, 4], k=1))).to(CUDA)
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:
@@ -235,8 +235,8 @@ def test_mixed_prefill_decode_step_on_cuda():
 
     def runner():
         torch.manual_seed(0)
-        m = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=4, n_head=4, d_model=32, expert_interval=2,
-                          num_experts=[2, 4], k=1)).to(CUDA)
+        m = GPT(GPTConfig.from_dict(dict(vocab_size=257, block_size=64, n_layer=4, n_head=4, d_model=32, expert_interval=2,
+                          num_experts=[2, 4], k=1))).to(CUDA)
         return LocalRunner(m, 4)
 
     a, b = runner(), runner()

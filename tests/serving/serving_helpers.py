@@ -16,8 +16,8 @@ def spicy_model(seed: int = 0, block_size: int = BLOCK) -> GPT:
     """Tiny GPT-MoE (MoE on block 1, 4 experts, capacity dropping on) with large random weights, so greedy
     outputs change from token to token and argmax ties are unlikely."""
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=257, block_size=block_size, n_layer=2, n_head=2, d_model=32, expert_interval=2,
-                    num_experts=4, k=1, capacity_factor=0.5, eval_capacity_factor=0.5, min_capacity=1)
+    cfg = GPTConfig.from_dict(dict(vocab_size=257, block_size=block_size, n_layer=2, n_head=2, d_model=32, expert_interval=2,
+                    num_experts=4, k=1, capacity_factor=0.5, eval_capacity_factor=0.5, min_capacity=1))
     m = GPT(cfg)
     with torch.no_grad():
         for p in m.parameters():
@@ -27,7 +27,7 @@ def spicy_model(seed: int = 0, block_size: int = BLOCK) -> GPT:
 
 
 def save_model(root, model: GPT, step: int = 1):
-    return save_checkpoint(root, step, model, extra={"model_config": dataclasses.asdict(model.config)})
+    return save_checkpoint(root, step, model, extra={"model_config": model.config.to_dict()})
 
 
 def free_port() -> int:

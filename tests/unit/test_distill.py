@@ -92,8 +92,8 @@ def test_schedule_switches_off_after_stop_step():
 
 
 def test_build_student_config():
-    teacher = GPTConfig(vocab_size=257, block_size=16, n_layer=8, n_head=2, d_model=32,
-                        num_experts=[2, 2, 4, 8], use_residual=True)
+    teacher = GPTConfig.from_dict(dict(vocab_size=257, block_size=16, n_layer=8, n_head=2, d_model=32,
+                        num_experts=[2, 2, 4, 8], use_residual=True))
     s = build_student_config(teacher, 6)
     assert (s.n_layer, s.moe_layer_ids(), s.num_experts) == (6, [1, 3, 5], [2, 4, 8])
     assert s.use_residual and s.d_model == 32 and s.vocab_size == 257

@@ -24,7 +24,7 @@ def spicy(moe: bool, **kw) -> GPT:
     else:
         cfg.update(num_experts=1)
     cfg.update(kw)
-    m = GPT(GPTConfig(**cfg))
+    m = GPT(GPTConfig.from_dict(cfg))
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() > 1:

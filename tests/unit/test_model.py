@@ -12,7 +12,7 @@ V = 257
 def tiny(**kw) -> GPTConfig:
     base = dict(vocab_size=V, block_size=32, n_layer=4, n_head=2, d_model=32, expert_interval=2, num_experts=4)
     base.update(kw)
-    return GPTConfig(**base)
+    return GPTConfig.from_dict(base)
 
 
 def model(seed=0, **kw) -> GPT:
@@ -210,3 +210,24 @@ def test_gpt2_init_scales_residual_projections():
     assert abs(m.blocks[0].mlp.c_fc.weight.std().item() - 0.02) < 0.1 * 0.02
     assert abs(m.blocks[1].mlp.experts.w2.std().item() - std) < 0.1 * std
     assert m.blocks[0].attn.c_attn.bias.abs().sum() == 0
+
+
+def test_moe_args_are_one_object_passed_down():
+    from raymoe.config import MoEArgs
+
+    args = MoEArgs(k=2, capacity_factor=1.5, noisy_gate_policy="Jitter", drop_tokens=False, z_loss_coef=0.1)
+    m = GPT(GPTConfig(vocab_size=V, block_size=8, n_layer=2, n_head=2, d_model=16, num_experts=[4], moe=args))
+    [layer] = m.moe_modules()
+    assert layer.args == args and layer.k == 2 and layer.capacity_factor == 1.5 and not layer.drop_tokens
+    # DeepSpeed-style keywords build the same object
+    assert MoE(16, 32, num_experts=4, k=2, capacity_factor=1.5, noisy_gate_policy="Jitter", drop_tokens=False,
+               z_loss_coef=0.1).args == args
+
+
+def test_checkpoint_configs_with_flat_routing_keys_still_load():
+    """Checkpoints written before the routing options were grouped store them at the top level."""
+    flat = {**tiny(num_experts=4).to_dict(), "k": 2, "noisy_gate_policy": "RSample"}
+    del flat["moe"]
+    cfg = GPTConfig.from_dict(flat)
+    assert cfg.moe.k == 2 and cfg.moe.noisy_gate_policy == "RSample"
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raymoe.config import MoEArgs, check_top_k
+
 from .dispatch import LocalDispatcher, TokenDispatcher, plan_dispatch, slots
 from .experts import ACTIVATIONS, GroupedExperts
-from .router import (NOISY_GATE_POLICIES, RouterNoise, TopKRouter, compute_capacity, draw_router_noise,
+from .router import (RouterNoise, TopKRouter, compute_capacity, draw_router_noise,
                      load_balancing_loss, noise_needs, select_experts, z_loss)
 
 
@@ -74,26 +76,29 @@ class MoE(nn.Module):
                  z_loss_coef: float = 0.0, expert_bias: bool = False, expert_bias_update_rate: float = 1e-3,
                  activation: str = "gelu", dispatcher=None, layer_id: int = 0,
                  global_expert_ids: list[int] | None = None, init_std: float = 0.02,
-                 capacity_layout_min_fill: float | None = None):
+                 capacity_layout_min_fill: float | None = None, *, args: MoEArgs | None = None):
+        if args is None:  # DeepSpeed-style keywords: the routing options become the one MoEArgs (validated there)
+            given = locals()
+            args = MoEArgs(**{name: given[name] for name in MoEArgs.model_fields})
         super().__init__()
-        ffn = self._check_args(hidden_size, expert, num_experts, ep_size, k, capacity_factor,
-                               eval_capacity_factor, min_capacity, noisy_gate_policy, activation, dispatcher)
+        ffn = self._check_args(hidden_size, expert, num_experts, ep_size, args, activation, dispatcher)
+        self.args = args
         self.hidden_size = hidden_size
         self.ffn_size = ffn
         self.num_experts = num_experts
         self.ep_size = ep_size
         self.num_local_experts = num_experts // ep_size
-        self.k = k
-        self.capacity_factor = float(capacity_factor)
-        self.eval_capacity_factor = float(eval_capacity_factor)
-        self.min_capacity = int(min_capacity)
-        self.use_residual = use_residual
-        self.noisy_gate_policy = noisy_gate_policy
-        self.drop_tokens = bool(drop_tokens)
-        self.use_rts = bool(use_rts)
-        self.top2_2nd_expert_sampling = bool(top2_2nd_expert_sampling)
-        self.z_loss_coef = float(z_loss_coef)
-        self.expert_bias_update_rate = float(expert_bias_update_rate)
+        self.k = args.k
+        self.capacity_factor = float(args.capacity_factor)
+        self.eval_capacity_factor = float(args.eval_capacity_factor)
+        self.min_capacity = int(args.min_capacity)
+        self.use_residual = args.use_residual
+        self.noisy_gate_policy = args.noisy_gate_policy
+        self.drop_tokens = bool(args.drop_tokens)  # switched at run time by set_dropless
+        self.use_rts = bool(args.use_rts)
+        self.top2_2nd_expert_sampling = bool(args.top2_2nd_expert_sampling)
+        self.z_loss_coef = float(args.z_loss_coef)
+        self.expert_bias_update_rate = float(args.expert_bias_update_rate)
         self.layer_id = int(layer_id)
         self.capacity_layout_min_fill = None if capacity_layout_min_fill is None else float(capacity_layout_min_fill)
         self.dispatcher: TokenDispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
@@ -103,18 +108,18 @@ class MoE(nn.Module):
                 if ep_size > 1:
                     raise ValueError("ep_size>1 needs global_expert_ids (or a dispatcher.local_expert_ids)")
                 global_expert_ids = list(range(num_experts))
-        self.gate = TopKRouter(hidden_size, num_experts, k, expert_bias=expert_bias)
+        self.gate = TopKRouter(hidden_size, num_experts, args.k, expert_bias=args.expert_bias)
         self.experts = GroupedExperts(self.num_local_experts, hidden_size, ffn, activation=activation,
                                       layer_id=layer_id, global_expert_ids=global_expert_ids, init_std=init_std)
         self.register_buffer("expert_load", torch.zeros(num_experts, dtype=torch.long), persistent=False)
-        if use_residual:
+        if args.use_residual:
             self.mlp = nn.Sequential(nn.Linear(hidden_size, ffn), _Act(activation), nn.Linear(ffn, hidden_size))
             self.coefficient = nn.Linear(hidden_size, 2)
         self.last_stats: RouterStats | None = None
 
     @staticmethod
-    def _check_args(hidden_size, expert, num_experts, ep_size, k, cf, ecf, min_capacity, policy, activation,
-                    dispatcher) -> int:
+    def _check_args(hidden_size, expert, num_experts, ep_size, args: MoEArgs, activation, dispatcher) -> int:
+        """The checks that need the layer's shape; the routing options were validated by MoEArgs."""
         if expert is None:
             ffn = 4 * hidden_size
         elif isinstance(expert, int) and not isinstance(expert, bool) and expert > 0:
@@ -128,14 +133,7 @@ class MoE(nn.Module):
         if ep_size > 1 and dispatcher is None:
             raise ValueError(f"ep_size={ep_size} needs an expert-parallel dispatcher (dispatcher=...); "
                              "only ep_size=1 runs without one")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k={k}: must be in [1, num_experts={num_experts}]")
-        if cf <= 0 or ecf <= 0:
-            raise ValueError(f"capacity_factor={cf}, eval_capacity_factor={ecf}: must be > 0")
-        if min_capacity < 0:
-            raise ValueError(f"min_capacity={min_capacity}: must be >= 0")
-        if policy not in NOISY_GATE_POLICIES:
-            raise ValueError(f"noisy_gate_policy={policy!r}; allowed: {list(NOISY_GATE_POLICIES)}")
+        check_top_k(args.k, [num_experts], where="k")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r}; allowed: {sorted(ACTIVATIONS)}")
         return ffn

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+from raymoe.config import NOISY_GATE_POLICIES  # noqa: F401  (re-exported; defined once, with the config field)
+
 JITTER_EPS = 1e-2
 
 
