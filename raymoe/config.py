@@ -65,6 +65,12 @@ def check_top_k(k: int, expert_counts: list[int], where: str = "moe.k") -> None:
         raise ValueError(f"{where}={k} must be <= the smallest num_experts ({min(expert_counts)})")
 
 
+def require_ep_divides(ep_size: int, num_experts: int) -> None:
+    """ValueError unless ``ep_size`` >= 1 divides ``num_experts`` (each expert-parallel rank holds E/ep experts)."""
+    if not isinstance(ep_size, int) or ep_size < 1 or num_experts % ep_size:
+        raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
+
+
 class MoEArgs(_Section):
     """Routing and loss options of an MoE layer, with DeepSpeed-MoE's names: the one typed argument object.
 

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raymoe.config import require_ep_divides
 from raymoe.platform.moe.comm import AllToAllDispatcher
 from raymoe.platform.moe.experts import iter_expert_params
 
@@ -50,8 +51,7 @@ __all__ = [
 # -- placement ---------------------------------------------------------------------------------------------
 def expert_placement(num_experts: int, ep_size: int, ep_rank: int) -> list[int]:
     """Global expert ids held by EP rank ``ep_rank``: the contiguous block ep_rank*E/ep .. (ep_rank+1)*E/ep-1."""
-    if ep_size < 1 or num_experts % ep_size:
-        raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
+    require_ep_divides(ep_size, num_experts)
     if not 0 <= ep_rank < ep_size:
         raise ValueError(f"ep_rank={ep_rank}: must be in [0, {ep_size})")
     n = num_experts // ep_size

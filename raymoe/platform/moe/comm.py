@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from raymoe.config import require_ep_divides
+
 from .dispatch import DispatchPlan
 
 # Expert parallel, the slots' padding is also sent over the network: the fixed slot exchange only where the
@@ -253,8 +255,7 @@ class AllToAllDispatcher:
         self.exchange = exchange
         self.uniform_tokens = bool(uniform_tokens)
         self.last_route = None  # "all_to_all", "source_order", "p2p" or "hierarchical" (tests, benchmarks)
-        if ep_size < 1 or num_experts % ep_size:
-            raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
+        require_ep_divides(ep_size, num_experts)
         if not 0 <= ep_rank < ep_size:
             raise ValueError(f"ep_rank={ep_rank}: must be in [0, ep_size={ep_size})")
         self.group = ep_group

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raymoe.config import MoEArgs, check_top_k
+from raymoe.config import MoEArgs, check_top_k, require_ep_divides
 
 from .dispatch import LocalDispatcher, TokenDispatcher, plan_dispatch, slots
 from .experts import ACTIVATIONS, GroupedExperts
@@ -128,8 +128,7 @@ class MoE(nn.Module):
             raise TypeError(f"expert={expert!r}: expected None (ffn = 4*hidden_size) or a positive int ffn size")
         if num_experts < 1:
             raise ValueError(f"num_experts={num_experts}: must be >= 1")
-        if ep_size < 1 or num_experts % ep_size:
-            raise ValueError(f"ep_size={ep_size}: must be >= 1 and divide num_experts={num_experts}")
+        require_ep_divides(ep_size, num_experts)
         if ep_size > 1 and dispatcher is None:
             raise ValueError(f"ep_size={ep_size} needs an expert-parallel dispatcher (dispatcher=...); "
                              "only ep_size=1 runs without one")
