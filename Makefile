@@ -1,12 +1,13 @@
-# The two commands of the README: `make train` (main job on the embedded default corpus) and `make test`.
-# Both create .venv on first use. TORCH pins the CPU wheel for the CPU path; GPU users run
+# The two commands of the README: `make train` (main job on the embedded default corpus) and `make test` (the
+# whole suite, what .ci/run runs); `make test-fast` is the quick tier (tests not marked slow).
+# Each creates .venv on first use. TORCH pins the CPU wheel for the CPU path; GPU users run
 # `make install TORCH=torch` (or `pip install -e .` into an env that already has CUDA torch).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install train test bench clean
+.PHONY: install train test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ train: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: install
 	$(BIN)/python benchmarks/moe_layer.py
