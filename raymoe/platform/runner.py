@@ -24,7 +24,7 @@ thread).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -33,6 +33,7 @@ from raymoe.platform.kv_cache import KVCache, SlotKVCache
 from raymoe.platform.mixed_step import forward_groups
 
 
+@runtime_checkable
 class ModelRunner(Protocol):
     """What `DecodeLoop` and the serving engine call (see the module docstring)."""
 

@@ -68,6 +68,7 @@ def test_ep_engine_in_process_equals_whole_model(ray_cluster, checkpoints):
             assert ep.generate_sync("after", greedy, T).token_ids == new_model.generate_sync("after", greedy, T).token_ids
         finally:
             new_model.shutdown(5)
+        ep.check_health()  # asks every shard (started, in its process group, no failed step)
         # a shard that dies fails the running requests and the health check (Serve then replaces the replica)
         ray.kill(ep.runner.shards[1])
         with pytest.raises(Exception):
@@ -168,6 +169,19 @@ def test_bad_ep_settings_are_rejected_before_deploying(checkpoints, tmp_path):
         Engine(model=spicy_model(0), ep_size=2)
     with pytest.raises(ValueError, match="ep_options"):
         Engine(model=spicy_model(0), ep_options={"num_cpus": 1})
+
+
+def test_inference_shard_arguments_and_health_before_start(ray_cluster):
+    from raymoe.actors.inference_shard import InferenceShard
+
+    with pytest.raises(ValueError, match="max_rows"):
+        InferenceShard(max_rows=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        InferenceShard(max_rows=2, backend="mpi")
+    with pytest.raises(ValueError, match="device must be"):
+        InferenceShard(max_rows=2, device="tpu")
+    with pytest.raises(RuntimeError, match="not started"):
+        InferenceShard(max_rows=2).check_health()
 
 
 @pytest.mark.parametrize("name", ["serve_local.yaml", "serve_ep.yaml"])

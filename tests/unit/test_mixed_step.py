@@ -6,7 +6,7 @@ import torch
 from raymoe.platform.kv_cache import KVCache, SlotKVCache
 from raymoe.platform.mixed_step import forward_groups
 from raymoe.platform.model import GPT
-from raymoe.platform.runner import LocalRunner
+from raymoe.platform.runner import LocalRunner, ModelRunner, RecomputeRunner
 from test_generate import spicy
 
 
@@ -79,3 +79,15 @@ def test_runner_mixed_step_equals_prefill_then_decode():
     assert a.rows == b.rows == 3
     with pytest.raises(ValueError, match="one token per running row"):
         a.prefill_and_decode(new_idx, new_mask, tok)
+
+
+def test_every_runner_implements_the_protocol():
+    from raymoe.deployments.ep_runner import EPRunner  # importing it does not import Ray
+
+    members = [n for n in vars(ModelRunner) if not n.startswith("_")] + list(ModelRunner.__annotations__)
+    for cls in (LocalRunner, RecomputeRunner, EPRunner):
+        assert isinstance(cls.mixed_step, bool), cls
+        missing = [n for n in members if n not in ("config", "expert_counts") and not hasattr(cls, n)]
+        assert not missing, (cls.__name__, missing)
+    r = LocalRunner(_model(), 2)
+    assert isinstance(r, ModelRunner) and isinstance(RecomputeRunner(_model(), 2), ModelRunner)
