@@ -99,10 +99,17 @@ def test_cli_reports_config_errors(capsys):
     assert "moe.k: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["config", "--fields"], ["config", "--set", "train.steps=3"]])
-def test_config_command(argv, capsys):
-    assert main(argv) == 0
-    assert "train" in capsys.readouterr().out
+def test_config_command_lists_fields_and_applies_overrides(capsys):
+    import yaml
+
+    assert main(["config", "--fields"]) == 0
+    fields = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("train.steps ") for line in fields)
+    assert any(line.startswith("moe.top2_2nd_expert_sampling ") for line in fields)
+    assert main(["config", "--set", "train.steps=3", "--set", "moe.k=2"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["steps"] == 3 and resolved["moe"]["k"] == 2
+    assert resolved["train"]["lr"] == 3e-3  # untouched fields keep their defaults
 
 
 def test_checkpoint_inspect_and_reshard_commands(tmp_path, capsys):
