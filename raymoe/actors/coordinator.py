@@ -19,11 +19,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe.config import RaymoeConfig, config_from_dict, moe_layer_ids
-from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import metrics as M
 from raymoe.platform.model_io import gpt_config_from
 from raymoe.platform.run_log import RunLog
-from raymoe.platform.training import commit_checkpoint
+from raymoe.platform.training import commit_checkpoint, resume_source
 
 from .elastic import Elastic
 from .expert_shard import remote_class
@@ -66,10 +65,7 @@ class Coordinator:
         return {**{k: v for k, v in info.items() if k != "shards"}, "start_step": self.start_step}
 
     def _maybe_resume(self) -> int:
-        resume = self.cfg.checkpoint.resume
-        if resume is False:
-            return 0
-        path = ckpt.latest_checkpoint(self.ckpt_dir) if resume is True else Path(resume)
+        path = resume_source(self.cfg, self.ckpt_dir)
         if path is None:
             return 0
         return self.group.gather([s.load.remote(str(path)) for s in self.group.shards],

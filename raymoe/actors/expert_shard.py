@@ -13,8 +13,6 @@ boundary, check health, and peers can hand over their in-memory copies (``keep_s
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 
 import ray
@@ -27,6 +25,7 @@ from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model_io import gpt_config_from
 from raymoe.platform.training import Trainer, build_splits, load_teacher
 
+from . import rendezvous
 from .faults import FaultPlan
 from .shard_state import ShardState
 
@@ -85,15 +84,11 @@ class ExpertShard:
     # -- placement / rendezvous ---------------------------------------------------------------------------
     def node_info(self) -> dict:
         """Where this shard runs (the coordinator orders ranks by node for the hierarchical all-to-all)."""
-        ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return rendezvous.node_info()
 
     def free_port(self) -> int:
         """A free TCP port on this node, for the rendezvous when this shard is rank 0."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return rendezvous.free_port()
 
     def start(self, init_method: str, rank: int, world: int, ep_sizes: dict[int, int], ranks_per_node: int | None,
               parts: dict[str, bytes] | None = None, step: int = 0, coordinator=None, buddy=None) -> dict:

@@ -19,7 +19,8 @@ from raymoe.platform.model import GPT
 from raymoe.platform.model_io import gpt_config_from
 from raymoe.platform.run_log import RunLog
 from raymoe.platform.train_step import build_optimizer
-from raymoe.platform.training import Trainer, build_splits, commit_checkpoint, load_teacher, resolve_device
+from raymoe.platform.training import (Trainer, build_splits, commit_checkpoint, load_teacher, resolve_device,
+                                      resume_source)
 
 
 class _LocalReporter:
@@ -66,13 +67,10 @@ class LocalTrainer:
         return self.trainer.val_ds
 
     def _maybe_resume(self) -> int:
-        resume = self.cfg.checkpoint.resume
-        if resume is False:
-            return 0
-        ckpt_dir = self.trainer.ckpt_dir
-        source = ckpt_dir if resume is True else Path(resume)
-        if resume is True and ckpt.latest_checkpoint(ckpt_dir) is None:
-            self.log(f"checkpoint.resume=true but no checkpoint under {ckpt_dir}: starting fresh")
+        source = resume_source(self.cfg, self.trainer.ckpt_dir)
+        if source is None:
+            if self.cfg.checkpoint.resume is True:
+                self.log(f"checkpoint.resume=true but no checkpoint under {self.trainer.ckpt_dir}: starting fresh")
             return 0
         info = ckpt.load_checkpoint(source, self.model, self.optimizer)
         self.log(f"resumed from {source} at step {info['step']}")

@@ -74,6 +74,17 @@ def build_splits(cfg: RaymoeConfig, block_size: int | None = None):
     return ds.split(d.val_fraction, block_size=block_size or cfg.model.block_size)
 
 
+def resume_source(cfg: RaymoeConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint ``checkpoint.resume`` names: None (start fresh), the run's latest one (``true``; None
+    if there is none yet) or the given path."""
+    resume = cfg.checkpoint.resume
+    if resume is False:
+        return None
+    if resume is True:
+        return ckpt.latest_checkpoint(ckpt_dir)
+    return Path(resume)
+
+
 def load_teacher(cfg: RaymoeConfig, device: torch.device):
     """The frozen Mixture-of-Students teacher and its KD schedule, or (None, None) without distillation."""
     d = cfg.distill
@@ -209,11 +220,12 @@ class Trainer:
         t0 = time.perf_counter()
         res = train_step(self.model, self.optimizer, batches, lr=lr, grad_clip=t.grad_clip,
                          autocast_dtype=self.dtype, kd=kd, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm_fn)
-        return self._reduce(step, res, time.perf_counter() - t0, total_comm_seconds(self.model))
+        return self._reduce(step, res, t0, total_comm_seconds(self.model))
 
-    def _reduce(self, step: int, res: StepResult, step_s: float, comm_s: dict[int, float]) -> dict:
+    def _reduce(self, step: int, res: StepResult, t0: float, comm_s: dict[int, float]) -> dict:
         """Sum this rank's results over the world (one all-reduce) and build the step's record; the stop
-        flag travels with it, so every rank agrees on where a requested stop happens."""
+        flag travels with it, so every rank agrees on where a requested stop happens. ``step_s`` is the
+        step's wall time on this rank from ``t0``, the reduction included."""
         W = self.place.world
         counts = [c for layer in res.expert_counts for c in layer]
         vec = [res.loss, res.ce_loss, res.aux_loss, res.tokens, float(self.stop_requested), *counts,
@@ -222,6 +234,7 @@ class Trainer:
             buf = torch.tensor(vec, dtype=torch.float64)
             dist.all_reduce(buf, group=self.place.group)
             vec = buf.tolist()
+        step_s = time.perf_counter() - t0
         loss, ce, aux, tokens, stop = vec[:5]
         rec = {"step": step + 1, "loss": loss / W, "ce_loss": ce / W, "aux_loss": aux / W, "lr": res.lr,
                "grad_norm": res.grad_norm, "tokens": int(round(tokens)), "step_s": step_s,
