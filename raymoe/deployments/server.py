@@ -2,10 +2,11 @@
 
 The engine class is injected (``engine_cls``: a class or ``"module:Class"``), as in Ray Serve LLM, so tests
 and load tests can pass `FakeEngine`; ``engine_args`` are its keyword arguments (``config``: an
-`EngineConfig`, and the expert-parallel settings; see `raymoe.deployments.app.engine_args_of`). Lifecycle: the constructor builds and starts the engine;
-``check_health`` (called by Serve every ``health_check_period_s``) asks the engine; ``reconfigure`` (Serve's
-``user_config``: ``{"checkpoint": DIR}``) swaps weights live; ``__del__`` (Serve calls it after draining the
-replica for ``graceful_shutdown_wait_loop_s``) shuts the engine down, letting running requests finish.
+`EngineConfig`, and the expert-parallel settings; see `raymoe.deployments.app.engine_args_of`).
+Lifecycle: the constructor builds and starts the engine; ``check_health`` (called by Serve every
+``health_check_period_s``) asks the engine; ``reconfigure`` (Serve's ``user_config``: ``{"checkpoint": DIR}``)
+swaps weights live; ``__del__`` (Serve calls it after draining the replica for ``graceful_shutdown_wait_loop_s``)
+shuts the engine down, letting running requests finish.
 
 Calls from the ingress carry one "job" (one choice): ``{"prompt": str | [ids], "params": {...},
 "param": "prompt" | "messages"}``. Results are plain dicts; failures are returned (not raised) as

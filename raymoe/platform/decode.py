@@ -209,7 +209,8 @@ class DecodeLoop:
                 r.dropped()
                 continue
             longest = max(longest, len(r.prompt_ids))
-            if taken and self.max_prefill_tokens is not None and longest * (len(taken) + 1) > self.max_prefill_tokens:
+            limit = self.max_prefill_tokens
+            if taken and limit is not None and longest * (len(taken) + 1) > limit:
                 break
             taken.append(waiting.popleft())
         return taken

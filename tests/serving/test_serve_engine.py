@@ -166,7 +166,8 @@ def test_expert_load_and_observer_hooks():
         def on_finish(self, reason, lat, pt, ct): seen["finish"] += 1
         def on_expert_load(self, layer, fr): seen["experts"][layer] = fr
 
-    eng = Engine(model=spicy_model(0), config=EngineConfig(max_batch_size=4, expert_load_interval_s=0.0), observer=Obs())
+    eng = Engine(model=spicy_model(0), config=EngineConfig(max_batch_size=4, expert_load_interval_s=0.0),
+                 observer=Obs())
     eng.start()
     try:
         eng.generate_sync("count experts", SamplingParams(max_tokens=8, temperature=0.0))
