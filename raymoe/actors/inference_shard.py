@@ -13,10 +13,7 @@ Lifecycle verbs: ``start``, ``check_health`` (started, still in its process grou
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import socket
-from datetime import timedelta
 from typing import Optional
 
 import ray
@@ -25,10 +22,13 @@ import torch.distributed as dist
 
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import parallel
+from raymoe.platform.distributed import join_world, leave_world
 from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model import GPT
 from raymoe.platform.model_io import model_config_of
 from raymoe.platform.runner import LocalRunner, Pending, prepare_for_inference
+
+from . import rendezvous
 
 _BACKENDS = ("auto", "gloo", "nccl")
 
@@ -62,25 +62,20 @@ class InferenceShard:
     # -- placement / rendezvous ---------------------------------------------------------------------------
     def node_info(self) -> dict:
         """Where this shard runs."""
-        ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return rendezvous.node_info()
 
     def free_port(self) -> int:
         """A free TCP port on this node, for the rendezvous when this shard is rank 0."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return rendezvous.free_port()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self, init_method: str, rank: int, world: int, checkpoint: str) -> dict:
         """Join the group of ``world`` shards as ``rank`` and load this rank's part of ``checkpoint``."""
-        self.abort()
         self.rank, self.world = rank, world
         if self.threads:
             torch.set_num_threads(int(self.threads))
-        dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=self.collective_timeout_s))
+        join_world(init_method, rank, world, backend=self.backend, device=self.device,
+                   timeout_s=self.collective_timeout_s)
         model, step = self._load(checkpoint)
         self.runner = LocalRunner(model, self.max_rows, loader=self._load)
         self._failed = None
@@ -102,11 +97,7 @@ class InferenceShard:
 
     def abort(self) -> None:
         """Leave the current process group (after a peer failed or before joining a new one)."""
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # a group broken by a dead peer may refuse an orderly teardown
-                pass
+        leave_world()
 
     def shutdown(self) -> None:
         self.abort()

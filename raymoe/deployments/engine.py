@@ -40,6 +40,7 @@ from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdo
 from raymoe.platform.decode import DecodeLoop, Row
 from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.runner import LocalRunner, load_local_model, prepare_for_inference
+from raymoe.platform.training import resolve_device
 
 
 class RequestRow(Row):
@@ -105,7 +106,7 @@ class Engine(BaseEngine):
         self.runner = None
         self.loop: Optional[DecodeLoop] = None
         self.checkpoint = str(checkpoint) if checkpoint is not None else None
-        self.model, self.model_id, self.device = model, model_id, torch.device(_pick_device(config.device))
+        self.model, self.model_id, self.device = model, model_id, resolve_device(config.device)
         self.step = None
         self._cv = threading.Condition()
         self._waiting: collections.deque[RequestRow] = collections.deque()
@@ -304,11 +305,3 @@ class Engine(BaseEngine):
             if n > 0:
                 self.observer.on_expert_load(lid, (counts.float() / n).tolist())
         self._expert_window = {}
-
-
-def _pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; allowed here: 'cpu', 'auto'")
-    return name

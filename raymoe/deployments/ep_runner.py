@@ -23,7 +23,6 @@ of its own and removes it on ``shutdown``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence
 
 import torch

@@ -340,7 +340,7 @@ class GPT(nn.Module):
         """Run the decoder.
 
         idx_BT: token ids. targets_BT: next-token targets (`ignore_index` entries are skipped).
-        kv_cache: a `raymoe.platform.generate.KVCache`; keys/values of this call are appended to it.
+        kv_cache: a `raymoe.platform.kv_cache.KVCache`; keys/values of this call are appended to it.
         token_mask_BT: bool, False marks padding: padding keys are never attended to and padding tokens are
         never routed to experts. positions_BT: explicit positions; default = number of real tokens before
         each token in its row (cache included), so left padding does not shift positions.

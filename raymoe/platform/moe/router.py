@@ -16,8 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from raymoe.config import NOISY_GATE_POLICIES  # noqa: F401  (re-exported; defined once, with the config field)
-
 JITTER_EPS = 1e-2
 
 
