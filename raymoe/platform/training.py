@@ -231,7 +231,7 @@ class Trainer:
         vec = [res.loss, res.ce_loss, res.aux_loss, res.tokens, float(self.stop_requested), *counts,
                *res.dropped_fraction, *res.l_aux, *comm_s.values()]
         if W > 1:
-            buf = torch.tensor(vec, dtype=torch.float64)
+            buf = torch.tensor(vec, dtype=torch.float64, device=self.device)  # on the GPU for NCCL
             dist.all_reduce(buf, group=self.place.group)
             vec = buf.tolist()
         step_s = time.perf_counter() - t0
@@ -263,7 +263,7 @@ class Trainer:
                                         block_size=block, micro_batch=self.micro, device=self.device,
                                         autocast_dtype=self.dtype)
         if p.world > 1:
-            buf = torch.tensor([total, count], dtype=torch.float64)
+            buf = torch.tensor([total, count], dtype=torch.float64, device=self.device)
             dist.all_reduce(buf, group=p.group)
             total, count = buf[0].item(), int(buf[1].item())
         return val_metrics(total, count)
@@ -282,7 +282,8 @@ class Trainer:
         """Every rank writes its part; once all did (a barrier), the reporter commits the checkpoint."""
         path = self.save(step)
         if self.place.world > 1:
-            dist.barrier(group=self.place.group)
+            # a barrier as an all-reduce on this rank's device (NCCL's barrier guesses the device)
+            dist.all_reduce(torch.ones(1, device=self.device), group=self.place.group)
         self.reporter.checkpoint_written(step, path)
 
     # -- the loop ----------------------------------------------------------------------------------------
