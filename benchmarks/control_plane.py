@@ -120,6 +120,8 @@ def measure(n: int, steps: int, step_s: float, out: str) -> tuple[float, float]:
         summary = ray.get(coord.run.remote(), timeout=600)
         with open(os.path.join(summary["run_dir"], "metrics.jsonl")) as f:
             stamps = [json.loads(line)["t"] for line in f if '"t"' in line]
+        if len(stamps) != steps:
+            raise RuntimeError(f"the coordinator logged {len(stamps)} of {steps} steps' records")
         spmd = (stamps[-1] - stamps[0]) / (len(stamps) - 1) - step_s
     finally:
         ray.get(coord.shutdown.remote(), timeout=120)
