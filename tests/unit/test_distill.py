@@ -96,7 +96,7 @@ def test_build_student_config():
                         num_experts=[2, 2, 4, 8], use_residual=True))
     s = build_student_config(teacher, 6)
     assert (s.n_layer, s.moe_layer_ids(), s.num_experts) == (6, [1, 3, 5], [2, 4, 8])
-    assert s.use_residual and s.d_model == 32 and s.vocab_size == 257
+    assert s.moe.use_residual and s.d_model == 32 and s.vocab_size == 257
     model = GPT(s)
     assert [m.num_experts for m in model.moe_modules()] == [2, 4, 8]
     with pytest.raises(ValueError, match="num_layers"):
