@@ -32,10 +32,16 @@ from raymoe.platform.runner import Pending
 
 def check_ep_size(config, ep_size: int, checkpoint: str) -> None:
     """ValueError unless ``ep_size`` divides the expert count of every MoE layer of ``config`` (a GPTConfig)."""
+    from raymoe.platform.parallel import ParallelLayout
+
     experts = config.experts_per_layer()
-    if not experts or any(e % ep_size for e in experts.values()):
+    try:
+        if not experts:
+            raise ValueError("no MoE layers")
+        ParallelLayout.plan(experts, ep_size, ep_size)  # a group of ep_size shards, every layer split over all
+    except ValueError:
         raise ValueError(f"ep_size={ep_size} must divide the expert count of every MoE layer; {checkpoint} "
-                         f"has {experts or 'no MoE layers'} (layer id: experts)")
+                         f"has {experts or 'no MoE layers'} (layer id: experts)") from None
 
 
 class EPRunner:
