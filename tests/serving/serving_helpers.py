@@ -1,6 +1,5 @@
 """Helpers shared by the serving tests (a module name that cannot collide with another conftest)."""
 
-import dataclasses
 import socket
 import time
 
