@@ -140,6 +140,7 @@ class Coordinator:
 
     def _export(self, rec: dict) -> None:
         m = self.metrics
+        m.set(M.WORLD_SIZE, self.group.world)  # re-set with every report: Ray drops gauges left unset
         m.set(M.TRAIN_LOSS, rec["loss"])
         m.set(M.TRAIN_CE_LOSS, rec["ce_loss"])
         m.set(M.LEARNING_RATE, rec["lr"])

@@ -23,6 +23,17 @@ def read_records(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def step_records(records: list[dict]) -> list[dict]:
+    """One record per step, in step order. metrics.jsonl is append-only: steps replayed after a recovery that
+    restored an earlier state appear twice, and the later record (the replay, which the run continued from)
+    wins. Membership events (records without a loss) are left out."""
+    latest: dict[int, dict] = {}
+    for rec in records:
+        if "loss" in rec:
+            latest[rec["step"]] = rec
+    return [latest[s] for s in sorted(latest)]
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write loss.png (train/val loss over steps) and, for MoE runs, expert_load.png and routing.png
     (load imbalance, dropped tokens and aux loss per MoE layer); return their paths."""
@@ -32,13 +43,12 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    records = read_records(run_dir)
+    records = step_records(read_records(run_dir))
     if not records:
         return []
     out = []
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in records if "loss" in r]
-    ax.plot(steps, [r["ce_loss"] for r in records if "loss" in r], label="train cross-entropy")
+    ax.plot([r["step"] for r in records], [r["ce_loss"] for r in records], label="train cross-entropy")
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if val:
         ax.plot(*zip(*val), "o-", label="validation cross-entropy")

@@ -51,8 +51,9 @@ class LocalTrainer:
         self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
         torch.manual_seed(cfg.run.seed)
         train_ds, val_ds = build_splits(cfg)
-        teacher, kd_schedule = load_teacher(cfg, self.device)
+        # the model is initialised right after seeding, as every shard does (building the teacher draws too)
         self.model = GPT(gpt_config_from(cfg)).to(self.device)
+        teacher, kd_schedule = load_teacher(cfg, self.device)
         t = cfg.train
         self.optimizer = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
                                          betas=(t.beta1, t.beta2), device_type=self.device.type)

@@ -80,3 +80,19 @@ def test_metrics_are_exported_to_prometheus(ray_cluster, tmp_path):
     for loads in by_process.values():
         assert sorted(loads) == ["0", "1", "2", "3"] and sum(loads.values()) == pytest.approx(1.0)
     assert any(s.value == 2 for s in found["ray_raymoe_world_size"].samples)
+
+
+def test_mixture_of_students_on_ray_matches_local(ray_cluster, tmp_path):
+    """Staged KD with cluster.mode=ray: every shard holds the frozen teacher, and the losses equal local mode."""
+    from raymoe.actors.launch import train_on_ray
+
+    LocalTrainer(_cfg(tmp_path, "teacher", "train.steps=2", "model.n_layer=4", mode="local")).run()
+    kd = [f"distill.teacher_checkpoint={tmp_path / 'teacher' / 'checkpoints'}", "distill.student_layers=3",
+          "distill.kd_stop_step=2", "distill.beta=0.5", "model.n_layer=4"]
+    train_on_ray(_cfg(tmp_path, "student_ray", *kd, "cluster.ep_size=2"))
+    LocalTrainer(_cfg(tmp_path, "student_local", *kd, mode="local")).run()
+    ray_recs, local_recs = _records(tmp_path / "student_ray"), _records(tmp_path / "student_local")
+    assert [r["kd"] for r in ray_recs] == [True, True, False, False]
+    for a, b in zip(ray_recs, local_recs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+    assert load_model(tmp_path / "student_ray" / "checkpoints").config.n_layer == 3

@@ -64,3 +64,19 @@ def test_missing_run_folder_is_a_clear_error(tmp_path, capsys):
         plot_run(tmp_path / "nope")
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "raymoe run folder" in capsys.readouterr().err
+
+
+def test_replayed_steps_count_once_and_the_replay_wins(tmp_path):
+    """After a recovery from an older state, metrics.jsonl holds steps 3-4 twice; plots and readers take the
+    replay (written later) and skip the membership event."""
+    from raymoe.platform.report import step_records
+
+    run = _write_metrics(tmp_path / "replay", n_steps=4)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"event": "recovery", "step": 5, "resume_step": 2, "lost_steps": 3}) + "\n")
+        for step in (3, 4, 5):
+            f.write(json.dumps({"step": step, "loss": 9.0 + step, "ce_loss": 9.0, "lr": 1e-3}) + "\n")
+    recs = step_records(read_records(run))
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in recs[2:]] == [12.0, 13.0, 14.0]
+    assert all(_is_png(p) for p in plot_run(run))
