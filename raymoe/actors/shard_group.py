@@ -54,6 +54,7 @@ class ShardGroup:
         self.expert_sets: list[set] = []
         self.pg = None
         self.extra_pgs: list = []
+        self._slot_of: dict[str, tuple] = {}  # actor id -> (placement group, bundle index) it was placed in
         self._inflight: list = []
 
     # -- placement ----------------------------------------------------------------------------------------
@@ -63,9 +64,18 @@ class ShardGroup:
 
     def _new_shard(self, pg, bundle_index: int):
         c = self.cfg.cluster
-        return self.shard_cls(c.cpus_per_worker, c.gpus_per_worker).options(
+        shard = self.shard_cls(c.cpus_per_worker, c.gpus_per_worker).options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=bundle_index)).remote(self.cfg_dict)
+        self._slot_of[shard._actor_id.hex()] = (pg, bundle_index)
+        return shard
+
+    def free_slots(self) -> list[tuple]:
+        """Reserved bundles that hold no live shard of the world (their shard died or was let go): a lost
+        shard's replacement goes there, so the run never holds resources it does not use."""
+        held = {self._slot_of.get(s._actor_id.hex()) for s in self.shards}
+        pgs = ([self.pg] if self.pg is not None else []) + self.extra_pgs
+        return [(pg, i) for pg in pgs for i in range(len(pg.bundle_specs)) if (pg, i) not in held]
 
     def create(self, n: int) -> list:
         """Reserve one placement group of ``n`` bundles and start a shard in each."""
@@ -75,9 +85,17 @@ class ShardGroup:
         return [self._new_shard(self.pg, i) for i in range(n)]
 
     def add(self, n: int) -> list:
-        """Up to ``n`` new shards on free resources (one placement group each; fewer if bundles don't fit)."""
+        """Up to ``n`` new shards: first in the reserved bundles no live shard holds, then on free resources
+        (one placement group each); fewer if they cannot be placed within seconds."""
         new = []
-        for _ in range(n):
+        for pg, i in self.free_slots()[:n]:
+            shard = self._new_shard(pg, i)
+            try:
+                ray.get(shard.node_info.remote(), timeout=30)
+                new.append(shard)
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                ray.kill(shard, no_restart=True)  # its bundle's node is gone and not yet re-placed
+        for _ in range(n - len(new)):
             pg = placement_group([self.bundle()])
             try:
                 ray.get(pg.ready(), timeout=10)
@@ -89,13 +107,13 @@ class ShardGroup:
         return new
 
     def room(self) -> int:
-        """How many more shards the cluster's free resources hold."""
+        """How many more shards fit: the reserved bundles without a shard plus the cluster's free resources."""
         c = self.cfg.cluster
         free = ray.available_resources()
         n = int(free.get("CPU", 0) // c.cpus_per_worker)
         if c.gpus_per_worker:
             n = min(n, int(free.get("GPU", 0) // c.gpus_per_worker))
-        return max(n, 0)
+        return max(n, 0) + len(self.free_slots())
 
     # -- calling the shards -------------------------------------------------------------------------------
     def gather(self, refs: list, timeout: float | None = None) -> list:

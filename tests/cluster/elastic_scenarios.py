@@ -41,12 +41,34 @@ SCENARIOS = {
     # (more steps: the removed node's shard may keep answering for a few steps before it is gone)
     "remove_node_checkpoint": ["cluster.num_workers=2", "cluster.ep_size=2", "cluster.buddy_interval=0",
                                "checkpoint.interval=2", "train.steps=24"],
+    # 2 shards holding the same experts (EP=1), one per node; a shard is killed by PID three times: each time
+    # the world shrinks to 1 and grows back to 2 in the bundle the dead shard left
+    "kill_three_times": ["cluster.num_workers=2", "cluster.ep_size=1", "train.steps=3000", "train.log_interval=50"],
 }
+
+
+def _kill_three_times(coord, result: dict) -> None:
+    """Kill the last shard by PID, wait until the world is back to 2, three times; then stop the run early."""
+    from ray.util.placement_group import placement_group_table
+
+    worlds = []
+    for n in range(1, 4):
+        infos = ray.get(coord.shard_info.remote(), timeout=60)
+        os.kill(infos[-1]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while sum(e["event"] == "grow" for e in ray.get(coord.membership_events.remote(), timeout=60)) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the world did not grow back after kill {n}")
+            time.sleep(0.2)
+        worlds.append(len(ray.get(coord.shard_info.remote(), timeout=60)))
+    result["worlds_after_regrow"] = worlds
+    result["placement_groups"] = sum(pg["state"] == "CREATED" for pg in placement_group_table().values())
 
 
 def main(scenario: str, out: Path) -> dict:
     sets = TINY + SCENARIOS[scenario] + [f"run.output_dir={out}", f"data.cache_dir={out / 'cache'}"]
-    ref = LocalTrainer(load_config(None, sets + ["run.name=reference"])).run()
+    ref = ({"last_loss": None} if scenario == "kill_three_times"
+           else LocalTrainer(load_config(None, sets + ["run.name=reference"])).run())
     cfg = load_config(None, sets + ["cluster.mode=ray", "run.name=elastic"])
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False,
@@ -66,6 +88,10 @@ def main(scenario: str, out: Path) -> dict:
             ray.get(coord.hold_before_step.remote(3), timeout=30)
         run = coord.run.remote()
         run_dir = out / "elastic"
+        if scenario == "kill_three_times":
+            _kill_three_times(coord, result)
+            result["events"] = ray.get(coord.membership_events.remote(), timeout=60)
+            return result
         if scenario in ("grow_then_kill", "remove_node", "remove_node_checkpoint"):
             deadline = time.monotonic() + 120
             while not ray.get(coord.is_held.remote(), timeout=60):

@@ -81,3 +81,14 @@ def test_world_grows_then_a_shard_is_killed_by_pid(tmp_path):
     assert recovery["event"] == "recovery" and recovery["lost_steps"] == 0 and recovery["source"] == "replicas"
     assert recovery["seconds"] < 15 and res["world"] == 1
     _same_losses(res)
+
+
+@pytest.mark.slow
+def test_killed_shards_are_replaced_in_their_own_bundles(tmp_path):
+    """A shard killed by PID three times: each time the world shrinks to 1 and grows back to 2 in the bundle
+    the dead shard left, so no placement group is added and none leaks."""
+    res = _run("kill_three_times", tmp_path)
+    assert res["worlds_after_regrow"] == [2, 2, 2]
+    assert [e["event"] for e in res["events"]] == ["recovery", "grow"] * 3
+    assert all(e["lost_steps"] == 0 and e["source"] == "replicas" for e in res["events"] if e["event"] == "recovery")
+    assert res["placement_groups"] == 1
