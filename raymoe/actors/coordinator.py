@@ -183,7 +183,7 @@ class Coordinator:
                 try:
                     step = self._run_shards(step)
                 except SHARD_FAILURES as err:
-                    step, record = self.elastic.recover(err)
+                    step, record = self.elastic.recover(err, self._last_logged)
                     if record is not None and record["step"] > self._last_logged:
                         self._log(record)  # rank 0 died before reporting a step every survivor completed
         finally:

@@ -25,6 +25,7 @@ from raymoe.platform.training import micro_batch_size
 from .shard_group import SHARD_FAILURES, ShardGroup
 
 MAX_RECOVERIES_PER_STEP = 3
+GROWTH_RETRY_S = 60.0
 
 
 class Elastic:
@@ -39,6 +40,7 @@ class Elastic:
         self.cfg, self.group, self.experts_per_layer = cfg, group, experts_per_layer
         self.ckpt_dir, self.metrics, self.on_event = ckpt_dir, metrics, on_event
         self._recoveries_at: dict[int, int] = {}
+        self._no_growth_until = 0.0  # after a growth that placed nobody, wait before trying again
 
     def choose_world(self, available: int) -> int:
         """Largest world size <= ``available`` within [min_workers, max_workers] that splits the global batch
@@ -93,9 +95,10 @@ class Elastic:
         return ray.put(parts)
 
     # -- recovery -----------------------------------------------------------------------------------------
-    def recover(self, error: BaseException) -> tuple[int, dict | None]:
+    def recover(self, error: BaseException, logged_step: int) -> tuple[int, dict | None]:
         """Handle a failed run of the shards: returns (the step to run next, the record of the last step every
-        survivor completed, which the coordinator may not have received)."""
+        survivor completed, which the coordinator may not have received). ``logged_step``: the steps the
+        coordinator has records of (where the run was if no shard survived)."""
         c, g = self.cfg.cluster, self.group
         t0 = time.monotonic()
         # survivors blocked in a collective fail when the dead peer's sockets close, else at the timeout
@@ -104,7 +107,7 @@ class Elastic:
         if len(alive) == len(g.shards):
             raise error  # every shard is alive: a real error (or a hang), not a lost shard
         if not alive:
-            raise RuntimeError("all shards lost") from error
+            return self._restart_all(error, logged_step, t0), None
         states = g.gather([s.sync_state.remote() for s in alive])
         step = min(st["last_synced"] for st in states) + 1  # the first step not done everywhere
         record = next((st["record"] for st in states if st["record"] and st["record"]["step"] == step), None)
@@ -135,6 +138,32 @@ class Elastic:
         self.metrics.inc(M.LOST_STEPS_TOTAL, step - resume)
         return resume, record
 
+    def _restart_all(self, error: BaseException, step: int, t0: float) -> int:
+        """Every shard is lost: start a new world (in the bundles the old one left, else on free resources) from
+        the latest checkpoint (from scratch without one)."""
+        c, g = self.cfg.cluster, self.group
+        self._recoveries_at[step] = self._recoveries_at.get(step, 0) + 1
+        if not c.elastic or self._recoveries_at[step] > MAX_RECOVERIES_PER_STEP:
+            raise error
+        lost_shards, g.shards = len(g.shards), []
+        new = g.add(c.num_workers)
+        if not new:
+            raise RuntimeError(f"all {lost_shards} shards lost at step {step} and no replacement could be "
+                               "placed") from error
+        world = self.choose_world(len(new))
+        g.kill(new[world:])
+        path = ckpt.latest_checkpoint(self.ckpt_dir)
+        resume, source = (ckpt.read_manifest(path)["step"], "checkpoint") if path else (0, "scratch")
+        self.configure(new[:world], None, resume, path)
+        secs = time.monotonic() - t0
+        self._event({"event": "recovery", "step": step, "resume_step": resume, "lost_steps": step - resume,
+                     "lost_shards": lost_shards, "source": source, "all_lost": True, "world": g.world,
+                     "ep_sizes": g.ep_sizes, "seconds": secs, "error": type(error).__name__})
+        self.metrics.inc(M.RECOVERIES_TOTAL)
+        self.metrics.observe(M.RECOVERY_SECONDS, secs)
+        self.metrics.inc(M.LOST_STEPS_TOTAL, step - resume)
+        return resume
+
     def _event(self, event: dict) -> None:
         print(f"membership: {event}", flush=True)
         self.on_event(event)
@@ -156,7 +185,7 @@ class Elastic:
         """The world size free resources allow now (the current one if none)."""
         c, g = self.cfg.cluster, self.group
         top = c.max_workers or c.num_workers
-        if not c.elastic or g.world >= top:
+        if not c.elastic or g.world >= top or time.monotonic() < self._no_growth_until:
             return g.world
         room = g.room()
         return self.choose_world(g.world + min(room, top - g.world)) if room > 0 else g.world
@@ -172,7 +201,8 @@ class Elastic:
             keep = self.choose_world(g.world + len(new)) - g.world
             g.kill(new[keep:])
             new = new[:keep]
-        if not new:
+        if not new:  # resources looked free but nothing could be placed: keep training, retry later
+            self._no_growth_until = time.monotonic() + GROWTH_RETRY_S
             return
         t0 = time.monotonic()
         parts_ref = self._export_state(g.shards, g.expert_sets, step)

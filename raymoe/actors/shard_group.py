@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymoe.config import RaymoeConfig
@@ -74,8 +74,13 @@ class ShardGroup:
         """Reserved bundles that hold no live shard of the world (their shard died or was let go): a lost
         shard's replacement goes there, so the run never holds resources it does not use."""
         held = {self._slot_of.get(s._actor_id.hex()) for s in self.shards}
-        pgs = ([self.pg] if self.pg is not None else []) + self.extra_pgs
-        return [(pg, i) for pg in pgs for i in range(len(pg.bundle_specs)) if (pg, i) not in held]
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        free = []
+        for pg in ([self.pg] if self.pg is not None else []) + self.extra_pgs:
+            # only bundles placed on a live node: one whose node is gone waits for Ray to re-place it
+            placed = placement_group_table(pg).get("bundles_to_node_id", {})
+            free += [(pg, i) for i, node in placed.items() if node in alive and (pg, i) not in held]
+        return free
 
     def create(self, n: int) -> list:
         """Reserve one placement group of ``n`` bundles and start a shard in each."""

@@ -279,12 +279,18 @@ class Trainer:
                                     rank=p.rank if p.world > 1 else None)
 
     def checkpoint(self, step: int) -> None:
-        """Every rank writes its part; once all did (a barrier), the reporter commits the checkpoint."""
+        """Every rank writes its part; once all did (a barrier), the reporter commits the checkpoint, and no rank
+        goes on before the commit returned (a second barrier): a failure later never finds a world that is
+        past a checkpoint that was not committed."""
         path = self.save(step)
+        self._barrier()
+        self.reporter.checkpoint_written(step, path)
+        self._barrier()
+
+    def _barrier(self) -> None:
         if self.place.world > 1:
             # a barrier as an all-reduce on this rank's device (NCCL's barrier guesses the device)
             dist.all_reduce(torch.ones(1, device=self.device), group=self.place.group)
-        self.reporter.checkpoint_written(step, path)
 
     # -- the loop ----------------------------------------------------------------------------------------
     def run(self, start: int, stop_at: int | None = None) -> int:

@@ -44,6 +44,8 @@ SCENARIOS = {
     # 2 shards holding the same experts (EP=1), one per node; a shard is killed by PID three times: each time
     # the world shrinks to 1 and grows back to 2 in the bundle the dead shard left
     "kill_three_times": ["cluster.num_workers=2", "cluster.ep_size=1", "train.steps=3000", "train.log_interval=50"],
+    # 2 shards (EP=2) both killed by PID while held before step 6: a new world restarts from the step-4 checkpoint
+    "all_lost": ["cluster.num_workers=2", "cluster.ep_size=2", "checkpoint.interval=4", "train.steps=12"],
 }
 
 
@@ -83,20 +85,21 @@ def main(scenario: str, out: Path) -> dict:
         infos = ray.get(coord.shard_info.remote(), timeout=30)
         if scenario == "save_fault":
             ray.get(coord.inject_fault.remote(1, "save", 4), timeout=30)
-        if scenario in ("grow_then_kill", "remove_node", "remove_node_checkpoint"):
-            # hold the run before step 3 and change the cluster while it waits: deterministic, not a race
-            ray.get(coord.hold_before_step.remote(3), timeout=30)
+        hold = {"grow_then_kill": 3, "remove_node": 3, "remove_node_checkpoint": 3, "all_lost": 6}.get(scenario)
+        if hold is not None:
+            # hold the run before a step and change the cluster while it waits: deterministic, not a race
+            ray.get(coord.hold_before_step.remote(hold), timeout=30)
         run = coord.run.remote()
         run_dir = out / "elastic"
         if scenario == "kill_three_times":
             _kill_three_times(coord, result)
             result["events"] = ray.get(coord.membership_events.remote(), timeout=60)
             return result
-        if scenario in ("grow_then_kill", "remove_node", "remove_node_checkpoint"):
+        if hold is not None:
             deadline = time.monotonic() + 120
             while not ray.get(coord.is_held.remote(), timeout=60):
                 if time.monotonic() > deadline:
-                    raise TimeoutError("the run did not reach step 3")
+                    raise TimeoutError(f"the run did not reach step {hold}")
                 time.sleep(0.1)
         if scenario == "grow_then_kill":
             cluster.add_node(num_cpus=1)
@@ -110,6 +113,10 @@ def main(scenario: str, out: Path) -> dict:
             infos = ray.get(coord.shard_info.remote(), timeout=60)
             result["world_before_kill"] = len(infos)
             os.kill(infos[-1]["pid"], signal.SIGKILL)
+        elif scenario == "all_lost":
+            for info in infos:
+                os.kill(info["pid"], signal.SIGKILL)
+            ray.get(coord.release.remote(), timeout=30)
         elif scenario in ("remove_node", "remove_node_checkpoint"):
             victim = next(n for n in nodes if n.node_id == infos[1]["node_id"])
             cluster.remove_node(victim, allow_graceful=False)

@@ -37,9 +37,11 @@ def _same_losses(res: dict, tol: float = 1e-4) -> None:
 @pytest.mark.slow
 def test_shard_dies_during_checkpoint_write(tmp_path):
     res = _run("save_fault", tmp_path)
-    [event] = res["events"]
+    event, regrow = res["events"]
     assert event["source"] == "replicas" and event["lost_steps"] == 0 and event["lost_shards"] == 1
     assert event["world"] == 1 and event["seconds"] < 15
+    # the replacement takes the bundle the dead shard left: back to full size
+    assert regrow["event"] == "grow" and regrow["world"] == 2 and res["world"] == 2
     _same_losses(res)
     root = tmp_path / "elastic" / "checkpoints"
     # the write interrupted at step 4 never got a manifest; the previous checkpoint still loads
@@ -75,11 +77,13 @@ def test_node_removed_without_copies_falls_back_to_the_last_checkpoint(tmp_path)
 @pytest.mark.slow
 def test_world_grows_then_a_shard_is_killed_by_pid(tmp_path):
     res = _run("grow_then_kill", tmp_path)
-    grow, recovery = res["events"]
+    grow, recovery, regrow = res["events"]
     assert grow["event"] == "grow" and grow["from_world"] == 1 and grow["world"] == 2
     assert res["world_before_kill"] == 2
     assert recovery["event"] == "recovery" and recovery["lost_steps"] == 0 and recovery["source"] == "replicas"
-    assert recovery["seconds"] < 15 and res["world"] == 1
+    assert recovery["seconds"] < 15 and recovery["world"] == 1
+    # the killed shard's bundle is reused: the world is back to 2 with no new placement group
+    assert regrow["event"] == "grow" and regrow["world"] == 2 and res["world"] == 2
     _same_losses(res)
 
 
@@ -92,3 +96,12 @@ def test_killed_shards_are_replaced_in_their_own_bundles(tmp_path):
     assert [e["event"] for e in res["events"]] == ["recovery", "grow"] * 3
     assert all(e["lost_steps"] == 0 and e["source"] == "replicas" for e in res["events"] if e["event"] == "recovery")
     assert res["placement_groups"] == 1
+
+
+@pytest.mark.slow
+def test_every_shard_lost_restarts_from_the_last_checkpoint(tmp_path):
+    res = _run("all_lost", tmp_path)
+    [event] = res["events"]
+    assert event["all_lost"] and event["source"] == "checkpoint" and event["lost_shards"] == 2
+    assert (event["step"], event["resume_step"], event["lost_steps"]) == (6, 4, 2) and res["world"] == 2
+    _same_losses(res)
