@@ -78,7 +78,7 @@ class ExpertShard:
         self.faults = FaultPlan()
         self._reporter = _ShardReporter(self)
         self._run_lock = threading.Lock()
-        self._splits = None
+        self._splits = self._teacher = None
         self._snapshots: dict[str, tuple[int, dict[str, bytes]]] = {}
 
     # -- placement / rendezvous ---------------------------------------------------------------------------
@@ -107,13 +107,13 @@ class ExpertShard:
         self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic)
         if parts:
             self.state.load_parts(parts, step, model_config.experts_per_layer())
-        if self._splits is None:
+        if self._splits is None:  # the data and the frozen teacher outlive a re-formed world
             self._splits = build_splits(self.cfg)
-        teacher, kd_schedule = load_teacher(self.cfg, device)
+            self._teacher = load_teacher(self.cfg, device)
         self.trainer = Trainer(self.cfg, parts_built.model, parts_built.optimizer, *self._splits, device=device,
                                reporter=self._reporter, place=parts_built.place, grad_sync=parts_built.grad_sync,
-                               grad_norm_fn=parts_built.grad_norm, teacher=teacher, kd_schedule=kd_schedule,
-                               hooks=_StepTracker(self))
+                               grad_norm_fn=parts_built.grad_norm, teacher=self._teacher[0],
+                               kd_schedule=self._teacher[1], hooks=_StepTracker(self))
         return {"rank": rank, "experts": local_experts(parts_built.model), "device": str(device)}
 
     def load(self, path: str) -> int:

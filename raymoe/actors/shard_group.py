@@ -92,14 +92,8 @@ class ShardGroup:
     def add(self, n: int) -> list:
         """Up to ``n`` new shards: first in the reserved bundles no live shard holds, then on free resources
         (one placement group each); fewer if they cannot be placed within seconds."""
-        new = []
-        for pg, i in self.free_slots()[:n]:
-            shard = self._new_shard(pg, i)
-            try:
-                ray.get(shard.node_info.remote(), timeout=30)
-                new.append(shard)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-                ray.kill(shard, no_restart=True)  # its bundle's node is gone and not yet re-placed
+        placed = [self._new_shard(pg, i) for pg, i in self.free_slots()[:n]]
+        new = self._started(placed, timeout=30)
         for _ in range(n - len(new)):
             pg = placement_group([self.bundle()])
             try:
@@ -110,6 +104,24 @@ class ShardGroup:
             self.extra_pgs.append(pg)
             new.append(self._new_shard(pg, 0))
         return new
+
+    @staticmethod
+    def _started(shards: list, timeout: float) -> list:
+        """The ``shards`` that start within ``timeout`` (started together); the others are killed (e.g. their
+        bundle's node went away before Ray re-placed it)."""
+        refs = [s.node_info.remote() for s in shards]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout) if refs else ([], [])
+        started = []
+        for shard, ref in zip(shards, refs):
+            try:
+                if ref in ready:
+                    ray.get(ref)
+                    started.append(shard)
+                    continue
+            except ray.exceptions.RayActorError:
+                pass
+            ray.kill(shard, no_restart=True)
+        return started
 
     def room(self) -> int:
         """How many more shards fit: the reserved bundles without a shard plus the cluster's free resources."""

@@ -46,14 +46,12 @@ def leave_world() -> None:
 
 @dataclass
 class RankParts:
-    """What :func:`build_rank` returns: this rank's model, optimizer, gradient hooks, layout and place."""
+    """What :func:`build_rank` returns: this rank's model, optimizer, gradient hooks and place."""
 
     model: GPT
     optimizer: torch.optim.Optimizer
     grad_sync: parallel.GradSync
     grad_norm: parallel.GradNorm
-    layout: parallel.ParallelLayout
-    groups: parallel.ProcessGroups
     place: RankInfo
 
 
@@ -82,7 +80,7 @@ def build_rank(cfg: RaymoeConfig, model_config: GPTConfig, rank: int, world: int
     place = RankInfo(rank=rank, world=world, group=groups.world, writes_dense=rank == 0,
                      writes_experts=any(i == 0 for i in groups.expert_replica_index.values()))
     return RankParts(model, optimizer, parallel.make_grad_sync(model, layout, groups),
-                     parallel.make_grad_norm(model, layout, groups), layout, groups, place)
+                     parallel.make_grad_norm(model, layout, groups), place)
 
 
 def local_experts(model: GPT) -> dict[int, list[int]]:
