@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads of each engine")
     p.add_argument("--engine", default=None, help="engine class 'module:Class' (e.g. "
                                                   "raymoe.deployments.fake_engine:FakeEngine)")
-    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel shards per replica (ExpertShard actors "
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel shards per replica (InferenceShard actors "
                                                           "in the replica's placement group); 1 = whole model")
     p.add_argument("--ep-shard-cpus", type=float, default=1.0, help="CPUs reserved per shard (with --ep-size > 1)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
