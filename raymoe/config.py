@@ -29,19 +29,54 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The decoder's architecture. The defaults are the DeepSpeed-MoE paper's GPT-MoE (learned positions,
+    LayerNorm, GELU, multi-head attention); the other fields configure the same decoder to the Mixtral,
+    Qwen2/3-MoE, OLMoE and DeepSeek-V3 families (a Hugging Face folder sets them for you: ``init_from``)."""
+
     vocab_size: int = Field(257, ge=2, description="Vocabulary size; 257 = 256 bytes + EOS (byte tokenizer).")
-    block_size: int = Field(128, ge=2, description="Context length in tokens.")
+    block_size: int = Field(128, ge=2, description="Context length in tokens (the largest position + 1).")
     n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide d_model.")
+    n_head: int = Field(4, ge=1, description="Attention (query) heads per block.")
+    n_kv_head: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention); must divide n_head; default n_head."
+    )
+    head_dim: int | None = Field(None, ge=1, description="Size of one attention head; default d_model / n_head.")
     d_model: int = Field(128, ge=8, description="Hidden size.")
     d_ff: int | None = Field(None, ge=1, description="Dense FFN size; default 4 * d_model.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (attention, residual).")
-    bias: bool = Field(True, description="Use biases in linear layers and LayerNorm.")
+    bias: bool = Field(True, description="Use biases in linear layers and norms.")
+    qkv_bias: bool | None = Field(None, description="Biases on the q/k/v projections only (Qwen2); default `bias`.")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalization layer.")
+    norm_eps: float = Field(1e-5, gt=0, description="Epsilon of every norm.")
+    qk_norm: Literal["head", "full"] | None = Field(
+        None, description="RMSNorm on queries and keys: 'head' per head (Qwen3), 'full' over all heads (OLMoE)."
+    )
+    position: Literal["learned", "rope"] = Field("learned", description="Learned absolute positions or RoPE.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base.")
+    rope_scaling: dict[str, Any] | None = Field(
+        None, description="RoPE scaling as in a Hugging Face config: {'rope_type': 'linear'|'yarn', 'factor': ...,"
+        " ...}; null = none."
+    )
+    rope_interleave: bool = Field(False, description="Rotate interleaved pairs of the RoPE dims (DeepSeek-V3).")
+    attention: Literal["mha", "mla"] = Field(
+        "mha", description="'mha': multi-head / grouped-query attention; 'mla': DeepSeek's multi-head latent "
+        "attention (the fields below)."
+    )
+    q_lora_rank: int | None = Field(None, ge=1, description="MLA: rank of the query compression (null = none).")
+    kv_lora_rank: int = Field(0, ge=0, description="MLA: rank of the key/value compression.")
+    qk_nope_head_dim: int = Field(0, ge=0, description="MLA: per-head query/key dims without RoPE.")
+    qk_rope_head_dim: int = Field(0, ge=0, description="MLA: per-head query/key dims with RoPE (shared key part).")
+    v_head_dim: int = Field(0, ge=0, description="MLA: per-head value dims.")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward kind of dense layers and experts.")
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model}")
+        if self.head_dim is None and self.attention == "mha" and self.d_model % self.n_head:
+            raise ValueError(f"model.n_head={self.n_head} must divide model.d_model={self.d_model} "
+                             "(or set model.head_dim)")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         return self
 
 
@@ -95,6 +130,21 @@ class MoEArgs(_Section):
     z_loss_coef: float = Field(0.0, ge=0, description="Router z-loss coefficient (0 = off).")
     expert_bias: bool = Field(False, description="Aux-loss-free balancing bias (DeepSeek-V3 style).")
     expert_bias_update_rate: float = Field(1e-3, ge=0, description="Step size of the expert bias update.")
+    router: Literal["deepspeed", "softmax_topk", "sigmoid_group"] = Field(
+        "deepspeed",
+        description="'deepspeed': DeepSpeed-MoE's gating (the options above). 'softmax_topk': softmax over all "
+        "experts then top-k (Mixtral, Qwen-MoE, OLMoE). 'sigmoid_group': DeepSeek-V3's sigmoid scores with "
+        "the score-correction bias and group-limited selection.",
+    )
+    norm_topk_prob: bool = Field(False, description="Modern routers: renormalize the top-k weights to sum to 1.")
+    n_group: int = Field(1, ge=1, description="sigmoid_group: expert groups (must divide num_experts).")
+    topk_group: int = Field(1, ge=1, description="sigmoid_group: groups a token may choose experts from.")
+    routed_scaling_factor: float = Field(1.0, gt=0, description="Modern routers: scale of the routed output.")
+    shared_expert_ffn: int = Field(
+        0, ge=0, description="FFN size of the shared expert every token also runs (DeepSeek's n_shared_experts "
+        "* moe_intermediate_size, Qwen2-MoE's shared_expert_intermediate_size); 0 = none."
+    )
+    shared_expert_gate: bool = Field(False, description="Scale the shared expert by sigmoid(Linear(h)) (Qwen2-MoE).")
 
 
 class MoEConfig(MoEArgs):

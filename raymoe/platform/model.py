@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 from raymoe.config import MoEArgs, check_top_k, moe_schedule
 
+ROPE_SCALING_TYPES = ("default", "linear", "yarn")
+
 # The routing options of GPTConfig.moe, as flat keys: how checkpoints written before they were grouped store them.
 _FLAT_MOE_KEYS = frozenset(MoEArgs.model_fields)
 
@@ -52,14 +54,30 @@ class GPTConfig:
     expert_ffn: Optional[int] = None  # expert FFN size; None -> d_ff
     aux_loss_coef: float = 0.01
     moe: MoEArgs = field(default_factory=MoEArgs)
+    # ---- family options (defaults: the paper's GPT-MoE); field meanings: raymoe.config.ModelConfig ----
+    n_kv_head: Optional[int] = None  # None -> n_head (resolved in __post_init__)
+    head_dim: Optional[int] = None  # None -> d_model // n_head (resolved)
+    qkv_bias: Optional[bool] = None  # None -> bias (resolved)
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    qk_norm: Optional[str] = None  # None | "head" | "full"
+    position: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    rope_interleave: bool = False
+    attention: str = "mha"  # "mha" | "mla"
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    mlp: str = "gelu"  # "gelu" | "swiglu"
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             _require_int(name, getattr(self, name), minimum=1)
-        if self.d_model % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig.d_model must be divisible by n_head; got d_model={self.d_model}, n_head={self.n_head}"
-            )
+        self._validate_attention()
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         _require_int("d_ff", self.d_ff, minimum=1)
@@ -83,6 +101,44 @@ class GPTConfig:
             raise TypeError(f"GPTConfig.moe must be a raymoe.config.MoEArgs or a dict; got {type(self.moe).__name__}")
         self._validate_experts()
 
+    def _validate_attention(self) -> None:
+        _choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        _choice("qk_norm", self.qk_norm, (None, "head", "full"))
+        _choice("position", self.position, ("learned", "rope"))
+        _choice("attention", self.attention, ("mha", "mla"))
+        _choice("mlp", self.mlp, ("gelu", "swiglu"))
+        if self.head_dim is None:
+            if self.attention == "mha" and self.d_model % self.n_head != 0:
+                raise ValueError(f"GPTConfig.d_model must be divisible by n_head (or set head_dim); got "
+                                 f"d_model={self.d_model}, n_head={self.n_head}")
+            self.head_dim = self.d_model // self.n_head
+        _require_int("head_dim", self.head_dim, minimum=1)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _require_int("n_kv_head", self.n_kv_head, minimum=1)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
+        if not self.norm_eps > 0:
+            raise ValueError(f"GPTConfig.norm_eps must be > 0; got {self.norm_eps}")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _require_int(name, getattr(self, name), minimum=1)
+            if self.q_lora_rank is not None:
+                _require_int("q_lora_rank", self.q_lora_rank, minimum=1)
+            if self.position != "rope":
+                raise ValueError("GPTConfig.attention='mla' needs position='rope' (its decoupled RoPE part)")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            _choice("rope_scaling.rope_type", kind, ROPE_SCALING_TYPES)
+
+    def kv_dims(self) -> tuple[int, int, int]:
+        """(heads, key dim, value dim) of what one layer's KV cache stores per token."""
+        if self.attention == "mla":
+            return self.n_head, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        return self.n_kv_head, self.head_dim, self.head_dim
+
     def _validate_experts(self) -> None:
         ids = self.moe_layer_ids()
         if isinstance(self.num_experts, (list, tuple)):
@@ -104,10 +160,6 @@ class GPTConfig:
     def n_embd(self) -> int:
         """Alias of d_model (nanoGPT's name)."""
         return self.d_model
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
 
     def moe_layer_ids(self) -> list[int]:
         """Sorted ids of the blocks whose MLP is an MoE layer."""
@@ -175,6 +227,11 @@ class GPTConfig:
 def _spread(j: int, n: int, m: int) -> int:
     """Index in range(m) for position j of n, spread evenly (first->first, last->last)."""
     return 0 if n <= 1 else int(round(j * (m - 1) / (n - 1)))
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"GPTConfig.{name}={value!r}; allowed: {list(allowed)}")
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

@@ -76,7 +76,10 @@ class MoE(nn.Module):
                  z_loss_coef: float = 0.0, expert_bias: bool = False, expert_bias_update_rate: float = 1e-3,
                  activation: str = "gelu", dispatcher=None, layer_id: int = 0,
                  global_expert_ids: list[int] | None = None, init_std: float = 0.02,
-                 capacity_layout_min_fill: float | None = None, *, args: MoEArgs | None = None):
+                 capacity_layout_min_fill: float | None = None, router: str = "deepspeed",
+                 norm_topk_prob: bool = False, n_group: int = 1, topk_group: int = 1,
+                 routed_scaling_factor: float = 1.0, shared_expert_ffn: int = 0, shared_expert_gate: bool = False,
+                 *, args: MoEArgs | None = None):
         if args is None:  # DeepSpeed-style keywords: the routing options become the one MoEArgs (validated there)
             given = locals()
             args = MoEArgs(**{name: given[name] for name in MoEArgs.model_fields})
