@@ -23,7 +23,7 @@ def forward_groups(model, groups: Sequence[tuple[Tensor, object, Tensor]]) -> li
     """``groups``: ``(idx_BT, kv_cache, token_mask_BT)`` each (a `KVCache`-like cache: keys/values of this
     call are appended to it, as ``GPT.forward`` does); returns each group's last-position logits [B, V]."""
     cfg, D = model.config, model.config.d_model
-    xs, masks, attn_masks, caches = [], [], [], []
+    xs, masks, attn_masks, caches, ropes = [], [], [], [], []
     for idx_BT, cache, mask_BT in groups:
         B, T = idx_BT.shape
         mask_BT = mask_BT.to(device=idx_BT.device, dtype=torch.bool)
@@ -33,13 +33,16 @@ def forward_groups(model, groups: Sequence[tuple[Tensor, object, Tensor]]) -> li
                              f"{int(pos_BT.max())} (sequence too long)")
         attn_masks.append(model._attention_mask(B, T, cache.length, mask_BT, cache, idx_BT.device))
         cache.begin(T, mask_BT)
-        xs.append(model.drop(model.wte(idx_BT) + model.wpe(pos_BT)))
+        x_BTD, rope = model.embed(idx_BT, pos_BT)
+        xs.append(x_BTD)
+        ropes.append(rope)
         masks.append(mask_BT)
         caches.append(cache)
     sizes = [x.shape[0] * x.shape[1] for x in xs]
     mask_N = torch.cat([m.reshape(-1) for m in masks])
     for block in model.blocks:
-        xs = [x + block.attn(block.ln_1(x), am, c, block.layer_id) for x, am, c in zip(xs, attn_masks, caches)]
+        xs = [x + block.attn(block.ln_1(x), am, c, block.layer_id, r)
+              for x, am, c, r in zip(xs, attn_masks, caches, ropes)]
         x_ND = torch.cat([x.reshape(-1, D) for x in xs])
         h_ND = block.ln_2(x_ND)
         y_ND = block.mlp(h_ND, token_mask=mask_N)[0] if block.is_moe else block.mlp(h_ND)

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raymoe.config import MoEArgs, check_top_k, moe_schedule
+from raymoe.platform.attention import make_attention, make_rope
+from raymoe.platform.layers import MLP, make_norm
 
 ROPE_SCALING_TYPES = ("default", "linear", "yarn")
 
@@ -256,64 +258,25 @@ class ModelOutput:
     z_loss: Optional[torch.Tensor] = None
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention via F.scaled_dot_product_attention, KV-cache aware."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x_BTD: torch.Tensor, mask_B1TL: Optional[torch.Tensor], cache, layer_idx: int):
-        B, T, D = x_BTD.shape
-        q_BTD, k_BTD, v_BTD = self.c_attn(x_BTD).split(D, dim=2)
-        q_BHTd, k_BHTd, v_BHTd = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
-                                  for t in (q_BTD, k_BTD, v_BTD))
-        if cache is not None:
-            k_BHTd, v_BHTd = cache.write(layer_idx, k_BHTd, v_BHTd)  # now [B, H, L, Dh]
-        y_BHTd = F.scaled_dot_product_attention(
-            q_BHTd, k_BHTd, v_BHTd, attn_mask=mask_B1TL, is_causal=mask_B1TL is None,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        y_BTD = y_BHTd.transpose(1, 2).contiguous().view(B, T, D)
-        return self.resid_drop(self.c_proj(y_BTD))
-
-
-class MLP(nn.Module):
-    """Dense GELU feed-forward block."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x_BTD))))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block; `mlp` is a dense MLP or an MoE layer."""
 
     def __init__(self, cfg: GPTConfig, layer_id: int, moe_kwargs: Optional[dict] = None):
         super().__init__()
         self.layer_id = layer_id
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = make_attention(cfg)
+        self.ln_2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.is_moe = moe_kwargs is not None
         if self.is_moe:
             from raymoe.platform.moe import MoE  # lazy: dense models work without the MoE package
 
             self.mlp = MoE(**moe_kwargs)
         else:
-            self.mlp = MLP(cfg)
+            self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, bias=cfg.bias, dropout=cfg.dropout)
 
-    def forward(self, x_BTD, mask_B1TL, cache, token_mask_BT):
-        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), mask_B1TL, cache, self.layer_id)
+    def forward(self, x_BTD, mask_B1TL, cache, token_mask_BT, rope=None):
+        x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), mask_B1TL, cache, self.layer_id, rope)
         h_BTD = self.ln_2(x_BTD)
         if self.is_moe:
             y_BTD, l_aux, _ = self.mlp(h_BTD, token_mask=token_mask_BT)
@@ -335,16 +298,19 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.block_size, config.d_model)
+        # learned absolute positions (GPT-2) or RoPE inside the attention (cos/sin computed once per forward)
+        self.wpe = nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
+        self.rope = make_rope(config)
         self.drop = nn.Dropout(config.dropout)
         experts = config.experts_per_layer()
         self.blocks = nn.ModuleList(
             Block(config, i, self._moe_args(i, experts[i], moe_kwargs) if i in experts else None)
             for i in range(config.n_layer)
         )
-        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln_f = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         self._init_residual_projections()
 
@@ -352,6 +318,8 @@ class GPT(nn.Module):
         c = self.config
         args = dict(hidden_size=c.d_model, expert=c.expert_ffn_size, num_experts=num_experts, args=c.moe,
                     layer_id=layer_id)
+        if c.mlp == "swiglu":
+            args["activation"] = "swiglu"
         if callable(extra):
             extra = extra(layer_id, num_experts)
         args.update(extra or {})
@@ -418,10 +386,10 @@ class GPT(nn.Module):
         mask_B1TL = self._attention_mask(B, T, start, token_mask_BT, kv_cache, idx_BT.device)
         if kv_cache is not None:
             kv_cache.begin(T, token_mask_BT)
-        x_BTD = self.drop(self.wte(idx_BT) + self.wpe(positions_BT))
+        x_BTD, rope = self.embed(idx_BT, positions_BT)
         l_aux_list, stats = [], []
         for block in self.blocks:
-            x_BTD, l_aux, st = block(x_BTD, mask_B1TL, kv_cache, token_mask_BT)
+            x_BTD, l_aux, st = block(x_BTD, mask_B1TL, kv_cache, token_mask_BT, rope)
             if l_aux is not None:
                 l_aux_list.append(l_aux)
                 stats.append(st)
@@ -442,6 +410,16 @@ class GPT(nn.Module):
                                       targets_BT.reshape(-1), ignore_index=ignore_index)
             loss = ce_loss + self.config.aux_loss_coef * aux_loss + z_loss
         return ModelOutput(logits_BTV, loss, ce_loss, aux_loss, stats, z_loss)
+
+    def embed(self, idx_BT: torch.Tensor, positions_BT: torch.Tensor):
+        """Token embeddings (plus learned positions) and the RoPE cos/sin of `positions_BT` (None without RoPE)."""
+        x_BTD = self.wte(idx_BT)
+        rope = None
+        if self.wpe is not None:
+            x_BTD = x_BTD + self.wpe(positions_BT)
+        else:
+            rope = self.rope(positions_BT, x_BTD.dtype)
+        return self.drop(x_BTD), rope
 
     @staticmethod
     def _default_positions(idx_BT, token_mask_BT, kv_cache) -> torch.Tensor:
@@ -511,7 +489,7 @@ class GPT(nn.Module):
             numel, n_local = _expert_numel(moe)
             if n_local:
                 inactive += (n_local - min(self.config.moe.k, n_local)) * (numel // n_local)
-        embedding = self.wte.weight.numel() + self.wpe.weight.numel()
+        embedding = self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return {"total": total, "active": total - inactive, "embedding": embedding}
 
 
