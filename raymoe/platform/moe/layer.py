@@ -72,17 +72,19 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, expert: int | None = None, num_experts: int = 1, ep_size: int = 1,
                  k: int = 1, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0,
                  min_capacity: int = 4, use_residual: bool = False, noisy_gate_policy: str | None = None,
-                 drop_tokens: bool = True, use_rts: bool = True, top2_2nd_expert_sampling: bool = True,
+                 drop_tokens: bool | None = None, use_rts: bool = True, top2_2nd_expert_sampling: bool = True,
                  z_loss_coef: float = 0.0, expert_bias: bool = False, expert_bias_update_rate: float = 1e-3,
                  activation: str = "gelu", dispatcher=None, layer_id: int = 0,
                  global_expert_ids: list[int] | None = None, init_std: float = 0.02,
                  capacity_layout_min_fill: float | None = None, router: str = "deepspeed",
                  norm_topk_prob: bool = False, n_group: int = 1, topk_group: int = 1,
                  routed_scaling_factor: float = 1.0, shared_expert_ffn: int = 0, shared_expert_gate: bool = False,
-                 *, args: MoEArgs | None = None):
+                 drop_policy: str = "probs", *, args: MoEArgs | None = None):
         if args is None:  # DeepSpeed-style keywords: the routing options become the one MoEArgs (validated there)
             given = locals()
-            args = MoEArgs(**{name: given[name] for name in MoEArgs.model_fields})
+            # drop_tokens None: the router's default (DeepSpeed's gating drops, the modern routers do not)
+            args = MoEArgs(**{name: given[name] for name in MoEArgs.model_fields
+                              if name in given and not (name == "drop_tokens" and drop_tokens is None)})
         super().__init__()
         ffn = self._check_args(hidden_size, expert, num_experts, ep_size, args, activation, dispatcher)
         self.args = args
