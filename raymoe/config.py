@@ -118,13 +118,26 @@ class MoEArgs(_Section):
     capacity_factor: float = Field(1.0, gt=0, description="Training capacity factor (tokens per expert).")
     eval_capacity_factor: float = Field(1.0, gt=0, description="Capacity factor in eval mode.")
     min_capacity: int = Field(4, ge=0, description="Minimum expert capacity in tokens.")
-    drop_tokens: bool = Field(True, description="Drop tokens over capacity; false = dropless.")
-    use_rts: bool = Field(True, description="Random Token Selection: drop overflow at random, not by position.")
+    drop_tokens: bool = Field(
+        True, description="Drop tokens over capacity; false = dropless. Default: true with router 'deepspeed' "
+        "(DeepSpeed's default), false with the modern routers."
+    )
+    use_rts: bool = Field(
+        True, description="Random Token Selection at top-1 in drop mode, in training and eval (as DeepSpeed): an "
+        "expert over capacity keeps random tokens, not the first ones."
+    )
+    drop_policy: Literal["probs", "position"] = Field(
+        "probs", description="Top-k gating with k > 2 in drop mode (DeepSpeed's topkgating): an expert over "
+        "capacity keeps the token-choices with the highest gate probability ('probs', DeepSpeed's default) or "
+        "the earliest tokens ('position'). k = 1 drops by RTS or position, k = 2 by choice rank then position."
+    )
     noisy_gate_policy: NoisyGatePolicy | None = Field(
-        None, description="Gate noise in training: null, 'Jitter' (input jitter) or 'RSample' (Gumbel)."
+        None, description="Gate noise in training: null, 'Jitter' (input jitter, any k) or 'RSample' (Gumbel "
+        "noise on the top-1 choice; no effect with k >= 2, as in DeepSpeed)."
     )
     top2_2nd_expert_sampling: bool = Field(
-        True, description="Top-2 gating: sample the second expert with Gumbel noise in training (DeepSpeed's default)."
+        True, description="Top-2 gating: sample the second expert with Gumbel noise, in training and eval "
+        "(DeepSpeed's default; generation and serving switch eval sampling off, see docs/routing.md)."
     )
     use_residual: bool = Field(False, description="Residual-MoE: dense MLP + top-1 expert mixed per token.")
     z_loss_coef: float = Field(0.0, ge=0, description="Router z-loss coefficient (0 = off).")
@@ -145,6 +158,23 @@ class MoEArgs(_Section):
         "* moe_intermediate_size, Qwen2-MoE's shared_expert_intermediate_size); 0 = none."
     )
     shared_expert_gate: bool = Field(False, description="Scale the shared expert by sigmoid(Linear(h)) (Qwen2-MoE).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _router_default_drop(cls, data: Any) -> Any:
+        # The modern routers are dropless unless drop_tokens is given; DeepSpeed's gating keeps its default.
+        if isinstance(data, dict) and "drop_tokens" not in data and data.get("router", "deepspeed") != "deepspeed":
+            data = {**data, "drop_tokens": False}
+        return data
+
+    @model_validator(mode="after")
+    def _shared_and_groups(self) -> "MoEArgs":
+        if self.use_residual and self.shared_expert_ffn:
+            raise ValueError(f"moe.use_residual and moe.shared_expert_ffn={self.shared_expert_ffn} both make the "
+                             "layer's shared MLP: set one (Residual-MoE's mixing or the shared expert's sum)")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"moe.topk_group={self.topk_group} must be <= moe.n_group={self.n_group}")
+        return self
 
 
 class MoEConfig(MoEArgs):
