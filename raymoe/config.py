@@ -33,7 +33,10 @@ class ModelConfig(_Section):
     LayerNorm, GELU, multi-head attention); the other fields configure the same decoder to the Mixtral,
     Qwen2/3-MoE, OLMoE and DeepSeek-V3 families (a Hugging Face folder sets them for you: ``init_from``)."""
 
-    vocab_size: int = Field(257, ge=2, description="Vocabulary size; 257 = 256 bytes + EOS (byte tokenizer).")
+    vocab_size: int = Field(
+        257, ge=2, description="Vocabulary size of the model. Unset: follows the tokenizer (257 for tokenizer.kind "
+        "byte, tokenizer.vocab_size for bpe); set: at least the tokenizer's (pretrained tokenizers: set it).",
+    )
     block_size: int = Field(128, ge=2, description="Context length in tokens (the largest position + 1).")
     n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
     n_head: int = Field(4, ge=1, description="Attention (query) heads per block.")
@@ -218,6 +221,35 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.05, gt=0, le=0.5, description="Fraction of tokens held out for validation.")
 
 
+class TokenizerConfig(_Section):
+    """How a run turns text into tokens; the tokenizer is saved in every checkpoint, so eval, generate and serve
+    use it without being told."""
+
+    kind: Literal["byte", "bpe", "pretrained"] = Field(
+        "byte", description="byte: UTF-8 bytes + EOS (257 ids, no files); bpe: a byte-level BPE trained with the "
+        "`tokenizers` library on the run's text (cached in data.cache_dir); pretrained: tokenizer.json of `path`.",
+    )
+    vocab_size: int = Field(
+        2048, ge=258, le=65536, description="bpe: vocabulary size of the trained tokenizer (256 byte symbols, "
+        "<|endoftext|> and merges); model.vocab_size follows it.",
+    )
+    path: str | None = Field(
+        None, description="pretrained: a folder holding tokenizer.json (a Hugging Face model folder or a raymoe "
+        "checkpoint); its tokenizer_config.json / generation_config.json give the special and stop tokens.",
+    )
+    train_bytes: int = Field(
+        100_000_000, ge=1, description="bpe: the merges are learned from at most this many bytes of the text before "
+        "the validation split.",
+    )
+
+    @model_validator(mode="after")
+    def _path_for_pretrained(self) -> "TokenizerConfig":
+        if (self.kind == "pretrained") != (self.path is not None):
+            raise ValueError(f"tokenizer.path is required with tokenizer.kind 'pretrained' and only then "
+                             f"(kind {self.kind!r}, path {self.path!r})")
+        return self
+
+
 class TrainConfig(_Section):
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (all workers together).")
@@ -346,6 +378,7 @@ class RaymoeConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="GPT decoder shape.")
     moe: MoEConfig = Field(default_factory=MoEConfig, description="MoE layers: schedule, gating, losses.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus and tokenization.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Tokenizer: byte, BPE, pretrained.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimizer, schedule, steps.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Saving and resuming.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Mixture-of-Students KD.")
@@ -354,6 +387,7 @@ class RaymoeConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RaymoeConfig":
+        self._vocab_follows_tokenizer()
         n_moe = len(moe_layer_ids(self))
         if isinstance(self.moe.num_experts, list) and len(self.moe.num_experts) != n_moe:
             raise ValueError(
@@ -376,6 +410,18 @@ class RaymoeConfig(_Section):
             raise ValueError(f"moe.use_residual needs moe.k=1 (Residual-MoE is top-1), got k={self.moe.k}")
         return self
 
+
+    def _vocab_follows_tokenizer(self) -> None:
+        """model.vocab_size unset: the tokenizer's size (byte, bpe; a pretrained one is resolved when it is loaded);
+        set: it must hold every id of the tokenizer."""
+        size = {"byte": 257, "bpe": self.tokenizer.vocab_size}.get(self.tokenizer.kind)
+        if size is None:
+            return
+        if "vocab_size" not in self.model.model_fields_set:
+            self.model.vocab_size = size
+        elif self.model.vocab_size < size:
+            raise ValueError(f"model.vocab_size={self.model.vocab_size} is smaller than the tokenizer's {size} ids "
+                             f"(tokenizer.kind {self.tokenizer.kind!r}); leave model.vocab_size unset to follow it")
 
     def _check_elastic_bounds(self) -> None:
         c = self.cluster
