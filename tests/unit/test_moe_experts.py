@@ -173,3 +173,74 @@ def test_source_order_segments_equal_expert_sorted_rows(counts_QE):
     torch.testing.assert_close(gw2, gw2s, atol=1e-6, rtol=1e-5)
     for e in range(4):
         assert (gw1[e].abs().max() == 0) == (int(c_QE[:, e].sum()) == 0)
+
+
+def _swiglu_loop(x_MD, w1, w2, counts, scale=None):
+    """Per-expert loop written from the definition: h = silu(x @ w1[:, :F]) * (x @ w1[:, F:]), y = h @ w2."""
+    Fd = w2.shape[1]
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        seg = x_MD[start:start + n]
+        h = torch.nn.functional.silu(seg @ w1[e][:, :Fd]) * (seg @ w1[e][:, Fd:])
+        out.append(h @ w2[e])
+        start += n
+    y = torch.cat(out)
+    return y if scale is None else y * scale[:, None]
+
+
+@pytest.mark.parametrize("ffn", [4, 12])  # gate scale folded into the activation (F <= D) or the output
+@pytest.mark.parametrize("path", ["grouped", "fallback", "capacity"])
+def test_swiglu_experts_equal_a_per_expert_loop(path, ffn):
+    torch.manual_seed(7)
+    D = 8
+    ex = GroupedExperts(4, D, ffn, activation="swiglu")
+    assert ex.w1.shape == (4, D, 2 * ffn) and ex.w2.shape == (4, ffn, D) and "ffn=%d" % ffn in repr(ex)
+    counts = [3, 0, 5, 2]  # expert 1 gets no rows
+    x = torch.randn(sum(counts), D)
+    s = torch.rand(sum(counts))
+    g = torch.randn(sum(counts), D)
+    xx, ss = x.clone().requires_grad_(), s.clone().requires_grad_()
+    if path == "capacity":  # [Q=1, E, C, D] slots, unused slots zero with scale 0
+        C = max(counts)
+        x_ECD, s_EC = torch.zeros(4, C, D), torch.zeros(4, C)
+        start = 0
+        for e, n in enumerate(counts):
+            x_ECD[e, :n], s_EC[e, :n] = x[start:start + n], s[start:start + n]
+            start += n
+        x_ECD.requires_grad_()
+        s_EC.requires_grad_()
+        y_ECD = ex.forward_capacity(x_ECD.unsqueeze(0), s_EC.unsqueeze(0))[0]
+        y = torch.cat([y_ECD[e, :n] for e, n in enumerate(counts)])
+        y.backward(g)
+        gx = torch.cat([x_ECD.grad[e, :n] for e, n in enumerate(counts)])
+        gs = torch.cat([s_EC.grad[e, :n] for e, n in enumerate(counts)])
+    else:
+        y = ex(xx, torch.tensor(counts), ss, force_fallback=path == "fallback")
+        y.backward(g)
+        gx, gs = xx.grad, ss.grad
+    w1 = ex.w1.detach().clone().requires_grad_()
+    w2 = ex.w2.detach().clone().requires_grad_()
+    xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+    yr = _swiglu_loop(xr, w1, w2, counts, sr)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, atol=1e-6, rtol=1e-5)
+    for got, want in ((gx, xr.grad), (gs, sr.grad), (ex.w1.grad, w1.grad), (ex.w2.grad, w2.grad)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert ex.w1.grad[1].abs().max() == 0 and ex.w2.grad[1].abs().max() == 0  # the zero-token expert
+
+
+def test_swiglu_moe_layer_uses_gated_experts():
+    torch.manual_seed(0)
+    m = MoE(8, 6, num_experts=4, k=2, activation="swiglu", drop_tokens=False, top2_2nd_expert_sampling=False).eval()
+    assert m.experts.w1.shape == (4, 8, 12)
+    x = torch.randn(10, 8)
+    y, _, _ = m(x)
+    probs = torch.softmax(x @ m.gate.wg.weight.t(), dim=1)
+    top = probs.topk(2, dim=1)
+    want = torch.zeros_like(x)
+    for t in range(10):
+        w = top.values[t] / top.values[t].sum()
+        for c in range(2):
+            e = int(top.indices[t, c])
+            want[t] += w[c] * _swiglu_loop(x[t:t + 1], m.experts.w1, m.experts.w2, [0] * e + [1] + [0] * (3 - e))[0]
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=1e-5)

@@ -368,3 +368,15 @@ def test_layer_has_no_dispatcher_type_checks():
             src = inspect.getsource(fn)
             assert not re.search(r"\b(isinstance|getattr|hasattr|type)\(", src), name
     assert "uniform_tokens" not in inspect.getsource(MoE)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("drop", [True, False])
+def test_swiglu_fast_equals_reference(layout, drop):
+    torch.manual_seed(11)
+    m = MoE(D, FFN, num_experts=E, k=2, activation="swiglu", drop_tokens=drop, capacity_factor=0.8,
+            min_capacity=1, capacity_layout_min_fill=LAYOUTS[layout])
+    x = torch.randn(2, 9, D)
+    noise = m.draw_noise(18)
+    _assert_same(_run(m, x, None, noise, "fast"), _run(m, x, None, noise, "ref"))
+    assert m.last_stats.layout == layout

@@ -1,7 +1,8 @@
 """Expert weights as one tensor per projection, computed with a grouped GEMM.
 
 Shape legend: M rows (token-choices, expert-contiguous), D model dim, F ffn dim, E local experts,
-Q source ranks (capacity layout), C capacity (slots per expert and source rank).
+Q source ranks (capacity layout), C capacity (slots per expert and source rank), G = 2F for a gated activation
+(SwiGLU: w1 holds [gate | up] columns per expert, gate first) else F.
 
 Variable segments (dropless): ``torch._grouped_mm`` where it exists and works for the device/dtype (probed
 once); otherwise a custom autograd Function loops over the expert segments with ``torch.mm`` into
@@ -22,12 +23,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+def swiglu(h_MG: Tensor) -> Tensor:
+    """silu(gate) * up for h = [gate | up] along the last dim (G = 2F) -> [..., F]."""
+    gate, up = h_MG.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 ACTIVATIONS = {
     "gelu": lambda t: F.gelu(t, approximate="tanh"),
     "gelu_exact": F.gelu,
     "relu": F.relu,
     "silu": F.silu,
+    "swiglu": swiglu,
 }
+GATED_ACTIVATIONS = ("swiglu",)  # w1 has 2F columns: [gate | up]
 
 _GROUPED_MM_OK: dict[tuple, bool] = {}
 
@@ -179,6 +188,9 @@ def grouped_mm(x_MD: Tensor, w_EDF: Tensor, counts_E: Tensor, *, offs: Tensor | 
 class GroupedExperts(nn.Module):
     """E_local two-layer MLP experts: y = act(x @ w1[e]) @ w2[e]; no biases.
 
+    w1 [E, D, F] and w2 [E, F, D]; with ``activation="swiglu"`` w1 is [E, D, 2F], per expert the gate columns
+    then the up columns, and act(h) = silu(h[:, :F]) * h[:, F:] (one GEMM for both input projections).
+
     Row i of w1/w2 is global expert ``global_expert_ids[i]`` (checkpointing writes one file per global id).
     """
 
@@ -200,7 +212,9 @@ class GroupedExperts(nn.Module):
         self.init_std = init_std
         self.out_init_std = init_std if out_init_std is None else out_init_std
         self.force_fallback = False  # True: always the segment-loop GEMM (tests, debugging)
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
+        self.ffn_size = ffn_size
+        gated = 2 if activation in GATED_ACTIVATIONS else 1
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_size, gated * ffn_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
         self.reset_parameters()
 
@@ -244,9 +258,9 @@ class GroupedExperts(nn.Module):
             counts_list = [int(c) for c in counts_E.tolist()]
         else:
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
-        h_MF = grouped_mm(x_MD, w1, counts_E, offs=offs, counts_list=counts_list,
+        h_MG = grouped_mm(x_MD, w1, counts_E, offs=offs, counts_list=counts_list,
                           force_fallback=force_fallback, segment_experts=seg_experts)
-        h_MF = self.act(h_MF)
+        h_MF = self.act(h_MG)
         scale_h = scale_M is not None and h_MF.shape[1] <= x_MD.shape[1]
         if scale_h:
             h_MF = h_MF * scale_M.unsqueeze(1).to(h_MF.dtype)
@@ -271,7 +285,8 @@ class GroupedExperts(nn.Module):
             return y
 
     def extra_repr(self) -> str:
-        E, D, Fd = self.w1.shape
+        E, D, _ = self.w1.shape
+        Fd = self.ffn_size
         return f"experts={E}, hidden={D}, ffn={Fd}, act={self.activation}, layer_id={self.layer_id}"
 
 
