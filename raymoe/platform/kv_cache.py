@@ -2,7 +2,9 @@
 continuous decoding (`SlotKVCache`, rows join and leave between steps).
 
 Shape legend: B rows, T tokens in one forward call, L slots (cache length), Lc slot capacity, R row capacity,
-H heads, Dh head dim.
+H cached heads, Dk key dim, Dv value dim. What one layer caches per token comes from `GPTConfig.kv_dims()`:
+grouped-query attention caches its Hk key/value heads (not the H query heads); multi-head latent attention
+caches H heads whose keys (no-RoPE + RoPE dims) and values have different sizes.
 
 What the model uses (both classes): ``length`` (slots in use), ``key_mask_BL`` (which slots hold real tokens:
 padding and slots before a row's first token are never attended to), ``valid_len_B`` (real tokens per row:
@@ -20,7 +22,9 @@ change its numbers. Hence:
 - compacting: slots older than the longest live row are unused by every row: shift left (one slice copy);
 - leaving rows: gather the kept rows to the front (skipped when only trailing rows leave).
 
-Its buffers are allocated once ([R, H, Lc, Dh] per layer and k/v); the active rows are views ``buf[:B]``.
+Its buffers are allocated once ([R, H, Lc, Dk] keys and [R, H, Lc, Dv] values per layer); the active rows are
+views ``buf[:B]``. Lc is the serving length (``for_model(max_len=...)``), not the model's block_size: a RoPE
+model's block_size is its max_position_embeddings (131072 for Mixtral), far more slots than a server needs.
 """
 
 from __future__ import annotations
@@ -32,19 +36,21 @@ import torch.nn as nn
 
 
 class KVCache:
-    """Preallocated per-layer key/value cache, [B, H, max_len, Dh] per layer, shared slot index for all rows.
+    """Preallocated per-layer key/value cache, [B, H, max_len, Dk] keys and [B, H, max_len, Dv] values per
+    layer (``v_dim`` None: Dv = Dk), shared slot index for all rows.
 
     Rows are aligned by slot (left padding), `key_mask_BL` marks which slots hold real tokens and
     `valid_len_B` counts real tokens per row (the next position of each row).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
-                 *, device=None, dtype=torch.float32):
+                 *, v_dim: Optional[int] = None, device=None, dtype=torch.float32):
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"KVCache needs max_len >= 1 and batch_size >= 1; got {max_len}, {batch_size}")
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        k_shape = (batch_size, n_head, max_len, head_dim)
+        v_shape = (batch_size, n_head, max_len, head_dim if v_dim is None else v_dim)
+        self.k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.key_mask_BL = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.valid_len_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
@@ -56,8 +62,8 @@ class KVCache:
         """A cache sized for `model` (a GPT: uses model.config and the dtype/device of its parameters)."""
         cfg = model.config
         p = next(model.parameters())
-        return cls(cfg.n_layer, batch_size, cfg.n_head, cfg.d_model // cfg.n_head, max_len,
-                   device=p.device, dtype=p.dtype)
+        heads, k_dim, v_dim = cfg.kv_dims()
+        return cls(cfg.n_layer, batch_size, heads, k_dim, max_len, v_dim=v_dim, device=p.device, dtype=p.dtype)
 
     def begin(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
         """Reserve slots [length, length + T) for the forward call about to run."""
@@ -68,7 +74,7 @@ class KVCache:
         self.key_mask_BL[:, sl] = True if token_mask_BT is None else token_mask_BT.to(self.key_mask_BL.device)
 
     def write(self, layer: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
-        """Store this call's keys/values of `layer`; returns all keys/values so far, [B, H, L, Dh]."""
+        """Store this call's keys/values of `layer`; returns all keys/values so far, [B, H, L, Dk] / [.., Dv]."""
         end = self.length + k_BHTd.shape[2]
         self.k[layer][:, :, self.length:end] = k_BHTd
         self.v[layer][:, :, self.length:end] = v_BHTd
@@ -86,10 +92,13 @@ class SlotKVCache(KVCache):
     """Preallocated cache of up to ``max_rows`` rows of up to ``max_len`` slots each (see module docstring)."""
 
     def __init__(self, n_layer: int, max_rows: int, n_head: int, head_dim: int, max_len: int, *,
-                 device=None, dtype=torch.float32):
-        shape = (max_rows, n_head, max_len, head_dim)
-        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+                 v_dim: Optional[int] = None, device=None, dtype=torch.float32):
+        if max_len < 1 or max_rows < 1:
+            raise ValueError(f"SlotKVCache needs max_len >= 1 and max_rows >= 1; got {max_len}, {max_rows}")
+        k_shape = (max_rows, n_head, max_len, head_dim)
+        v_shape = (max_rows, n_head, max_len, head_dim if v_dim is None else v_dim)
+        self._k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self._v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self._mask_RL = torch.zeros(max_rows, max_len, dtype=torch.bool, device=device)
         self._valid_R = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.max_rows, self.max_len = max_rows, max_len
@@ -99,11 +108,18 @@ class SlotKVCache(KVCache):
         self._views()
 
     @classmethod
-    def for_model(cls, model, max_rows: int) -> "SlotKVCache":
+    def for_model(cls, model, max_rows: int, max_len: Optional[int] = None) -> "SlotKVCache":
+        """A cache for `model` (a GPT) of ``max_rows`` rows and ``max_len`` slots per row: the serving length
+        (longest padded prompt + generated tokens a row may reach). None: the model's block_size, which for a
+        RoPE model is its max_position_embeddings (e.g. 131072): pass the serving length there."""
         cfg = model.config
         p = next(model.parameters())
-        return cls(cfg.n_layer, max_rows, cfg.n_head, cfg.d_model // cfg.n_head, cfg.block_size,
-                   device=p.device, dtype=p.dtype)
+        heads, k_dim, v_dim = cfg.kv_dims()
+        if max_len is None:
+            max_len = cfg.block_size
+        if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
+            raise ValueError(f"SlotKVCache.for_model: max_len must be an int >= 1 or None; got {max_len!r}")
+        return cls(cfg.n_layer, max_rows, heads, k_dim, max_len, v_dim=v_dim, device=p.device, dtype=p.dtype)
 
     def _views(self) -> None:
         B = self.rows
