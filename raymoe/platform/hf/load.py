@@ -1,0 +1,118 @@
+"""Loading Hugging Face folders into raymoe models, streaming tensor by tensor."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from raymoe.platform.model import GPT, GPTConfig
+
+from .config import HFFormatError, family_of, gpt_config_from_hf, read_hf_config
+from .names import TensorMap, ignorable, weight_maps
+from .safetensors_io import INDEX, SINGLE, SafetensorsFolder
+
+_CHECKPOINT_MARKERS = ("manifest.json", "latest")
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """True for a Hugging Face model folder: a ``config.json`` with ``architectures`` and no raymoe
+    checkpoint manifest (native checkpoints are never mistaken for one)."""
+    p = Path(path)
+    if not (p / "config.json").is_file() or any((p / m).exists() for m in _CHECKPOINT_MARKERS):
+        return False
+    try:
+        return "architectures" in read_hf_config(p)
+    except HFFormatError:
+        return False
+
+
+def config_from_folder(folder: str | Path) -> GPTConfig:
+    """The raymoe model config of a Hugging Face folder (errors name the config file and field)."""
+    return gpt_config_from_hf(read_hf_config(folder), where=str(Path(folder) / "config.json"))
+
+
+def _check_shapes(st: SafetensorsFolder, maps: list[TensorMap], state: dict) -> None:
+    missing = []
+    for m in maps:
+        for name, view in m.pieces(state[m.ours]):
+            if name not in st:
+                missing.append(name)
+                continue
+            info = st.info(name)
+            if info.shape != m.hf_shape(view):
+                raise HFFormatError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json "
+                                    f"describes {list(m.hf_shape(view))} (raymoe entry {m.ours!r})")
+            if not info.dtype.is_floating_point:
+                raise HFFormatError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; supported: "
+                                    "float32, bfloat16, float16 (quantized weights are not)")
+    if missing:
+        raise HFFormatError(f"{st.folder}: tensors missing from the safetensors files: {missing[:6]}"
+                            f"{f' (and {len(missing) - 6} more)' if len(missing) > 6 else ''}")
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> dict:
+    """Fill ``model`` (a whole raymoe model or an expert-parallel shard of one) from a Hugging Face folder.
+
+    Every raymoe entry must find its tensors with the right shapes and every tensor in the folder must belong
+    to the model (an expert another shard holds counts as belonging); both are checked before anything is
+    read. Tensors are read one at a time and converted to the model's dtype; a shard reads only its experts.
+    Returns ``{"tensors": read, "bytes_read": tensor bytes read, "family": ...}``.
+    """
+    folder = Path(folder)
+    hf = read_hf_config(folder)
+    family = family_of(hf, str(folder / "config.json"))
+    cfg = model.config
+    maps = weight_maps(model, family)
+    state = model.state_dict(keep_vars=True)
+    with SafetensorsFolder(folder) as st:
+        _check_shapes(st, maps, state)
+        known = {n for m in maps for n in m.hf_names(all_experts=True)}
+        extra = [k for k in st.keys() if k not in known and not ignorable(k, family, cfg.n_layer, cfg.tie_embeddings)]
+        if extra:
+            where = folder / (INDEX if (folder / INDEX).is_file() else SINGLE)
+            raise HFFormatError(f"{where}: tensors that config.json does not account for: {extra[:6]}"
+                                f"{f' (and {len(extra) - 6} more)' if len(extra) > 6 else ''}")
+        count = 0
+        with torch.no_grad():
+            for m in maps:
+                for name, view in m.pieces(state[m.ours].detach()):
+                    info = st.info(name)
+                    if not m.transpose and view.is_contiguous() and view.dtype == info.dtype:
+                        st.read(name, out=view)  # straight into the parameter: no temporary
+                    else:
+                        src = st.read(name)
+                        view.copy_(src.t() if m.transpose else src)
+                        del src
+                    count += 1
+        return {"tensors": count, "bytes_read": st.bytes_read, "family": family}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: Optional[torch.dtype]):
+    """Build modules in ``dtype`` (parameters are created in it, not converted afterwards)."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_hf_model(folder: str | Path, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+                  *, moe_kwargs=None) -> GPT:
+    """A raymoe model built from a Hugging Face folder's config.json and filled with its weights.
+
+    ``dtype``: the model's floating dtype (default float32; the router weights stay float32); the folder's
+    bf16/fp16/fp32 tensors are converted while they are read. ``moe_kwargs`` as for :class:`GPT` (an
+    expert-parallel shard: only its experts are built and read).
+    """
+    cfg = config_from_folder(folder)
+    with default_dtype(dtype):
+        model = GPT(cfg, moe_kwargs=moe_kwargs)
+    load_weights(model, folder)
+    return model.to(device)
