@@ -1,19 +1,27 @@
-"""Building models: from the user's config, from a checkpoint's manifest, and loading a checkpoint's weights.
+"""Building models: from the user's config, from a checkpoint, and loading a checkpoint's weights.
 
 Training (local and on Ray), evaluation, generation and serving all build their model here, so a model is
-described in exactly one way: the :class:`~raymoe.platform.model.GPTConfig` stored in every checkpoint.
+described in exactly one way: the :class:`~raymoe.platform.model.GPTConfig` stored in every native checkpoint,
+or the one a Hugging Face folder's config.json maps to (:mod:`raymoe.platform.hf`). Wherever raymoe takes a
+checkpoint it takes either: ``checkpoint_config``, ``checkpoint_step``, ``load_weights`` and ``load_model``
+accept both.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Optional
 
 import torch
+from torch import nn
 
 from raymoe.config import RaymoeConfig, resolved_d_ff
 from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import hf
 from raymoe.platform.model import GPT, GPTConfig
+
+is_hf_folder = hf.is_hf_folder
 
 
 def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
@@ -21,7 +29,7 @@ def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
     Mixture-of-Students student of that teacher (``distill.student_layers`` deep, default 87.5% of it)."""
     teacher = cfg.distill.teacher_checkpoint
     if teacher:
-        t_cfg = model_config_of(ckpt.read_manifest(teacher), teacher)
+        t_cfg = checkpoint_config(teacher)
         return t_cfg.student(cfg.distill.student_layers or max(1, round(t_cfg.n_layer * 0.875)))
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg), "moe": cfg.moe.args()}
@@ -36,8 +44,36 @@ def model_config_of(info: dict, checkpoint: str | Path) -> GPTConfig:
     return GPTConfig.from_dict(extra["model_config"])
 
 
+def checkpoint_config(checkpoint: str | Path) -> GPTConfig:
+    """The model config of a native checkpoint (a step dir or a root: its latest) or a Hugging Face folder."""
+    if hf.is_hf_folder(checkpoint):
+        return hf.config_from_folder(checkpoint)
+    return model_config_of(ckpt.read_manifest(checkpoint), checkpoint)
+
+
+def checkpoint_step(checkpoint: str | Path) -> Optional[int]:
+    """The training step of a native checkpoint; None for a Hugging Face folder."""
+    return None if hf.is_hf_folder(checkpoint) else ckpt.read_manifest(checkpoint).get("step")
+
+
+def checkpoint_dir(checkpoint: str | Path) -> Path:
+    """The folder that holds the weights: a Hugging Face folder itself, or the resolved step dir."""
+    return Path(checkpoint) if hf.is_hf_folder(checkpoint) else Path(ckpt.read_manifest(checkpoint)["path"])
+
+
+def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Fill ``model`` (whole or an expert-parallel shard: only its experts are read) from a native checkpoint
+    (no optimizer, no RNG) or a Hugging Face folder (tensors converted to the model's dtype)."""
+    if hf.is_hf_folder(checkpoint):
+        hf.load_weights(model, checkpoint)
+    else:
+        ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
+
+
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """Build a model from the config stored in a checkpoint and load its weights (no optimizer)."""
+    """Build a model from the config stored in a checkpoint (native or Hugging Face) and load its weights."""
+    if hf.is_hf_folder(checkpoint):
+        return hf.load_hf_model(checkpoint, device=device)
     model = GPT(model_config_of(ckpt.read_manifest(checkpoint), checkpoint))
     ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
     return model.to(device)
