@@ -8,6 +8,7 @@
     raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N] [--ep-size N] [--direct-ingress]
     raymoe checkpoint inspect runs/tiny/checkpoints [--verify]
     raymoe checkpoint reshard runs/tiny/checkpoints --workers 4 [--ep-size 4]
+    raymoe export --checkpoint runs/tiny/checkpoints --out hf_model [--dtype bfloat16] [--max-shard-size 5GB]
 """
 
 from __future__ import annotations
@@ -94,7 +95,28 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--workers", type=int, required=True, help="target number of expert shards")
     c.add_argument("--ep-size", type=int, default=None, help="target expert-parallel size (default: largest valid)")
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face folder (Mixtral, Qwen2/3-MoE, OLMoE, "
+                                      "DeepSeek-V3 configurations)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, folder of checkpoints or HF folder")
+    p.add_argument("--out", required=True, help="output folder (config.json, safetensors, tokenizer files)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: the model's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     return ap
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from raymoe.platform.hf import export_checkpoint
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_checkpoint(args.checkpoint, args.out, dtype=dtype, max_shard_size=args.max_shard_size,
+                            overwrite=args.overwrite)
+    print(f"exported: {out}")
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -231,7 +253,7 @@ def _cmd_checkpoint(args) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "config": _cmd_config,
-            "report": _cmd_report, "checkpoint": _cmd_checkpoint, "serve": _cmd_serve}
+            "report": _cmd_report, "checkpoint": _cmd_checkpoint, "serve": _cmd_serve, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
