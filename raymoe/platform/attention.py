@@ -21,8 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raymoe.platform.layers import RMSNorm
-from raymoe.platform.rope import (RopeCS, RotaryEmbedding, apply_rope, make_rope, rotate_half,  # noqa: F401
-                                  softmax_scale_factor)
+from raymoe.platform.rope import RopeCS, RotaryEmbedding, apply_rope, make_rope, rotate_half, softmax_scale_factor
+
+# RoPE lives in rope.py; its public names stay importable from here (model.py imports make_rope from this module).
+__all__ = ["Attention", "MLAttention", "make_attention", "MLA_NORM_EPS", "RopeCS", "RotaryEmbedding", "apply_rope",
+           "make_rope", "rotate_half"]
 
 # DeepSeek's q/kv latent norms use this eps whatever the config's rms_norm_eps (their reference code and
 # transformers both build them with the RMSNorm default).
