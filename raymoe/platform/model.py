@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from raymoe.config import MoEArgs, check_top_k, moe_schedule
 from raymoe.platform.attention import make_attention, make_rope
 from raymoe.platform.layers import MLP, make_norm
-
-ROPE_SCALING_TYPES = ("default", "linear", "yarn")
+from raymoe.platform.rope import check_rope_scaling
 
 # The routing options of GPTConfig.moe, as flat keys: how checkpoints written before they were grouped store them.
 _FLAT_MOE_KEYS = frozenset(MoEArgs.model_fields)
@@ -131,9 +130,10 @@ class GPTConfig:
                 _require_int("q_lora_rank", self.q_lora_rank, minimum=1)
             if self.position != "rope":
                 raise ValueError("GPTConfig.attention='mla' needs position='rope' (its decoupled RoPE part)")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            _choice("rope_scaling.rope_type", kind, ROPE_SCALING_TYPES)
+        try:
+            check_rope_scaling(self.rope_scaling, self.rope_theta)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"GPTConfig.{e}") from None
 
     def kv_dims(self) -> tuple[int, int, int]:
         """(heads, key dim, value dim) of what one layer's KV cache stores per token."""
