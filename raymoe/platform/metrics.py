@@ -1,7 +1,8 @@
 """Every metric raymoe exports, named and defined in one place.
 
 Names follow Prometheus conventions: a ``raymoe_`` prefix, unit suffixes (``_seconds``, ``_total``) and
-low-cardinality labels (layer and expert ids are fine; request or run ids never). Inside Ray processes the
+low-cardinality labels (layer and expert ids are fine; request ids never). Every training series carries
+``run`` (``run.name``), so two runs on one Ray cluster are two series, not one. Inside Ray processes the
 actors export these through ``ray.util.metrics``; local runs and tools use prometheus-client
 (:func:`prometheus_registry`). This module imports neither Ray nor torch.
 """
@@ -26,40 +27,42 @@ class MetricDef:
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # --- training -------------------------------------------------------------------------------------------
-TRAIN_LOSS = MetricDef("raymoe_train_loss", "gauge", "Training loss (cross-entropy + aux losses) of the last step.")
-TRAIN_CE_LOSS = MetricDef("raymoe_train_ce_loss", "gauge", "Training cross-entropy of the last step.")
-VAL_LOSS = MetricDef("raymoe_val_loss", "gauge", "Validation cross-entropy at the last evaluation.")
-AUX_LOSS = MetricDef("raymoe_moe_aux_loss", "gauge", "Load-balancing loss (l_aux) of an MoE layer.", ("layer",))
-LEARNING_RATE = MetricDef("raymoe_learning_rate", "gauge", "Learning rate of the last step.")
-GRAD_NORM = MetricDef("raymoe_grad_norm", "gauge", "Global gradient norm before clipping.")
-TOKENS_PER_SECOND = MetricDef("raymoe_train_tokens_per_second", "gauge", "Training throughput in tokens/s.")
-TOKENS_TOTAL = MetricDef("raymoe_train_tokens_total", "counter", "Tokens trained on.")
-STEPS_TOTAL = MetricDef("raymoe_train_steps_total", "counter", "Optimizer steps completed.")
+RUN = ("run",)  # the run.name label every training series carries
+TRAIN_LOSS = MetricDef("raymoe_train_loss", "gauge", "Training loss (cross-entropy + aux losses) of the last step.",
+                       RUN)
+TRAIN_CE_LOSS = MetricDef("raymoe_train_ce_loss", "gauge", "Training cross-entropy of the last step.", RUN)
+VAL_LOSS = MetricDef("raymoe_val_loss", "gauge", "Validation cross-entropy at the last evaluation.", RUN)
+AUX_LOSS = MetricDef("raymoe_moe_aux_loss", "gauge", "Load-balancing loss (l_aux) of an MoE layer.", (*RUN, "layer"))
+LEARNING_RATE = MetricDef("raymoe_learning_rate", "gauge", "Learning rate of the last step.", RUN)
+GRAD_NORM = MetricDef("raymoe_grad_norm", "gauge", "Global gradient norm before clipping.", RUN)
+TOKENS_PER_SECOND = MetricDef("raymoe_train_tokens_per_second", "gauge", "Training throughput in tokens/s.", RUN)
+TOKENS_TOTAL = MetricDef("raymoe_train_tokens_total", "counter", "Tokens trained on.", RUN)
+STEPS_TOTAL = MetricDef("raymoe_train_steps_total", "counter", "Optimizer steps completed.", RUN)
 STEP_SECONDS = MetricDef(
-    "raymoe_train_step_seconds", "histogram", "Wall time of one optimizer step.", (), _SECONDS_BUCKETS
+    "raymoe_train_step_seconds", "histogram", "Wall time of one optimizer step.", RUN, _SECONDS_BUCKETS
 )
 ALL_TO_ALL_SECONDS = MetricDef(
-    "raymoe_all_to_all_seconds", "histogram", "Time in MoE all-to-all exchanges per step.", ("layer",),
+    "raymoe_all_to_all_seconds", "histogram", "Time in MoE all-to-all exchanges per step.", (*RUN, "layer"),
     _SECONDS_BUCKETS,
 )
 EXPERT_LOAD = MetricDef(
     "raymoe_expert_load_fraction", "gauge", "Fraction of a layer's token-choices routed to an expert.",
-    ("layer", "expert"),
+    (*RUN, "layer", "expert"),
 )
 EXPERT_LOAD_MAX_OVER_MEAN = MetricDef(
     "raymoe_expert_load_max_over_mean", "gauge", "Max expert load / mean expert load of a layer (1 = balanced).",
-    ("layer",),
+    (*RUN, "layer"),
 )
 DROPPED_FRACTION = MetricDef(
     "raymoe_dropped_tokens_fraction", "gauge", "Fraction of token-choices dropped by capacity in a layer.",
-    ("layer",),
+    (*RUN, "layer"),
 )
-WORLD_SIZE = MetricDef("raymoe_world_size", "gauge", "Number of expert shards training.")
-RECOVERIES_TOTAL = MetricDef("raymoe_recoveries_total", "counter", "Recoveries from lost workers.")
+WORLD_SIZE = MetricDef("raymoe_world_size", "gauge", "Number of expert shards training.", RUN)
+RECOVERIES_TOTAL = MetricDef("raymoe_recoveries_total", "counter", "Recoveries from lost workers.", RUN)
 RECOVERY_SECONDS = MetricDef(
-    "raymoe_recovery_seconds", "histogram", "Time from a lost worker to training again.", (), _SECONDS_BUCKETS
+    "raymoe_recovery_seconds", "histogram", "Time from a lost worker to training again.", RUN, _SECONDS_BUCKETS
 )
-LOST_STEPS_TOTAL = MetricDef("raymoe_lost_steps_total", "counter", "Optimizer steps redone after a failure.")
+LOST_STEPS_TOTAL = MetricDef("raymoe_lost_steps_total", "counter", "Optimizer steps redone after a failure.", RUN)
 
 TRAINING_METRICS = (
     TRAIN_LOSS, TRAIN_CE_LOSS, VAL_LOSS, AUX_LOSS, LEARNING_RATE, GRAD_NORM, TOKENS_PER_SECOND, TOKENS_TOTAL,
