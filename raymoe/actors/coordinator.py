@@ -39,7 +39,7 @@ class Coordinator:
 
     def __init__(self, cfg: dict, shard_cls=None):
         self.cfg: RaymoeConfig = config_from_dict(cfg, source="driver")
-        self.metrics = RayMetrics(M.ALL_METRICS)
+        self.metrics = RayMetrics(M.ALL_METRICS, default_tags={"run": self.cfg.run.name})
         self.run_dir = Path(self.cfg.run.output_dir) / self.cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.model_cfg = gpt_config_from(self.cfg)
@@ -86,12 +86,16 @@ class Coordinator:
         return self.group.infos
 
     def membership_events(self) -> list[dict]:
-        """Recoveries and growths so far (also in metrics.jsonl and the run summary)."""
+        """Membership events so far: recovery, replace, grow, reform (also in metrics.jsonl and the summary)."""
         return list(self.events)
 
     def inject_fault(self, rank: int, where: str, step: int) -> None:
         """Test hook: make shard ``rank`` exit abruptly inside the step or the checkpoint write at ``step``."""
         ray.get(self.group.shards[rank].inject_fault.remote(where, step), timeout=30)
+
+    def inject_join_fault(self, count: int = 1) -> None:
+        """Test hook: the next ``count`` shards added to the world (replacements or growth) exit while they join."""
+        self.group.join_faults = count
 
     def hold_before_step(self, step: int) -> None:
         """Operations hook: have the shards stop before ``step`` and wait there until :meth:`release` (at most

@@ -54,9 +54,11 @@ class Elastic:
                            f"{c.min_workers} and cluster.max_workers shards that divide the {per_step} "
                            f"micro-batches of a step")
 
-    def configure(self, shards: list, parts_ref=None, step: int = 0, ckpt_path: str | None = None) -> dict:
+    def configure(self, shards: list, parts_ref=None, step: int = 0, ckpt_path: str | None = None,
+                  during: str = "start") -> dict:
         """Form the world from ``shards``, surviving shards that die while it forms: the survivors re-form from
-        the same exported state (or checkpoint) until it succeeds or too few shards are left."""
+        the same exported state (or checkpoint) until it succeeds or too few shards are left. ``during`` names
+        the membership change in the "reform" event of such a loss (start, recovery, restart, replace, grow)."""
         g = self.group
         for attempt in range(MAX_RECOVERIES_PER_STEP + 1):
             try:
@@ -74,8 +76,10 @@ class Elastic:
                     raise RuntimeError("every shard died while forming the world") from err
                 keep = self.choose_world(len(survivors))
                 g.kill(survivors[keep:])
+                self._event({"event": "reform", "during": during, "step": step, "joining": len(shards),
+                             "lost_shards": len(shards) - len(survivors), "world": keep,
+                             "error": type(err).__name__})
                 shards = survivors[:keep]
-                self._event({"event": "reform", "step": step, "world": keep, "error": type(err).__name__})
                 self.metrics.inc(M.RECOVERIES_TOTAL)
         raise AssertionError("unreachable")
 
@@ -128,7 +132,7 @@ class Elastic:
         lost_shards = len(g.shards) - len(alive)
         world = self.choose_world(len(alive))
         g.kill(alive[world:])
-        self.configure(alive[:world], parts_ref, resume, path)
+        self.configure(alive[:world], parts_ref, resume, path, during="recovery")
         secs = time.monotonic() - t0
         self._event({"event": "recovery", "step": step, "resume_step": resume, "lost_steps": step - resume,
                      "lost_shards": lost_shards, "source": source, "world": g.world, "ep_sizes": g.ep_sizes,
@@ -154,7 +158,7 @@ class Elastic:
         g.kill(new[world:])
         path = ckpt.latest_checkpoint(self.ckpt_dir)
         resume, source = (ckpt.read_manifest(path)["step"], "checkpoint") if path else (0, "scratch")
-        self.configure(new[:world], None, resume, path)
+        self.configure(new[:world], None, resume, path, during="restart")
         secs = time.monotonic() - t0
         self._event({"event": "recovery", "step": step, "resume_step": resume, "lost_steps": step - resume,
                      "lost_shards": lost_shards, "source": source, "all_lost": True, "world": g.world,
@@ -191,7 +195,9 @@ class Elastic:
         return self.choose_world(g.world + min(room, top - g.world)) if room > 0 else g.world
 
     def maybe_grow(self, step: int) -> None:
-        """At a step boundary, add shards on free resources (up to max_workers) and redistribute experts."""
+        """At a step boundary, add shards (up to max_workers) and redistribute experts: "replace" events for
+        shards started in bundles that lost shards left, "grow" for shards on resources the run had not used.
+        Shards lost while they join leave only a "reform" event (the world did not change size)."""
         g = self.group
         target = self.growth_target()
         if target <= g.world:
@@ -205,8 +211,10 @@ class Elastic:
             self._no_growth_until = time.monotonic() + GROWTH_RETRY_S
             return
         t0 = time.monotonic()
+        kind = "replace" if all(g.is_replacement(s) for s in new) else "grow"
         parts_ref = self._export_state(g.shards, g.expert_sets, step)
         old = g.world
-        self.configure(g.shards + new, parts_ref, step)
-        self._event({"event": "grow", "step": step, "from_world": old, "world": g.world, "ep_sizes": g.ep_sizes,
-                     "seconds": time.monotonic() - t0})
+        self.configure(g.shards + new, parts_ref, step, during=kind)
+        if g.world > old:
+            self._event({"event": kind, "step": step, "from_world": old, "world": g.world,
+                         "ep_sizes": g.ep_sizes, "seconds": time.monotonic() - t0})

@@ -101,6 +101,7 @@ class ExpertShard:
         if device.type == "cpu":
             torch.set_num_threads(max(1, int(c.cpus_per_worker)))
         join_world(init_method, rank, world, backend=c.backend, device=device, timeout_s=c.collective_timeout_s)
+        self.faults.after_join()
         self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
         model_config = gpt_config_from(self.cfg)
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)

@@ -1,7 +1,8 @@
 """Fault injection for tests and drills: make a shard's process exit abruptly at a chosen point of a step.
 
 ``train_step`` exits in the middle of the step's forwards (inside the MoE all-to-alls); ``save`` exits after
-the dense checkpoint file is written and before this rank's experts are, so the checkpoint is incomplete.
+the dense checkpoint file is written and before this rank's experts are, so the checkpoint is incomplete;
+``start`` exits while the world forms, right after joining the process group (a shard lost while it joins).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 
 from raymoe.platform import checkpoint as ckpt
 
-FAULT_POINTS = ("train_step", "save")
+FAULT_POINTS = ("train_step", "save", "start")
 
 
 class FaultPlan:
@@ -23,6 +24,10 @@ class FaultPlan:
         if where not in FAULT_POINTS:
             raise ValueError(f"fault point {where!r}; allowed: {list(FAULT_POINTS)}")
         self.armed = (where, step)
+
+    def after_join(self) -> None:
+        if self.armed is not None and self.armed[0] == "start":
+            os._exit(1)
 
     def before_step(self, step: int, trainer, micro_batches: int) -> None:
         if self.armed != ("train_step", step):

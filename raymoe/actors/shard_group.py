@@ -55,7 +55,9 @@ class ShardGroup:
         self.pg = None
         self.extra_pgs: list = []
         self._slot_of: dict[str, tuple] = {}  # actor id -> (placement group, bundle index) it was placed in
+        self._used_slots: set[tuple] = set()  # bundles that held a shard of a formed world
         self._inflight: list = []
+        self.join_faults = 0  # test hook: this many of the next added shards exit while they join
 
     # -- placement ----------------------------------------------------------------------------------------
     def bundle(self) -> dict:
@@ -82,6 +84,11 @@ class ShardGroup:
             free += [(pg, i) for i, node in placed.items() if node in alive and (pg, i) not in held]
         return free
 
+    def is_replacement(self, shard) -> bool:
+        """Whether ``shard`` sits in a bundle that held a shard of an earlier world (it replaces one lost or let
+        go), rather than on resources the run had not used."""
+        return self._slot_of.get(shard._actor_id.hex()) in self._used_slots
+
     def create(self, n: int) -> list:
         """Reserve one placement group of ``n`` bundles and start a shard in each."""
         c = self.cfg.cluster
@@ -103,6 +110,9 @@ class ShardGroup:
                 break
             self.extra_pgs.append(pg)
             new.append(self._new_shard(pg, 0))
+        for shard in new[:self.join_faults]:
+            ray.get(shard.inject_fault.remote("start", 0), timeout=30)
+        self.join_faults -= min(self.join_faults, len(new))
         return new
 
     @staticmethod
@@ -191,6 +201,7 @@ class ShardGroup:
         port = ray.get(shards[0].free_port.remote(), timeout=c.start_timeout_s)
         init_method = f"tcp://{infos[0]['ip']}:{port}"
         self.shards, self.infos, self.world, self.ep_sizes = shards, infos, world, ep_sizes
+        self._used_slots |= {self._slot_of.get(s._actor_id.hex()) for s in shards}
         buddies = [shards[(r + 1) % world] if c.buddy_interval and world > 1 else None for r in range(world)]
         started = self.gather([s.start.remote(init_method, r, world, ep_sizes, ranks_per_node, parts_ref, step,
                                               self.coordinator, buddies[r])

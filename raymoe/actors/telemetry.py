@@ -14,11 +14,15 @@ RAY_EXPORT_PREFIX = "ray_"
 
 
 class RayMetrics:
-    """Lazily created ray.util.metrics objects, keyed by metric name; one instance per actor process."""
+    """Lazily created ray.util.metrics objects, keyed by metric name; one instance per actor process.
 
-    def __init__(self, defs: tuple[MetricDef, ...]):
+    ``default_tags`` go on every series of a metric that has those labels (the coordinator gives
+    ``run=<run.name>``, so every training series names its run)."""
+
+    def __init__(self, defs: tuple[MetricDef, ...], default_tags: dict[str, str] | None = None):
         self._defs = {d.name: d for d in defs}
         self._made: dict[str, object] = {}
+        self._default_tags = _str_tags(default_tags or {})
 
     def _get(self, name: str):
         if name not in self._made:
@@ -30,6 +34,9 @@ class RayMetrics:
             else:
                 self._made[name] = ray_metrics.Histogram(d.name, description=d.description,
                                                          boundaries=list(d.boundaries), tag_keys=d.labels)
+            defaults = {k: v for k, v in self._default_tags.items() if k in d.labels}
+            if defaults:
+                self._made[name].set_default_tags(defaults)
         return self._made[name]
 
     def set(self, d: MetricDef, value: float, **tags: str) -> None:

@@ -44,6 +44,9 @@ SCENARIOS = {
     # 2 shards holding the same experts (EP=1), one per node; a shard is killed by PID three times: each time
     # the world shrinks to 1 and grows back to 2 in the bundle the dead shard left
     "kill_three_times": ["cluster.num_workers=2", "cluster.ep_size=1", "train.steps=3000", "train.log_interval=50"],
+    # 2 shards (EP=1): shard 1 dies inside step 3, and its replacement dies while it joins the world; the next
+    # replacement joins
+    "kill_replacement": ["cluster.num_workers=2", "cluster.ep_size=1", "train.steps=12"],
     # 2 shards (EP=2) both killed by PID while held before step 6: a new world restarts from the step-4 checkpoint
     "all_lost": ["cluster.num_workers=2", "cluster.ep_size=2", "checkpoint.interval=4", "train.steps=12"],
 }
@@ -58,7 +61,7 @@ def _kill_three_times(coord, result: dict) -> None:
         infos = ray.get(coord.shard_info.remote(), timeout=60)
         os.kill(infos[-1]["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 120
-        while sum(e["event"] == "grow" for e in ray.get(coord.membership_events.remote(), timeout=60)) < n:
+        while sum(e["event"] == "replace" for e in ray.get(coord.membership_events.remote(), timeout=60)) < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the world did not grow back after kill {n}")
             time.sleep(0.2)
@@ -85,6 +88,9 @@ def main(scenario: str, out: Path) -> dict:
         infos = ray.get(coord.shard_info.remote(), timeout=30)
         if scenario == "save_fault":
             ray.get(coord.inject_fault.remote(1, "save", 4), timeout=30)
+        if scenario == "kill_replacement":
+            ray.get(coord.inject_fault.remote(1, "train_step", 3), timeout=30)
+            ray.get(coord.inject_join_fault.remote(1), timeout=30)
         hold = {"grow_then_kill": 3, "remove_node": 3, "remove_node_checkpoint": 3, "all_lost": 6}.get(scenario)
         if hold is not None:
             # hold the run before a step and change the cluster while it waits: deterministic, not a race

@@ -41,7 +41,7 @@ def test_shard_dies_during_checkpoint_write(tmp_path):
     assert event["source"] == "replicas" and event["lost_steps"] == 0 and event["lost_shards"] == 1
     assert event["world"] == 1 and event["seconds"] < 15
     # the replacement takes the bundle the dead shard left: back to full size
-    assert regrow["event"] == "grow" and regrow["world"] == 2 and res["world"] == 2
+    assert regrow["event"] == "replace" and regrow["from_world"] == 1 and regrow["world"] == 2 and res["world"] == 2
     _same_losses(res)
     root = tmp_path / "elastic" / "checkpoints"
     # the write interrupted at step 4 never got a manifest; the previous checkpoint still loads
@@ -83,7 +83,7 @@ def test_world_grows_then_a_shard_is_killed_by_pid(tmp_path):
     assert recovery["event"] == "recovery" and recovery["lost_steps"] == 0 and recovery["source"] == "replicas"
     assert recovery["seconds"] < 15 and recovery["world"] == 1
     # the killed shard's bundle is reused: the world is back to 2 with no new placement group
-    assert regrow["event"] == "grow" and regrow["world"] == 2 and res["world"] == 2
+    assert regrow["event"] == "replace" and regrow["world"] == 2 and res["world"] == 2
     _same_losses(res)
 
 
@@ -93,9 +93,23 @@ def test_killed_shards_are_replaced_in_their_own_bundles(tmp_path):
     the dead shard left, so no placement group is added and none leaks."""
     res = _run("kill_three_times", tmp_path)
     assert res["worlds_after_regrow"] == [2, 2, 2]
-    assert [e["event"] for e in res["events"]] == ["recovery", "grow"] * 3
+    assert [e["event"] for e in res["events"]] == ["recovery", "replace"] * 3
     assert all(e["lost_steps"] == 0 and e["source"] == "replicas" for e in res["events"] if e["event"] == "recovery")
     assert res["placement_groups"] == 1
+
+
+@pytest.mark.slow
+def test_replacement_lost_while_joining_is_named_for_what_happened(tmp_path):
+    """A shard dies, then its replacement dies while joining: no "grow" from 1 to 1, but a recovery, a reform of
+    the one survivor during the replacement, and the next replacement bringing the world back to 2."""
+    res = _run("kill_replacement", tmp_path)
+    recovery, reform, replace = res["events"]
+    assert recovery["event"] == "recovery" and recovery["world"] == 1 and recovery["lost_shards"] == 1
+    assert reform["event"] == "reform" and reform["during"] == "replace"
+    assert (reform["joining"], reform["lost_shards"], reform["world"]) == (2, 1, 1)
+    assert replace["event"] == "replace" and (replace["from_world"], replace["world"]) == (1, 2)
+    assert res["world"] == 2
+    _same_losses(res)
 
 
 @pytest.mark.slow

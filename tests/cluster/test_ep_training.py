@@ -52,31 +52,50 @@ def test_ep2_on_ray_matches_single_process(ray_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_metrics_are_exported_to_prometheus(ray_cluster, tmp_path):
+    """Two runs on one Ray instance: every training series carries its run's name (run.name), so the two
+    runs' steps are counted apart."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from raymoe.actors.launch import train_on_ray
+    from raymoe.platform.metrics import TRAINING_METRICS
 
-    train_on_ray(_cfg(tmp_path, "metrics", "train.steps=2", "train.eval_interval=2"))
+    train_on_ray(_cfg(tmp_path, "metrics_a", "train.steps=2", "train.eval_interval=2"))
+    train_on_ray(_cfg(tmp_path, "metrics_b", "train.steps=3", "train.eval_interval=3"))
     url = f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics"
     wanted = {"ray_raymoe_train_loss", "ray_raymoe_train_tokens_per_second", "ray_raymoe_expert_load_fraction",
               "ray_raymoe_dropped_tokens_fraction", "ray_raymoe_world_size", "ray_raymoe_all_to_all_seconds",
               "ray_raymoe_train_step_seconds", "ray_raymoe_moe_aux_loss"}
+
+    def steps_by_run(found: dict) -> dict:
+        family = found.get("ray_raymoe_train_steps") or found.get("ray_raymoe_train_steps_total")
+        out: dict = {}
+        for s in family.samples if family else []:
+            if s.name.endswith("_total"):
+                out[s.labels.get("run")] = out.get(s.labels.get("run"), 0) + s.value
+        return out
+
     deadline = time.monotonic() + 60
     found: dict = {}
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         found = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("ray_raymoe")}
-        if wanted <= set(found):
+        if wanted <= set(found) and steps_by_run(found) == {"metrics_a": 2, "metrics_b": 3}:
             break
         time.sleep(1)
     assert wanted <= set(found), sorted(found)
-    # one series per (exporting process, layer, expert); each process's layer-1 loads sum to 1 over 4 experts
+    # the two runs' step counters are apart (2 and 3 steps), each series names its run
+    assert steps_by_run(found) == {"metrics_a": 2, "metrics_b": 3}
+    training = {"ray_" + m.name.removesuffix("_total") for m in TRAINING_METRICS}
+    for name, family in found.items():
+        if name in training:
+            assert all(s.labels.get("run") in ("metrics_a", "metrics_b") for s in family.samples), name
+    # one series per (run, exporting process, layer, expert); each one's layer-1 loads sum to 1 over 4 experts
     by_process: dict = {}
     for s in found["ray_raymoe_expert_load_fraction"].samples:
         if s.labels["layer"] == "1":
             key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "expert"))
             by_process.setdefault(key, {})[s.labels["expert"]] = s.value
-    assert by_process
+    assert {dict(k)["run"] for k in by_process} == {"metrics_a", "metrics_b"}
     for loads in by_process.values():
         assert sorted(loads) == ["0", "1", "2", "3"] and sum(loads.values()) == pytest.approx(1.0)
     assert any(s.value == 2 for s in found["ray_raymoe_world_size"].samples)
