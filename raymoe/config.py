@@ -7,6 +7,7 @@ message names the field path and what is allowed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -24,7 +25,11 @@ class _Section(BaseModel):
 
 class RunConfig(_Section):
     name: str = Field("raymoe", description="Run name; used for the output folder and metric labels.")
-    output_dir: str = Field("runs", description="Folder under which the run folder <output_dir>/<name> is created.")
+    output_dir: str = Field(
+        "runs", description="Folder under which the run folder <output_dir>/<name> is created. A relative path is "
+        "taken against the current directory, except inside a Ray job's working-dir copy (`ray job submit "
+        "--working-dir`), which Ray deletes: there against $RAYMOE_RESULTS_DIR, default ~/raymoe_results."
+    )
     seed: int = Field(1234, ge=0, description="Seed for initialisation, data sampling and routing noise.")
 
 
@@ -289,7 +294,8 @@ class CheckpointConfig(_Section):
     interval: int = Field(0, ge=0, description="Save every this many steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep; older ones are deleted.")
     resume: bool | str = Field(
-        False, description="false, true (resume from the run folder's latest checkpoint) or a checkpoint path."
+        False, description="false; true: resume from the run folder's latest checkpoint, or start at step 0 with a "
+        "warning when there is none; 'must': the same, but fail when there is none; or a checkpoint path."
     )
 
 
@@ -526,6 +532,32 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
     return config_from_dict(data, overrides, source=str(p))
+
+
+RESULTS_DIR_ENV = "RAYMOE_RESULTS_DIR"
+DEFAULT_RESULTS_DIR = "~/raymoe_results"
+
+
+def in_ray_job_working_dir(path: Path) -> bool:
+    """Whether ``path`` lies in the copy Ray unpacks of a runtime environment's working dir
+    (``<ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_*``), which Ray deletes."""
+    parts = Path(path).parts
+    return any(parts[i:i + 2] == ("runtime_resources", "working_dir_files") for i in range(len(parts) - 1))
+
+
+def resolve_output_dir(output_dir: str, cwd: Path | None = None) -> Path:
+    """The absolute folder ``run.output_dir`` names. A relative path is taken against ``cwd`` (default: the
+    current directory), except inside a Ray job's working-dir copy (:func:`in_ray_job_working_dir`): there
+    against ``$RAYMOE_RESULTS_DIR`` (default ``~/raymoe_results``), so the run's outputs outlive the job and
+    ``checkpoint.resume`` finds them from the next one (as Ray Train's ``storage_path`` defaults to
+    ``~/ray_results``)."""
+    path = Path(output_dir).expanduser()
+    if path.is_absolute():
+        return path
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    if in_ray_job_working_dir(cwd):
+        cwd = Path(os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR).expanduser()
+    return Path(os.path.abspath(cwd / path))
 
 
 def resolved_d_ff(cfg: RaymoeConfig) -> int:
