@@ -75,13 +75,18 @@ def build_splits(cfg: RaymoeConfig, block_size: int | None = None):
 
 
 def resume_source(cfg: RaymoeConfig, ckpt_dir: Path) -> Path | None:
-    """The checkpoint ``checkpoint.resume`` names: None (start fresh), the run's latest one (``true``; None
-    if there is none yet) or the given path."""
+    """The checkpoint ``checkpoint.resume`` names: None (start fresh), the run's latest one (``true``: None if
+    there is none yet; ``"must"``: CheckpointError if there is none) or the given path."""
     resume = cfg.checkpoint.resume
     if resume is False:
         return None
-    if resume is True:
-        return ckpt.latest_checkpoint(ckpt_dir)
+    if resume is True or resume == "must":
+        latest = ckpt.latest_checkpoint(ckpt_dir)
+        if latest is None and resume == "must":
+            raise ckpt.CheckpointError(
+                f"checkpoint.resume=must: no committed checkpoint in {Path(ckpt_dir).absolute()} "
+                "(<run.output_dir>/<run.name>/checkpoints): check run.output_dir and run.name")
+        return latest
     return Path(resume)
 
 
