@@ -269,3 +269,17 @@ def test_cli_exports_a_native_checkpoint(qwen, tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     assert {i.dtype for i in read_header(tmp_path / "bf16" / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_hf_load_benchmark_quick_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "hf_load.py"
+    out = subprocess.run([sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for case in ("single", "sharded", "bf16->fp32", "ep2-rank0", "whole-file"):
+        assert f"\n{case} " in out.stdout
+    assert "peak/model" in out.stdout and "read/file" in out.stdout
