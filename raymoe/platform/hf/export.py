@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import HFFormatError, family_for, hf_config_from_gpt
 from .names import weight_maps
-from .safetensors_io import INDEX, SINGLE, parse_size, write_sharded
+from .safetensors_io import INDEX, parse_size, write_sharded
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -117,5 +117,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, **kwargs) -> Path
 
     model = model_io.load_model(checkpoint)
     src = model_io.checkpoint_dir(checkpoint)
-    sources = [src, src / "tokenizer", src.parent, src.parent / "tokenizer"]
+    sources = [src, src / "tokenizer"]
     return export_model(model, out, sources=[*kwargs.pop("sources", ()), *sources], **kwargs)
