@@ -14,16 +14,16 @@ from raymoe.platform.moe.reference import reference_forward
 D, FFN, E = 8, 12, 4
 
 
-def _run(m, x, mask, noise, path):
+def _run(m, x, mask, noise, path, used_token=None):
     """One forward+backward; returns everything the two paths must agree on."""
     xx = x.clone().requires_grad_()
     m.zero_grad(set_to_none=True)
     if path == "fast":
-        y, l_aux, counts = m(xx, mask, noise=noise)
+        y, l_aux, counts = m(xx, mask, used_token=used_token, noise=noise)
         st = m.last_stats
         kept, cap, zl = st.kept_mask, st.capacity, st.z_loss
     else:
-        o = reference_forward(m, xx, mask, noise)
+        o = reference_forward(m, xx, mask, noise, used_token)
         y, l_aux, counts, kept, cap, zl = o.y, o.l_aux, o.exp_counts, o.kept_mask, o.capacity, o.z_loss
     w = torch.arange(y.numel(), dtype=y.dtype).view_as(y).sin()  # a non-uniform upstream gradient
     ((y * w).sum() + l_aux + zl).backward()
@@ -93,6 +93,7 @@ def test_leading_dims_and_dtype_kept():
     assert y.shape == x.shape and y.dtype == x.dtype
     assert counts.dtype == torch.int64 and counts.shape == (E,) and counts.sum() == 2 * 30
     m.eval()
+    m.set_deterministic(True)  # DeepSpeed samples top-2's second expert in eval too
     y_flat, _, _ = m(x.reshape(-1, D))
     torch.testing.assert_close(m(x)[0].reshape(-1, D), y_flat)
 
@@ -138,6 +139,7 @@ def test_token_mask_excludes_tokens_from_capacity_and_output():
     assert counts.sum() == 8 and m.last_stats.capacity == 2  # ceil(8 / 4)
     assert y[0, 8:].abs().max() == 0
     m.eval()
+    m.set_deterministic(True)  # no RTS in eval: position order
     y_sub, _, _ = m(x[:, :8])
     y_masked, _, _ = m(x, token_mask=mask)
     torch.testing.assert_close(y_masked[:, :8], y_sub)
@@ -213,10 +215,16 @@ def test_rts_drops_at_random_not_by_position():
     m(x)
     assert m.last_stats.kept_mask[:16, 0].all() and not m.last_stats.kept_mask[16:, 0].any()
     m.use_rts = True
-    m.eval()  # RTS is a training-time policy
+    m.eval()  # DeepSpeed applies RTS in eval too (top1gating has no training condition)
     m.eval_capacity_factor = 0.5
     m(x)
+    assert m.last_stats.kept_mask[:, 0].sum() == 16 and not m.last_stats.kept_mask[:16, 0].all()
+    m.set_deterministic(True)  # serving's setting: position order in eval
+    m(x)
     assert m.last_stats.kept_mask[:16, 0].all()
+    m.train()
+    m(x)
+    assert not m.last_stats.kept_mask[:16, 0].all()  # training is unaffected by the switch
 
 
 def test_expert_bias_steers_selection_not_gate_values_and_balances():

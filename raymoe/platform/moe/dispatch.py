@@ -46,32 +46,60 @@ def slots(plan: DispatchPlan, capacity: int) -> Tensor:
     return plan.expert_M * capacity + plan.pos_M
 
 
-def plan_dispatch(idx_SK: Tensor, num_experts: int, capacity: int | None,
-                  order_KS: Tensor | None = None) -> DispatchPlan:
+def plan_dispatch(idx_SK: Tensor, num_experts: int, capacity: int | None, order_KS: Tensor | None = None, *,
+                  score_SK: Tensor | None = None, token_major: bool = False,
+                  valid_S: Tensor | None = None) -> DispatchPlan:
     """Build the mapping tables.
 
-    capacity None means dropless (keep everything). order_KS (RTS): row c is a permutation of the tokens giving
-    their priority order inside choice rank c; otherwise token position order. Earlier choice ranks always
-    come first.
+    capacity None means dropless (keep everything). Over capacity, an expert keeps its token-choices in this
+    priority order:
+    - default: choice rank, then token position (DeepSpeed's top-2: every 1st choice before any 2nd choice);
+    - order_KS (Random Token Selection): row c is a permutation of the tokens giving their order inside
+      choice rank c; earlier choice ranks still come first;
+    - token_major: token position only (DeepSpeed's top-k ``drop_policy="position"``);
+    - score_SK: the highest score first (DeepSpeed's top-k ``drop_policy="probs"``: the gate probability of
+      each choice, non-negative fp32), equal scores by token position.
+    valid_S (bool [S]): only these tokens' choices are routed (DeepSpeed's ``used_token``); the others are
+    neither counted nor kept.
     """
     S, K = idx_SK.shape
     N = S * K
     dev = idx_SK.device
-    e_KS = idx_SK.t()
-    if order_KS is not None and capacity is not None:
-        e_N = e_KS.gather(1, order_KS).reshape(-1)
+    E = num_experts
+    assert order_KS is None or score_SK is None, "one drop priority at a time"
+    if valid_S is not None:  # sentinel expert E: sorts after every real expert, then cut off
+        idx_SK = idx_SK.masked_fill(~valid_S.unsqueeze(1), E)
+    bins = E + (valid_S is not None)
+    dropping = capacity is not None
+    src_N = None  # position n of the sorted order -> flat choice-major index c*S + s (None: identity)
+    if dropping and order_KS is not None:
+        e_N = idx_SK.t().gather(1, order_KS).reshape(-1)
         src_N = (order_KS + torch.arange(K, device=dev).unsqueeze(1) * S).reshape(-1)
+    elif dropping and (token_major or score_SK is not None) and K > 1:
+        e_N = idx_SK.reshape(-1)  # token-major: n = s*K + c
+        src_N = (torch.arange(S, device=dev).unsqueeze(1) + torch.arange(K, device=dev) * S).reshape(-1)
     else:
-        e_N = e_KS.reshape(-1)
-        src_N = None  # identity
-    counts_E = torch.bincount(e_N, minlength=num_experts)
-    # Narrow keys: CPU radix sort cost scales with key width (int16 is ~3x faster than int64 here).
-    key_dtype = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
-    sorted_N, order_N = torch.sort(e_N.to(key_dtype), stable=True)
-    starts_N = torch.repeat_interleave(torch.cumsum(counts_E, 0) - counts_E, counts_E, output_size=N)
+        e_N = idx_SK.t().reshape(-1)
+    counts = torch.bincount(e_N, minlength=bins)
+    if dropping and score_SK is not None:
+        # One stable sort by (expert, score descending): a non-negative fp32's bits order like its value
+        # (+0.0 turns -0.0 into 0.0). e_N is token-major here (for K == 1 choice-major is token-major too).
+        bits_N = (score_SK.float() + 0.0).contiguous().view(torch.int32).reshape(-1).to(torch.int64)
+        key_N = (e_N.to(torch.int64) << 31) | (0x7FFFFFFF - bits_N)
+        order_N = torch.sort(key_N, stable=True).indices
+        sorted_N = e_N.index_select(0, order_N)
+    else:
+        # Narrow keys: CPU radix sort cost scales with key width (int16 is ~3x faster than int64 here).
+        key_dtype = torch.int16 if bins <= torch.iinfo(torch.int16).max else torch.int32
+        sorted_N, order_N = torch.sort(e_N.to(key_dtype), stable=True)
+    starts_N = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=N)
     pos_N = torch.arange(N, device=dev) - starts_N
     expert_N = sorted_N.to(torch.long)
-    if capacity is None:
+    counts_E = counts[:E] if valid_S is not None else counts
+    if valid_S is not None:
+        n_valid = N - int(counts[E])
+        order_N, expert_N, pos_N = order_N[:n_valid], expert_N[:n_valid], pos_N[:n_valid]
+    if not dropping:
         kept_order_M, expert_M, pos_M = order_N, expert_N, pos_N
         kept_counts_E = counts_E
     else:
@@ -80,8 +108,10 @@ def plan_dispatch(idx_SK: Tensor, num_experts: int, capacity: int | None,
         kept_order_M, expert_M, pos_M = (t.index_select(0, keep_M) for t in (order_N, expert_N, pos_N))
         kept_counts_E = counts_E.clamp(max=capacity)
     choice_M = kept_order_M if src_N is None else src_N[kept_order_M]
-    if capacity is None:
+    if not dropping and valid_S is None:
         kept_KS = torch.ones(K, S, dtype=torch.bool, device=dev)
+    elif not dropping:
+        kept_KS = valid_S.unsqueeze(0).expand(K, S).clone()
     else:
         kept_N = torch.zeros(N, dtype=torch.bool, device=dev)
         kept_N[choice_M] = True
