@@ -271,7 +271,8 @@ def family_for(cfg: GPTConfig) -> str:
 
 def hf_config_from_gpt(cfg: GPTConfig, dtype: str = "float32", extra: Optional[dict] = None) -> dict:
     """The ``config.json`` dict of the HF family that holds ``cfg`` (``family_for``); ``extra`` adds keys
-    (token ids). Keys are written the way transformers 5 writes them (``rope_parameters``)."""
+    (token ids). Keys are written the way transformers 5 writes them (``rope_parameters``, ``dtype``) and, with
+    the same values, the way transformers 4 reads them (``rope_theta``, ``rope_scaling``, ``torch_dtype``)."""
     family = family_for(cfg)
     m = cfg.moe
     num_experts = cfg.num_experts[0] if isinstance(cfg.num_experts, list) else cfg.num_experts
@@ -283,6 +284,8 @@ def hf_config_from_gpt(cfg: GPTConfig, dtype: str = "float32", extra: Optional[d
         "num_experts_per_tok": m.k, "router_aux_loss_coef": cfg.aux_loss_coef,
         "intermediate_size": cfg.d_ff, "attention_dropout": 0.0, "dtype": dtype,
         "rope_parameters": {"rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {"rope_type": "default"})},
+        # the same, as transformers 4 (and tools built on it) read them
+        "torch_dtype": dtype, "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
     }
     ids = cfg.moe_layer_ids()
     if family in ("mixtral", "olmoe"):
