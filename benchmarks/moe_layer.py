@@ -15,6 +15,8 @@ Ratios are measured side by side in one run (DESIGN.md "Performance method"):
                        2 segments; fill = kept rows / (E * largest kept count)
 
 Usage: python benchmarks/moe_layer.py [--quick] [--shapes T4096_D512 ...] [--modes dropless cf1.0 cf1.25]
+       [--router deepspeed|softmax_topk|sigmoid_group] [--activation gelu|swiglu] [--drop-policy probs|position]
+       (swiglu: the dense pair is a SwiGLU pair too and the useful FLOPs count its three projections)
        [--cpu-time]   (1 thread timed by its CPU time: stable on a machine shared with other jobs)
        [--device cuda [--dtype bf16]]   (GPU: timed with synchronize; bf16 runs the experts and the dense pair
                                          in bf16 under autocast, the gate stays fp32, as in training)
@@ -77,12 +79,16 @@ def _autocast():
 
 
 def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, only_ref: bool = False,
-                min_fill: float | None = None, segment_loop: bool = False):
+                min_fill: float | None = None, segment_loop: bool = False, router: str = "deepspeed",
+                activation: str = "gelu", drop_policy: str = "probs"):
     """Times of the fast path and the dense pair (interleaved), or with ``only_ref`` the einsum reference."""
     torch.manual_seed(0)
     extra = {} if min_fill is None else {"capacity_layout_min_fill": min_fill}
+    if router == "sigmoid_group":
+        extra.update(n_group=min(E, 8), topk_group=min(E, 8) // 2 or 1)
     moe = MoE(D, Fd, num_experts=E, k=k, capacity_factor=cf or 1.0, drop_tokens=cf is not None,
-              min_capacity=4, **extra).to(DEVICE).train()
+              min_capacity=4, router=router, activation=activation, drop_policy=drop_policy,
+              **extra).to(DEVICE).train()
     moe.experts.force_fallback = segment_loop
     x = torch.randn(T, D, device=DEVICE, requires_grad=backward)
     gy = torch.randn(T, D, device=DEVICE)
@@ -108,14 +114,16 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, on
     fast()
     M, N = int(moe.last_stats.kept_counts.sum()), T * k
     xd = torch.randn(N, D, device=DEVICE, requires_grad=backward)
-    w1 = (torch.randn(D, Fd, device=DEVICE) * 0.02).requires_grad_(backward)
+    gated = activation == "swiglu"
+    w1 = (torch.randn(D, (2 if gated else 1) * Fd, device=DEVICE) * 0.02).requires_grad_(backward)
     w2 = (torch.randn(Fd, D, device=DEVICE) * 0.02).requires_grad_(backward)
     gd = torch.randn(N, D, device=DEVICE)
 
     def dense():
         xd.grad = w1.grad = w2.grad = None
         with _autocast():
-            y = F.gelu(xd @ w1, approximate="tanh") @ w2
+            h = xd @ w1
+            y = (F.silu(h[:, :Fd]) * h[:, Fd:] if gated else F.gelu(h, approximate="tanh")) @ w2
         if backward:
             y.backward(gd.to(y.dtype))
 
@@ -126,7 +134,7 @@ def _bench_case(T, D, Fd, E, k, cf, backward: bool, reps: int, ref_reps: int, on
         t_fast += _times(fast, 1, 0)
     # min over reps: the least-disturbed run estimates the uncontended time on a shared machine
     td, tf = min(t_dense), min(t_fast)
-    flops = 2 * 2 * D * Fd * (3 if backward else 1)  # per row
+    flops = 2 * (3 if gated else 2) * D * Fd * (3 if backward else 1)  # per row
     return dict(M=M, N=N, t_fast=tf, t_dense=td, gflops=M * flops / tf / 1e9,
                 layout=f"{moe.last_stats.layout} (fill {M / (E * int(moe.last_stats.kept_counts.max())):.2f})",
                 dense_gflops=N * flops / td / 1e9, dense_eq=td / tf)
@@ -149,6 +157,10 @@ def main(argv=None):
                     help="MoE capacity_layout_min_fill: 0 = always one slot buffer, 2 = always segments")
     ap.add_argument("--segment-loop", action="store_true",
                     help="segments: the per-expert GEMM loop (the fallback) instead of torch._grouped_mm")
+    ap.add_argument("--router", default="deepspeed", choices=["deepspeed", "softmax_topk", "sigmoid_group"])
+    ap.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
+    ap.add_argument("--drop-policy", default="probs", choices=["probs", "position"],
+                    help="DeepSpeed top-k (k > 2) drop mode: which choices an expert over capacity keeps")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
                     help="bf16: autocast (fp32 master weights, fp32 gate), for GPUs; CPU bf16 GEMMs are slow")
@@ -171,16 +183,18 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {where}, dtype {args.dtype}, "
           f"clock {'thread CPU time' if args.cpu_time else 'wall'}, "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}, grouped_mm "
-          f"{'yes' if hasattr(torch, '_grouped_mm') else 'no'}")
+          f"{'yes' if hasattr(torch, '_grouped_mm') else 'no'}, router {args.router}, activation "
+          f"{args.activation}, drop_policy {args.drop_policy}")
     hdr = (f"{'shape':<26}{'mode':<9}{'pass':<8}{'M kept':>8}{'fast ms':>9}{'dense ms':>9}"
            f"{'GF/s':>8}{'denseGF/s':>10}{'dense-eq':>9}  layout")
     print(hdr)
     print("-" * len(hdr))
     cases = [(name, mode, p) for name in shapes for mode in args.modes for p in args.passes]
+    variant = dict(router=args.router, activation=args.activation, drop_policy=args.drop_policy)
     fast_ms = {}
     for name, mode, p in cases:
         r = _bench_case(*shapes[name], MODES[mode], p == "fwd+bwd", args.reps, args.ref_reps,
-                        min_fill=args.min_fill, segment_loop=args.segment_loop)
+                        min_fill=args.min_fill, segment_loop=args.segment_loop, **variant)
         fast_ms[name, mode, p] = r["t_fast"]
         print(f"{name:<26}{mode:<9}{p:<8}{r['M']:>8}{r['t_fast'] * 1e3:>9.2f}{r['t_dense'] * 1e3:>9.2f}"
               f"{r['gflops']:>8.1f}{r['dense_gflops']:>10.1f}{r['dense_eq']:>9.2f}  {r['layout']}", flush=True)
@@ -191,7 +205,7 @@ def main(argv=None):
     print(f"\n{'shape':<26}{'mode':<9}{'pass':<8}{'ref ms':>10}{'ref/fast':>9}")
     for name, mode, p in cases:
         tr = _bench_case(*shapes[name], MODES[mode], p == "fwd+bwd", args.reps, args.ref_reps, only_ref=True,
-                         min_fill=args.min_fill, segment_loop=args.segment_loop)
+                         min_fill=args.min_fill, segment_loop=args.segment_loop, **variant)
         print(f"{name:<26}{mode:<9}{p:<8}{tr * 1e3:>10.1f}{tr / fast_ms[name, mode, p]:>9.1f}", flush=True)
 
 
