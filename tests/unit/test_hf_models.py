@@ -62,29 +62,7 @@ def hf_dict(name: str, **patch) -> dict:
     return d
 
 
-def _not_landed(name: str):
-    """Why raymoe cannot run case ``name`` yet (a part another engineer is still landing), else None.
-    Temporary: removed once the MoE and attention parts are committed."""
-    from raymoe.platform.model import GPT
-
-    cfg = hf.gpt_config_from_hf(hf_dict(name))
-    try:
-        GPT(cfg)(torch.zeros(1, 3, dtype=torch.long))
-    except Exception as e:  # noqa: BLE001 - any failure of the model itself means "not landed"
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def _case_params():
-    params = []
-    for name in CASES:
-        why = _not_landed(name)
-        marks = [pytest.mark.xfail(reason=f"waiting for the family's parts: {why}", strict=False)] if why else []
-        params.append(pytest.param(name, id=name, marks=marks))
-    return params
-
-
-PARAMS = _case_params()
+PARAMS = list(CASES)
 
 
 def build_hf(name: str, seed: int = 0):
