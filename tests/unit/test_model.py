@@ -191,8 +191,8 @@ def test_pyramid_residual_param_counts_by_hand():
     dense_mlp = ln + (D * F + F) + (F * D + D)
     expert = D * Fe + Fe * D  # w1 + w2, no biases
 
-    def moe(E):  # gate (no bias) + experts + residual MLP + coefficient Linear(D, 2)
-        return ln + E * D + E * expert + (D * Fe + Fe) + (Fe * D + D) + (2 * D + 2)
+    def moe(E):  # gate (no bias) + experts + residual MLP (a copy of the expert: no biases) + Linear(D, 2)
+        return ln + E * D + E * expert + expert + (2 * D + 2)
 
     total = emb + 4 * attn + 2 * dense_mlp + moe(2) + moe(4) + ln  # + ln_f; lm_head tied
     active = total - (2 - 1) * expert - (4 - 1) * expert
