@@ -367,6 +367,10 @@ class ClusterConfig(_Section):
     grow_check_interval: int = Field(
         1, ge=1, description="Elastic: look for free resources to add shards every this many steps."
     )
+    coordinator_restarts: int = Field(
+        3, ge=0, description="Times the driver starts a new coordinator (and shards) when the coordinator's process "
+        "dies; it resumes from the run's latest checkpoint, losing at most checkpoint.interval steps (0 = fail).",
+    )
 
     @field_validator("ep_size")
     @classmethod
