@@ -77,6 +77,13 @@ class ModelConfig(_Section):
     v_head_dim: int = Field(0, ge=0, description="MLA: per-head value dims.")
     mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward kind of dense layers and experts.")
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
+    init_from: str | None = Field(
+        None, description="Start training (or fine-tuning) from this Hugging Face model folder (Mixtral, "
+        "Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) or raymoe checkpoint: it sets the architecture and the first "
+        "weights. Leave the other model/moe fields unset, except model.block_size (the training context), "
+        "model.dropout, moe.aux_loss_coef and moe.z_loss_coef; its tokenizer is the run's unless the tokenizer "
+        "section is set. A resumed checkpoint wins over it.",
+    )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
@@ -381,6 +388,11 @@ class ClusterConfig(_Section):
         return v
 
 
+# What a config may set beside model.init_from (the folder sets everything else about the model).
+INIT_FROM_MODEL_FIELDS = frozenset({"init_from", "block_size", "dropout"})
+INIT_FROM_MOE_FIELDS = frozenset({"aux_loss_coef", "z_loss_coef"})
+
+
 class RaymoeConfig(_Section):
     """The root of every raymoe YAML file."""
 
@@ -397,6 +409,29 @@ class RaymoeConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RaymoeConfig":
+        if self.model.init_from:
+            self._check_init_from()
+        else:
+            self._check_architecture()
+        if self.cluster.mode == "ray":
+            self._check_distributed_batch()
+            self._check_elastic_bounds()
+        return self
+
+    def _check_init_from(self) -> None:
+        """The folder sets the architecture: fields of the model/moe sections that would be ignored are errors."""
+        allowed = {"model": INIT_FROM_MODEL_FIELDS, "moe": INIT_FROM_MOE_FIELDS}
+        clash = sorted(f"{name}.{f}" for name, section in (("model", self.model), ("moe", self.moe))
+                       for f in section.model_fields_set - allowed[name])
+        if clash:
+            raise ValueError(
+                f"model.init_from={self.model.init_from!r} sets the architecture; remove {clash} (allowed "
+                f"beside it: {sorted(f'model.{f}' for f in INIT_FROM_MODEL_FIELDS - {'init_from'})} and "
+                f"{sorted(f'moe.{f}' for f in INIT_FROM_MOE_FIELDS)})")
+        if "tokenizer" not in self.model_fields_set and (Path(self.model.init_from) / "tokenizer.json").is_file():
+            self.tokenizer = TokenizerConfig(kind="pretrained", path=self.model.init_from)
+
+    def _check_architecture(self) -> None:
         self._vocab_follows_tokenizer()
         n_moe = len(moe_layer_ids(self))
         if isinstance(self.moe.num_experts, list) and len(self.moe.num_experts) != n_moe:
@@ -413,12 +448,8 @@ class RaymoeConfig(_Section):
         if isinstance(ep, list) and len(ep) != n_moe:
             raise ValueError(f"cluster.ep_size has {len(ep)} entries but the schedule has {n_moe} MoE layers "
                              f"{moe_layer_ids(self)}: give one entry per MoE layer, one int, or 'auto'")
-        if self.cluster.mode == "ray":
-            self._check_distributed_batch()
-            self._check_elastic_bounds()
         if self.moe.use_residual and self.moe.k != 1:
             raise ValueError(f"moe.use_residual needs moe.k=1 (Residual-MoE is top-1), got k={self.moe.k}")
-        return self
 
 
     def _vocab_follows_tokenizer(self) -> None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from raymoe.config import RaymoeConfig
 from raymoe.platform import parallel
 from raymoe.platform.model import GPT, GPTConfig
+from raymoe.platform.model_io import init_weights
 from raymoe.platform.train_step import build_optimizer
 from raymoe.platform.training import RankInfo
 
@@ -66,11 +67,16 @@ def build_rank(cfg: RaymoeConfig, model_config: GPTConfig, rank: int, world: int
     layout = parallel.ParallelLayout(world, {int(k): v for k, v in ep_sizes.items()}, model_config.experts_per_layer())
     groups = parallel.build_process_groups(layout, rank, ranks_per_node=ranks_per_node)
     torch.manual_seed(cfg.run.seed)
-    full_state = GPT(model_config).state_dict()
+    # from scratch, every rank builds the whole model to start from the same weights; model.init_from gives
+    # them instead (each rank reads only its own experts)
+    full_state = None if cfg.model.init_from else GPT(model_config).state_dict()
     model = GPT(model_config, moe_kwargs=parallel.make_moe_kwargs(
         layout, groups, hierarchical=cfg.cluster.hierarchical_all_to_all, ranks_per_node=ranks_per_node,
         uniform_tokens=True))  # every rank runs the same micro-batch and evaluation sizes
-    parallel.load_full_state_dict(model, full_state)
+    if full_state is None:
+        init_weights(model, cfg)
+    else:
+        parallel.load_full_state_dict(model, full_state)
     del full_state
     model.to(device)
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),

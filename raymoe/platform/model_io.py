@@ -27,6 +27,8 @@ is_hf_folder = hf.is_hf_folder
 def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
     """The model a run trains: the ``model`` and ``moe`` sections, or, with ``distill.teacher_checkpoint``, the
     Mixture-of-Students student of that teacher (``distill.student_layers`` deep, default 87.5% of it)."""
+    if cfg.model.init_from:
+        return _init_from_config(cfg)
     teacher = cfg.distill.teacher_checkpoint
     if teacher:
         t_cfg = checkpoint_config(teacher)
@@ -34,6 +36,35 @@ def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg), "moe": cfg.moe.args()}
     return GPTConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def _init_from_config(cfg: RaymoeConfig) -> GPTConfig:
+    """The architecture of ``model.init_from`` with the few fields a run may set beside it."""
+    base = checkpoint_config(cfg.model.init_from)
+    if cfg.model.block_size > base.block_size:
+        raise ValueError(f"model.block_size={cfg.model.block_size} exceeds the context of model.init_from "
+                         f"({base.block_size} positions)")
+    ids = {"byte": 257, "bpe": cfg.tokenizer.vocab_size}.get(cfg.tokenizer.kind)
+    if ids is not None and ids > base.vocab_size:
+        raise ValueError(f"tokenizer.kind={cfg.tokenizer.kind!r} has {ids} ids but model.init_from's vocabulary "
+                         f"holds {base.vocab_size}; use the folder's tokenizer (tokenizer.kind: pretrained)")
+    changes, moe_changes = {}, {}
+    if "dropout" in cfg.model.model_fields_set:
+        changes["dropout"] = cfg.model.dropout
+    if "aux_loss_coef" in cfg.moe.model_fields_set:
+        changes["aux_loss_coef"] = cfg.moe.aux_loss_coef
+    if "z_loss_coef" in cfg.moe.model_fields_set:
+        moe_changes["z_loss_coef"] = cfg.moe.z_loss_coef
+    return dataclasses.replace(base, **changes, moe=base.moe.model_copy(update=moe_changes))
+
+
+def init_weights(model: nn.Module, cfg: RaymoeConfig) -> bool:
+    """Load ``model.init_from``'s weights into ``model`` (whole or an expert-parallel shard) when the run has
+    one; True if it did."""
+    if not cfg.model.init_from:
+        return False
+    load_weights(model, cfg.model.init_from)
+    return True
 
 
 def model_config_of(info: dict, checkpoint: str | Path) -> GPTConfig:
@@ -48,7 +79,11 @@ def checkpoint_config(checkpoint: str | Path) -> GPTConfig:
     """The model config of a native checkpoint (a step dir or a root: its latest) or a Hugging Face folder."""
     if hf.is_hf_folder(checkpoint):
         return hf.config_from_folder(checkpoint)
-    return model_config_of(ckpt.read_manifest(checkpoint), checkpoint)
+    try:
+        info = ckpt.read_manifest(checkpoint)
+    except ckpt.CheckpointError as e:
+        raise ckpt.CheckpointError(f"{e}; a Hugging Face model folder needs a config.json") from None
+    return model_config_of(info, checkpoint)
 
 
 def checkpoint_step(checkpoint: str | Path) -> Optional[int]:

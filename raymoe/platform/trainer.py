@@ -16,7 +16,7 @@ import torch
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform.model import GPT
-from raymoe.platform.model_io import gpt_config_from
+from raymoe.platform.model_io import gpt_config_from, init_weights
 from raymoe.platform.run_log import RunLog
 from raymoe.platform.train_step import build_optimizer
 from raymoe.platform.training import (Trainer, build_splits, commit_checkpoint, load_teacher, resolve_device,
@@ -52,7 +52,9 @@ class LocalTrainer:
         torch.manual_seed(cfg.run.seed)
         train_ds, val_ds = build_splits(cfg)
         # the model is initialised right after seeding, as every shard does (building the teacher draws too)
-        self.model = GPT(gpt_config_from(cfg)).to(self.device)
+        self.model = GPT(gpt_config_from(cfg))
+        init_weights(self.model, cfg)  # model.init_from (a resumed checkpoint replaces these below)
+        self.model.to(self.device)
         teacher, kd_schedule = load_teacher(cfg, self.device)
         t = cfg.train
         self.optimizer = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,
