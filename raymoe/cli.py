@@ -119,10 +119,15 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _fmt(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "n/a"
+
+
 def _cmd_train(args) -> int:
     from raymoe.config import load_config
     from raymoe.platform.generate import sample_text
     from raymoe.platform.model_io import load_model
+    from raymoe.platform.tokenizer import load_tokenizer
     from raymoe.platform.trainer import LocalTrainer
 
     cfg = load_config(args.config, args.overrides)
@@ -134,16 +139,18 @@ def _cmd_train(args) -> int:
     else:
         trainer = LocalTrainer(cfg)
         summary = trainer.run()
-    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
-          f"val_loss {summary.get('val_loss', float('nan')):.4f} (ppl {summary.get('val_ppl', float('nan')):.2f})")
+    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} nats/token "
+          f"({_fmt(summary.get('last_bpb'), '.3f')} bits/byte); val_loss {_fmt(summary.get('val_loss'), '.4f')} "
+          f"(ppl {_fmt(summary.get('val_ppl'), '.2f')}, {_fmt(summary.get('val_bpb'), '.3f')} bits/byte)")
     print(f"checkpoint: {summary['checkpoint']}")
     for plot in summary["plots"]:
         print(f"plot: {plot}")
     if cfg.sample.max_new_tokens:
         s = cfg.sample
         model = trainer.model if trainer is not None else load_model(summary["checkpoint"])
-        print("sample:\n" + sample_text(model, s.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p,
-                                         seed=cfg.run.seed))
+        tokenizer = load_tokenizer(summary["checkpoint"])  # the one the checkpoint carries
+        print("sample:\n" + sample_text(model, tokenizer, s.prompt, s.max_new_tokens, s.temperature, s.top_k,
+                                         s.top_p, seed=cfg.run.seed))
     return 0
 
 
@@ -152,24 +159,30 @@ def _cmd_eval(args) -> int:
     from raymoe.platform.model_io import load_model
     from raymoe.platform.training import evaluate_checkpoint_windows
 
+    from raymoe.platform.tokenizer import load_tokenizer
+
     cfg = load_config(args.config, args.overrides)
-    # the same windows and forward sizes as the validation loss logged during training
-    print(json.dumps(evaluate_checkpoint_windows(cfg, load_model(args.checkpoint))))
+    # the same windows and forward sizes as the validation loss logged during training; the text is tokenized
+    # with the tokenizer the checkpoint carries
+    print(json.dumps(evaluate_checkpoint_windows(cfg, load_model(args.checkpoint),
+                                                 tokenizer=load_tokenizer(args.checkpoint))))
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from raymoe.platform.data import ByteTokenizer
+    from raymoe.platform.detokenize import IncrementalDetokenizer
     from raymoe.platform.generate import generate
     from raymoe.platform.model_io import load_model
+    from raymoe.platform.tokenizer import load_tokenizer
 
     model = load_model(args.checkpoint)
-    tok = ByteTokenizer()
-    outs = generate(model, [tok.encode(p) for p in args.prompt], max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_id=tok.eos_id,
-                    seed=args.seed)
-    for prompt, out in zip(args.prompt, outs):
-        print(prompt + tok.decode(out))
+    tok = load_tokenizer(args.checkpoint)  # the tokenizer the checkpoint carries
+    prompts = [tok.encode(p, add_special_tokens=True) for p in args.prompt]
+    outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, eos_id=tok.stop_ids, seed=args.seed)
+    for prompt, ids, out in zip(args.prompt, prompts, outs):
+        detok = IncrementalDetokenizer(tok, ids)
+        print(prompt + detok.push(out) + detok.flush())
     return 0
 
 

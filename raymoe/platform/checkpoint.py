@@ -7,6 +7,9 @@ Layout of ``<root>/step_{step:08d}/``::
     experts/layer{L:03d}_expert{G:04d}.safetensors   global expert G of layer L: its rows of every expert
                              entry ("w1", "w2") and of their optimizer state ("exp_avg.w1", "step.w1", ...)
     rng.safetensors          torch CPU/CUDA, python and numpy RNG states (rng_rank{R:05d}... per rank)
+    tokenizer.json, tokenizer_config.json [, chat_template.jinja, generation_config.json]
+                             the tokenizer the model was trained with (`raymoe.platform.tokenizer`), written
+                             by the committer; a checkpoint without them is read with the byte tokenizer
     manifest.json            written LAST (tmp + fsync + os.replace), the commit point: every file's size and
                              sha256, step, config, extra, optimizer param_groups; then ``<root>/latest``
 
@@ -166,12 +169,13 @@ def _restore_rng(t: dict, meta: dict) -> None:
 def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                     extra: dict | None = None, config: dict | None = None, rng: bool = True,
                     write_dense: bool = True, write_manifest: bool = True, write_experts: bool = True,
-                    rank: int | None = None) -> Path:
+                    rank: int | None = None, tokenizer=None) -> Path:
     """Write ``model`` [+ ``optimizer`` state, RNG state] to ``<root>/step_{step:08d}/``; return that dir.
 
     ``write_dense``/``write_experts`` pick the parts this process writes; ``write_manifest`` commits here
     (else a coordinator calls ``finalize_checkpoint`` once every writer returned). ``extra`` and ``config``
-    must be JSON-serializable (they go into the manifest). ``rank`` names a per-rank RNG file. Re-saving a
+    must be JSON-serializable (they go into the manifest). ``rank`` names a per-rank RNG file. ``tokenizer``
+    (with ``write_manifest``): its files go into the checkpoint (see `finalize_checkpoint`). Re-saving a
     step first removes its manifest, so a crash midway leaves it visibly incomplete.
     """
     if not isinstance(step, int) or step < 0:
@@ -211,7 +215,7 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
     if rng:
         _write_safetensors(ckpt / _rng_file(rank), *_rng_payload())
     if write_manifest:
-        finalize_checkpoint(ckpt, step=step, config=config, extra=extra)
+        finalize_checkpoint(ckpt, step=step, config=config, extra=extra, tokenizer=tokenizer)
     return ckpt
 
 
@@ -243,14 +247,18 @@ def _optimizer_payload(model, optimizer, containers):
 
 def finalize_checkpoint(ckpt_dir, *, step: int | None = None, config: dict | None = None,
                         extra: dict | None = None, expected_experts: dict[int, int] | None = None,
-                        update_latest: bool = True) -> Path:
+                        update_latest: bool = True, tokenizer=None) -> Path:
     """Commit a checkpoint dir: hash every file present, write ``manifest.json`` atomically, then ``latest``.
 
     Call it once, after every writer's ``save_checkpoint(..., write_manifest=False)`` returned.
     ``expected_experts`` ({layer_id: num_experts}) refuses to commit unless each such layer has exactly
-    experts 0..n-1. ``step`` defaults to the one in the directory name.
+    experts 0..n-1. ``step`` defaults to the one in the directory name. ``tokenizer``: a
+    `raymoe.platform.tokenizer.Tokenizer` whose files are written into the checkpoint first (so the manifest
+    lists and hashes them, and eval, generate and serve find the tokenizer the model was trained with).
     """
     ckpt = Path(ckpt_dir)
+    if tokenizer is not None:
+        tokenizer.save(ckpt)
     if step is None:
         if not (m := _STEP_RE.match(ckpt.name)):
             raise ValueError(f"step not given and {ckpt.name!r} is not a step_XXXXXXXX directory")
@@ -358,6 +366,14 @@ def _read(manifest: dict, rel: str, parse: bool = True):
         return st_load(data), meta
     except Exception as e:  # safetensors raises its own error type
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def verify_files(ckpt_dir, names) -> None:
+    """CheckpointError unless each of ``names`` (paths relative to the committed checkpoint ``ckpt_dir``) is
+    listed in its manifest and matches its size and sha256."""
+    manifest = read_manifest(ckpt_dir)
+    for rel in names:
+        _read(manifest, rel, parse=False)
 
 
 def _copy(path, key: str, src: torch.Tensor, dst: torch.Tensor, strict: bool) -> None:

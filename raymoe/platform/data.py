@@ -1,10 +1,13 @@
-"""Data: byte tokenizer, corpora, memory-mapped token files, deterministic splits and batch sampling.
+"""Data: corpora, memory-mapped token files, deterministic splits and batch sampling.
 
 Legend: B batch rows, T block_size (tokens per row), W windows (valid start offsets of a split).
 
 A step's batch is a pure function of (seed, step, split); rank r of world w takes a contiguous slice of its
 rows, so re-planning with another world size neither skips nor repeats samples. Token files are plain uint16
-arrays (np.memmap): every worker on a node shares one page cache instead of holding its own copy.
+arrays (uint32 for vocabularies over 65536 ids; np.memmap): every worker on a node shares one page cache instead
+of holding its own copy. Text is tokenized with the run's tokenizer (`raymoe.platform.tokenizer`: byte, BPE, a
+model's own), documents in batches that the Rust tokenizer encodes on all cores, with a progress bar; the cache
+is keyed on the sources' contents and the tokenizer's fingerprint, so another tokenizer builds another file.
 """
 
 from __future__ import annotations
@@ -19,43 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-EOS_ID = 256
+from raymoe.platform.tokenizer import EOS_ID, ByteTokenizer, Tokenizer  # noqa: F401 (re-exported)
+
 TEXT_SUFFIXES = (".txt", ".jsonl")
 TOKEN_SUFFIXES = (".bin", ".npy")
 _META_FORMAT = "raymoe-tokens"
-_META_VERSION = 1
+_META_VERSION = 2
 _HASH_CHUNK = 1 << 20
+_BATCH_CHARS = 1 << 22  # documents handed to the tokenizer per call (its threads share them)
 PathLike = str | os.PathLike
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255 plus EOS (256): no vocabulary files, any text, any language."""
-
-    vocab_size = 257
-    eos_id = EOS_ID
-
-    def encode(self, text: str, add_eos: bool = False) -> list[int]:
-        """Token ids of `text` (its UTF-8 bytes), optionally followed by EOS."""
-        return self.encode_array(text, add_eos).tolist()
-
-    def encode_array(self, text: str, add_eos: bool = False) -> np.ndarray:
-        """Like `encode` but returns a uint16 array (the fast path for building token files)."""
-        if not isinstance(text, str):
-            raise TypeError(f"ByteTokenizer.encode expects str, got {type(text).__name__}")
-        # surrogatepass: a lone surrogate (e.g. from a bad JSON escape) must not crash a whole corpus build
-        ids = np.frombuffer(text.encode("utf-8", errors="surrogatepass"), dtype=np.uint8).astype(np.uint16)
-        return np.append(ids, np.uint16(EOS_ID)) if add_eos else ids
-
-    def decode(self, ids: Iterable[int] | np.ndarray | torch.Tensor) -> str:
-        """Text of `ids`; EOS and any id outside 0..255 are skipped, invalid UTF-8 becomes U+FFFD.
-
-        decode(encode(s)) == s for every str that is valid Unicode (no lone surrogates).
-        """
-        if isinstance(ids, torch.Tensor):
-            ids = ids.detach().cpu().numpy()
-        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids)).astype(np.int64).ravel()
-        arr = arr[(arr >= 0) & (arr < 256)]
-        return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 def default_corpus_text() -> str:
@@ -124,12 +99,15 @@ def load_corpus_texts(paths: Sequence[PathLike], jsonl_field: str = "text") -> l
 
 
 def _load_token_file(path: Path) -> np.ndarray:
-    """Read-only memory map of a pre-tokenized file (.bin: raw uint16; .npy: 1-D integer array)."""
+    """Read-only memory map of a pre-tokenized file (.bin: raw uint16, or the dtype its raymoe meta names;
+    .npy: 1-D integer array)."""
     if path.suffix == ".bin":
+        meta = _read_meta(path.with_suffix(".json"))
+        dtype = np.dtype(meta["dtype"]) if meta and meta.get("dtype") in ("uint16", "uint32") else np.dtype(np.uint16)
         size = path.stat().st_size
-        if size == 0 or size % 2:
-            raise ValueError(f"token file {str(path)!r}: {size} bytes is not a non-empty uint16 array")
-        return np.memmap(path, dtype=np.uint16, mode="r")
+        if size == 0 or size % dtype.itemsize:
+            raise ValueError(f"token file {str(path)!r}: {size} bytes is not a non-empty {dtype} array")
+        return np.memmap(path, dtype=dtype, mode="r")
     arr = np.load(path, mmap_mode="r", allow_pickle=False)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer) or arr.size == 0:
         raise ValueError(f"token file {str(path)!r}: expected a non-empty 1-D integer array, "
@@ -137,11 +115,10 @@ def _load_token_file(path: Path) -> np.ndarray:
     return arr
 
 
-def _fingerprint(files: list[Path], default_text: str | None, tokenizer, jsonl_field: str) -> str:
-    """Hash of everything the token file depends on: contents (not mtimes), tokenizer, options."""
+def sources_fingerprint(files: list[Path], default_text: str | None, jsonl_field: str) -> str:
+    """Hash of the text sources: contents (not mtimes) and options."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{_META_FORMAT}:{_META_VERSION}:{type(tokenizer).__name__}:{tokenizer.vocab_size}:"
-             f"{tokenizer.eos_id}:{jsonl_field}".encode())
+    h.update(f"{_META_FORMAT}:{_META_VERSION}:{jsonl_field}".encode())
     if default_text is not None:
         h.update(b"\0default\0" + default_text.encode("utf-8", errors="surrogatepass"))
     for f in files:
@@ -152,9 +129,12 @@ def _fingerprint(files: list[Path], default_text: str | None, tokenizer, jsonl_f
     return h.hexdigest()
 
 
-def _encode(tokenizer, text: str) -> np.ndarray:
-    fast = getattr(tokenizer, "encode_array", None)  # any encode(str)->list[int] tokenizer also works
-    return fast(text) if fast else np.asarray(tokenizer.encode(text), dtype=np.int64)
+def _fingerprint(files: list[Path], default_text: str | None, tokenizer: Tokenizer, jsonl_field: str) -> str:
+    """Hash of everything the token file depends on: the sources and the tokenizer."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{sources_fingerprint(files, default_text, jsonl_field)}:{tokenizer.fingerprint()}:"
+             f"{tokenizer.eos_id}".encode())
+    return h.hexdigest()
 
 
 def _tmp_name(path: Path) -> Path:
@@ -162,32 +142,71 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
 
 
-def _write_tokens(out, arr: np.ndarray, origin: str) -> tuple[int, int]:
-    """Append `arr` to `out` as uint16; returns (count, max id)."""
+def _write_tokens(out, arr: np.ndarray, origin: str, dtype: np.dtype) -> tuple[int, int]:
+    """Append `arr` to `out` as `dtype`; returns (count, max id)."""
     if arr.size == 0:
         return 0, -1
     lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi > np.iinfo(np.uint16).max:
-        raise ValueError(f"{origin}: token ids must be in [0, 65535] for a uint16 token file, got [{lo}, {hi}]")
-    out.write(np.ascontiguousarray(arr, dtype=np.uint16).tobytes())
+    if lo < 0 or hi > np.iinfo(dtype).max:
+        raise ValueError(f"{origin}: token ids must be in [0, {np.iinfo(dtype).max}] for a {dtype} token file, "
+                         f"got [{lo}, {hi}]")
+    out.write(np.ascontiguousarray(arr, dtype=dtype).tobytes())
     return int(arr.size), hi
 
 
+def text_documents(source: PathLike | Sequence[PathLike] | None, jsonl_field: str = "text") -> Iterator[str]:
+    """The documents of the text sources (None or [] = the embedded default corpus, one document); token files
+    among them are skipped."""
+    files = _expand(_as_list(source), TEXT_SUFFIXES)
+    if not files:
+        yield default_corpus_text()
+    for f in files:
+        if f.suffix in TEXT_SUFFIXES:
+            yield from _iter_documents(f, jsonl_field)
+
+
+def _as_list(source) -> list:
+    return [source] if isinstance(source, (str, os.PathLike)) else list(source or [])
+
+
+def _batched(docs: Iterator[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """(origin, documents) in batches of about _BATCH_CHARS characters, one origin per batch."""
+    origin, batch, size = None, [], 0
+    for o, doc in docs:
+        if batch and (o != origin or size >= _BATCH_CHARS):
+            yield origin, batch
+            batch, size = [], 0
+        origin = o
+        batch.append(doc)
+        size += len(doc)
+    if batch:
+        yield origin, batch
+
+
+def _progress(total_bytes: int, what: str):
+    """A byte-counting progress bar on a terminal (tqdm disables itself elsewhere)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, desc=f"tokenize {what}", unit="B", unit_scale=True, disable=None,
+                dynamic_ncols=True, leave=False)
+
+
 def build_token_file(source: PathLike | Sequence[PathLike] | None, cache_dir: PathLike,
-                     tokenizer: ByteTokenizer | None = None, jsonl_field: str = "text") -> Path:
-    """Tokenize `source` into a uint16 token file under `cache_dir` and return its path.
+                     tokenizer: Tokenizer | None = None, jsonl_field: str = "text") -> Path:
+    """Tokenize `source` with `tokenizer` (default: the byte tokenizer) into a token file under `cache_dir` and
+    return its path.
 
     `source`: None or [] for the embedded default corpus, else paths of .txt/.jsonl files, directories, or
     pre-tokenized .bin (uint16) / .npy token files. A single token file is returned as is (no copy). Otherwise
-    all documents are concatenated with EOS between them into `tokens-<fingerprint>.bin` plus a JSON meta
-    (`num_tokens`, `vocab_size`, `fingerprint`, ...) written next to it. Both are written to temporary
-    names and renamed, the meta last, so concurrent builders and crashes never leave a half file; an
-    existing file whose meta fingerprint matches the inputs is reused.
+    all documents are concatenated with EOS between them into `tokens-<fingerprint>.bin` (uint16, or uint32 for a
+    vocabulary over 65536 ids) plus a JSON meta (`num_tokens`, `vocab_size`, `dtype`, `tokenizer`,
+    `fingerprint`, ...) written next to it. Documents are encoded in batches (`Tokenizer.encode_batch`: a
+    Hugging Face tokenizer spreads a batch over all cores) under a progress bar. Both files are written to
+    temporary names and renamed, the meta last, so concurrent builders and crashes never leave a half file; an
+    existing file whose meta fingerprint matches the inputs (sources and tokenizer) is reused.
     """
     tokenizer = tokenizer or ByteTokenizer()
-    if isinstance(source, (str, os.PathLike)):
-        source = [source]
-    files = _expand(list(source or []), TEXT_SUFFIXES)
+    files = _expand(_as_list(source), TEXT_SUFFIXES)
     if len(files) == 1 and files[0].suffix in TOKEN_SUFFIXES:
         _load_token_file(files[0])  # validate now rather than at the first step
         return files[0]
@@ -198,44 +217,59 @@ def build_token_file(source: PathLike | Sequence[PathLike] | None, cache_dir: Pa
     bin_path, meta_path = cache / f"tokens-{fp}.bin", cache / f"tokens-{fp}.json"
     meta = _read_meta(meta_path)
     if (meta and meta.get("fingerprint") == fp and bin_path.is_file()
-            and bin_path.stat().st_size == 2 * meta["num_tokens"]):
+            and bin_path.stat().st_size == np.dtype(meta.get("dtype", "uint16")).itemsize * meta["num_tokens"]):
         return bin_path
-
-    def documents() -> Iterator[tuple[str, np.ndarray]]:
-        if default_text is not None:
-            yield "default corpus", _encode(tokenizer, default_text)
-        for f in files:
-            if f.suffix in TOKEN_SUFFIXES:
-                yield str(f), np.asarray(_load_token_file(f))
-            else:
-                for doc in _iter_documents(f, jsonl_field):
-                    yield str(f), _encode(tokenizer, doc)
-
+    if tokenizer.eos_id is None and (len(files) > 1 or any(f.suffix == ".jsonl" for f in files)):
+        raise ValueError("the tokenizer has no EOS token to separate documents; give it an eos_token")
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     tmp = _tmp_name(bin_path)
-    num_tokens, max_id = 0, -1
-    eos = np.array([tokenizer.eos_id], dtype=np.int64)
     try:
         with open(tmp, "wb") as out:
-            for i, (origin, ids) in enumerate(documents()):
-                if i:
-                    num_tokens += _write_tokens(out, eos, origin)[0]
-                n, hi = _write_tokens(out, ids, origin)
-                num_tokens, max_id = num_tokens + n, max(max_id, hi)
+            num_tokens, max_id = _write_documents(out, files, default_text, tokenizer, jsonl_field, dtype)
         if num_tokens == 0:
             raise ValueError(f"data sources {[str(f) for f in files]} contain no tokens")
         os.replace(tmp, bin_path)
     finally:
         tmp.unlink(missing_ok=True)
     meta = {
-        "format": _META_FORMAT, "version": _META_VERSION, "num_tokens": num_tokens, "dtype": "uint16",
+        "format": _META_FORMAT, "version": _META_VERSION, "num_tokens": num_tokens, "dtype": dtype.name,
         "vocab_size": max(tokenizer.vocab_size, max_id + 1), "eos_id": tokenizer.eos_id,
-        "tokenizer": type(tokenizer).__name__, "fingerprint": fp,
+        "tokenizer": tokenizer.name, "tokenizer_fingerprint": tokenizer.fingerprint(), "fingerprint": fp,
         "sources": [str(f) for f in files] or ["<default: pydoc_data.topics>"],
     }
     tmp = _tmp_name(meta_path)
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)  # the meta is the commit marker: written after the token file is in place
     return bin_path
+
+
+def _write_documents(out, files: list[Path], default_text: str | None, tokenizer: Tokenizer, jsonl_field: str,
+                     dtype: np.dtype) -> tuple[int, int]:
+    """Write every document's tokens with EOS between documents; returns (tokens written, max id)."""
+    def documents() -> Iterator[tuple[str, str | np.ndarray]]:
+        if default_text is not None:
+            yield "default corpus", default_text
+        for f in files:
+            if f.suffix in TOKEN_SUFFIXES:
+                yield str(f), np.asarray(_load_token_file(f))
+            else:
+                yield from ((str(f), doc) for doc in _iter_documents(f, jsonl_field))
+
+    total = len(default_text.encode()) if default_text is not None else sum(f.stat().st_size for f in files)
+    eos = np.array([tokenizer.eos_id if tokenizer.eos_id is not None else 0], dtype=np.int64)
+    num_tokens, max_id, first = 0, -1, True
+    with _progress(total, f"({tokenizer.name})") as bar:
+        for origin, batch in _batched(documents()):
+            texts = [d for d in batch if isinstance(d, str)]
+            encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+            for doc in batch:
+                ids = next(encoded) if isinstance(doc, str) else doc
+                if not first:
+                    num_tokens += _write_tokens(out, eos, origin, dtype)[0]
+                n, hi = _write_tokens(out, ids, origin, dtype)
+                num_tokens, max_id, first = num_tokens + n, max(max_id, hi), False
+                bar.update(len(doc.encode("utf-8", errors="surrogatepass")) if isinstance(doc, str) else doc.nbytes)
+    return num_tokens, max_id
 
 
 def _read_meta(meta_path: Path) -> dict | None:
@@ -263,6 +297,7 @@ class TokenDataset:
         self.start, self.end = start, end
         meta = _read_meta(self.path.with_suffix(".json"))
         self._vocab_size: int | None = meta["vocab_size"] if meta else None
+        self.token_bytes: np.ndarray | None = None  # UTF-8 bytes per token id, for bits per byte (build_splits)
 
     def _file_tokens(self) -> np.ndarray:
         if self._data is None:
@@ -312,6 +347,7 @@ class TokenDataset:
         cut = self.end - n_val
         train = TokenDataset(self.path, self.start, cut, name="train")
         val = TokenDataset(self.path, cut, self.end, name="val")
+        train.token_bytes = val.token_bytes = self.token_bytes
         for part in (train, val) if block_size is not None else ():
             part.num_windows(block_size)  # raises if a split is too short
         return train, val
@@ -405,9 +441,24 @@ def eval_window_starts(split_ds: TokenDataset, block_size: int, global_batch: in
 
 
 def build_dataset(sources: Sequence[PathLike] | None, cache_dir: PathLike,
-                  tokenizer: ByteTokenizer | None = None, jsonl_field: str = "text") -> TokenDataset:
-    """The whole token stream of `sources` (None or [] = the embedded default corpus) as a TokenDataset.
+                  tokenizer: Tokenizer | None = None, jsonl_field: str = "text") -> TokenDataset:
+    """The whole token stream of `sources` (None or [] = the embedded default corpus), tokenized with
+    `tokenizer` (default: bytes), as a TokenDataset whose ``token_bytes`` (bytes per id) gives bits per byte.
 
     Call `.split(val_fraction, block_size)` on the result for train/val.
     """
-    return TokenDataset(build_token_file(sources, cache_dir, tokenizer, jsonl_field))
+    tokenizer = tokenizer or ByteTokenizer()
+    ds = TokenDataset(build_token_file(sources, cache_dir, tokenizer, jsonl_field))
+    ds.token_bytes = tokenizer.token_bytes()
+    return ds
+
+
+def window_bytes(ds: TokenDataset, starts_B: np.ndarray, block_size: int) -> int | None:
+    """UTF-8 bytes of the target tokens (each window's last ``block_size`` tokens) of the windows at ``starts_B``,
+    or None when the dataset's tokenizer is unknown (a pre-tokenized file)."""
+    if ds.token_bytes is None:
+        return None
+    idx = np.asarray(starts_B, dtype=np.int64)[:, None] + np.arange(1, block_size + 1, dtype=np.int64)[None, :]
+    ids = np.asarray(ds.tokens[idx], dtype=np.int64)
+    table = np.append(ds.token_bytes, 0)  # ids the tokenizer does not know count 0 bytes
+    return int(table[np.minimum(ids, len(table) - 1)].sum())

@@ -28,7 +28,7 @@ of that forward and resets the runner's batch.
 from __future__ import annotations
 
 import collections
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -80,19 +80,29 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: Option
 
 # ---- rows ------------------------------------------------------------------------------------------
 
+EosIds = Optional[Union[int, Iterable[int]]]
+
+
+def eos_set(eos_id: EosIds) -> frozenset[int]:
+    """The stop-token ids of ``eos_id``: None, one id, or several (a tokenizer's ``stop_ids``)."""
+    if eos_id is None:
+        return frozenset()
+    return frozenset([int(eos_id)] if isinstance(eos_id, int) else map(int, eos_id))
+
+
 
 class _RowState:
     """Stop rules of one row: EOS, stop sequences (a possible match is held back) and the finish reason."""
 
-    def __init__(self, stop_sequences: Sequence[Sequence[int]], eos_id: Optional[int]):
+    def __init__(self, stop_sequences: Sequence[Sequence[int]], eos_id: EosIds):
         self.stops = [list(s) for s in stop_sequences]
-        self.eos_id = eos_id
+        self.eos_ids = eos_set(eos_id)
         self.pending: list[int] = []
         self.finish_reason: Optional[str] = None
 
     def push(self, token: int) -> list[int]:
         """Add a sampled token; return the tokens that can be released now."""
-        if self.eos_id is not None and token == self.eos_id:
+        if token in self.eos_ids:
             return self.finish("eos")
         self.pending.append(token)
         for stop in self.stops:
@@ -120,20 +130,24 @@ class _RowState:
 class Row:
     """One sequence in the loop: its prompt, sampling settings and stop rules.
 
-    Owners subclass it: ``emit(tokens, finish_reason)`` receives released tokens (finish_reason "eos", "stop"
-    or "length" on the last call), ``fail(exc)`` a failure of this row, and ``gone()`` says when the loop
+    Owners subclass it: ``emit(tokens, text, finish_reason)`` receives released tokens (finish_reason "eos",
+    "stop" or "length" on the last call), ``fail(exc)`` a failure of this row, and ``gone()`` says when the loop
     should drop the row (default: finished or failed; an engine adds "the client went away").
-    ``generator`` None samples from torch's global generator.
+    ``generator`` None samples from torch's global generator. ``eos_id``: one stop-token id or several.
+    ``text``: a `raymoe.platform.detokenize.TextStream` (detokenizer + stop strings): ``emit`` then also gets
+    the text released with the tokens, and a matched stop string ends the row ("stop"); without one, text is
+    None.
     """
 
     def __init__(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, stop_sequences: Sequence[Sequence[int]] = (),
-                 eos_id: Optional[int] = None):
+                 eos_id: EosIds = None, text=None):
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.stop = _RowState(stop_sequences, eos_id)
+        self.text = text
         self.completion_tokens = 0  # sampled so far (a matched stop sequence's tokens included)
         self.next_token: Optional[int] = None  # the last sampled token: the next decode step's input
         self.error: Optional[BaseException] = None
@@ -152,10 +166,16 @@ class Row:
         released = self.stop.push(token)
         if self.stop.finish_reason is None and self.completion_tokens >= self.max_new_tokens:
             released += self.stop.finish("length")
-        self.emit(released, self.stop.finish_reason)
+        text = None
+        if self.text is not None:
+            text, matched = self.text.push(released, final=self.stop.finish_reason is not None)
+            if matched:  # a stop string in the text: the reply ends before it
+                self.stop.finish("stop")
+        self.emit(released, text, self.stop.finish_reason)
 
-    def emit(self, tokens: list[int], finish_reason: Optional[str]) -> None:
-        """Tokens released by the last sampled token (override to deliver them)."""
+    def emit(self, tokens: list[int], text: Optional[str], finish_reason: Optional[str]) -> None:
+        """Tokens (and their text, with a ``text`` stream) released by the last sampled token (override to
+        deliver them)."""
 
     def fail(self, exc: BaseException) -> None:
         self.error = exc

@@ -18,7 +18,9 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from raymoe.platform.decode import DecodeLoop, Row, check_sampling, sample_next, top_k_filter, top_p_filter
+from raymoe.platform.decode import (DecodeLoop, EosIds, Row, check_sampling, sample_next, top_k_filter,
+                                    top_p_filter)
+from raymoe.platform.detokenize import IncrementalDetokenizer
 from raymoe.platform.runner import LocalRunner, RecomputeRunner
 
 __all__ = ["StreamStep", "generate", "generate_stream", "sample_next", "sample_text", "top_k_filter",
@@ -47,7 +49,7 @@ class _BatchRow(Row):
         self.released: list[int] = []
         self.finished_now: Optional[str] = None
 
-    def emit(self, tokens: list[int], finish_reason: Optional[str]) -> None:
+    def emit(self, tokens: list[int], text: Optional[str], finish_reason: Optional[str]) -> None:
         self.released += tokens
         self.finished_now = finish_reason
 
@@ -67,7 +69,7 @@ def _validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list
 
 def generate_stream(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                    eos_id: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True,
+                    eos_id: EosIds = None, seed: Optional[int] = None, use_cache: bool = True,
                     stop_sequences: Optional[Sequence[Sequence[int]]] = None) -> Iterator[StreamStep]:
     """Decode a batch of prompts step by step, yielding a `StreamStep` per step.
 
@@ -119,12 +121,12 @@ def _stream(model, rows: list[_BatchRow], use_cache: bool) -> Iterator[StreamSte
 
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-             eos_id: Optional[int] = None, seed: Optional[int] = None, use_cache: bool = True,
+             eos_id: EosIds = None, seed: Optional[int] = None, use_cache: bool = True,
              stop_sequences: Optional[Sequence[Sequence[int]]] = None) -> list[list[int]]:
     """Generate continuations for a batch of token-id prompts (different lengths allowed).
 
-    Returns one list of new tokens per prompt (EOS and a matched stop sequence excluded). temperature 0 is
-    greedy; top_k / top_p filter before sampling; `seed` makes sampling reproducible. Consumes
+    Returns one list of new tokens per prompt (EOS and a matched stop sequence excluded). ``eos_id``: one
+    stop-token id or several (a tokenizer's ``stop_ids``). temperature 0 is greedy; top_k / top_p filter before sampling; `seed` makes sampling reproducible. Consumes
     `generate_stream`, so both give the same tokens.
     """
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -135,17 +137,18 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     return outputs
 
 
-def sample_text(model: nn.Module, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-                top_p: float | None, seed: int = 0) -> str:
-    """``prompt`` plus a generated continuation (byte tokenizer), at most up to the model's context length."""
-    from raymoe.platform.data import ByteTokenizer
-
-    tok = ByteTokenizer()
-    ids = tok.encode(prompt)
+def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None, seed: int = 0) -> str:
+    """``prompt`` plus a generated continuation decoded with ``tokenizer`` (`raymoe.platform.tokenizer`; the
+    checkpoint's own: ``load_tokenizer(checkpoint)``), at most up to the model's context length."""
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    if not ids:
+        raise ValueError("the sample prompt encodes to no tokens; give a non-empty prompt")
     room = model.config.block_size - len(ids) + 1
     if room < 1:
         raise ValueError(f"prompt is {len(ids)} tokens; the model's context (block_size) is "
                          f"{model.config.block_size}")
     out = generate(model, [ids], max_new_tokens=min(max_new_tokens, room), temperature=temperature,
-                   top_k=top_k, top_p=top_p, eos_id=tok.eos_id, seed=seed)
-    return prompt + tok.decode(out[0])
+                   top_k=top_k, top_p=top_p, eos_id=tokenizer.stop_ids, seed=seed)
+    detok = IncrementalDetokenizer(tokenizer, ids)  # decoded in the prompt's context, as a server streams it
+    return prompt + detok.push(out[0]) + detok.flush()

@@ -11,15 +11,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-CSV_FIELDS = ("step", "loss", "ce_loss", "aux_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "step_s")
+CSV_FIELDS = ("step", "loss", "ce_loss", "aux_loss", "bpb", "val_loss", "val_bpb", "lr", "grad_norm",
+              "tokens_per_s", "step_s")
 
 
 def format_step_line(rec: dict, total: int) -> str:
-    """One terminal line for a step record."""
-    line = (f"step {rec['step']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-            f"{rec['tokens_per_s']:.0f} tok/s")
+    """One terminal line for a step record: loss per token (nats) and, where known, bits per byte beside it."""
+    line = f"step {rec['step']}/{total} loss {rec['loss']:.4f}"
+    if "bpb" in rec:
+        line += f" ({rec['bpb']:.3f} bpb)"
+    line += f" lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s"
     if "val_loss" in rec:
         line += f" val_loss {rec['val_loss']:.4f}"
+        if "val_bpb" in rec:
+            line += f" ({rec['val_bpb']:.3f} bpb)"
     return line
 
 
@@ -62,13 +67,15 @@ class RunLog:
         self.first_loss = rec["loss"] if self.first_loss is None else self.first_loss
         self.last = rec
         if "val_loss" in rec:
-            self.val = {k: rec[k] for k in ("val_loss", "val_ppl") if k in rec}
+            self.val = {k: rec[k] for k in ("val_loss", "val_ppl", "val_bpb") if k in rec}
         logged = step % self.log_interval == 0 or "val_loss" in rec or step == self.total
         if logged:
             self.event(rec)
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(loss=f"{rec['loss']:.3f}", val=f"{self.val.get('val_loss', float('nan')):.3f}")
+            self._bar.set_postfix(loss=f"{rec['loss']:.3f}", bpb=f"{rec.get('bpb', float('nan')):.3f}",
+                                  val=f"{self.val.get('val_loss', float('nan')):.3f}",
+                                  val_bpb=f"{self.val.get('val_bpb', float('nan')):.3f}")
         elif logged:
             self.log(format_step_line(rec, self.total))
 
@@ -85,6 +92,8 @@ class RunLog:
         self.close()
         out = {"run_dir": str(self.run_dir), "first_loss": self.first_loss,
                "last_loss": self.last["loss"] if self.last else None, **self.val, **summary}
+        if self.last and "bpb" in self.last:
+            out["last_bpb"] = self.last["bpb"]
         out["plots"] = [str(p) for p in write_plots(self.run_dir, self.log)]
         (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2, default=str))
         return out

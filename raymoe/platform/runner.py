@@ -77,11 +77,11 @@ def prepare_for_inference(model):
 
 
 def load_local_model(checkpoint: str, device) -> tuple[Any, Optional[int]]:
-    """(whole model, step) of a checkpoint, ready for inference on ``device``."""
-    from raymoe.platform.checkpoint import read_manifest
-    from raymoe.platform.model_io import load_model
+    """(whole model, step) of a checkpoint (native, or a Hugging Face folder: step None), ready for inference
+    on ``device``."""
+    from raymoe.platform.model_io import checkpoint_step, load_model
 
-    step = read_manifest(checkpoint).get("step")
+    step = checkpoint_step(checkpoint)
     return prepare_for_inference(load_model(checkpoint, device=device)), step
 
 

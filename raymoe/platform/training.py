@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
-from raymoe.platform.data import build_dataset, eval_window_starts, global_batch_starts, windows_from_starts
+from raymoe.platform.data import (build_dataset, eval_window_starts, global_batch_starts, window_bytes,
+                                  windows_from_starts)
 from raymoe.platform.distill import KDSchedule
 from raymoe.platform.parallel import reset_comm_stats, seed_router_noise, total_comm_seconds
 from raymoe.platform.train_step import KDSettings, StepResult, autocast_context, lr_at, train_step
@@ -66,11 +67,20 @@ def micro_batch_size(cfg: RaymoeConfig) -> int:
     return t.micro_batch_size or t.global_batch_size // world
 
 
-def build_splits(cfg: RaymoeConfig, block_size: int | None = None):
-    """(train, validation) token datasets of ``cfg.data`` (built and cached once per cache folder), split for
-    windows of ``block_size`` tokens (default ``model.block_size``)."""
+def build_splits(cfg: RaymoeConfig, block_size: int | None = None, tokenizer=None):
+    """(train, validation) token datasets of ``cfg.data`` (built and cached once per cache folder and tokenizer),
+    split for windows of ``block_size`` tokens (default ``model.block_size``). ``tokenizer``: default the run's
+    (`raymoe.platform.bpe.run_tokenizer`), whose ids must fit ``model.vocab_size``; ``raymoe eval`` passes the
+    checkpoint's."""
+    from raymoe.platform.bpe import run_tokenizer
+    from raymoe.platform.tokenizer import check_fits
+
     d = cfg.data
-    ds = build_dataset(d.sources or None, cache_dir=d.cache_dir, jsonl_field=d.jsonl_field)
+    if tokenizer is None:
+        tokenizer = run_tokenizer(cfg, log=print)
+        if not cfg.distill.teacher_checkpoint:  # a student has its teacher's vocabulary
+            check_fits(tokenizer, cfg.model.vocab_size, "model.vocab_size")
+    ds = build_dataset(d.sources or None, cache_dir=d.cache_dir, tokenizer=tokenizer, jsonl_field=d.jsonl_field)
     return ds.split(d.val_fraction, block_size=block_size or cfg.model.block_size)
 
 
@@ -126,22 +136,31 @@ def window_loss_sums(model, split_ds, starts, *, block_size: int, micro_batch: i
     return total, count
 
 
-def val_metrics(total: float, count: int) -> dict[str, float]:
-    """Validation loss (nats/token) and perplexity from summed cross-entropy and a token count."""
+def bits_per_byte(total_nats: float, num_bytes: int | None) -> float | None:
+    """Summed cross-entropy (nats) over the UTF-8 bytes those tokens stand for, in bits: comparable across
+    tokenizers (None when the bytes are unknown)."""
+    return total_nats / (math.log(2) * num_bytes) if num_bytes else None
+
+
+def val_metrics(total: float, count: int, num_bytes: int | None = None) -> dict[str, float]:
+    """Validation loss (nats/token), perplexity and, given the targets' UTF-8 bytes, bits per byte."""
     if count == 0:
         raise ValueError("evaluation got no tokens: the validation split is empty or too short")
     loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if (bpb := bits_per_byte(total, num_bytes)) is not None:
+        out["val_bpb"] = bpb
+    return out
 
 
-def evaluate_checkpoint_windows(cfg: RaymoeConfig, model, device="cpu") -> dict[str, float]:
+def evaluate_checkpoint_windows(cfg: RaymoeConfig, model, device="cpu", tokenizer=None) -> dict[str, float]:
     """The validation loss that training logs, for ``model`` (``raymoe eval``): the same windows and forward
-    sizes, one process."""
+    sizes, one process; the text is tokenized with ``tokenizer`` (``raymoe eval``: the checkpoint's)."""
     block, t = model.config.block_size, cfg.train
-    _, val = build_splits(cfg, block)
+    _, val = build_splits(cfg, block, tokenizer=tokenizer)
     starts = eval_window_starts(val, block, t.global_batch_size, t.eval_batches)
     return val_metrics(*window_loss_sums(model, val, starts, block_size=block, micro_batch=micro_batch_size(cfg),
-                                         device=device))
+                                         device=device), window_bytes(val, starts, block))
 
 
 # -- the injected parts -------------------------------------------------------------------------------------
@@ -194,6 +213,9 @@ class Trainer:
         self.teacher, self.kd_schedule = teacher, kd_schedule
         self.micro = micro_batch_size(cfg)
         self.ckpt_dir = Path(cfg.run.output_dir) / cfg.run.name / "checkpoints"
+        tb = getattr(train_ds, "token_bytes", None)  # bytes per token id: bits per byte in the records
+        self._token_bytes = None if tb is None else torch.as_tensor(np.append(tb, 0), device=device)
+        self._eval_bytes: int | None = None
         self.stop_requested = False  # set from another thread (the coordinator's stop request)
         self.last_synced = -1  # the last step whose record every rank holds (0-based)
         self.last_record: dict | None = None
@@ -225,26 +247,36 @@ class Trainer:
         t0 = time.perf_counter()
         res = train_step(self.model, self.optimizer, batches, lr=lr, grad_clip=t.grad_clip,
                          autocast_dtype=self.dtype, kd=kd, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm_fn)
-        return self._reduce(step, res, t0, total_comm_seconds(self.model))
+        return self._reduce(step, res, t0, total_comm_seconds(self.model), self._target_bytes(batches))
 
-    def _reduce(self, step: int, res: StepResult, t0: float, comm_s: dict[int, float]) -> dict:
+    def _target_bytes(self, batches: list[Batch]) -> float:
+        """UTF-8 bytes of this rank's target tokens (0 when the tokenizer is unknown: no bits per byte)."""
+        if self._token_bytes is None:
+            return 0.0
+        top = len(self._token_bytes) - 1
+        return float(sum(int(self._token_bytes[y.clamp(max=top)].sum()) for _, y in batches))
+
+    def _reduce(self, step: int, res: StepResult, t0: float, comm_s: dict[int, float],
+                num_bytes: float = 0.0) -> dict:
         """Sum this rank's results over the world (one all-reduce) and build the step's record; the stop
         flag travels with it, so every rank agrees on where a requested stop happens. ``step_s`` is the
         step's wall time on this rank from ``t0``, the reduction included."""
         W = self.place.world
         counts = [c for layer in res.expert_counts for c in layer]
-        vec = [res.loss, res.ce_loss, res.aux_loss, res.tokens, float(self.stop_requested), *counts,
+        vec = [res.loss, res.ce_loss, res.aux_loss, res.tokens, float(self.stop_requested), num_bytes, *counts,
                *res.dropped_fraction, *res.l_aux, *comm_s.values()]
         if W > 1:
             buf = torch.tensor(vec, dtype=torch.float64, device=self.device)  # on the GPU for NCCL
             dist.all_reduce(buf, group=self.place.group)
             vec = buf.tolist()
         step_s = time.perf_counter() - t0
-        loss, ce, aux, tokens, stop = vec[:5]
+        loss, ce, aux, tokens, stop, num_bytes = vec[:6]
         rec = {"step": step + 1, "loss": loss / W, "ce_loss": ce / W, "aux_loss": aux / W, "lr": res.lr,
                "grad_norm": res.grad_norm, "tokens": int(round(tokens)), "step_s": step_s,
                "tokens_per_s": tokens / step_s if step_s > 0 else 0.0, "kd": res.kd_active, "world": W}
-        rest = vec[5:]
+        if (bpb := bits_per_byte(ce / W * tokens, int(round(num_bytes)))) is not None:
+            rec["bpb"] = bpb  # of the cross-entropy (the router's aux loss is not part of the text's code length)
+        rest = vec[6:]
         if res.expert_counts:
             n_layers = len(res.expert_counts)
             flat, rest = rest[:len(counts)], rest[len(counts):]
@@ -264,6 +296,8 @@ class Trainer:
         """Validation loss over the run's evaluation windows, split over the ranks (contiguous slices)."""
         t, block, p = self.cfg.train, self.cfg.model.block_size, self.place
         starts = eval_window_starts(self.val_ds, block, t.global_batch_size, t.eval_batches)
+        if self._eval_bytes is None:  # the same windows at every evaluation: their bytes once
+            self._eval_bytes = window_bytes(self.val_ds, starts, block) or 0
         total, count = window_loss_sums(self.model, self.val_ds, np.array_split(starts, p.world)[p.rank],
                                         block_size=block, micro_batch=self.micro, device=self.device,
                                         autocast_dtype=self.dtype)
@@ -271,7 +305,7 @@ class Trainer:
             buf = torch.tensor([total, count], dtype=torch.float64, device=self.device)
             dist.all_reduce(buf, group=p.group)
             total, count = buf[0].item(), int(buf[1].item())
-        return val_metrics(total, count)
+        return val_metrics(total, count, self._eval_bytes)
 
     # -- checkpoints -------------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
@@ -323,12 +357,14 @@ class Trainer:
 
 
 def commit_checkpoint(path: Path, step: int, cfg: RaymoeConfig, model_config, extra: dict | None = None) -> Path:
-    """Commit checkpoint ``step`` whose parts are all written under ``path`` (the manifest last, atomically;
-    refused unless every expert of every layer is there), then delete all but the newest
-    ``checkpoint.keep_last``. Local training and the coordinator both commit here."""
+    """Commit checkpoint ``step`` whose parts are all written under ``path`` (the run's tokenizer files, then the
+    manifest last, atomically; refused unless every expert of every layer is there), then delete all but the
+    newest ``checkpoint.keep_last``. Local training and the coordinator both commit here."""
+    from raymoe.platform.bpe import run_tokenizer
+
     ckpt.finalize_checkpoint(path, step=step, config=cfg.model_dump(mode="json"),
                              extra={"model_config": model_config.to_dict(), **(extra or {})},
-                             expected_experts=model_config.experts_per_layer())
+                             expected_experts=model_config.experts_per_layer(), tokenizer=run_tokenizer(cfg))
     for old in ckpt.list_checkpoints(path.parent)[:-cfg.checkpoint.keep_last]:
         ckpt.remove_checkpoint(old)
     return path
