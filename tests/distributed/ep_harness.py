@@ -31,9 +31,23 @@ CONFIGS = {
     # k=2, dropless, aux-loss-free expert bias (buffers synced through the expert loads)
     "k2_dropless": dict(BASE, n_layer=2, expert_interval=1, num_experts=8, k=2, drop_tokens=False,
                         expert_bias=True, expert_bias_update_rate=1e-2),
-    # PR-MoE pyramid (4 then 8 experts), k=2 with dropping + RTS, residual MoE, RSample noise
+    # PR-MoE pyramid (4 then 8 experts), k=2 with dropping + RTS, residual MoE, Jitter noise (RSample is top-1 only)
     "pyramid": dict(BASE, n_layer=4, expert_interval=2, num_experts=[4, 8], k=2, capacity_factor=1.25,
-                    drop_tokens=True, use_rts=True, use_residual=True, noisy_gate_policy="RSample"),
+                    drop_tokens=True, use_rts=True, use_residual=True, noisy_gate_policy="Jitter"),
+    # the modern families' options, trained: Mixtral-style (RoPE, GQA, RMSNorm, SwiGLU experts, softmax top-2
+    # renormalised, dropless, untied) and DeepSeek-V3-style (MLA with YaRN, sigmoid scores with the correction
+    # bias and group-limited selection, a shared expert, a first dense layer, aux-loss-free bias updates)
+    "mixtral": dict(BASE, n_layer=2, expert_interval=1, num_experts=4, n_kv_head=1, norm="rmsnorm", bias=False,
+                    position="rope", mlp="swiglu", tie_embeddings=False, k=2, router="softmax_topk",
+                    norm_topk_prob=True, drop_tokens=False),
+    "deepseek": dict(BASE, n_layer=3, moe_layers=[1, 2], num_experts=8, norm="rmsnorm", bias=False,
+                     position="rope", attention="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                     qk_rope_head_dim=8, v_head_dim=8,
+                     rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
+                                   "mscale": 1.0, "mscale_all_dim": 1.0},
+                     mlp="swiglu", k=2, router="sigmoid_group", n_group=4, topk_group=2, norm_topk_prob=True,
+                     routed_scaling_factor=2.5, shared_expert_ffn=16, expert_bias=True, expert_bias_update_rate=1e-2,
+                     drop_tokens=False),
 }
 TRAIN = dict(steps=3, global_batch=8, micro_batch=2, seed=1234, lr=2e-3, grad_clip=0.5)
 

@@ -31,6 +31,7 @@ def runs(data_path):
     local = [_train(f"w1/{c}", c, d) for c in H.CONFIGS]
     world2 = [_train(f"w2ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (1, 2)]
     # "auto" (the default) is the source-order route on CPU; "a" runs re-sort after the all_to_all
+    world2 += [_train(f"w2ep2/{c}", c, d, ep=2) for c in ("mixtral", "deepseek")]
     world2 += [_train("w2ep2p/k2_dropless", "k2_dropless", d, ep=2, exchange="p2p"),
                _train("w2ep2a/k2_dropless", "k2_dropless", d, ep=2, exchange="all_to_all"),
                ("w2/uneven", dict(kind="uneven_tokens")),
@@ -72,6 +73,16 @@ def test_ep_sizes_and_world_sizes_agree(runs, config):
         assert weight < TOL, (name, key, weight)
         assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=TOL), name
         assert len(got["state"]) == len(ref["state"])
+
+
+@pytest.mark.parametrize("config", ["mixtral", "deepseek"])
+def test_modern_families_train_the_same_at_ep2(runs, config):
+    # the modern routers, SwiGLU experts, shared experts, MLA and RoPE scaling under expert parallelism
+    ref, got = runs[f"w1/{config}"], runs[f"w2ep2/{config}"]
+    moved = max(float((ref["state"][k] - ref["init"][k]).abs().max()) for k in ref["state"])
+    assert moved > 100 * TOL, "the weights must actually train"
+    loss, weight, key = _max_diff(ref, got)
+    assert loss < TOL and weight < TOL, (key, loss, weight)
 
 
 def test_capacity_dropping_really_drops(runs):
