@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from raymoe.platform.data import TEXT_SUFFIXES, _expand, default_corpus_text, sources_fingerprint, text_documents
-from raymoe.platform.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer,
-                                       tokenizer_from_folder)
+from raymoe.platform.tokenizer import (ByteTokenizer, HFTokenizer, Tokenizer, is_raymoe_checkpoint,
+                                       load_tokenizer, tokenizer_from_folder)
 
 EOT = "<|endoftext|>"
 _BPE_VERSION = 1
@@ -91,11 +91,15 @@ def bpe_for(sources, cache_dir, *, vocab_size: int, jsonl_field: str = "text", v
 
 
 def run_tokenizer(cfg, log=None) -> Tokenizer:
-    """The tokenizer a run trains with: its distillation teacher's (a student reads the teacher's tokens), else
-    ``tokenizer.kind``'s: the byte tokenizer, the BPE of `bpe_for`, or a pretrained one. Memoised per process."""
+    """The tokenizer a run trains with: its distillation teacher's (a student reads the teacher's tokens), or,
+    with ``model.init_from`` a raymoe checkpoint and no tokenizer section, that checkpoint's; else ``tokenizer.kind``'s:
+    the byte tokenizer, the BPE of `bpe_for`, or a pretrained one. Memoised per process."""
     t, d = cfg.tokenizer, cfg.data
     if cfg.distill.teacher_checkpoint:
         return load_tokenizer(cfg.distill.teacher_checkpoint)
+    init = getattr(cfg.model, "init_from", None)
+    if init and "tokenizer" not in cfg.model_fields_set and is_raymoe_checkpoint(init):
+        return load_tokenizer(init)  # (a Hugging Face folder's tokenizer.json: the config made it 'pretrained')
     if t.kind == "byte":
         return ByteTokenizer()
     key = repr((t.kind, t.vocab_size, t.path, t.train_bytes, d.sources, d.jsonl_field, d.cache_dir,

@@ -312,14 +312,18 @@ def tokenizer_from_folder(folder: PathLike, name: str = "hf") -> HFTokenizer:
 def _checkpoint_dir(path: Path) -> Path | None:
     """The committed step dir of a raymoe checkpoint (a step dir or a root of them), or None if ``path`` is not
     one."""
-    from raymoe.platform.checkpoint import LATEST, MANIFEST, read_manifest
+    from raymoe.platform.checkpoint import read_manifest
 
-    if not path.is_dir():
-        return None
-    if (path / MANIFEST).is_file() or (path / LATEST).is_file() or any(
-            c.name.startswith("step_") and c.is_dir() for c in path.iterdir()):
-        return Path(read_manifest(path)["path"])
-    return None
+    return Path(read_manifest(path)["path"]) if is_raymoe_checkpoint(path) else None
+
+
+def is_raymoe_checkpoint(path: PathLike) -> bool:
+    """True for a raymoe checkpoint: a step dir with a manifest, or a folder of step dirs."""
+    from raymoe.platform.checkpoint import LATEST, MANIFEST
+
+    p = Path(path)
+    return p.is_dir() and ((p / MANIFEST).is_file() or (p / LATEST).is_file()
+                           or any(c.name.startswith("step_") and c.is_dir() for c in p.iterdir()))
 
 
 def load_tokenizer(path: PathLike) -> Tokenizer:

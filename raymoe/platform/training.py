@@ -70,16 +70,17 @@ def micro_batch_size(cfg: RaymoeConfig) -> int:
 def build_splits(cfg: RaymoeConfig, block_size: int | None = None, tokenizer=None):
     """(train, validation) token datasets of ``cfg.data`` (built and cached once per cache folder and tokenizer),
     split for windows of ``block_size`` tokens (default ``model.block_size``). ``tokenizer``: default the run's
-    (`raymoe.platform.bpe.run_tokenizer`), whose ids must fit ``model.vocab_size``; ``raymoe eval`` passes the
+    (`raymoe.platform.bpe.run_tokenizer`), whose ids must fit the model's vocabulary; ``raymoe eval`` passes the
     checkpoint's."""
     from raymoe.platform.bpe import run_tokenizer
+    from raymoe.platform.model_io import gpt_config_from
     from raymoe.platform.tokenizer import check_fits
 
     d = cfg.data
     if tokenizer is None:
         tokenizer = run_tokenizer(cfg, log=print)
-        if not cfg.distill.teacher_checkpoint:  # a student has its teacher's vocabulary
-            check_fits(tokenizer, cfg.model.vocab_size, "model.vocab_size")
+        # the model's vocabulary: model.vocab_size, or model.init_from's, or the distillation teacher's
+        check_fits(tokenizer, gpt_config_from(cfg).vocab_size, "model.vocab_size")
     ds = build_dataset(d.sources or None, cache_dir=d.cache_dir, tokenizer=tokenizer, jsonl_field=d.jsonl_field)
     return ds.split(d.val_fraction, block_size=block_size or cfg.model.block_size)
 
