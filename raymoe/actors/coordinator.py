@@ -11,6 +11,7 @@ Activations never pass through here or through the object store.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from raymoe.platform.model_io import gpt_config_from
 from raymoe.platform.run_log import RunLog
 from raymoe.platform.training import commit_checkpoint, resume_source
 
+from . import rendezvous
 from .elastic import Elastic
 from .expert_shard import remote_class
 from .shard_group import SHARD_FAILURES, ShardGroup
@@ -34,18 +36,24 @@ class Coordinator:
     """Drives distributed training; lifecycle verbs: start, run, check_health, shutdown.
 
     ``shard_cls``: the shard actor class factory ``(num_cpus, num_gpus) -> actor class`` (default: ExpertShard);
-    benchmarks inject no-op shards.
+    benchmarks inject no-op shards. ``restart``: set by the driver when the previous coordinator's process died
+    (see :func:`raymoe.actors.launch.train_on_ray`); ``pg_prefix``: names this coordinator's placement groups, so
+    the driver can remove them if it dies.
     """
 
-    def __init__(self, cfg: dict, shard_cls=None):
+    def __init__(self, cfg: dict, shard_cls=None, restart: dict | None = None, pg_prefix: str | None = None):
         self.cfg: RaymoeConfig = config_from_dict(cfg, source="driver")
+        # set when the driver starts this coordinator because the previous one's process died:
+        # {"attempt": n, "t0": wall time the loss was seen, "error": its exception's name}
+        self.restart = restart
         self.metrics = RayMetrics(M.ALL_METRICS, default_tags={"run": self.cfg.run.name})
         self.run_dir = Path(self.cfg.run.output_dir) / self.cfg.run.name
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.model_cfg = gpt_config_from(self.cfg)
         me = ray.get_runtime_context().current_actor
-        self.group = ShardGroup(self.cfg, cfg, shard_cls or remote_class, coordinator=me)
+        self.group = ShardGroup(self.cfg, cfg, shard_cls or remote_class, coordinator=me, pg_prefix=pg_prefix)
         self.events: list[dict] = []
+        self._pending_events: list[dict] = []  # events from before the run log opened
         self.elastic = Elastic(self.cfg, self.group, self.model_cfg.experts_per_layer(), self.ckpt_dir,
                                self.metrics, self._on_event)
         self.start_step = 0
@@ -62,7 +70,27 @@ class Coordinator:
         """Reserve a placement group, create the shards, form the world; maybe resume."""
         info = self.elastic.configure(self.group.create(self.cfg.cluster.num_workers))
         self.start_step = self._maybe_resume()
+        if self.restart is not None:
+            self._note_restart()
         return {**{k: v for k, v in info.items() if k != "shards"}, "start_step": self.start_step}
+
+    def _note_restart(self) -> None:
+        """The previous coordinator died (its shards with it): keep its events from the run folder and add a
+        recovery event for the steps between the last one it logged and the checkpoint this one resumes at."""
+        earlier, last_step = _logged_history(self.run_dir / "metrics.jsonl")
+        self.events = earlier
+        r = self.restart
+        secs = max(0.0, time.time() - r["t0"])
+        event = {"event": "recovery", "coordinator_lost": True, "restart": r["attempt"], "step": last_step,
+                 "resume_step": self.start_step, "lost_steps": max(0, last_step - self.start_step),
+                 "source": "checkpoint" if self.start_step else "scratch", "world": self.group.world,
+                 "ep_sizes": self.group.ep_sizes, "seconds": secs, "error": r["error"]}
+        print(f"membership: {event}", flush=True)
+        self.events.append(event)
+        self._pending_events.append(event)
+        self.metrics.inc(M.RECOVERIES_TOTAL)
+        self.metrics.observe(M.RECOVERY_SECONDS, secs)
+        self.metrics.inc(M.LOST_STEPS_TOTAL, event["lost_steps"])
 
     def _maybe_resume(self) -> int:
         path = resume_source(self.cfg, self.ckpt_dir)
@@ -81,6 +109,10 @@ class Coordinator:
         self.group.shutdown()
 
     # -- queries and operator hooks ---------------------------------------------------------------------
+    def node_info(self) -> dict:
+        """Where the coordinator runs (node, IP, PID): operators and tests find its process with it."""
+        return rendezvous.node_info()
+
     def shard_info(self) -> list[dict]:
         """Node, IP and PID of each shard in rank order (operators and tests use it to find a process)."""
         return self.group.infos
@@ -176,8 +208,12 @@ class Coordinator:
         """
         t = self.cfg.train
         self.run_log = RunLog(self.run_dir, total_steps=t.steps, log_interval=t.log_interval,
-                              start_step=self.start_step, resume=self.start_step > 0, progress=False)
+                              start_step=self.start_step, resume=self.start_step > 0 or self.restart is not None,
+                              progress=False)
         self.run_log.write_config(self.cfg.model_dump(mode="json"))
+        for event in self._pending_events:
+            self.run_log.event(event)
+        self._pending_events = []
         step = self.start_step
         try:
             while step < t.steps or t.steps not in self._committed:
@@ -219,6 +255,23 @@ class Coordinator:
             self._held.set()
             self._released.wait(timeout=300)
             self._hold_step = None
+
+
+def _logged_history(path: Path) -> tuple[list[dict], int]:
+    """(membership events, last step) that a run folder's metrics.jsonl records; a line cut short by a killed
+    writer is skipped."""
+    events, last = [], 0
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "event" in rec:
+                events.append(rec)
+            elif "step" in rec:
+                last = max(last, int(rec["step"]))
+    return events, last
 
 
 def remote_coordinator():

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray._raylet import PlacementGroupID
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raymoe.config import RaymoeConfig
@@ -38,6 +39,18 @@ def plan_ep_sizes(cfg: RaymoeConfig, experts_per_layer: dict[int, int], world: i
         raise ValueError(f"cluster.ep_size={c.ep_size!r} with cluster.num_workers={world}: {exc}") from None
 
 
+def remove_placement_groups(prefix: str) -> int:
+    """Remove the placement groups named ``<prefix>/...`` that still exist; returns how many. A placement group
+    outlives the actor that made it (it belongs to the job), so when a coordinator's process dies the driver
+    frees what it reserved; its shards died with it."""
+    removed = 0
+    for pg_id, info in placement_group_table().items():
+        if (info.get("name") or "").startswith(prefix + "/") and info.get("state") != "REMOVED":
+            remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
+            removed += 1
+    return removed
+
+
 class ShardGroup:
     """The shards of one run and their placement groups (see the module docstring).
 
@@ -45,8 +58,10 @@ class ShardGroup:
     no-op shards); ``coordinator``: the handle the shards report to.
     """
 
-    def __init__(self, cfg: RaymoeConfig, cfg_dict: dict, shard_cls, coordinator=None):
+    def __init__(self, cfg: RaymoeConfig, cfg_dict: dict, shard_cls, coordinator=None, pg_prefix: str | None = None):
         self.cfg, self.cfg_dict, self.shard_cls, self.coordinator = cfg, cfg_dict, shard_cls, coordinator
+        self.pg_prefix = pg_prefix  # placement groups are named <pg_prefix>/<n>: see remove_placement_groups
+        self._pgs_made = 0
         self.shards: list = []
         self.infos: list[dict] = []
         self.world = 0
@@ -60,6 +75,12 @@ class ShardGroup:
         self.join_faults = 0  # test hook: this many of the next added shards exit while they join
 
     # -- placement ----------------------------------------------------------------------------------------
+    def _placement_group(self, n: int):
+        name = "" if self.pg_prefix is None else f"{self.pg_prefix}/{self._pgs_made}"
+        self._pgs_made += 1
+        return placement_group([self.bundle() for _ in range(n)], strategy=self.cfg.cluster.placement_strategy,
+                               name=name)
+
     def bundle(self) -> dict:
         c = self.cfg.cluster
         return {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
@@ -91,9 +112,8 @@ class ShardGroup:
 
     def create(self, n: int) -> list:
         """Reserve one placement group of ``n`` bundles and start a shard in each."""
-        c = self.cfg.cluster
-        self.pg = placement_group([self.bundle() for _ in range(n)], strategy=c.placement_strategy)
-        ray.get(self.pg.ready(), timeout=c.start_timeout_s)
+        self.pg = self._placement_group(n)
+        ray.get(self.pg.ready(), timeout=self.cfg.cluster.start_timeout_s)
         return [self._new_shard(self.pg, i) for i in range(n)]
 
     def add(self, n: int) -> list:
@@ -102,7 +122,7 @@ class ShardGroup:
         placed = [self._new_shard(pg, i) for pg, i in self.free_slots()[:n]]
         new = self._started(placed, timeout=30)
         for _ in range(n - len(new)):
-            pg = placement_group([self.bundle()])
+            pg = self._placement_group(1)
             try:
                 ray.get(pg.ready(), timeout=10)
             except ray.exceptions.GetTimeoutError:

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,9 @@ SCENARIOS = {
     "kill_replacement": ["cluster.num_workers=2", "cluster.ep_size=1", "train.steps=12"],
     # 2 shards (EP=2) both killed by PID while held before step 6: a new world restarts from the step-4 checkpoint
     "all_lost": ["cluster.num_workers=2", "cluster.ep_size=2", "checkpoint.interval=4", "train.steps=12"],
+    # 2 shards (EP=2), one CPU each and no more; the coordinator's process is killed by PID after step 10: the
+    # driver starts a new coordinator, whose new shards resume from the latest checkpoint (every 4 steps)
+    "coordinator_killed": ["cluster.num_workers=2", "cluster.ep_size=2", "checkpoint.interval=4", "train.steps=40"],
 }
 
 
@@ -70,6 +74,50 @@ def _kill_three_times(coord, result: dict) -> None:
     result["placement_groups"] = sum(pg["state"] == "CREATED" for pg in placement_group_table().values())
 
 
+def _last_step(metrics: Path) -> int:
+    steps = [0]
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                steps.append(json.loads(line).get("step", 0))
+            except json.JSONDecodeError:  # a line being written
+                pass
+    return max(steps)
+
+
+def _kill_coordinator(cfg, run_dir: Path, result: dict) -> dict:
+    """Train with the driver (train_on_ray) in a thread; kill the coordinator's process once step 10 is logged;
+    return the run's summary."""
+    from raymoe.actors.launch import train_on_ray
+
+    started: list = []
+    box: dict = {}
+
+    def drive():
+        try:
+            box["summary"] = train_on_ray(cfg, on_start=lambda coordinator, info: started.append(coordinator))
+        except BaseException as exc:  # reported below
+            box["error"] = exc
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while _last_step(run_dir / "metrics.jsonl") < 10:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise TimeoutError(f"the run did not reach step 10: {box}")
+        time.sleep(0.05)
+    pid = ray.get(started[0].node_info.remote(), timeout=30)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    result["killed_after_step"] = _last_step(run_dir / "metrics.jsonl")
+    thread.join(timeout=300)
+    if thread.is_alive():
+        raise TimeoutError("the run did not finish after the coordinator was killed")
+    if "error" in box:
+        raise box["error"]
+    result["coordinators"] = len(started)
+    return box["summary"]
+
+
 def main(scenario: str, out: Path) -> dict:
     sets = TINY + SCENARIOS[scenario] + [f"run.output_dir={out}", f"data.cache_dir={out / 'cache'}"]
     ref = ({"last_loss": None} if scenario == "kill_three_times"
@@ -83,6 +131,10 @@ def main(scenario: str, out: Path) -> dict:
     ray.init(address=cluster.address)
     result: dict = {"reference_final_loss": ref["last_loss"]}
     try:
+        run_dir = out / "elastic"
+        if scenario == "coordinator_killed":
+            summary = _kill_coordinator(cfg, run_dir, result)
+            return _finish(result, summary, run_dir, out)
         coord = remote_coordinator().remote(cfg.model_dump(mode="json"))
         ray.get(coord.start.remote(), timeout=180)
         infos = ray.get(coord.shard_info.remote(), timeout=30)
@@ -96,7 +148,6 @@ def main(scenario: str, out: Path) -> dict:
             # hold the run before a step and change the cluster while it waits: deterministic, not a race
             ray.get(coord.hold_before_step.remote(hold), timeout=30)
         run = coord.run.remote()
-        run_dir = out / "elastic"
         if scenario == "kill_three_times":
             _kill_three_times(coord, result)
             result["events"] = ray.get(coord.membership_events.remote(), timeout=60)
@@ -129,15 +180,21 @@ def main(scenario: str, out: Path) -> dict:
             ray.get(coord.release.remote(), timeout=30)
         summary = ray.get(run, timeout=300)
         ray.get(coord.shutdown.remote(), timeout=60)
-        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        result.update(events=summary["events"], world=summary["world"], final_loss=summary["last_loss"],
-                      losses={r["step"]: r["loss"] for r in records if "loss" in r},
-                      reference_losses={r["step"]: r["loss"] for r in (
-                          json.loads(x) for x in (out / "reference" / "metrics.jsonl").read_text().splitlines())},
-                      checkpoints=sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()))
+        return _finish(result, summary, run_dir, out)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _finish(result: dict, summary: dict, run_dir: Path, out: Path) -> dict:
+    """The run's events, world, per-step losses (a replayed step's last record wins) and checkpoints, with the
+    uninterrupted reference's losses."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    result.update(events=summary["events"], world=summary["world"], final_loss=summary["last_loss"],
+                  losses={r["step"]: r["loss"] for r in records if "loss" in r},
+                  reference_losses={r["step"]: r["loss"] for r in (
+                      json.loads(x) for x in (out / "reference" / "metrics.jsonl").read_text().splitlines())},
+                  checkpoints=sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()))
     return result
 
 

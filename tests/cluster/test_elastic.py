@@ -119,3 +119,18 @@ def test_every_shard_lost_restarts_from_the_last_checkpoint(tmp_path):
     assert event["all_lost"] and event["source"] == "checkpoint" and event["lost_shards"] == 2
     assert (event["step"], event["resume_step"], event["lost_steps"]) == (6, 4, 2) and res["world"] == 2
     _same_losses(res)
+
+
+@pytest.mark.slow
+def test_coordinator_process_killed_restarts_from_the_latest_checkpoint(tmp_path):
+    """The coordinator's process is killed by PID mid-run (its shards die with it): the driver starts a new
+    coordinator, whose new shards resume from the latest checkpoint on a cluster with no spare CPU (so nothing of
+    the old world is left holding resources); at most one checkpoint interval is lost, and the run reports it."""
+    res = _run("coordinator_killed", tmp_path)
+    assert res["coordinators"] == 2 and res["killed_after_step"] >= 10
+    [event] = res["events"]
+    assert event["event"] == "recovery" and event["coordinator_lost"] and event["source"] == "checkpoint"
+    assert event["resume_step"] % 4 == 0 and 0 <= event["lost_steps"] <= 4  # checkpoint.interval=4
+    assert event["step"] >= 10 and event["resume_step"] + event["lost_steps"] == event["step"]
+    assert event["world"] == 2 and res["world"] == 2 and event["seconds"] < 60
+    _same_losses(res)

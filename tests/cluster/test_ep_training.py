@@ -79,23 +79,25 @@ def test_metrics_are_exported_to_prometheus(ray_cluster, tmp_path):
     while time.monotonic() < deadline:
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         found = {f.name: f for f in text_string_to_metric_families(text) if f.name.startswith("ray_raymoe")}
-        if wanted <= set(found) and steps_by_run(found) == {"metrics_a": 2, "metrics_b": 3}:
+        steps = steps_by_run(found)
+        if wanted <= set(found) and (steps.get("metrics_a"), steps.get("metrics_b")) == (2, 3):
             break
         time.sleep(1)
     assert wanted <= set(found), sorted(found)
     # the two runs' step counters are apart (2 and 3 steps), each series names its run
-    assert steps_by_run(found) == {"metrics_a": 2, "metrics_b": 3}
+    steps = steps_by_run(found)
+    assert (steps.get("metrics_a"), steps.get("metrics_b")) == (2, 3), steps
     training = {"ray_" + m.name.removesuffix("_total") for m in TRAINING_METRICS}
     for name, family in found.items():
-        if name in training:
-            assert all(s.labels.get("run") in ("metrics_a", "metrics_b") for s in family.samples), name
+        if name in training:  # (other tests' runs on this Ray instance may still be exported: any run name)
+            assert all(s.labels.get("run") for s in family.samples), name
     # one series per (run, exporting process, layer, expert); each one's layer-1 loads sum to 1 over 4 experts
     by_process: dict = {}
     for s in found["ray_raymoe_expert_load_fraction"].samples:
         if s.labels["layer"] == "1":
             key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "expert"))
             by_process.setdefault(key, {})[s.labels["expert"]] = s.value
-    assert {dict(k)["run"] for k in by_process} == {"metrics_a", "metrics_b"}
+    assert {"metrics_a", "metrics_b"} <= {dict(k)["run"] for k in by_process}
     for loads in by_process.values():
         assert sorted(loads) == ["0", "1", "2", "3"] and sum(loads.values()) == pytest.approx(1.0)
     assert any(s.value == 2 for s in found["ray_raymoe_world_size"].samples)
