@@ -162,12 +162,9 @@ def check_ep_size(checkpoint: str, ep_size: int) -> None:
     if ep_size == 1 or not os.path.exists(checkpoint):
         return
     from raymoe.deployments.ep_runner import check_ep_size
-    from raymoe.platform.checkpoint import read_manifest
-    from raymoe.platform.model_io import model_config_of
+    from raymoe.platform.model_io import checkpoint_config
 
-    info = read_manifest(checkpoint)
-    if "model_config" in (info.get("extra") or {}):
-        check_ep_size(model_config_of(info, checkpoint), ep_size, checkpoint)
+    check_ep_size(checkpoint_config(checkpoint), ep_size, checkpoint)  # a native checkpoint or a HF folder
 
 
 def placement_bundles(args: ServeArgs) -> list[dict]:

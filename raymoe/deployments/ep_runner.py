@@ -78,10 +78,9 @@ class EPRunner:
 
     # -- start / stop ------------------------------------------------------------------------------------
     def _check_checkpoint(self, checkpoint: str) -> None:
-        from raymoe.platform.checkpoint import read_manifest
-        from raymoe.platform.model_io import model_config_of
+        from raymoe.platform.model_io import checkpoint_config
 
-        check_ep_size(model_config_of(read_manifest(checkpoint), checkpoint), self.ep_size, checkpoint)
+        check_ep_size(checkpoint_config(checkpoint), self.ep_size, checkpoint)  # native or Hugging Face
 
     def _placement_group(self, ray, num_cpus, num_gpus, strategy, timeout_s):
         """(placement group, index of the first shard bundle): the current one (a Serve replica's: the last

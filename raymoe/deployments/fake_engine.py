@@ -1,10 +1,12 @@
 """`FakeEngine`: the engine contract without a model, for tests and for load-testing the serving stack.
 
-Output is deterministic: the prompt's bytes, cycled (prompt "ab" -> "abab..."), one byte per step of
+Output is deterministic: the prompt's tokens (bytes: the byte tokenizer), cycled (prompt "ab" -> "abab..."),
+one token per step of
 ``token_delay_s`` seconds, with the same max_tokens / stop-string / finish-reason rules as `Engine`. A prompt
 containing ``fail_marker`` fails with RuntimeError after its first token (a per-request error); the other
-requests are unaffected. ``reload`` only records the checkpoint. It needs no checkpoint (``checkpoint`` is
-accepted and ignored so it is built like `Engine`). Its settings: `FakeEngineConfig` (`EngineConfig`'s
+requests are unaffected. ``reload`` only records the checkpoint. It needs no model: ``checkpoint``, when given,
+only provides the tokenizer (a raymoe checkpoint or a Hugging Face folder: its tokenizer and chat template,
+its stop tokens ending the cycle), as does ``tokenizer``; default the byte tokenizer. Its settings: `FakeEngineConfig` (`EngineConfig`'s
 fields, of which it uses max_batch_size and max_waiting, plus its own).
 """
 
@@ -37,7 +39,7 @@ class FakeEngine(BaseEngine):
     config_cls = FakeEngineConfig
 
     def __init__(self, checkpoint: Optional[str] = None, *, config: Optional[FakeEngineConfig] = None,
-                 model_id: str = "raymoe", observer: Optional[EngineObserver] = None):
+                 model_id: str = "raymoe", observer: Optional[EngineObserver] = None, tokenizer=None):
         config = FakeEngineConfig() if config is None else config
         if not isinstance(config, FakeEngineConfig):
             raise TypeError(f"config must be a FakeEngineConfig; got {type(config).__name__}")
@@ -51,6 +53,11 @@ class FakeEngine(BaseEngine):
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.counters = collections.Counter()
+        if tokenizer is not None or checkpoint is not None:
+            from raymoe.platform.tokenizer import load_tokenizer
+
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(checkpoint)
+            self.vocab_size = self.tokenizer.vocab_size
 
     def start(self) -> None:
         if self._thread is None:
@@ -91,7 +98,7 @@ class FakeEngine(BaseEngine):
 
     def _enqueue(self, req: Request) -> None:
         with self._lock:
-            self._waiting.append(RequestRow(req, self.eos_id, self.observer))
+            self._waiting.append(RequestRow(req, self.tokenizer, self.observer))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -108,8 +115,7 @@ class FakeEngine(BaseEngine):
             time.sleep(self.token_delay_s if rows else 0.002)
 
     def _step(self, r: RequestRow) -> None:
-        if r.completion_tokens == 1 and self.fail_marker and self.fail_marker.encode() in bytes(
-                t for t in r.prompt_ids if t < 256):
+        if r.completion_tokens == 1 and self.fail_marker and self.fail_marker in self.tokenizer.decode(r.prompt_ids):
             r.fail(RuntimeError("FakeEngine: injected failure"))
             return
         token = r.prompt_ids[r.completion_tokens % len(r.prompt_ids)]

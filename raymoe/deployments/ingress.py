@@ -3,7 +3,8 @@
 Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``
 (``stream: true`` -> Server-Sent Events ``data: {...}`` chunks ending with ``data: [DONE]``), ``GET /healthz``.
 Each choice (prompt x n) is one call to an `LLMServer` replica through a DeploymentHandle, so choices spread
-over replicas and join their continuous batches.
+over replicas and join their continuous batches. Text never gets tokenized here: prompts, chat messages and
+``echo`` go to the engine, which holds the model's tokenizer and chat template.
 
 Status codes, all with an OpenAI error body ``{"error": {"message", "type", "param", "code"}}``: 400 bad
 request (malformed JSON, wrong types, empty or too-long prompt, bad max_tokens...), 404 unknown model or
@@ -181,23 +182,23 @@ class OpenAIIngress:
 
     def _jobs(self, req, route: str) -> list[dict]:
         if route == "completions":
-            prompts, param, stop, default = req.prompts(), "prompt", (), self.default_max_tokens
+            prompts, param, default = [{"prompt": p} for p in req.prompts()], "prompt", self.default_max_tokens
+            echo = req.echo
         else:
-            prompts, param, stop, default = [req.prompt_text()], "messages", (oa.CHAT_STOP,), None
-        base = req.sampling(default, stop)
+            prompts, param, default, echo = [{"messages": req.template_messages()}], "messages", None, False
+        base = req.sampling(default)
         jobs = []
         for p in prompts:
             for j in range(req.n):
                 seed = None if base.seed is None else base.seed + j
                 params = {**vars(base), "seed": seed, "stop": list(base.stop)}
-                jobs.append({"prompt": p, "params": params, "param": param, "index": len(jobs)})
+                jobs.append({**p, "params": params, "param": param, "echo": echo, "index": len(jobs)})
         return jobs
 
-    def _echo(self, req, route: str, job: dict) -> str:
-        if route != "completions" or not req.echo:
-            return ""
-        p = job["prompt"]
-        return p if isinstance(p, str) else bytes(t for t in p if t < 256).decode("utf-8", errors="replace")
+    @staticmethod
+    def _echo(job: dict, first: dict) -> str:
+        """The prompt as text when the request asked for ``echo`` (the engine decoded it: ``prompt_text``)."""
+        return first.get("prompt_text", "") if job.get("echo") else ""
 
     async def _unary(self, req, route: str, jobs: list[dict]) -> JSONResponse:
         results = await asyncio.gather(*(self._server.generate.remote(j) for j in jobs), return_exceptions=True)
@@ -205,7 +206,7 @@ class OpenAIIngress:
         for r in results:
             if "error" in r:
                 return _error(r.pop("status"), r)
-        choices = [{"index": j["index"], "text": self._echo(req, route, j) + r["text"],
+        choices = [{"index": j["index"], "text": self._echo(j, r) + r["text"],
                     "finish_reason": r["finish_reason"]} for j, r in zip(jobs, results)]
         prompt_tokens = sum(r["prompt_tokens"] for i, r in enumerate(results) if i % req.n == 0)
         use = oa.usage(prompt_tokens, sum(r["completion_tokens"] for r in results))
@@ -222,12 +223,13 @@ class OpenAIIngress:
             for g in gens:
                 g.cancel()
             return _error(bad.pop("status"), bad)
-        body = self._sse_body(req, route, jobs, gens, [f["prompt_tokens"] for f in firsts])
+        body = self._sse_body(req, route, jobs, gens, firsts)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _sse_body(self, req, route: str, jobs, gens, prompt_tokens: list[int]) -> AsyncIterator[bytes]:
+    async def _sse_body(self, req, route: str, jobs, gens, firsts: list[dict]) -> AsyncIterator[bytes]:
         rid = oa.new_id("cmpl" if route == "completions" else "chatcmpl")
+        prompt_tokens = [f["prompt_tokens"] for f in firsts]
         created, completion = int(time.time()), [0] * len(jobs)
 
         def chunk(i: int, text: str, finish: Optional[str], first: bool) -> dict:
@@ -237,9 +239,9 @@ class OpenAIIngress:
             return oa.chat_chunk(rid, self.model_id, created, i, delta, finish)
 
         try:
-            for j in jobs:  # chat: the role first; completions with echo: the prompt first
-                if route == "chat" or self._echo(req, route, j):
-                    yield _sse(chunk(j["index"], self._echo(req, route, j), None, True))
+            for j, f in zip(jobs, firsts):  # chat: the role first; completions with echo: the prompt first
+                if route == "chat" or self._echo(j, f):
+                    yield _sse(chunk(j["index"], self._echo(j, f), None, True))
             async for i, item in _merge(gens):
                 if "error" in item:  # headers are sent: the error becomes the last event
                     item.pop("status", None)

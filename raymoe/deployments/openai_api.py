@@ -1,21 +1,15 @@
-"""OpenAI request/response shapes, the chat template and OpenAI-style errors (no Ray, no FastAPI).
+"""OpenAI request/response shapes and OpenAI-style errors (no Ray, no FastAPI).
 
 Requests are parsed strictly (``"max_tokens": "5"`` is a type error, not 5); unknown fields are ignored
 (clients send many optional OpenAI fields), except ones whose non-default values we cannot honour
 (``logprobs``, ``tools``...), which are 400s. Errors use OpenAI's body:
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Chat template (byte-level model, no special tokens): each message becomes ``<|{role}|>\\n{content}\\n`` and
-the prompt ends with ``<|assistant|>\\n``::
-
-    <|system|>
-    You are terse.
-    <|user|>
-    Hi!
-    <|assistant|>
-
-Generation stops at EOS, ``max_tokens``, the request's ``stop`` strings, and (chat only) ``"\\n<|"``, the
-start of the next role tag, so the model's turn ends where it starts a new message.
+Chat: the messages go to the engine as they are (text content parts joined into one string), which renders
+them with the model's own chat template (`raymoe.platform.chat`, as transformers' ``apply_chat_template`` with
+``add_generation_prompt``); a model without one gets role tags (`raymoe.platform.chat.DEFAULT_CHAT_TEMPLATE`),
+its reply ending at the next tag. Roles are the template's to accept: a message it refuses is a 400 naming it
+(``messages.<i>``).
 """
 
 from __future__ import annotations
@@ -23,13 +17,12 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from raymoe.deployments.protocol import RequestError, SamplingParams
 
-CHAT_STOP = "\n<|"
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\])$")  # pydantic union branches in error locations
 MAX_N = 8
 MAX_STOP = 4
@@ -74,12 +67,12 @@ class _Sampling(_Strict):
             raise ValueError(f"stop must be a non-empty string or a list of at most {MAX_STOP} non-empty strings")
         return stops
 
-    def sampling(self, default_max_tokens: Optional[int], extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    def sampling(self, default_max_tokens: Optional[int]) -> SamplingParams:
         """The engine's SamplingParams (default_max_tokens None: the rest of the context)."""
         mt = self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
         return SamplingParams(max_tokens=mt if mt is not None else default_max_tokens,
                               temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              stop=list(self.stop or []) + list(extra_stop), seed=self.seed)
+                              stop=list(self.stop or []), seed=self.seed)
 
     def check_supported(self) -> None:
         if self.logprobs not in (None, False, 0):
@@ -105,14 +98,17 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: str = Field(description="system, user, assistant, developer, ...: the chat template decides")
     content: Union[str, list[dict[str, Any]], None] = None
     name: Optional[str] = None
 
-    def text(self, i: int) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
+    def for_template(self, i: int) -> dict:
+        """The message as the chat template sees it: role, content as one string, name if given."""
+        out = {"role": self.role, "content": self.text(i)}
+        return {**out, "name": self.name} if self.name is not None else out
+
+    def text(self, i: int) -> Optional[str]:
+        if self.content is None or isinstance(self.content, str):
             return self.content
         parts = []
         for part in self.content:
@@ -129,18 +125,13 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     tools: Any = None
 
-    def prompt_text(self) -> str:
+    def template_messages(self) -> list[dict]:
+        """The messages for the model's chat template (rendered by the engine)."""
         if not self.messages:
             raise RequestError("messages must be a non-empty list", param="messages", code="empty_messages")
         if self.tools:
             raise RequestError("tools are not supported by this server", param="tools", code="unsupported")
-        return apply_chat_template([(m.role, m.text(i)) for i, m in enumerate(self.messages)])
-
-
-def apply_chat_template(messages: list[tuple[str, str]]) -> str:
-    """The documented template (module docstring): role tags, one message per block, open assistant turn."""
-    role = {"developer": "system"}
-    return "".join(f"<|{role.get(r, r)}|>\n{c}\n" for r, c in messages) + "<|assistant|>\n"
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
 
 
 def parse(model_cls: type[BaseModel], body: Any):

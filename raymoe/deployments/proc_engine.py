@@ -7,13 +7,14 @@ the loop runs in a spawned child process whose only other threads are a command 
 the replica process keeps the request handling (vLLM's V1 engine separates its engine core from the API server
 for the same reason). benchmarks/serve_load.py (``--engine-process`` / ``--no-engine-process``) measures it.
 
-Protocol over one pipe: parent -> child ``("submit", id, prompt_ids, params, stop_ids, stream)``,
+Protocol over one pipe: parent -> child ``("submit", id, prompt_ids, params, stop_strings, stream)``,
 ``("abort", id)``, ``("call", call_id, method, args)``; child -> parent lists of ``("out", id, item)``
 (a `GenerationChunk`, an exception, or None at the end), ``("obs", hook, args)`` (observer calls, replayed
 on the parent's observer: metrics are recorded in the Ray process) and ``("reply", call_id, ok, value)``.
 Outputs produced while the pipe is busy are sent together (one message per engine step or fewer).
-Validation (`RequestError`) happens in the parent with the child's block/vocab sizes; a full queue comes back
-as the request's first item (`EngineOverloadedError`, a 429).
+Validation (`RequestError`) and encoding happen in the parent, with the child's block/vocab sizes and the
+tokenizer the checkpoint carries (loaded by both); detokenization happens in the child's decode loop. A full
+queue comes back as the request's first item (`EngineOverloadedError`, a 429).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Optional
 from raymoe.deployments.engine_config import EngineConfig
 from raymoe.deployments.protocol import (BaseEngine, EngineObserver, EngineShutdownError, Request,
                                          SamplingParams, run_thread)
+from raymoe.platform.tokenizer import load_tokenizer
 
 _HOOKS = ("on_first_token", "on_tokens", "on_step", "on_finish", "on_expert_load", "on_reload")
 
@@ -94,15 +96,14 @@ def _child_main(conn, checkpoint, config, model_id) -> None:
     except BaseException as exc:
         conn.send([("reply", "ready", False, exc)])
         return
-    conn.send([("reply", "ready", True, {"block_size": eng.block_size, "vocab_size": eng.vocab_size,
-                                         "eos_id": eng.eos_id})])
+    conn.send([("reply", "ready", True, {"block_size": eng.block_size, "vocab_size": eng.vocab_size})])
     run_thread(out.flush_forever, "raymoe-engine-outbox")
     reqs: dict[int, Request] = {}
     while True:
         msg = conn.recv()
         if msg[0] == "submit":
-            _, rid, ids, params, stop_ids, stream = msg
-            req = Request(ids, SamplingParams(**params), stop_ids,
+            _, rid, ids, params, stop, stream = msg
+            req = Request(ids, SamplingParams(**params), stop,
                           lambda item, _r=rid: out.put(("out", _r, item)), stream)
             reqs[rid] = req
             try:
@@ -180,7 +181,8 @@ class ProcessEngine(BaseEngine):
         self._conn.send((self.checkpoint, self.config, self.model_id))
         run_thread(self._read_forever, "raymoe-engine-reader")
         info = self._wait("ready", ready, self.start_timeout_s)
-        self.block_size, self.vocab_size, self.eos_id = info["block_size"], info["vocab_size"], info["eos_id"]
+        self.block_size, self.vocab_size = info["block_size"], info["vocab_size"]
+        self.tokenizer = load_tokenizer(self.checkpoint)
         self._accepting = True
 
     def check_health(self) -> None:
@@ -206,6 +208,8 @@ class ProcessEngine(BaseEngine):
     # -- calls into the child ------------------------------------------------------------------------------
     def reload(self, checkpoint: str, timeout_s: float = 600.0) -> None:
         self._call("reload", str(checkpoint), timeout_s, timeout_s=timeout_s + 15.0)
+        info = self._call("info")  # the child refuses another tokenizer; the sizes may change
+        self.block_size, self.vocab_size = info["block_size"], info["vocab_size"]
 
     def info(self) -> dict:
         return {**self._call("info"), "engine": type(self).__name__, "engine_pid": self._proc.pid}
@@ -250,7 +254,7 @@ class ProcessEngine(BaseEngine):
     def _enqueue(self, req: Request) -> None:
         self._reqs[req.id] = req
         p = req.params
-        self._send(("submit", req.id, req.prompt_ids, {**vars(p), "stop": list(p.stop)}, req.stop_ids, req.stream))
+        self._send(("submit", req.id, req.prompt_ids, {**vars(p), "stop": list(p.stop)}, req.stop, req.stream))
 
     def _read_forever(self) -> None:
         try:

@@ -9,12 +9,17 @@ swaps weights; ``info()`` describes the model. This module imports neither Ray n
 Errors a request can raise: `RequestError` (the request is wrong: a 4xx with an OpenAI error body),
 `EngineOverloadedError` (queue full: 429), `EngineShutdownError` (503), anything else (a 500 for that
 request only: an engine never lets one request's failure stop the others).
+
+Text goes through the model's tokenizer (`raymoe.platform.tokenizer`, loaded from the checkpoint: an engine's
+``tokenizer``): a prompt is a string (encoded with the tokenizer's own special tokens, e.g. a BOS), a list of
+token ids (checked against the vocabulary), or a `Chat` (rendered with the model's chat template, then encoded
+as it is). Replies are detokenized incrementally with stop strings matched on the text
+(`raymoe.platform.detokenize.TextStream`); usage and ``max_tokens`` count the model's tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import dataclasses
 import itertools
 import queue
@@ -23,7 +28,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
-Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class Chat:
+    """A conversation as a prompt: OpenAI-style messages ({"role", "content", ...}) for the chat template."""
+
+    messages: list[dict]
+
+
+Prompt = Union[str, Sequence[int], Chat]
 
 
 class RequestError(ValueError):
@@ -131,12 +145,12 @@ class Request:
     """One request inside an engine: prompt, params, delivery callback and what was delivered so far (the
     engine's decode loop holds the decode state: `raymoe.deployments.engine.RequestRow`)."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: list[list[int]],
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop: list[str],
                  deliver: Callable[[Any], None], stream: bool = True):
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.params = params
-        self.stop_ids = stop_ids
+        self.stop = stop  # stop strings: the request's, plus the chat turn's end for the default chat template
         self.deliver = deliver  # called with a GenerationChunk, an Exception, or None (end of stream)
         self.stream = stream  # False: one chunk at the end (no per-token messages for whole-result callers)
         self._held_text: list[str] = []
@@ -147,15 +161,13 @@ class Request:
         self.completion_tokens = 0
         self.aborted = False
         self.done = False
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def emit(self, tokens: list[int], finish_reason: Optional[str], observer: EngineObserver) -> None:
-        """Deliver released tokens (bytes decoded incrementally; ids >= 256 such as EOS are never text)."""
+    def emit(self, tokens: list[int], text: str, finish_reason: Optional[str], observer: EngineObserver) -> None:
+        """Deliver released tokens and their text (the decode row's `TextStream`: stop strings already cut)."""
         if self.done:
             return
         now = time.perf_counter()
         final = finish_reason is not None
-        text = self._decoder.decode(bytes(t for t in tokens if 0 <= t < 256), final=final)
         if tokens or final:
             if self.t_first is None:
                 self.t_first = now
@@ -191,17 +203,20 @@ class BaseEngine:
     """Request plumbing shared by engines: validation, async/sync streaming, abort, admission limit.
 
     Subclasses implement ``_enqueue(request)`` (hand a validated `Request` to the loop), ``start``,
-    ``check_health``, ``shutdown``, ``reload`` and ``info``; they set ``block_size``/``vocab_size``.
+    ``check_health``, ``shutdown``, ``reload`` and ``info``; they set ``block_size``/``vocab_size`` (the
+    model's) and ``tokenizer`` (the model's; the byte tokenizer until then).
     """
 
     block_size: int = 0
     vocab_size: int = 257
-    eos_id: Optional[int] = 256
 
     def __init__(self, *, max_waiting: int, observer: Optional[EngineObserver] = None):
+        from raymoe.platform.tokenizer import ByteTokenizer
+
         self.max_waiting = max_waiting
         self.observer = observer or EngineObserver()
         self._accepting = False
+        self.tokenizer = ByteTokenizer()
 
     # -- to implement ----------------------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
@@ -212,14 +227,18 @@ class BaseEngine:
 
     # -- requests --------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, param: str = "prompt") -> list[int]:
-        """Token ids of a prompt (UTF-8 bytes for text); RequestError when empty, too long or out of range."""
-        if isinstance(prompt, str):
-            ids = list(prompt.encode("utf-8", errors="surrogatepass"))
+        """Token ids of a prompt (see the module docstring); RequestError when empty, too long, out of the
+        vocabulary, or a conversation the chat template refuses (naming the message)."""
+        if isinstance(prompt, Chat):  # errors name "messages.<i>" (the field of a chat request)
+            ids = self.tokenizer.encode(self.render_chat(prompt, "messages" if param == "prompt" else param))
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         elif isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
-            ids = list(prompt)
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise RequestError(f"{param} has token ids outside [0, {self.vocab_size})", param=param,
-                                   code="invalid_value")
+            ids, vocab = list(prompt), min(self.vocab_size, self.tokenizer.vocab_size)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"{param} has token ids outside this model's vocabulary [0, {vocab}): {bad[:5]}",
+                                   param=param, code="invalid_value")
         else:
             raise RequestError(f"{param} must be a string or a list of token ids", param=param, code="invalid_type")
         if not ids:
@@ -243,8 +262,27 @@ class BaseEngine:
             raise RequestError(f"max_tokens={params.max_tokens} is too large: the prompt has {len(ids)} tokens "
                                f"and the context is {self.block_size}, so at most {room} new tokens fit",
                                param="max_tokens", code="context_length_exceeded")
-        stop_ids = [list(s.encode("utf-8")) for s in params.stop]
-        return Request(ids, params, stop_ids, deliver, stream)
+        stop = list(params.stop) + (list(self.tokenizer.chat_stop_strings) if isinstance(prompt, Chat) else [])
+        return Request(ids, params, stop, deliver, stream)
+
+    def render_chat(self, chat: Chat, param: str = "messages") -> str:
+        """The prompt text of a conversation: the model's chat template (`DEFAULT_CHAT_TEMPLATE` without one);
+        RequestError (400) naming the message the template refuses."""
+        from raymoe.platform.chat import ChatTemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(chat.messages, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            where = param if e.index is None else f"{param}.{e.index}"
+            raise RequestError(str(e), param=where, code="invalid_messages") from None
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        """A prompt as text (``echo``): token ids decoded with the model's tokenizer, a chat rendered."""
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, Chat):
+            return self.render_chat(prompt)
+        return self.tokenizer.decode(list(prompt), skip_special_tokens=False)
 
     def submit(self, req: Request) -> None:
         """Admission control, then hand to the loop. Raises EngineOverloadedError / EngineShutdownError."""

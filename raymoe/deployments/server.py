@@ -8,9 +8,11 @@ Lifecycle: the constructor builds and starts the engine; ``check_health`` (calle
 swaps weights live; ``__del__`` (Serve calls it after draining the replica for ``graceful_shutdown_wait_loop_s``)
 shuts the engine down, letting running requests finish.
 
-Calls from the ingress carry one "job" (one choice): ``{"prompt": str | [ids], "params": {...},
-"param": "prompt" | "messages"}``. Results are plain dicts; failures are returned (not raised) as
-``{"status": http_status, "error": {OpenAI error}}`` so the ingress can answer with the right code.
+Calls from the ingress carry one "job" (one choice): ``{"prompt": str | [ids]}`` or ``{"messages": [...]}``
+(a chat, rendered by the engine with the model's chat template), plus ``"params": {...}``, ``"param": "prompt" |
+"messages"`` and ``"echo"`` (the result then carries ``prompt_text``, the prompt as text). Results are plain
+dicts; failures are returned (not raised) as ``{"status": http_status, "error": {OpenAI error}}`` so the ingress
+can answer with the right code.
 
 Expert-parallel replicas (``ep_size`` > 1 in `raymoe.deployments.app.ServeArgs`): the engine's runner starts
 ``ep_size`` `InferenceShard` actors in the last bundles of this replica's placement group (the deployment's
@@ -26,7 +28,7 @@ import os
 from typing import Any, AsyncIterator, Optional, Union
 
 from raymoe.deployments.openai_api import error_body, error_from
-from raymoe.deployments.protocol import (EngineOverloadedError, EngineShutdownError, GenerationChunk,
+from raymoe.deployments.protocol import (Chat, EngineOverloadedError, EngineShutdownError, GenerationChunk,
                                          RequestError, SamplingParams)
 
 logger = logging.getLogger("ray.serve")
@@ -126,21 +128,31 @@ class LLMServer:
     def _params(self, job: dict) -> SamplingParams:
         return SamplingParams(**job["params"])
 
+    @staticmethod
+    def _prompt(job: dict):
+        return Chat(job["messages"]) if "messages" in job else job["prompt"]
+
+    def _echo(self, job: dict) -> dict:
+        return {"prompt_text": self.engine.prompt_text(self._prompt(job))} if job.get("echo") else {}
+
     async def generate(self, job: dict) -> dict:
-        """One whole choice: {"text", "finish_reason", "prompt_tokens", "completion_tokens"} or an error."""
+        """One whole choice: {"text", "finish_reason", "prompt_tokens", "completion_tokens"[, "prompt_text"]} or
+        an error."""
         try:
-            res = await self.engine.generate(job["prompt"], self._params(job), param=job.get("param", "prompt"))
+            res = await self.engine.generate(self._prompt(job), self._params(job), param=job.get("param", "prompt"))
+            echo = self._echo(job)
         except Exception as exc:
             return error_result(exc)
         return {"text": res.text, "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
-                "completion_tokens": res.completion_tokens}
+                "completion_tokens": res.completion_tokens, **echo}
 
     async def generate_stream(self, job: dict) -> AsyncIterator[dict]:
-        """First item: {"prompt_tokens"} (accepted) or an error; then {"text", "finish_reason",
+        """First item: {"prompt_tokens"[, "prompt_text"]} (accepted) or an error; then {"text", "finish_reason",
         "completion_tokens"} chunks; an error mid-stream is a last {"status", "error"} item."""
         try:
-            it = await self.engine.stream(job["prompt"], self._params(job), param=job.get("param", "prompt"),
+            it = await self.engine.stream(self._prompt(job), self._params(job), param=job.get("param", "prompt"),
                                           min_interval_s=self.stream_interval_s)
+            echo = self._echo(job)
         except Exception as exc:
             yield error_result(exc)
             return
@@ -149,7 +161,7 @@ class LLMServer:
             async for ch in it:
                 ch: GenerationChunk
                 if first:
-                    yield {"prompt_tokens": ch.prompt_tokens}
+                    yield {"prompt_tokens": ch.prompt_tokens, **echo}
                     first = False
                 yield {"text": ch.text, "finish_reason": ch.finish_reason, "completion_tokens": ch.completion_tokens}
         except Exception as exc:

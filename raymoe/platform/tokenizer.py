@@ -262,6 +262,7 @@ class HFTokenizer(Tokenizer):
         self.tok.save(str(folder / TOKENIZER_FILE))
         config = {k: v for k, v in self.config.items() if k != "chat_template"}
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        config["raymoe_name"] = self.name  # "bpe", or the folder it came from
         for n, t in self.special_tokens.items():
             config.setdefault(n, t)
         if self.named_templates:
@@ -306,7 +307,9 @@ def tokenizer_from_folder(folder: PathLike, name: str = "hf") -> HFTokenizer:
     if extra:
         template = {**({"default": template} if template is not None else {}),
                     **{p.stem: p.read_text(encoding="utf-8") for p in extra}}
-    return HFTokenizer(tok, _read_json(folder / CONFIG_FILE), _read_json(folder / GENERATION_FILE), template, name)
+    config = _read_json(folder / CONFIG_FILE)
+    name = (config or {}).get("raymoe_name") or name
+    return HFTokenizer(tok, config, _read_json(folder / GENERATION_FILE), template, name)
 
 
 def _checkpoint_dir(path: Path) -> Path | None:

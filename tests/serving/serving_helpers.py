@@ -42,3 +42,33 @@ def wait_until(pred, timeout_s: float = 30.0, interval_s: float = 0.05):
             return True
         time.sleep(interval_s)
     raise TimeoutError(f"condition not met within {timeout_s}s")
+
+
+CHATML = ("{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+          "{{ raise_exception('Unknown role: ' + m.role) }}{% endif %}"
+          "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def tokenizer_folder(folder, vocab_size: int = 300):
+    """A model's tokenizer files as a Hugging Face folder ships them: a byte-level BPE with ChatML special tokens
+    (<|im_start|> = vocab_size, <|im_end|> = vocab_size + 1), a chat template in chat_template.jinja, and the
+    stop token <|im_end|> in generation_config.json. Returns the folder."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import AddedToken
+
+    from raymoe.platform.bpe import train_bpe
+    from raymoe.platform.data import default_corpus_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = train_bpe([default_corpus_text()[:40_000]], vocab_size)
+    tok.tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok.tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "eos_token": "<|endoftext|>"}))
+    (folder / "chat_template.jinja").write_text(CHATML)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [vocab_size + 1, 0]}))
+    return folder

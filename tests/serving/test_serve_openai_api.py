@@ -1,21 +1,45 @@
-"""Request parsing, the chat template and the serving metric definitions (no Ray)."""
+"""Request parsing, the default chat template and the serving metric definitions (no Ray)."""
 
 import pytest
 
 from raymoe.deployments import openai_api as oa
-from raymoe.deployments.protocol import RequestError
+from raymoe.deployments.protocol import Chat, RequestError
+from raymoe.deployments.fake_engine import FakeEngine
 from raymoe.platform import metrics as M
+from raymoe.platform.chat import DEFAULT_CHAT_STOP
+from raymoe.platform.tokenizer import ByteTokenizer
 
 
-def test_chat_template_is_the_documented_one():
+def test_default_chat_template_is_the_documented_one():
+    """A model without a chat template (the byte tokenizer, the trained BPE) is chatted with role tags; the
+    request's text parts are joined and its messages go to the template as they are."""
     req = oa.parse(oa.ChatCompletionRequest, {"messages": [
         {"role": "system", "content": "Be terse."},
         {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]},
         {"role": "assistant", "content": "Hello."},
+        {"role": "developer", "content": None},
         {"role": "user", "content": "Bye"}]})
-    assert req.prompt_text() == ("<|system|>\nBe terse.\n<|user|>\nHi!\n<|assistant|>\nHello.\n"
-                                 "<|user|>\nBye\n<|assistant|>\n")
-    assert oa.CHAT_STOP == "\n<|"
+    msgs = req.template_messages()
+    assert msgs[1] == {"role": "user", "content": "Hi!"}
+    assert ByteTokenizer().apply_chat_template(msgs) == (
+        "<|system|>\nBe terse.\n<|user|>\nHi!\n<|assistant|>\nHello.\n<|system|>\n\n<|user|>\nBye\n<|assistant|>\n")
+    assert ByteTokenizer().chat_stop_strings == DEFAULT_CHAT_STOP == ("\n<|",)
+
+
+def test_a_message_the_template_refuses_is_a_400_naming_it():
+    eng = FakeEngine()
+    eng.start()
+    try:
+        good = {"role": "user", "content": "hi"}
+        for messages, param in (([good, {"role": "robot", "content": "x"}], "messages.1"),
+                                ([{"role": "tool", "content": "x"}, good], "messages.0"),
+                                ([good, {"role": "user", "content": {"k": 1}}], "messages.1")):
+            with pytest.raises(RequestError, match="role must be one of|content must be a string") as ei:
+                eng.encode(Chat(messages), "messages")
+            assert (ei.value.status, ei.value.param, ei.value.code) == (400, param, "invalid_messages")
+        assert eng.encode(Chat([good]), "messages") == list(b"<|user|>\nhi\n<|assistant|>\n")
+    finally:
+        eng.shutdown(1)
 
 
 def test_sampling_defaults_and_stop_normalisation():
@@ -23,8 +47,8 @@ def test_sampling_defaults_and_stop_normalisation():
     sp = req.sampling(16)
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.stop, sp.seed) == (16, 1.0, 1.0, ["\n"], 3)
     chat = oa.parse(oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}]})
-    assert chat.sampling(None, (oa.CHAT_STOP,)).max_tokens is None  # chat: the rest of the context
-    assert chat.sampling(None, (oa.CHAT_STOP,)).stop == [oa.CHAT_STOP]
+    assert chat.sampling(None).max_tokens is None  # chat: the rest of the context
+    assert chat.sampling(None).stop == []  # the engine adds the default template's turn end itself
     assert oa.parse(oa.CompletionRequest, {"prompt": [1, 2, 3]}).prompts() == [[1, 2, 3]]
     assert oa.parse(oa.CompletionRequest, {"prompt": ["a", "b"]}).prompts() == ["a", "b"]
 
@@ -40,7 +64,7 @@ def test_sampling_defaults_and_stop_normalisation():
     (oa.CompletionRequest, {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     (oa.CompletionRequest, {"prompt": "a", "temperature": "hot"}, "temperature"),
     (oa.ChatCompletionRequest, {"messages": "hi"}, "messages"),
-    (oa.ChatCompletionRequest, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    (oa.ChatCompletionRequest, {"messages": [{"role": 5, "content": "x"}]}, "messages.0.role"),
     (oa.ChatCompletionRequest, {"messages": [{"content": "x"}]}, "messages.0.role"),
 ])
 def test_parse_errors_name_the_field(cls, body, param):
@@ -53,14 +77,14 @@ def test_parse_errors_name_the_field(cls, body, param):
 
 def test_semantic_errors():
     with pytest.raises(RequestError, match="empty"):
-        oa.parse(oa.ChatCompletionRequest, {"messages": []}).prompt_text()
+        oa.parse(oa.ChatCompletionRequest, {"messages": []}).template_messages()
     with pytest.raises(RequestError, match="empty"):
         oa.parse(oa.CompletionRequest, {"prompt": []}).prompts()
     with pytest.raises(RequestError, match="logprobs"):
         oa.parse(oa.CompletionRequest, {"prompt": "a", "logprobs": 3}).check_supported()
     with pytest.raises(RequestError, match="only text content"):
         oa.parse(oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "x"}}]}]}).prompt_text()
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}).template_messages()
 
 
 def test_serving_metrics_are_defined_once_with_units():
