@@ -449,7 +449,8 @@ def build_dataset(sources: Sequence[PathLike] | None, cache_dir: PathLike,
     """
     tokenizer = tokenizer or ByteTokenizer()
     ds = TokenDataset(build_token_file(sources, cache_dir, tokenizer, jsonl_field))
-    ds.token_bytes = tokenizer.token_bytes()
+    if ds.vocab_size <= tokenizer.vocab_size:  # else pre-tokenized ids of another tokenizer: bytes unknown
+        ds.token_bytes = tokenizer.token_bytes()
     return ds
 
 
