@@ -72,3 +72,18 @@ def tokenizer_folder(folder, vocab_size: int = 300):
     (folder / "chat_template.jinja").write_text(CHATML)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [vocab_size + 1, 0]}))
     return folder
+
+
+def hf_model_folder(folder):
+    """A tiny random Qwen2-MoE saved by transformers (config.json + safetensors) with the tokenizer files of
+    `tokenizer_folder` (ChatML template, <|im_end|> stop token): a Hugging Face model folder as users serve one."""
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(vocab_size=302, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                      mlp_only_layers=[0], max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    return tokenizer_folder(folder)

@@ -14,7 +14,7 @@ serve = pytest.importorskip("ray.serve")
 
 from raymoe.deployments.app import build_app  # noqa: E402
 from raymoe.platform.generate import generate  # noqa: E402
-from serving_helpers import spicy_model, wait_until  # noqa: E402
+from serving_helpers import hf_model_folder, spicy_model, tokenizer_folder, wait_until  # noqa: E402
 
 FAKE = "raymoe.deployments.fake_engine:FakeEngine"
 T = 30  # seconds: bound on every HTTP call
@@ -173,6 +173,9 @@ def test_streaming_sse(fake):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content", None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 80}]}, 400, "messages",
      "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+     400, "messages.1", "invalid_messages"),  # a role the chat template refuses
+    ("/v1/completions", {"prompt": [1, 2, 257]}, 400, "prompt", "invalid_value"),  # outside the vocabulary
 ])
 def test_bad_input_is_a_4xx_with_openai_error(fake, path, body, status, param, code):
     assert_error(post(fake, path, body), status, param, code)
@@ -184,6 +187,64 @@ def test_request_failure_is_isolated(fake):
     stream = post(fake, "/v1/completions", {"prompt": "x<<fail>>", "max_tokens": 5, "stream": True}, stream=True)
     assert "error" in sse_events(stream)[-1]  # headers were sent: the error is the last event
     assert post(fake, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).json()["choices"][0]["text"] == "ok"
+
+
+# -- a model's own tokenizer and chat template ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_tok(serve_url, tmp_path_factory):
+    """The fake engine with a Hugging Face tokenizer folder as its checkpoint: ChatML template, stop <|im_end|>."""
+    folder = tokenizer_folder(tmp_path_factory.mktemp("hf_tok"))
+    url = deploy(serve_url, "hftok", engine_cls=FAKE, model_id="hftok", checkpoint=str(folder),
+                 engine={"token_delay_s": 0.001, "block_size": 256})
+    yield url
+    serve.delete("hftok")
+
+
+def test_chat_with_the_model_template_over_http(hf_tok):
+    from raymoe.platform.tokenizer import load_tokenizer
+
+    messages = [{"role": "system", "content": "Ünïcode 🙂"}, {"role": "user", "content": "Hi"}]
+    r = post(hf_tok, "/v1/chat/completions", {"messages": messages, "max_tokens": 50})
+    assert r.status_code == 200, r.text
+    b = r.json()  # the fake repeats the rendered prompt: its first <|im_end|> stop token ends the reply
+    assert b["choices"][0]["message"]["content"] == "system\nÜnïcode 🙂" and b["choices"][0]["finish_reason"] == "stop"
+    tok = load_tokenizer(Path(_replica_info("hftok")["checkpoint"]))
+    assert b["usage"]["prompt_tokens"] == len(tok.encode(tok.apply_chat_template(messages)))
+    s = post(hf_tok, "/v1/chat/completions", {"messages": messages, "max_tokens": 50, "stream": True}, stream=True)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(s)) == "system\nÜnïcode 🙂"
+    assert_error(post(hf_tok, "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}), 400,
+                 "messages.0", "invalid_messages")
+    ids = tok.encode("Hello world")
+    echo = post(hf_tok, "/v1/completions", {"prompt": ids, "max_tokens": 2, "echo": True}).json()
+    assert echo["choices"][0]["text"] == "Hello world" + tok.decode(ids[:2])  # token ids echoed as text
+    assert_error(post(hf_tok, "/v1/completions", {"prompt": [5, tok.vocab_size]}), 400, "prompt", "invalid_value")
+
+
+@pytest.mark.slow
+def test_serve_a_hugging_face_folder_chats_with_its_template(serve_url, tmp_path):
+    """The real engine (in its child process) on a Hugging Face model folder: the answer of a chat request is the
+    model's greedy reply to the prompt its own template renders."""
+    from raymoe.deployments.engine import Engine
+    from raymoe.deployments.protocol import Chat, SamplingParams
+
+    folder = hf_model_folder(tmp_path / "qwen")
+    url = deploy(serve_url, "hfmodel", checkpoint=str(folder), model_id="qwen")
+    try:
+        messages = [{"role": "user", "content": "What is a tuple?"}]
+        r = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        eng = Engine(str(folder))
+        eng.start()
+        try:
+            want = eng.generate_sync(Chat(messages), SamplingParams(max_tokens=12, temperature=0.0))
+        finally:
+            eng.shutdown(5)
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+        assert r.json()["usage"]["prompt_tokens"] == want.prompt_tokens
+    finally:
+        serve.delete("hfmodel")
 
 
 # -- backpressure -------------------------------------------------------------------------------------------

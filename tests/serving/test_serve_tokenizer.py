@@ -150,3 +150,29 @@ def test_engine_uses_the_checkpoint_tokenizer_and_streams_what_it_returns(tmp_pa
             eng.reload(str(other))
     finally:
         eng.shutdown(5)
+
+
+def test_engine_on_a_hugging_face_folder_chats_with_its_template(tmp_path):
+    """A Hugging Face model folder (a tiny Qwen2-MoE saved by transformers, with its tokenizer files): the engine
+    loads model and tokenizer from it, renders chats with its template as transformers does, and stops at its
+    stop tokens."""
+    transformers = pytest.importorskip("transformers")
+    from serving_helpers import hf_model_folder
+
+    folder = hf_model_folder(tmp_path / "qwen")
+    eng = Engine(str(folder), config=EngineConfig(max_batch_size=2))
+    eng.start()
+    try:
+        messages = [{"role": "user", "content": "What is a list?"}]
+        ref = transformers.AutoTokenizer.from_pretrained(str(folder))
+        want = ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        res = eng.generate_sync(Chat(messages), SamplingParams(max_tokens=20, temperature=0.0))
+        assert res.prompt_tokens == len(want) and eng.info()["chat_template"] is True
+        assert eng.tokenizer.stop_ids == {301, 0}
+        assert not set(res.token_ids) & {301, 0}  # a stop token ends the reply and is not part of it
+        assert res.text == eng.tokenizer.decode(res.token_ids) or res.finish_reason == "stop"
+        with pytest.raises(RequestError) as ei:
+            eng.generate_sync(Chat(messages + [{"role": "robot", "content": "x"}]), SamplingParams(max_tokens=2))
+        assert ei.value.param == "messages.1"
+    finally:
+        eng.shutdown(5)
