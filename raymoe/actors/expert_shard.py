@@ -162,7 +162,8 @@ class ExpertShard:
         parts = self.state.export_parts(step, self.rank == 0)
         self.keep_snapshot("own", step, parts)
         if self.buddy is not None:
-            ray.get(self.buddy.keep_snapshot.remote("buddy", step, parts), timeout=self.cfg.cluster.collective_timeout_s)
+            ray.get(self.buddy.keep_snapshot.remote("buddy", step, parts),
+                    timeout=self.cfg.cluster.collective_timeout_s)
 
     def keep_snapshot(self, kind: str, step: int, parts: dict[str, bytes]) -> int:
         """Hold an in-memory copy: "own" (this shard's state) or "buddy" (a peer's), taken at ``step``."""

@@ -170,7 +170,8 @@ def test_rayjob_fields_and_entrypoint():
     from raymoe.cli import _parser
     from raymoe.config import load_config
 
-    pvc, job = _docs("kuberay_rayjob.yaml")
+    [pvc] = _docs("kuberay_volume.yaml")
+    [job] = _docs("kuberay_rayjob.yaml")
     assert (pvc["apiVersion"], pvc["kind"]) == ("v1", "PersistentVolumeClaim")
     _only(pvc, OBJECT, "PersistentVolumeClaim")
     _only(pvc["spec"], PVC_SPEC, "PersistentVolumeClaim.spec")
@@ -218,8 +219,9 @@ def test_rayservice_fields_and_serve_config():
     for path in (args.checkpoint, dep["user_config"]["checkpoint"]):
         assert all(any(path.startswith(m + "/") for m in group) for group in mounts), path
     # the checkpoint the RayJob trains into (run.output_dir / run.name / checkpoints), on the same claim
-    _, job = _docs("kuberay_rayjob.yaml")
+    [job] = _docs("kuberay_rayjob.yaml")
+    [pvc] = _docs("kuberay_volume.yaml")
     claims = {v["persistentVolumeClaim"]["claimName"]
               for v in spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["volumes"]}
-    assert claims == {"raymoe-runs"} and "/mnt/raymoe/runs" in job["spec"]["entrypoint"]
+    assert claims == {pvc["metadata"]["name"]} and "/mnt/raymoe/runs" in job["spec"]["entrypoint"]
     assert args.checkpoint == "/mnt/raymoe/runs/ep_gpu/checkpoints"
