@@ -8,6 +8,7 @@ The distributed driver (:mod:`raymoe.actors.coordinator`) runs the same loop ins
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -73,7 +74,9 @@ class LocalTrainer:
         source = resume_source(self.cfg, self.trainer.ckpt_dir)
         if source is None:
             if self.cfg.checkpoint.resume is True:
-                self.log(f"checkpoint.resume=true but no checkpoint under {self.trainer.ckpt_dir}: starting fresh")
+                print(f"WARNING: checkpoint.resume=true but there is no checkpoint in "
+                      f"{self.trainer.ckpt_dir.resolve()}: starting at step 0 (checkpoint.resume=must fails instead)",
+                      file=sys.stderr, flush=True)
             return 0
         info = ckpt.load_checkpoint(source, self.model, self.optimizer)
         self.log(f"resumed from {source} at step {info['step']}")

@@ -132,3 +132,12 @@ def test_checkpoint_inspect_and_reshard_commands(tmp_path, capsys):
     victim.write_bytes(victim.read_bytes()[:-4] + b"oops")
     assert main(["checkpoint", "reshard", str(run / "checkpoints"), "--workers", "2"]) == 2
     assert "layer001_expert0002" in capsys.readouterr().err
+
+
+def test_resume_true_without_checkpoint_warns_and_must_fails(tmp_path, capsys):
+    _run(tmp_path, "w", "train.steps=1", "checkpoint.resume=true")
+    err = capsys.readouterr().err
+    assert "WARNING: checkpoint.resume=true but there is no checkpoint in" in err and str(tmp_path) in err
+    argv = ["train", "--set", f"run.output_dir={tmp_path}", "--set", "run.name=m", "--set", "checkpoint.resume=must"]
+    assert main(argv) == 2
+    assert "no committed checkpoint in" in capsys.readouterr().err
