@@ -167,12 +167,14 @@ def reference_gating(logits: Tensor, moe, noise: RouterNoise, training: bool, us
     else:
         out = _topk(logits, gates, moe, capacity_of)
     l_aux, exp_counts, capacity, idx, kept, weights, locs = out
-    C = max(capacity, 1)
-    combine = dispatch = 0.0
-    for m, w, loc in zip(kept, weights, locs):
-        loc_S = torch.sum(loc * m, dim=1).to(torch.int64)
-        combine = combine + torch.einsum("se,sc->sec", w.float(), _one_hot(loc_S, C))
-        dispatch = dispatch + torch.einsum("se,sc->sec", m, _one_hot(loc_S, C))
+    # A token picks an expert at most once, so the per-choice masks are disjoint: merge them, then one
+    # one-hot of the locations (DeepSpeed topkgating's one_hot(locations * mask)) and combine = gates x it.
+    mask_SE = sum(kept)
+    w_SE = sum(w.float() * m for w, m in zip(weights, kept))
+    loc_SE = sum(loc * m for loc, m in zip(locs, kept)).to(torch.int64)
+    dispatch = torch.zeros(S, E, max(capacity, 1), device=logits.device).scatter_(
+        2, loc_SE.unsqueeze(2), mask_SE.unsqueeze(2).float())
+    combine = torch.einsum("se,sec->sec", w_SE, dispatch)
     kept_SK = torch.stack([m.gather(1, i.unsqueeze(1)).squeeze(1) > 0 for m, i in zip(kept, idx)], dim=1)
     return l_aux, combine, dispatch, exp_counts.to(torch.int64), kept_SK, capacity
 
