@@ -460,16 +460,34 @@ class GPT(nn.Module):
         for m in self.moe_modules():
             m.set_dropless(dropless)
 
+    def set_deterministic(self, deterministic: bool) -> None:
+        """No random routing draws in eval mode (see ``MoE.set_deterministic``) on every MoE layer."""
+        for m in self.moe_modules():
+            m.set_deterministic(deterministic)
+
     @contextlib.contextmanager
     def dropless(self, dropless: bool = True) -> Iterator["GPT"]:
-        """Context manager: run dropless inside, restore each layer's previous setting afterwards."""
-        previous = [bool(m.drop_tokens) for m in self.moe_modules()]
+        """Context manager: run dropless (and, with it, deterministic in eval) inside, restore each layer's
+        previous settings afterwards."""
+        previous = [(bool(m.drop_tokens), bool(m.deterministic)) for m in self.moe_modules()]
         self.set_dropless(dropless)
         try:
             yield self
         finally:
-            for m, drop in zip(self.moe_modules(), previous):
-                m.set_dropless(not drop)
+            for m, (drop, det) in zip(self.moe_modules(), previous):
+                m.set_dropless(not drop, deterministic=det)
+
+    @contextlib.contextmanager
+    def deterministic_routing(self, deterministic: bool = True) -> Iterator["GPT"]:
+        """Context manager: eval-mode routing without random draws inside (validation loss, a frozen teacher:
+        the same numbers at every run and expert-parallel size); previous settings restored afterwards."""
+        previous = [bool(m.deterministic) for m in self.moe_modules()]
+        self.set_deterministic(deterministic)
+        try:
+            yield self
+        finally:
+            for m, det in zip(self.moe_modules(), previous):
+                m.set_deterministic(det)
 
     def update_expert_bias(self) -> None:
         """Aux-loss-free balancing step on every MoE layer (call after optimizer.step())."""

@@ -110,6 +110,7 @@ def load_teacher(cfg: RaymoeConfig, device: torch.device):
 
     teacher = load_model(d.teacher_checkpoint, device=device)
     teacher.eval()
+    teacher.set_deterministic(True)  # the KD targets do not depend on random routing draws
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher, KDSchedule(d.kd_stop_step)
@@ -127,7 +128,9 @@ def window_loss_sums(model, split_ds, starts, *, block_size: int, micro_batch: i
     total, count = 0.0, 0
     try:
         for xb, yb in zip(x.split(micro_batch), y.split(micro_batch)):
-            with autocast_context(torch.device(device).type, autocast_dtype):
+            # DeepSpeed's eval routing may draw (top-2 second-expert sampling, top-1 RTS); validation does not,
+            # so its loss is the same at every run and expert-parallel size
+            with autocast_context(torch.device(device).type, autocast_dtype), model.deterministic_routing():
                 logits = model(xb).logits
             total += float(torch.nn.functional.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), yb.view(-1), reduction="sum"))

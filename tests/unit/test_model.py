@@ -231,3 +231,35 @@ def test_checkpoint_configs_with_flat_routing_keys_still_load():
     cfg = GPTConfig.from_dict(flat)
     assert cfg.moe.k == 2 and cfg.moe.noisy_gate_policy == "RSample"
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_validation_and_inference_routing_draw_nothing_and_settings_are_restored(tmp_path):
+    import numpy as np
+
+    from raymoe.platform.data import TokenDataset
+    from raymoe.platform.training import window_loss_sums
+
+    m = GPT(tiny(num_experts=4, k=2, drop_tokens=False))  # DeepSpeed top-2 samples its 2nd expert in eval too
+    m.eval()
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = m(idx).logits
+        torch.manual_seed(2)
+        assert not torch.equal(a, m(idx).logits)  # eval mode draws, as in DeepSpeed
+        with m.deterministic_routing():
+            torch.manual_seed(1)
+            b = m(idx).logits
+            torch.manual_seed(2)
+            assert torch.equal(b, m(idx).logits)
+    assert not any(x.deterministic for x in m.moe_modules())  # restored
+    with m.dropless():
+        assert all(x.deterministic and not x.drop_tokens for x in m.moe_modules())
+    assert not any(x.deterministic for x in m.moe_modules())
+
+    np.save(tmp_path / "tokens.npy", (np.arange(400) * 7 % V).astype(np.uint16))
+    ds = TokenDataset(tmp_path / "tokens.npy")
+    torch.manual_seed(1)
+    first = window_loss_sums(m, ds, [0, 16, 32], block_size=16, micro_batch=2)
+    torch.manual_seed(2)
+    assert window_loss_sums(m, ds, [0, 16, 32], block_size=16, micro_batch=2) == first
