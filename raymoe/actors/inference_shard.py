@@ -20,12 +20,11 @@ import ray
 import torch
 import torch.distributed as dist
 
-from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import parallel
 from raymoe.platform.distributed import join_world, leave_world
 from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model import GPT
-from raymoe.platform.model_io import model_config_of
+from raymoe.platform.model_io import checkpoint_config, checkpoint_step, load_weights
 from raymoe.platform.runner import LocalRunner, Pending, prepare_for_inference
 
 from . import rendezvous
@@ -105,13 +104,13 @@ class InferenceShard:
 
     # -- serving ------------------------------------------------------------------------------------------
     def _load(self, checkpoint: str) -> tuple[GPT, Optional[int]]:
-        info = ckpt.read_manifest(checkpoint)
-        gpt_cfg = model_config_of(info, checkpoint)
+        # a native checkpoint or a Hugging Face folder; either way this rank reads only its experts
+        gpt_cfg = checkpoint_config(checkpoint)
         layout = parallel.ParallelLayout.from_config(gpt_cfg, self.world, ep_size=self.world)
         groups = parallel.build_process_groups(layout, self.rank)  # EP group = world: creates no new group
         model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups))
-        ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
-        return prepare_for_inference(model.to(self.device)), info.get("step")
+        load_weights(model, checkpoint)
+        return prepare_for_inference(model.to(self.device)), checkpoint_step(checkpoint)
 
     @torch.inference_mode()
     def step(self, kind: str, keep: Optional[list[int]], idx: torch.Tensor,
