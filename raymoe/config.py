@@ -419,10 +419,13 @@ class RaymoeConfig(_Section):
         return self
 
     def _check_init_from(self) -> None:
-        """The folder sets the architecture: fields of the model/moe sections that would be ignored are errors."""
+        """The folder sets the architecture: model/moe fields given other values than their defaults would be
+        ignored, so they are errors (the defaults themselves are harmless: a config passed on by the driver
+        carries every field)."""
         allowed = {"model": INIT_FROM_MODEL_FIELDS, "moe": INIT_FROM_MOE_FIELDS}
         clash = sorted(f"{name}.{f}" for name, section in (("model", self.model), ("moe", self.moe))
-                       for f in section.model_fields_set - allowed[name])
+                       for f, info in type(section).model_fields.items()
+                       if f not in allowed[name] and getattr(section, f) != info.get_default(call_default_factory=True))
         if clash:
             raise ValueError(
                 f"model.init_from={self.model.init_from!r} sets the architecture; remove {clash} (allowed "
@@ -539,6 +542,22 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set {path}: cannot parse value {raw!r}: {exc}") from exc
         parsed.append((path.strip(), value))
     return parsed
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The fields of ``cfg`` that were set (by the user or a validator), as plain JSON, nested sections
+    included: :func:`config_from_dict` of it rebuilds an equal config that also knows which fields were given
+    (``model.init_from`` depends on that), which a full ``model_dump`` would lose. For sending configs to actors."""
+    out: dict[str, Any] = {}
+    for name in type(cfg).model_fields:
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            sub = config_to_dict(value)
+            if sub or name in cfg.model_fields_set:
+                out[name] = sub
+        elif name in cfg.model_fields_set:
+            out[name] = cfg.model_dump(mode="json", include={name})[name]
+    return out
 
 
 def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | None = None,

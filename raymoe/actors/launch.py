@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ray
 
-from raymoe.config import RaymoeConfig, resolve_output_dir
+from raymoe.config import RaymoeConfig, config_to_dict, resolve_output_dir
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform.training import resume_source
 
@@ -99,7 +99,7 @@ def _resume_latest(cfg: RaymoeConfig) -> RaymoeConfig:
 
 def _run_coordinator(cfg: RaymoeConfig, restart: dict | None, on_start) -> dict:
     pg_prefix = f"raymoe/{cfg.run.name}/{uuid.uuid4().hex[:12]}"
-    coordinator = remote_coordinator().remote(cfg.model_dump(mode="json"), None, restart, pg_prefix)
+    coordinator = remote_coordinator().remote(config_to_dict(cfg), None, restart, pg_prefix)
     try:
         info = ray.get(coordinator.start.remote(), timeout=cfg.cluster.start_timeout_s)
         print(f"coordinator: {info['world']} shards on {info['nodes']} node(s), expert-parallel sizes "

@@ -80,3 +80,15 @@ def test_docs_config_md_is_current(capsys):
     assert main(["config", "--fields", "--markdown"]) == 0
     doc = Path(__file__).parents[2] / "docs" / "config.md"
     assert doc.read_text() == capsys.readouterr().out, "regenerate: raymoe config --fields --markdown > docs/config.md"
+
+
+def test_config_to_dict_round_trips_values_and_what_was_set(tmp_path):
+    from raymoe.config import config_from_dict, config_to_dict
+
+    cfg = load_config(None, ["model.n_layer=3", "moe.aux_loss_coef=0.01", "run.name=x", "cluster.mode=ray",
+                             "cluster.num_workers=2", "train.global_batch_size=8"])
+    cfg.run.output_dir = str(tmp_path)  # as the driver makes it absolute
+    back = config_from_dict(config_to_dict(cfg))
+    assert back == cfg
+    assert "aux_loss_coef" in back.moe.model_fields_set and "k" not in back.moe.model_fields_set
+    assert back.run.output_dir == str(tmp_path)

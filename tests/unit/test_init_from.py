@@ -51,7 +51,7 @@ def test_init_from_sets_the_architecture(folder):
 
 def test_init_from_rejects_architecture_fields_it_would_ignore(folder, tmp_path):
     with pytest.raises(ConfigError, match=r"remove \['model.n_layer', 'moe.num_experts'\]"):
-        load_config(None, [f"model.init_from={folder}", "model.n_layer=4", "moe.num_experts=8"])
+        load_config(None, [f"model.init_from={folder}", "model.n_layer=3", "moe.num_experts=6", "model.bias=true"])
     cfg = load_config(None, [f"model.init_from={folder}", "model.block_size=128"])
     with pytest.raises(ValueError, match="model.block_size=128 exceeds the context of model.init_from"):
         gpt_config_from(cfg)
