@@ -16,8 +16,9 @@ Each `DecodeLoop.step`:
 3. otherwise, when rows were running before this step, runs one decode step for every running row (one
    token each);
 4. samples per row with the row's temperature / top_k / top_p and random generator (rows that share a
-   generator and settings are sampled in one call) and applies its stop rules (`_RowState`: EOS, stop
-   sequences with hold-back, max_new_tokens), handing released tokens to ``Row.emit``.
+   generator and settings are sampled in one call) and applies its stop rules (`_RowState`: stop tokens, stop
+   sequences of ids with hold-back, max_new_tokens; with a `raymoe.platform.detokenize.TextStream`, stop strings
+   matched on the detokenized text), handing released tokens and their text to ``Row.emit``.
 
 Rows do not depend on each other: the runner keeps the MoE layers dropless and masks padding, so batched
 greedy output equals single-row greedy output. Errors stay per row where they can: a failing sampling call

@@ -180,3 +180,41 @@ def test_tokenizer_from_folder_rejects_garbage(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match="not a tokenizers file"):
         tokenizer_from_folder(tmp_path)
+
+
+TEXTS = ["🙂👩\u200d💻 emoji", "日本語のテキストと한국어", "e\u0301 a\u0300\u0316 combining", "naïve Ωμέγα ascii"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_detokenization_equals_the_whole_decode(bpe, text):
+    """Pieces released token by token join to decode(all ids); a piece never ends inside a character."""
+    from raymoe.platform.detokenize import IncrementalDetokenizer
+
+    ids = bpe.encode(text * 3)
+    assert any("\ufffd" in bpe.decode([t]) for t in ids) or text.isascii()  # BPE splits these characters
+    for prompt in ([], bpe.encode("The "), bpe.encode("日")[:1]):  # also after a prompt ending mid-character
+        d = IncrementalDetokenizer(bpe, prompt)
+        pieces = [d.push([t]) for t in ids]
+        assert "".join(pieces) + d.flush() == text * 3 == bpe.decode(ids)
+        assert not any("\ufffd" in p for p in pieces)
+    d = IncrementalDetokenizer(ByteTokenizer())
+    b = ByteTokenizer().encode(text)
+    assert "".join(d.push([t]) for t in b) + d.flush() == text
+
+
+def test_stop_strings_hold_back_and_cut_across_pieces():
+    from raymoe.platform.detokenize import StopStrings, TextStream
+
+    st = StopStrings(["END", "\n\n"])
+    assert st.push("abc E") == ("abc ", False)  # "E" could start END: held
+    assert st.push("N") == ("", False)
+    assert st.push("Dxyz") == ("", True)  # the stop string and what follows never show
+    st = StopStrings(["END"])
+    assert st.push("abE") == ("ab", False) and st.push("NO") == ("ENO", False) and st.push("E", final=True) == \
+        ("E", False)
+    ts = TextStream(ByteTokenizer(), stop=["日本"])
+    ids = ByteTokenizer().encode("x日本y")
+    out = [ts.push([t]) for t in ids]
+    assert "".join(o for o, _ in out) == "x" and out[-2][1] is True  # matched on text, mid-way through bytes
+    with pytest.raises(ValueError):
+        StopStrings([""])
