@@ -83,7 +83,8 @@ class Engine(BaseEngine):
     """Continuous-batching engine over one model (see the module docstring).
 
     checkpoint: a checkpoint dir (or a folder of them: its latest), loaded by `start()` with the tokenizer it
-    carries; or pass ``model`` (a GPT) directly, with its ``tokenizer`` (default: the byte tokenizer). config: `EngineConfig` (batch and queue limits, reload policy, device, threads).
+    carries; or pass ``model`` (a GPT) directly, with its ``tokenizer`` (default: the byte tokenizer).
+    config: `EngineConfig` (batch and queue limits, reload policy, device, threads).
     ep_size: 1 = the whole model here; N > 1 = expert-parallel over N `InferenceShard` actors (needs Ray and a
     checkpoint; inside a Serve replica they go to the last N bundles of its placement group).
     ep_options: `EPRunner` keyword arguments (``num_cpus``/``num_gpus`` per shard, ``backend``, ``timeout_s``).

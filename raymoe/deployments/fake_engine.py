@@ -6,8 +6,8 @@ one token per step of
 containing ``fail_marker`` fails with RuntimeError after its first token (a per-request error); the other
 requests are unaffected. ``reload`` only records the checkpoint. It needs no model: ``checkpoint``, when given,
 only provides the tokenizer (a raymoe checkpoint or a Hugging Face folder: its tokenizer and chat template,
-its stop tokens ending the cycle), as does ``tokenizer``; default the byte tokenizer. Its settings: `FakeEngineConfig` (`EngineConfig`'s
-fields, of which it uses max_batch_size and max_waiting, plus its own).
+its stop tokens ending the cycle), as does ``tokenizer``; default the byte tokenizer. Its settings:
+`FakeEngineConfig` (`EngineConfig`'s fields, of which it uses max_batch_size and max_waiting, plus its own).
 """
 
 from __future__ import annotations

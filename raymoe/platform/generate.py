@@ -126,8 +126,9 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens:
     """Generate continuations for a batch of token-id prompts (different lengths allowed).
 
     Returns one list of new tokens per prompt (EOS and a matched stop sequence excluded). ``eos_id``: one
-    stop-token id or several (a tokenizer's ``stop_ids``). temperature 0 is greedy; top_k / top_p filter before sampling; `seed` makes sampling reproducible. Consumes
-    `generate_stream`, so both give the same tokens.
+    stop-token id or several (a tokenizer's ``stop_ids``). temperature 0 is greedy; top_k / top_p filter
+    before sampling; `seed` makes sampling reproducible. Consumes `generate_stream`, so both give the same
+    tokens.
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed,

@@ -48,7 +48,8 @@ FANCY = """{% set ns = namespace(n=0, sys='') %}
   {% set ns.n = ns.n + 1 %}
   {% if ns.n > 3 %}{% break %}{% endif %}
 <{{ m.role }}{% if m.name is defined %} name={{ m.name | tojson }}{% endif %}>
-  {% if m.role == 'assistant' %}{% generation %}{{ m.content | trim }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}
+  {% if m.role == 'assistant' %}{% generation %}{{ m.content | trim }}{% endgeneration %}
+  {% else %}{{ m.content }}{% endif %}
 </{{ m.role }}>
 {% endfor %}
 {{ {'system': ns.sys, 'turns': ns.n} | tojson }}
