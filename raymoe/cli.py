@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     # engine settings: EngineConfig fields (raymoe.deployments.engine_config); unset flags keep its defaults
     p.add_argument("--max-batch-size", type=int, default=None, help="rows in a replica's running decode batch "
                                                                      "(default 16)")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens; sizes "
+                   "the KV cache (default 4096, capped at the model's context)")
     p.add_argument("--max-waiting", type=int, default=None, help="queued requests per replica before 429 "
                                                                   "(default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=None, help="padded prompt tokens prefilled per step "
@@ -197,7 +199,8 @@ def _cmd_serve(args) -> int:
         raise ValueError(f"need 1 <= --num-replicas <= --max-replicas; got {args.num_replicas}, {args.max_replicas}")
     if not args.checkpoint and not args.engine:
         raise ValueError("--checkpoint is required (or --engine, e.g. raymoe.deployments.fake_engine:FakeEngine)")
-    engine_flags = ("max_batch_size", "max_waiting", "max_prefill_tokens", "reload_policy", "device", "torch_threads")
+    engine_flags = ("max_batch_size", "max_model_len", "max_waiting", "max_prefill_tokens", "reload_policy", "device",
+                    "torch_threads")
     fields = {"checkpoint": args.checkpoint, "model_id": args.model_id, "stream_interval_s": args.stream_interval,
               "engine": {k: getattr(args, k) for k in engine_flags if getattr(args, k) is not None}}
     if args.engine:

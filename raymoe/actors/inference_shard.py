@@ -35,13 +35,14 @@ _BACKENDS = ("auto", "gloo", "nccl")
 class InferenceShard:
     """A Ray actor (see :func:`remote_class`) serving one rank's rows and experts (see the module docstring).
 
-    max_rows: rows this shard's KV cache holds; device: "cpu" or "cuda" (cuda only when Ray gave this actor a
+    max_rows: rows this shard's KV cache holds; max_len: tokens per row it holds (None: the model's
+    block_size); device: "cpu" or "cuda" (cuda only when Ray gave this actor a
     GPU); threads: torch intra-op threads; backend: torch.distributed backend ("auto": nccl on GPU, gloo on
     CPU); collective_timeout_s: bound on every collective (a dead peer fails the step instead of hanging it).
     """
 
-    def __init__(self, *, max_rows: int, device: str = "cpu", threads: Optional[int] = None,
-                 backend: str = "auto", collective_timeout_s: float = 120.0):
+    def __init__(self, *, max_rows: int, max_len: Optional[int] = None, device: str = "cpu",
+                 threads: Optional[int] = None, backend: str = "auto", collective_timeout_s: float = 120.0):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
         if backend not in _BACKENDS:
@@ -50,6 +51,7 @@ class InferenceShard:
             raise ValueError(f"device must be 'cpu' or 'cuda'; got {device!r}")
         tune_malloc()  # this process allocates activations every step
         self.max_rows, self.threads, self.collective_timeout_s = max_rows, threads, collective_timeout_s
+        self.max_len = max_len
         use_cuda = device == "cuda" and torch.cuda.is_available() and bool(ray.get_gpu_ids())
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         self.backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
@@ -76,10 +78,11 @@ class InferenceShard:
         join_world(init_method, rank, world, backend=self.backend, device=self.device,
                    timeout_s=self.collective_timeout_s)
         model, step = self._load(checkpoint)
-        self.runner = LocalRunner(model, self.max_rows, loader=self._load)
+        self.runner = LocalRunner(model, self.max_rows, max_len=self.max_len, loader=self._load)
         self._failed = None
         ctx = ray.get_runtime_context()
-        return {"rank": rank, "step": step, "config": model.config.to_dict(), "pid": os.getpid(),
+        return {"rank": rank, "step": step, "config": model.config.to_dict(), "max_len": self.runner.max_len,
+                "pid": os.getpid(),
                 "node_id": ctx.get_node_id(), "placement_group_id": ctx.get_placement_group_id(),
                 "device": str(self.device), "parameters": model.num_parameters(),
                 "experts": {m.layer_id: list(m.experts.global_expert_ids) for m in model.moe_modules()}}

@@ -192,17 +192,20 @@ class Engine(BaseEngine):
             from raymoe.deployments.ep_runner import EPRunner  # imports Ray
 
             runner = EPRunner(self.checkpoint, self.ep_size, self.config.max_batch_size,
-                              threads=self.config.torch_threads, **self.ep_options)
+                              max_len=self.config.max_model_len, threads=self.config.torch_threads,
+                              **self.ep_options)
             self.step = runner.step
             return runner
         if self.model is None:
             self.model, self.step = load_local_model(self.checkpoint, self.device)
-        return LocalRunner(prepare_for_inference(self.model.to(self.device)), self.config.max_batch_size)
+        return LocalRunner(prepare_for_inference(self.model.to(self.device)), self.config.max_batch_size,
+                           max_len=self.config.max_model_len)
 
     def _set_model_info(self) -> None:
         cfg = self.runner.config
         check_fits(self.tokenizer, cfg.vocab_size, f"checkpoint {self.checkpoint}")
-        self.block_size, self.vocab_size = cfg.block_size, cfg.vocab_size
+        # the context requests are checked against: the serving length the KV cache holds
+        self.block_size, self.vocab_size = getattr(self.runner, "max_len", cfg.block_size), cfg.vocab_size
 
     def reload(self, checkpoint: str, timeout_s: float = 600.0) -> None:
         """Load ``checkpoint`` (in this thread), then have the loop swap it in between steps (see module

@@ -26,6 +26,10 @@ class EngineConfig(BaseModel):
                                 "with ep_size > 1, rows of the whole expert-parallel group")
     max_waiting: int = Field(64, ge=1, description="queued requests per engine before new ones are refused "
                              "(HTTP 429)")
+    max_model_len: Optional[int] = Field(
+        4096, ge=2, description="longest sequence (prompt + generated tokens) a request may use, capped at the "
+        "model's context (block_size); it sizes the KV cache allocated up front (rows x layers x this many "
+        "slots). None: the model's whole context (a RoPE model's can be 131072)")
     max_prefill_tokens: int = Field(2048, ge=1, description="padded prompt tokens admitted per step: bounds how "
                                     "long running rows wait while new prompts are prefilled")
     reload_policy: Literal["drain", "immediate"] = Field("drain", description="weight reload: 'drain' lets "

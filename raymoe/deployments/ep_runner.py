@@ -53,7 +53,8 @@ class EPRunner:
     and on the collectives; start_timeout_s: bound on placing and loading the shards.
     """
 
-    def __init__(self, checkpoint: str, ep_size: int, max_rows: int, *, device: Optional[str] = None,
+    def __init__(self, checkpoint: str, ep_size: int, max_rows: int, *, max_len: Optional[int] = None,
+                 device: Optional[str] = None,
                  threads: Optional[int] = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  backend: str = "auto", timeout_s: float = 120.0, start_timeout_s: float = 300.0,
                  placement_strategy: str = "PACK"):
@@ -62,6 +63,7 @@ class EPRunner:
         if not isinstance(ep_size, int) or ep_size < 2:
             raise ValueError(f"ep_size must be an int >= 2 for EPRunner; got {ep_size!r}")
         self.ep_size, self.max_rows, self.timeout_s = ep_size, max_rows, float(timeout_s)
+        self.requested_len = max_len
         self._check_checkpoint(checkpoint)
         self._own_pg = None
         self.shards: list = []
@@ -107,7 +109,7 @@ class EPRunner:
         from raymoe.platform.model import GPTConfig
 
         cls = remote_class(num_cpus, num_gpus)
-        shard_args = dict(max_rows=self.max_rows, device=device or ("cuda" if num_gpus else "cpu"),
+        shard_args = dict(max_rows=self.max_rows, max_len=self.requested_len, device=device or ("cuda" if num_gpus else "cpu"),
                           threads=threads or max(1, int(num_cpus)), backend=backend,
                           collective_timeout_s=self.timeout_s)
         self.shards = [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -118,6 +120,7 @@ class EPRunner:
         self.shard_info = ray.get([s.start.remote(init, r, self.ep_size, str(checkpoint))
                                    for r, s in enumerate(self.shards)], timeout=timeout_s)
         self.config = GPTConfig.from_dict(self.shard_info[0]["config"])
+        self.max_len = self.shard_info[0]["max_len"]
         self.step = self.shard_info[0]["step"]
 
     def shutdown(self) -> None:
@@ -247,6 +250,7 @@ class EPRunner:
         if pending.config != self.config:
             assert not self.owner, "an architecture change needs an empty batch (drain policy)"
             self.config = pending.config
+            self.max_len = min(self.requested_len or self.config.block_size, self.config.block_size)
 
     def check_health(self) -> None:
         """RuntimeError when a step failed earlier or a shard does not answer its own health check."""

@@ -103,7 +103,9 @@ def _stream(model, rows: list[_BatchRow], use_cache: bool) -> Iterator[StreamSte
     was_training = model.training
     try:
         with model.dropless(True):  # restores each layer's setting; LocalRunner switches to eval + dropless
-            runner = (LocalRunner if use_cache else RecomputeRunner)(model, len(rows))
+            longest = max(len(r.prompt_ids) for r in rows)
+            runner = (LocalRunner(model, len(rows), max_len=max(2, longest + rows[0].max_new_tokens)) if use_cache
+                      else RecomputeRunner(model, len(rows)))
             loop = DecodeLoop(runner, max_rows=len(rows))
             new = loop.admit(collections.deque(rows))
             while new or loop.rows:

@@ -90,16 +90,21 @@ class LocalRunner:
 
     The model is switched to eval mode and dropless routing (capacity dropping would couple the rows of a
     batch); callers that lend a model for a while (``generate``) restore their settings afterwards.
+    ``max_len``: tokens per row (prompt + generated) the KV cache holds, at most the model's block_size (None:
+    block_size); ``self.max_len`` is the resulting serving context.
     ``loader(checkpoint) -> (model, step)`` builds models for ``prepare`` (default: the whole model of the
     checkpoint; an expert shard passes one that builds only its experts).
     """
 
     mixed_step = True
 
-    def __init__(self, model, max_rows: int, *, loader=None):
+    def __init__(self, model, max_rows: int, *, max_len: Optional[int] = None, loader=None):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
+            raise ValueError(f"max_len must be an int >= 2 or None; got {max_len!r}")
         self.max_rows = max_rows
+        self.requested_len = max_len
         self.loader = loader
         self.expert_counts: dict[int, torch.Tensor] = {}
         self._install(model)
@@ -109,6 +114,9 @@ class LocalRunner:
         model.set_dropless(True)
         self.model = model
         self.config = model.config
+        # tokens per row the cache holds (prompt + generated): a RoPE model's block_size is its whole position
+        # range (e.g. 131072), far more than a serving cache should allocate up front
+        self.max_len = min(self.requested_len or model.config.block_size, model.config.block_size)
         self.device = next(model.parameters()).device
         self.reset()
 
@@ -183,7 +191,7 @@ class LocalRunner:
         self.cache.keep_rows(keep)
 
     def reset(self) -> None:
-        self.cache = SlotKVCache.for_model(self.model, self.max_rows)
+        self.cache = SlotKVCache.for_model(self.model, self.max_rows, self.max_len)
 
     # -- weights -----------------------------------------------------------------------------------------
     def prepare(self, checkpoint: str) -> Pending:

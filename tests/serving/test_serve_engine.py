@@ -302,3 +302,27 @@ def test_a_consumer_whose_event_loop_closed_does_not_break_the_batch(engine):
     res = engine.generate_sync("survivor", SamplingParams(max_tokens=30, temperature=0.0))
     assert res.token_ids == reference(spicy_model(0), "survivor", 30)
     engine.check_health()
+
+
+def test_max_model_len_sizes_the_cache_and_bounds_requests():
+    """A RoPE model's context can be huge (Mixtral: 131072 positions): the engine allocates max_model_len slots
+    per row, not block_size, and checks requests against it."""
+    from raymoe.platform.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    big = GPT(GPTConfig(vocab_size=257, block_size=1 << 22, n_layer=2, n_head=2, n_kv_head=1, d_model=32,
+                        position="rope", norm="rmsnorm", mlp="swiglu", num_experts=4, moe={"k": 2}))
+    eng = Engine(model=big, config=EngineConfig(max_batch_size=2, max_model_len=48))
+    eng.start()
+    try:
+        res = eng.generate_sync("hello", SamplingParams(max_tokens=8, temperature=0.0), 60)
+        assert res.token_ids == generate(big, [list(b"hello")], 8, temperature=0.0)[0]
+        assert eng.info()["block_size"] == 48
+        assert eng.runner.cache.k[0].shape[2] == 48  # slots per row
+        with pytest.raises(RequestError) as ei:
+            eng.generate_sync("x" * 40, SamplingParams(max_tokens=10), 60)
+        assert ei.value.param == "max_tokens" and ei.value.code == "context_length_exceeded"
+    finally:
+        eng.shutdown(5)
+    with pytest.raises(ValueError, match="max_model_len"):
+        EngineConfig(max_model_len=1)
