@@ -350,7 +350,7 @@ def render_markdown(size: dict, seeds: list[int], results: dict, summary: dict, 
         f"{s['d_ff']}, context {s['block']} bytes; MoE variants use {s['experts']} experts of FFN {s['d_ff']} "
         "(so top-1 MoE has the dense model's active parameters), capacity factor 1.25 (2.0 in eval), "
         "aux-loss coefficient 0.01, Random Token Selection.",
-        f"- Data: the embedded default corpus (Python's `pydoc_data.topics`, byte tokenizer), 10% held out.",
+        "- Data: the embedded default corpus (Python's `pydoc_data.topics`, byte tokenizer), 10% held out.",
         f"- Budget: {s['steps']} steps x {s['batch']} sequences x {s['block']} tokens = {tokens:,} tokens per run "
         f"for every variant (AdamW, lr 3e-3 -> 3e-4 cosine, {s['warmup']} warmup steps).",
         f"- Seeds: {seeds} (seed = init, data order and routing noise; runs with the same seed see the same "
