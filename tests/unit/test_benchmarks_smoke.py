@@ -74,3 +74,11 @@ def test_serve_load_clients_start_staggered(monkeypatch):
         offsets = [first[f"c{i}"] - t0 for i in range(4)]  # client i sends pool[i] (pool size = clients)
         for i, off in enumerate(offsets):
             assert i * stagger <= off + 1e-3 < i * stagger + 0.04, (stagger, offsets)
+
+
+@pytest.mark.slow
+def test_hf_models_quick_prints_ratios_and_where_decode_time_goes():
+    pytest.importorskip("transformers")
+    text = _run("hf_models.py", "--quick", "--models", "mixtral-D512-E8-k2")
+    assert "prefill tok/s (ours / hf)" in text and "mixtral-D512-E8-k2" in text
+    assert "raymoe decode time: attention" in text and "memory floor" in text
