@@ -67,3 +67,23 @@ def test_resume_true_without_a_checkpoint_warns_with_the_absolute_folder(tmp_pat
     warning = check_resume(cfg)
     assert warning.startswith("WARNING: checkpoint.resume=true but there is no checkpoint in "
                               f"{tmp_path}/runs/r/checkpoints: starting at step 0")
+
+
+def test_local_mode_run_inside_a_ray_job_working_dir_writes_outside_it(tmp_path, monkeypatch, capsys):
+    """`ray job submit --working-dir . -- raymoe train` of a local-mode config: the outputs go to
+    $RAYMOE_RESULTS_DIR, not into Ray's temporary copy of the working dir."""
+    from raymoe.cli import main
+
+    job_dir = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    monkeypatch.setenv("RAYMOE_RESULTS_DIR", str(tmp_path / "results"))
+    argv = ["train"]
+    for s in ["model.block_size=16", "model.n_layer=1", "model.d_model=16", "model.n_head=2", "train.steps=1",
+              "train.global_batch_size=2", "train.progress=false", "sample.max_new_tokens=0",
+              f"data.cache_dir={tmp_path / 'cache'}", "run.name=job"]:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    assert f"outputs: {tmp_path / 'results' / 'runs' / 'job'}" in capsys.readouterr().out
+    assert (tmp_path / "results" / "runs" / "job" / "metrics.jsonl").exists()
+    assert not (job_dir / "runs").exists()
