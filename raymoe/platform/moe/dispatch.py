@@ -124,6 +124,11 @@ def plan_dispatch(idx_SK: Tensor, num_experts: int, capacity: int | None, order_
 # GEMMs run steadier than the segments' small per-expert GEMMs at that fill (benchmarks/moe_layer.py,
 # --min-fill 0 vs 2); below it the padding costs more than it saves.
 DEFAULT_MIN_FILL = 0.8
+# ... and whatever the fill when no expert has more than this many rows (decoding: 1-2 rows per expert). Such
+# per-expert GEMMs are bound by reading the expert's weights; the slots' batched GEMM spreads whole experts over
+# the threads instead of splitting each tiny product (one layer at benchmarks/hf_models.py's shapes, 32 tokens,
+# two runs: E8 k2 5.9-6.0 vs 6.8-9.4 ms, E64 k8 9.2-10.7 vs 13.3-15.1 ms; at 8 tokens about even).
+SMALL_SLOT_ROWS = 16
 
 
 @runtime_checkable
@@ -190,8 +195,9 @@ class LocalDispatcher:
     Rows stay where they are, so the experts fold the gate weights into their narrower intermediate. The
     layout follows this forward's fill: slots when the kept rows fill at least ``min_fill`` (default
     :data:`DEFAULT_MIN_FILL` on CPU) of E*C slots with C = the largest kept count (no expert needs more; in
-    drop mode the capacity is often above it); segments otherwise, and always on a GPU, where the grouped
-    GEMM over segments beat the slots at every benchmark shape.
+    drop mode the capacity is often above it), or on CPU when C is at most :data:`SMALL_SLOT_ROWS` (decoding);
+    segments otherwise, and always on a GPU, where the grouped GEMM over segments beat the slots at every
+    benchmark shape.
     """
 
     folds_gate = True
@@ -207,6 +213,8 @@ class LocalDispatcher:
             return None
         kept_E = plan.kept_counts_E
         C = int(kept_E.max())
+        if C > 0 and min_fill > 0 and C <= SMALL_SLOT_ROWS and plan.counts_E.device.type == "cpu":
+            return C
         return C if C > 0 and int(kept_E.sum()) >= min_fill * kept_E.numel() * C else None
 
     def group_capacity(self, counts_E: Tensor) -> int:
