@@ -35,6 +35,14 @@ import torch
 import torch.nn as nn
 
 
+def _layer_buffers(n_layer, rows, n_head, max_len, head_dim, v_dim, device, dtype):
+    """Zeroed key and value buffers of every layer: [rows, H, max_len, Dh] (values: v_dim, default Dh)."""
+    k_shape = (rows, n_head, max_len, head_dim)
+    v_shape = (rows, n_head, max_len, head_dim if v_dim is None else v_dim)
+    return ([torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(n_layer)],
+            [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layer)])
+
+
 class KVCache:
     """Preallocated per-layer key/value cache, [B, H, max_len, Dk] keys and [B, H, max_len, Dv] values per
     layer (``v_dim`` None: Dv = Dk), shared slot index for all rows.
@@ -47,10 +55,7 @@ class KVCache:
                  *, v_dim: Optional[int] = None, device=None, dtype=torch.float32):
         if max_len < 1 or batch_size < 1:
             raise ValueError(f"KVCache needs max_len >= 1 and batch_size >= 1; got {max_len}, {batch_size}")
-        k_shape = (batch_size, n_head, max_len, head_dim)
-        v_shape = (batch_size, n_head, max_len, head_dim if v_dim is None else v_dim)
-        self.k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.k, self.v = _layer_buffers(n_layer, batch_size, n_head, max_len, head_dim, v_dim, device, dtype)
         self.key_mask_BL = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.valid_len_B = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
@@ -95,10 +100,7 @@ class SlotKVCache(KVCache):
                  v_dim: Optional[int] = None, device=None, dtype=torch.float32):
         if max_len < 1 or max_rows < 1:
             raise ValueError(f"SlotKVCache needs max_len >= 1 and max_rows >= 1; got {max_len}, {max_rows}")
-        k_shape = (max_rows, n_head, max_len, head_dim)
-        v_shape = (max_rows, n_head, max_len, head_dim if v_dim is None else v_dim)
-        self._k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self._v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self._k, self._v = _layer_buffers(n_layer, max_rows, n_head, max_len, head_dim, v_dim, device, dtype)
         self._mask_RL = torch.zeros(max_rows, max_len, dtype=torch.bool, device=device)
         self._valid_R = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.max_rows, self.max_len = max_rows, max_len

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from raymoe.platform.chat import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, check_template, render_chat
+from raymoe.platform.files import read_json_object
 
 EOS_ID = 256
 TOKENIZER_FILE, CONFIG_FILE, GENERATION_FILE, TEMPLATE_FILE = (
@@ -280,15 +281,7 @@ class HFTokenizer(Tokenizer):
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path) if path.is_file() else None
 
 
 def tokenizer_from_folder(folder: PathLike, name: str = "hf") -> HFTokenizer:

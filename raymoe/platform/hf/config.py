@@ -10,11 +10,11 @@ checked. Code in the folder (``auto_map``) is never executed: only the five ``ar
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from raymoe.config import MoEArgs
+from raymoe.platform.files import read_json_object
 from raymoe.platform.model import GPTConfig
 
 # architectures entry -> family (model_type)
@@ -45,13 +45,7 @@ def read_hf_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise HFFormatError(f"{path}: no such file (a Hugging Face model folder has a config.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError as e:
-        raise HFFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise HFFormatError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json_object(path, HFFormatError)
 
 
 def family_of(hf: dict, where: str = "config.json") -> str:
