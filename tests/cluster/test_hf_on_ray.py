@@ -1,5 +1,6 @@
 """Fine-tuning a Hugging Face folder on Ray: two ExpertShard actors at EP=2 start from the folder's weights
-(each reads only its experts) and train as one process does from the same folder."""
+(each reads only its experts) and train as one process does from the same folder; their checkpoint resumes
+in one process exactly."""
 
 import json
 
@@ -12,7 +13,7 @@ from raymoe.config import load_config  # noqa: E402
 from raymoe.platform.model_io import load_model  # noqa: E402
 from raymoe.platform.trainer import LocalTrainer  # noqa: E402
 
-RUN = ["model.block_size=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=1",
+RUN = ["model.block_size=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=3",
        "train.eval_interval=3", "train.eval_batches=2", "train.log_interval=1", "train.progress=false",
        "train.steps=3", "train.lr=3e-3", "train.threads=1", "sample.max_new_tokens=0", "cluster.num_workers=2",
        "cluster.cpus_per_worker=1", "cluster.collective_timeout_s=60", "cluster.start_timeout_s=120",
@@ -33,10 +34,10 @@ def mixtral_folder(tmp_path_factory):
     return path
 
 
-def _cfg(tmp_path, folder, name, mode):
+def _cfg(tmp_path, folder, name, mode, *extra):
     return load_config(None, RUN + [f"model.init_from={folder}", f"run.output_dir={tmp_path}", f"run.name={name}",
                                     f"data.cache_dir={tmp_path / 'cache'}", f"cluster.mode={mode}",
-                                    "cluster.ep_size=2"])
+                                    "cluster.ep_size=2", *extra])
 
 
 def _records(run_dir):
@@ -60,3 +61,14 @@ def test_fine_tune_hf_folder_at_ep2_on_ray_matches_one_process(ray_cluster, tmp_
     b = load_model(tmp_path / "local" / "checkpoints").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+    # the EP=2 checkpoint is layout-free: one process resumes it (a resumed checkpoint wins over init_from)
+    # and ends where an uninterrupted one-process run of 6 steps ends (steps 1-3 are warm-up in both schedules)
+    half = tmp_path / "ep2" / "checkpoints" / "step_00000003"
+    LocalTrainer(_cfg(tmp_path, mixtral_folder, "resumed", "local", "train.steps=6",
+                      f"checkpoint.resume={half}")).run()
+    LocalTrainer(_cfg(tmp_path, mixtral_folder, "whole", "local", "train.steps=6")).run()
+    a = load_model(tmp_path / "resumed" / "checkpoints").state_dict()
+    b = load_model(tmp_path / "whole" / "checkpoints").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
