@@ -262,6 +262,7 @@ def direct_ingress_env(port: int) -> dict[str, str]:
 def direct_ingress_urls(host: str, port: int, replicas: int, timeout_s: float = 30.0) -> list[str]:
     """Base URLs of the replicas' direct-ingress servers (ports ``port + 1`` ...), found by asking each
     candidate port's ``/healthz``; waits up to ``timeout_s`` for ``replicas`` of them."""
+    import http.client
     import json
     import time
     import urllib.request
@@ -275,8 +276,8 @@ def direct_ingress_urls(host: str, port: int, replicas: int, timeout_s: float = 
                 with urllib.request.urlopen(f"http://{probe}:{p}/healthz", timeout=1.0) as r:
                     if json.loads(r.read()).get("status") == "ok":
                         found.append(f"http://{host}:{p}")
-            except OSError:
-                continue
+            except (OSError, http.client.HTTPException, ValueError):
+                continue  # nothing there, or another server (e.g. a gRPC port answers with binary frames)
         if len(found) >= replicas or time.monotonic() > deadline:
             return found
         time.sleep(0.5)

@@ -397,3 +397,33 @@ def test_ray_metric_hooks_reach_prometheus_with_their_labels(ray_cluster):
     statuses = {s.labels["status"] for s in found["ray_raymoe_serve_requests"].samples
                 if s.labels.get("route") == "metrics_test"}
     assert statuses == {"299"}
+
+
+def test_direct_ingress_probe_skips_ports_that_speak_another_protocol():
+    """A port in the probed range held by another server (a gRPC port answers with binary frames) is skipped,
+    not a crash of `raymoe serve --direct-ingress` (http.client.BadStatusLine is no OSError)."""
+    import socket
+    import threading
+
+    from raymoe.deployments.app import direct_ingress_urls
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+
+    def answer_binary():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.recv(100)
+            conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00 not http\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_binary, daemon=True).start()
+    try:
+        assert direct_ingress_urls("127.0.0.1", port - 1, replicas=1, timeout_s=0.5) == []
+    finally:
+        srv.close()
