@@ -369,7 +369,8 @@ class ClusterConfig(_Section):
     max_workers: int | None = Field(None, ge=1, description="Elastic: most shards to grow to (null = num_workers).")
     buddy_interval: int = Field(
         0, ge=0, description="Elastic: every this many steps each shard's state is copied into its own and a "
-        "peer's memory, restoring experts that have no live replica (0 = off: fall back to the last checkpoint).",
+        "peer's memory (the latest two copies are kept), restoring experts that have no live replica (0 = off: "
+        "fall back to the last checkpoint).",
     )
     grow_check_interval: int = Field(
         1, ge=1, description="Elastic: look for free resources to add shards every this many steps."

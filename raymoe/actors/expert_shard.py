@@ -166,7 +166,12 @@ class ExpertShard:
                     timeout=self.cfg.cluster.collective_timeout_s)
 
     def keep_snapshot(self, kind: str, step: int, parts: dict[str, bytes]) -> int:
-        """Hold an in-memory copy: "own" (this shard's state) or "buddy" (a peer's), taken at ``step``."""
+        """Hold an in-memory copy: "own" (this shard's state) or "buddy" (a peer's), taken at ``step``.
+
+        The previous copy of each kind is kept too: a peer that dies after this shard took its own copy of
+        step n but before its buddy copy of step n arrived leaves only step n - interval complete everywhere."""
+        if kind in self._snapshots:
+            self._snapshots[f"{kind}_prev"] = self._snapshots[kind]
         self._snapshots[kind] = (step, parts)
         return step
 

@@ -63,6 +63,17 @@ def test_node_removed_experts_restored_from_memory_copies(tmp_path):
 
 
 @pytest.mark.slow
+def test_node_removed_with_a_modern_family_model(tmp_path):
+    # the buddy copies carry what a family adds: SwiGLU expert stacks, the shared expert, the routers'
+    # correction bias (a buffer moved by the aux-loss-free updates, not by the optimizer)
+    res = _run("remove_node_family", tmp_path)
+    [event] = res["events"]
+    assert event["source"] == "buddy" and event["lost_shards"] == 1 and 0 <= event["lost_steps"] <= 2
+    assert res["world"] == 1
+    _same_losses(res)
+
+
+@pytest.mark.slow
 def test_node_removed_without_copies_falls_back_to_the_last_checkpoint(tmp_path):
     res = _run("remove_node_checkpoint", tmp_path)
     [event] = res["events"]
