@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymoe.config import RaymoeConfig, config_from_dict, moe_layer_ids
+from raymoe.config import RaymoeConfig, config_from_dict
 from raymoe.platform import metrics as M
 from raymoe.platform.model_io import gpt_config_from
 from raymoe.platform.run_log import RunLog
@@ -187,7 +187,7 @@ class Coordinator:
         m.observe(M.STEP_SECONDS, rec["step_s"])
         if "val_loss" in rec:
             m.set(M.VAL_LOSS, rec["val_loss"])
-        layers = moe_layer_ids(self.cfg)
+        layers = self.model_cfg.moe_layer_ids()  # the model's (model.init_from: the folder's, not the YAML's)
         for i, counts in enumerate(rec.get("expert_counts", [])):
             layer = layers[i]
             total = max(sum(counts), 1)

@@ -24,7 +24,7 @@ RUN = ["model.block_size=32", "train.global_batch_size=8", "train.micro_batch_si
 def mixtral_folder(tmp_path_factory):
     """A tiny random Mixtral (GQA, RoPE, SwiGLU experts, softmax top-2) saved by transformers; vocab holds the
     byte tokenizer's 257 ids (no tokenizer.json: the run uses bytes)."""
-    cfg = transformers.MixtralConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = transformers.MixtralConfig(vocab_size=260, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=32, num_local_experts=4,
                                      num_experts_per_tok=2, max_position_embeddings=64)
     torch.manual_seed(0)
