@@ -160,7 +160,11 @@ def val_metrics(total: float, count: int, num_bytes: int | None = None) -> dict[
 def evaluate_checkpoint_windows(cfg: RaymoeConfig, model, device="cpu", tokenizer=None) -> dict[str, float]:
     """The validation loss that training logs, for ``model`` (``raymoe eval``): the same windows and forward
     sizes, one process; the text is tokenized with ``tokenizer`` (``raymoe eval``: the checkpoint's)."""
+    # learned positions: the model's block_size is the training context; RoPE: it is the whole position range
+    # (a Hugging Face model's 4096 or 131072), and training used model.block_size of the config
     block, t = model.config.block_size, cfg.train
+    if model.config.position == "rope":
+        block = min(cfg.model.block_size, block)
     _, val = build_splits(cfg, block, tokenizer=tokenizer)
     starts = eval_window_starts(val, block, t.global_batch_size, t.eval_batches)
     return val_metrics(*window_loss_sums(model, val, starts, block_size=block, micro_batch=micro_batch_size(cfg),

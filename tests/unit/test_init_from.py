@@ -59,7 +59,7 @@ def test_init_from_rejects_architecture_fields_it_would_ignore(folder, tmp_path)
         gpt_config_from(load_config(None, [f"model.init_from={tmp_path}"]))
 
 
-def test_fine_tune_from_hf_folder_then_export_matches_transformers(folder, tmp_path):
+def test_fine_tune_from_hf_folder_then_export_matches_transformers(folder, tmp_path, capsys):
     # a vanishing learning rate: the checkpoint must hold the folder's weights (they were loaded, not re-drawn)
     assert main(_argv(tmp_path, folder, "train.steps=2", "train.lr=1e-30", "train.min_lr=0")) == 0
     ckpt_dir = tmp_path / "ft" / "checkpoints"
@@ -72,6 +72,16 @@ def test_fine_tune_from_hf_folder_then_export_matches_transformers(folder, tmp_p
 
     # real steps, then export: transformers loads the result and computes raymoe's logits
     assert main(_argv(tmp_path, folder, "train.steps=4", "train.lr=1e-2", "run.name=ft2")) == 0
+    # raymoe eval of the fine-tuned RoPE model uses the training context (model.block_size), not the model's
+    # whole position range, and finds the validation loss training logged
+    capsys.readouterr()
+    argv = ["eval", "--checkpoint", str(tmp_path / "ft2" / "checkpoints")]
+    for s in TRAIN + [f"data.cache_dir={tmp_path / 'cache'}"]:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    logged = [json.loads(line) for line in (tmp_path / "ft2" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert evaluated["val_loss"] == pytest.approx(logged["val_loss"], abs=1e-4)
     out = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(tmp_path / "ft2" / "checkpoints"), "--out", str(out)]) == 0
     trained = load_model(tmp_path / "ft2" / "checkpoints").eval()
