@@ -40,7 +40,7 @@ class ModelConfig(_Section):
 
     vocab_size: int = Field(
         257, ge=2, description="Vocabulary size of the model. Unset: follows the tokenizer (257 for tokenizer.kind "
-        "byte, tokenizer.vocab_size for bpe); set: at least the tokenizer's (pretrained tokenizers: set it).",
+        "byte, tokenizer.vocab_size for bpe, the size of a pretrained one); set: at least the tokenizer's.",
     )
     block_size: int = Field(128, ge=2, description="Context length in tokens (the largest position + 1).")
     n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")

@@ -25,8 +25,10 @@ is_hf_folder = hf.is_hf_folder
 
 
 def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
-    """The model a run trains: the ``model`` and ``moe`` sections, or, with ``distill.teacher_checkpoint``, the
-    Mixture-of-Students student of that teacher (``distill.student_layers`` deep, default 87.5% of it)."""
+    """The model a run trains: the ``model`` and ``moe`` sections; with ``model.init_from``, that folder's
+    architecture (and the few fields a run may set beside it); with ``distill.teacher_checkpoint``, the
+    Mixture-of-Students student of that teacher (``distill.student_layers`` deep, default 87.5% of it). With
+    ``tokenizer.kind: pretrained`` and ``model.vocab_size`` unset, the vocabulary is the tokenizer's."""
     if cfg.model.init_from:
         return _init_from_config(cfg)
     teacher = cfg.distill.teacher_checkpoint
@@ -35,6 +37,10 @@ def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
         return t_cfg.student(cfg.distill.student_layers or max(1, round(t_cfg.n_layer * 0.875)))
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg), "moe": cfg.moe.args()}
+    if cfg.tokenizer.kind == "pretrained" and "vocab_size" not in cfg.model.model_fields_set:
+        from raymoe.platform.tokenizer import load_tokenizer
+
+        values["vocab_size"] = load_tokenizer(cfg.tokenizer.path).vocab_size
     return GPTConfig(**{k: v for k, v in values.items() if k in names})
 
 

@@ -83,3 +83,17 @@ def test_serving_engine_uses_the_checkpoint_tokenizer_untold(run):
         assert res.token_ids == generate(model, [ids], 6, temperature=0.0, eos_id=tok.stop_ids)[0]
     finally:
         eng.shutdown(5)
+
+
+def test_pretrained_tokenizer_sets_the_vocabulary_when_unset(run, tmp_path):
+    """tokenizer.kind pretrained (here: the BPE the module's run carries) with model.vocab_size unset: the model's
+    vocabulary is the tokenizer's, without being told."""
+    from raymoe.config import load_config
+    from raymoe.platform.model_io import gpt_config_from
+
+    sets = [s for s in TINY if not s.startswith("tokenizer.")]
+    cfg = load_config(None, sets + ["tokenizer.kind=pretrained", f"tokenizer.path={run / 'checkpoints'}"])
+    assert gpt_config_from(cfg).vocab_size == 320
+    cfg = load_config(None, sets + ["tokenizer.kind=pretrained", f"tokenizer.path={run / 'checkpoints'}",
+                                    "model.vocab_size=400"])
+    assert gpt_config_from(cfg).vocab_size == 400  # a larger vocabulary stays allowed
