@@ -38,9 +38,9 @@ def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     values = {**cfg.model.model_dump(), **cfg.moe.model_dump(), "d_ff": resolved_d_ff(cfg), "moe": cfg.moe.args()}
     if cfg.tokenizer.kind == "pretrained" and "vocab_size" not in cfg.model.model_fields_set:
-        from raymoe.platform.tokenizer import load_tokenizer
+        from raymoe.platform.bpe import run_tokenizer  # memoised: the run's tokenizer is read once per process
 
-        values["vocab_size"] = load_tokenizer(cfg.tokenizer.path).vocab_size
+        values["vocab_size"] = run_tokenizer(cfg).vocab_size
     return GPTConfig(**{k: v for k, v in values.items() if k in names})
 
 
