@@ -1,4 +1,4 @@
-"""Spawned gloo worlds on 127.0.0.1 for the expert-parallel tests; every wait is bounded.
+"""Jobs of the expert-parallel tests, run in spawned gloo worlds (tests/gloo_world.py; every wait is bounded).
 
 ``spawn(world, jobs)`` starts ``world`` processes that join one gloo process group and run the jobs in order
 (each job a dict with a ``kind``: "train" or "zero_tokens"); it returns every rank's results. ``train(...)`` runs
@@ -8,19 +8,10 @@ and the final weights gathered to the full EP=1 layout (global expert ids). Worl
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-import tempfile
-import time
-from datetime import timedelta
-
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-COLLECTIVE_TIMEOUT_S = 30
-SPAWN_TIMEOUT_S = 75
+import gloo_world  # tests/gloo_world.py: the spawned-world plumbing
 
 BASE = dict(vocab_size=257, block_size=16, n_head=2, d_model=32, d_ff=64, expert_ffn=32, dropout=0.0,
             min_capacity=1, aux_loss_coef=0.01)
@@ -50,12 +41,6 @@ CONFIGS = {
                      drop_tokens=False),
 }
 TRAIN = dict(steps=3, global_batch=8, micro_batch=2, seed=1234, lr=2e-3, grad_clip=0.5)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- jobs ---------------------------------------------------------------------------------------------------
@@ -203,42 +188,13 @@ def _count_all_reduces(dispatcher) -> list[int]:
 JOBS = {"train": train, "zero_tokens": zero_tokens, "uneven_tokens": uneven_tokens}
 
 
-# -- process plumbing ---------------------------------------------------------------------------------------
-def _entry(rank: int, world: int, port: int, jobs: list[dict], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        results = [JOBS[job["kind"]](rank, world, job) for job in jobs]
-        dist.barrier()
-        # saved before the teardown: gloo occasionally aborts a process while destroying its groups
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _run_job(rank: int, world: int, job: dict):
+    return JOBS[job["kind"]](rank, world, job)
 
 
-def spawn(world: int, jobs: list[dict], timeout: float = SPAWN_TIMEOUT_S) -> list[list[dict]]:
+def spawn(world: int, jobs: list[dict], timeout: float = gloo_world.SPAWN_TIMEOUT_S) -> list[list[dict]]:
     """Run ``jobs`` in a fresh gloo world of ``world`` processes; results[rank][job]."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_entry, args=(world, free_port(), jobs, out_dir), nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + timeout
-        files = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world)]
-        try:
-            while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"world of {world} processes did not finish within {timeout} s")
-        except mp.ProcessExitedException:
-            if not all(os.path.exists(f) for f in files):  # a failure before the results, not the teardown
-                raise
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        return [torch.load(f, weights_only=True) for f in files]
+    return gloo_world.spawn(world, _run_job, jobs, timeout)
 
 
 def run_local(jobs: list[dict]) -> list[dict]:
