@@ -115,6 +115,6 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GP
     """Build a model from the config stored in a checkpoint (native or Hugging Face) and load its weights."""
     if hf.is_hf_folder(checkpoint):
         return hf.load_hf_model(checkpoint, device=device)
-    model = GPT(model_config_of(ckpt.read_manifest(checkpoint), checkpoint))
+    model = GPT(checkpoint_config(checkpoint))
     ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
     return model.to(device)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from raymoe.config import MoEArgs
 from raymoe.platform.files import read_json_object
 from raymoe.platform.model import GPTConfig
+from raymoe.platform.rope import ROPE_TYPES  # the scaling types raymoe computes
 
 # architectures entry -> family (model_type)
 ARCHITECTURES = {
@@ -26,7 +27,6 @@ ARCHITECTURES = {
     "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 FAMILIES = {v: k for k, v in ARCHITECTURES.items()}
-ROPE_TYPES = ("default", "linear", "yarn")
 # rope_theta when a file has none (the defaults of transformers' config classes)
 _DEFAULT_THETA = {"mixtral": 1e6}
 # key names of the routed expert count, per family (transformers renamed some across versions)
