@@ -284,6 +284,10 @@ class TrainConfig(_Section):
     )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU (default: torch's).")
     progress: bool = Field(True, description="Show a progress bar on a terminal.")
+    activation_checkpointing: Literal["none", "moe", "full"] = Field(
+        "none", description="Recompute activations in the backward instead of keeping them: none; moe = the MoE "
+        "sublayer of each MoE block (its expert activations are the largest); full = every block. Same results, "
+        "less activation memory, about one more forward of compute.")
 
     @model_validator(mode="after")
     def _micro_divides(self) -> "TrainConfig":
