@@ -359,6 +359,17 @@ class ClusterConfig(_Section):
     ranks_per_node: int | None = Field(
         None, ge=1, description="Shards per node for the hierarchical all-to-all (null = from the placement)."
     )
+    dense_sharding: Literal["replicate", "shard"] = Field(
+        "replicate", description="Dense (non-expert) parameters, gradients and AdamW state: replicate = a full "
+        "copy on every shard (gradients all-reduced); shard = FSDP2 (fully_shard) over all shards, each holding "
+        "1/num_workers. Changes memory, not numerics. Local runs (one process) ignore it.",
+    )
+    expert_sharding: Literal["replicate", "shard"] = Field(
+        "replicate", description="Expert parameters, gradients and AdamW state: replicate = each shard holds its "
+        "experts whole (gradients all-reduced over the expert-data-parallel group); shard = FSDP2 over that "
+        "group (a layer whose EP size is num_workers has no replica to shard over and stays whole). Local runs "
+        "ignore it.",
+    )
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD"] = Field(
         "PACK", description="Placement-group strategy for the shard bundles."
     )
