@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from raymoe.config import RaymoeConfig
 from raymoe.platform import parallel
+from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
 from raymoe.platform.model import GPT, GPTConfig
 from raymoe.platform.model_io import init_weights
 from raymoe.platform.train_step import build_optimizer
@@ -78,6 +79,7 @@ def build_rank(cfg: RaymoeConfig, model_config: GPTConfig, rank: int, world: int
     else:
         parallel.load_full_state_dict(model, full_state)
     del full_state
+    apply_activation_checkpointing(model, t.activation_checkpointing)
     model.to(device)
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                                 device_type=device.type)

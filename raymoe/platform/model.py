@@ -61,14 +61,40 @@ class Block(nn.Module):
             self.mlp = MoE(**moe_kwargs)
         else:
             self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, bias=cfg.bias, dropout=cfg.dropout)
+        # None, "moe" or "full": set by raymoe.platform.activation_checkpoint (training only)
+        self.checkpoint_mode: Optional[str] = None
 
     def forward(self, x_BTD, mask_B1TL, cache, token_mask_BT, rope=None):
+        mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() and cache is None else None
+        if mode == "full":
+            out_BTD, l_aux = _checkpoint(self._forward, x_BTD, mask_B1TL, cache, token_mask_BT, rope)
+        else:
+            out_BTD, l_aux = self._forward(x_BTD, mask_B1TL, cache, token_mask_BT, rope, moe_checkpoint=mode == "moe")
+        return out_BTD, l_aux, self.mlp.last_stats if self.is_moe else None
+
+    def _forward(self, x_BTD, mask_B1TL, cache, token_mask_BT, rope, moe_checkpoint: bool = False):
         x_BTD = x_BTD + self.attn(self.ln_1(x_BTD), mask_B1TL, cache, self.layer_id, rope)
         h_BTD = self.ln_2(x_BTD)
         if self.is_moe:
-            y_BTD, l_aux, _ = self.mlp(h_BTD, token_mask=token_mask_BT)
-            return x_BTD + y_BTD, l_aux, self.mlp.last_stats
-        return x_BTD + self.mlp(h_BTD), None, None
+            if moe_checkpoint:
+                y_BTD, l_aux = _checkpoint(self._moe, h_BTD, token_mask_BT)
+            else:
+                y_BTD, l_aux = self._moe(h_BTD, token_mask_BT)
+            return x_BTD + y_BTD, l_aux
+        return x_BTD + self.mlp(h_BTD), None
+
+    def _moe(self, h_BTD, token_mask_BT):
+        y_BTD, l_aux, _ = self.mlp(h_BTD, token_mask=token_mask_BT)
+        return y_BTD, l_aux
+
+
+def _checkpoint(fn, *args):
+    """Non-reentrant activation checkpointing of ``fn`` (see raymoe.platform.activation_checkpoint)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from raymoe.platform.activation_checkpoint import checkpoint_contexts
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=checkpoint_contexts)
 
 
 MoEKwargs = Union[None, dict, Callable[[int, int], dict]]

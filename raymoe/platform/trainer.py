@@ -16,6 +16,7 @@ import torch
 
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
+from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
 from raymoe.platform.model import GPT
 from raymoe.platform.model_io import gpt_config_from, init_weights
 from raymoe.platform.run_log import RunLog
@@ -55,6 +56,7 @@ class LocalTrainer:
         # the model is initialised right after seeding, as every shard does (building the teacher draws too)
         self.model = GPT(gpt_config_from(cfg))
         init_weights(self.model, cfg)  # model.init_from (a resumed checkpoint replaces these below)
+        apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.model.to(self.device)
         teacher, kd_schedule = load_teacher(cfg, self.device)
         t = cfg.train

@@ -141,3 +141,13 @@ def test_resume_true_without_checkpoint_warns_and_must_fails(tmp_path, capsys):
     argv = ["train", "--set", f"run.output_dir={tmp_path}", "--set", "run.name=m", "--set", "checkpoint.resume=must"]
     assert main(argv) == 2
     assert "no committed checkpoint in" in capsys.readouterr().err
+
+
+def test_activation_checkpointing_trains_the_same(tmp_path):
+    common = ("train.steps=3", "moe.noisy_gate_policy=Jitter", "model.dropout=0.1")
+    ref = _run(tmp_path, "none", *common)
+    ac = _run(tmp_path, "full", *common, "train.activation_checkpointing=full")
+    assert [r["loss"] for r in _records(ac)] == [r["loss"] for r in _records(ref)]
+    a = load_model(ac / "checkpoints").state_dict()
+    b = load_model(ref / "checkpoints").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raymoe.config import MoEArgs, check_top_k, require_ep_divides
+from raymoe.platform.activation_checkpoint import recomputing
 from raymoe.platform.layers import MLP
 
 from .dispatch import LocalDispatcher, TokenDispatcher, slots
@@ -262,9 +263,10 @@ class MoE(nn.Module):
         if noise is None:
             noise = self.draw_noise(x_SD.shape[0], device=x.device)
         y_TD, l_aux, stats = self._moe(x_TD, x_SD, routed_S, noise, used_S)
-        self.last_stats = stats
-        if self.training:
-            self.expert_load += stats.exp_counts
+        if not recomputing():  # side effects happen once, not again in an activation-checkpoint recompute
+            self.last_stats = stats
+            if self.training:
+                self.expert_load += stats.exp_counts
         return self._add_shared(x_TD, y_TD).view(x.shape), l_aux, stats.exp_counts
 
     def _add_shared(self, x_TD: Tensor, y_TD: Tensor) -> Tensor:
