@@ -47,6 +47,7 @@ TRAIN = dict(steps=3, global_batch=8, micro_batch=2, seed=1234, lr=2e-3, grad_cl
 def train(rank: int, world: int, job: dict) -> dict:
     """N steps of GPT-MoE with AdamW via train_step; constant global batch and per-forward micro-batch."""
     from raymoe.platform import parallel
+    from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
     from raymoe.platform.data import TokenDataset, sample_batch
     from raymoe.platform.model import GPT, GPTConfig
     from raymoe.platform.train_step import build_optimizer, train_step
@@ -63,6 +64,7 @@ def train(rank: int, world: int, job: dict) -> dict:
                                       uniform_tokens=True)  # equal micro-batches, as the Ray trainer runs
     model = GPT(cfg, moe_kwargs=kwargs)
     parallel.load_full_state_dict(model, full_init)
+    apply_activation_checkpointing(model, job.get("ac", "none"))  # recomputed forwards redo their all-to-alls
     opt = build_optimizer(model, lr=t["lr"], weight_decay=0.1, betas=(0.9, 0.95))
     grad_sync = parallel.make_grad_sync(model, layout, groups) if world > 1 else None
     grad_norm = parallel.make_grad_norm(model, layout, groups) if world > 1 else None

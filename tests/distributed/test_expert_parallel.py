@@ -32,6 +32,8 @@ def runs(data_path):
     world2 = [_train(f"w2ep{ep}/{c}", c, d, ep=ep) for c in ("k1_drop", "k2_dropless") for ep in (1, 2)]
     # "auto" (the default) is the source-order route on CPU; "a" runs re-sort after the all_to_all
     world2 += [_train(f"w2ep2/{c}", c, d, ep=2) for c in ("mixtral", "deepseek")]
+    world2 += [_train("w2ep2ac/k1_drop", "k1_drop", d, ep=2, ac="full"),
+               _train("w2ep2ac/deepseek", "deepseek", d, ep=2, ac="moe")]
     world2 += [_train("w2ep2p/k2_dropless", "k2_dropless", d, ep=2, exchange="p2p"),
                _train("w2ep2a/k2_dropless", "k2_dropless", d, ep=2, exchange="all_to_all"),
                ("w2/uneven", dict(kind="uneven_tokens")),
@@ -162,3 +164,11 @@ def test_layer_collectives_besides_the_exchange(runs, name, expected):
     # dropless learns the group's largest count from dispatch's count exchange (no all-reduce of its own);
     # drop mode without uniform_tokens agrees on the slot count with one all-reduce per forward
     assert [r["all_reduces"] for r in runs[name]] == [expected] * len(runs[name])
+
+
+@pytest.mark.parametrize("config", ["k1_drop", "deepseek"])
+def test_activation_checkpointing_under_expert_parallelism_changes_nothing(runs, config):
+    """The recomputed forward runs its all-to-alls again inside the backward: same losses and weights."""
+    a, b = runs[f"w2ep2ac/{config}"], runs[f"w2ep2/{config}"]
+    assert a["losses"] == b["losses"] and a["grad_norms"] == b["grad_norms"]
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in b["state"])
