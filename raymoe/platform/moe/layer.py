@@ -159,6 +159,8 @@ class MoE(nn.Module):
             if args.shared_expert_gate:
                 self.shared_gate = nn.Linear(hidden_size, 1, bias=False)
         self.last_stats: RouterStats | None = None
+        # inference only: hot experts copied to other shards (raymoe.platform.moe.replication), set by serving
+        self.replicas = None
 
     @staticmethod
     def _check_args(hidden_size, expert, num_experts, ep_size, args: MoEArgs, activation, dispatcher) -> int:
@@ -309,14 +311,19 @@ class MoE(nn.Module):
         tok_M = plan.token_M if routed_S is None else routed_S.index_select(0, plan.token_M)
 
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
-        slots_C = self.dispatcher.plan_layout(plan, capacity, capacity_factor=cf,
-                                              min_fill=self.capacity_layout_min_fill, masked=routed_S is not None)
+        via = self.replicas  # None: every row to its logical expert's home shard
+        slots_C = None if via is not None else self.dispatcher.plan_layout(
+            plan, capacity, capacity_factor=cf, min_fill=self.capacity_layout_min_fill, masked=routed_S is not None)
         if slots_C is not None:
             y_TD = self._experts_slots(x_TD, tok_M, slots(plan, slots_C), g_M, slots_C)
+        elif via is not None:  # rows re-sorted by physical slot: a replicated expert's rows split among copies
+            tok_P, g_P, counts_P = via.route(plan, tok_M, g_M)
+            y_TD = self._experts_segments(x_TD, tok_P, counts_P, g_P, via)
         else:
             y_TD = self._experts_segments(x_TD, tok_M, plan.kept_counts_E, g_M)
-        if capacity is None:  # dropless: the largest count over the group (known after the dispatch)
-            capacity = self.dispatcher.group_capacity(plan.counts_E)
+        if capacity is None:  # dropless: the largest count over the group (known after the dispatch; with
+            # replicas, of a physical slot)
+            capacity = (self.dispatcher if via is None else via.dispatcher).group_capacity(plan.counts_E)
 
         routed = plan.counts_E.sum()
         stats = RouterStats(
@@ -331,12 +338,14 @@ class MoE(nn.Module):
         )
         return y_TD, route.l_aux, stats
 
-    def _experts_segments(self, x_TD: Tensor, tok_M: Tensor, counts_E: Tensor, g_M: Tensor) -> Tensor:
-        """Variable segments: exactly each expert's kept rows (grouped GEMM) -> y_TD."""
+    def _experts_segments(self, x_TD: Tensor, tok_M: Tensor, counts_E: Tensor, g_M: Tensor, via=None) -> Tensor:
+        """Variable segments: exactly each expert's kept rows (grouped GEMM) -> y_TD. ``via``: the
+        replicas' dispatcher and experts (counts per physical slot) instead of the layer's."""
         T, D = x_TD.shape
-        fold = self.dispatcher.folds_gate
-        x_RD, counts_R = self.dispatcher.dispatch(x_TD.index_select(0, tok_M), counts_E)
-        y_MD = self.dispatcher.combine(self.experts(x_RD, counts_R, g_M if fold else None))
+        disp, experts = (self.dispatcher, self.experts) if via is None else (via.dispatcher, via.experts)
+        fold = disp.folds_gate
+        x_RD, counts_R = disp.dispatch(x_TD.index_select(0, tok_M), counts_E)
+        y_MD = disp.combine(experts(x_RD, counts_R, g_M if fold else None))
         if not fold:
             y_MD = y_MD * g_M.unsqueeze(1).to(y_MD.dtype)
         # In-place into a fresh buffer: the out-of-place index_add would clone the zeros first.
