@@ -10,34 +10,40 @@ Layout of ``<root>/step_{step:08d}/``::
     tokenizer.json, tokenizer_config.json [, chat_template.jinja, generation_config.json]
                              the tokenizer the model was trained with (`raymoe.platform.tokenizer`), written
                              by the committer; a checkpoint without them is read with the byte tokenizer
-    manifest.json            written LAST (tmp + fsync + os.replace), the commit point: every file's size and
-                             sha256, step, config, extra, optimizer param_groups; then ``<root>/latest``
+    .written/rank{R:05d}.json  what rank R wrote (each file's size and sha256), written after its files
+    manifest.json            written LAST, the commit point: every file's size and sha256, step, config, extra,
+                             optimizer param_groups; then ``<root>/latest`` (a hint: a checkpoint is committed
+                             iff its manifest exists; readers fall back to listing the step dirs)
 
 Expert files are keyed by GLOBAL expert id, so any expert placement loads into any other. An expert
 container is any module with ``layer_id`` and ``global_expert_ids`` (e.g. ``GroupedExperts``) whose state
 entries have E_local leading rows. Nothing is unpickled: tensors go through safetensors, the rest JSON.
 Distributed: each shard calls ``save_checkpoint(..., write_dense=rank == 0, write_manifest=False, rank=r)``;
-then the coordinator calls ``finalize_checkpoint(dir, ...)``, which hashes what is there and commits.
+then the coordinator calls ``finalize_checkpoint(dir, writer_ranks=range(world), ...)``, which reads every file
+the writers list back from the storage, checks its size and sha256 against what the writer wrote, and commits.
+
+``root`` may be a local path or a storage URI (``s3://bucket/run/checkpoints``, see
+:mod:`raymoe.platform.storage`): every file is written whole or not at all (local: tmp + fsync + rename; an
+object store: one object, no rename needed), so a writer killed mid-write leaves the checkpoint visibly
+incomplete, never committed, and the previous committed one intact. Paths returned are ``Path`` for local
+locations and :class:`~raymoe.platform.storage.RemotePath` otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
-import secrets
-import shutil
 import struct
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
 from torch import nn
+
+from raymoe.platform import storage
 
 FORMAT_VERSION = 1
 MANIFEST, LATEST, DENSE, OPTIM_DENSE, EXPERT_DIR = "manifest.json", "latest", "dense.safetensors", \
@@ -64,6 +70,11 @@ def _rng_file(rank: int | None) -> str:
     return "rng.safetensors" if rank is None else f"rng_rank{rank:05d}.safetensors"
 
 
+def _written_file(rank: int | None) -> str:
+    """The index of the files rank ``rank`` wrote (a dotfile: never part of the manifest)."""
+    return f".written/rank{rank or 0:05d}.json"
+
+
 def _split_state(model: nn.Module):
     """-> (dense state entries, {layer_id: (prefix, module, {local name: tensor})}) of model.state_dict()."""
     containers: dict[int, tuple[str, nn.Module, dict]] = {}
@@ -88,27 +99,8 @@ def _split_state(model: nn.Module):
     return dense, containers
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp) then fsync + rename; the tmp name is unique because expert replicas may race on one file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> dict:
+    """Write a safetensors file whole (see `storage.write_bytes`); returns its {"size", "sha256"}."""
     out, ptrs = {}, set()
     for k, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
@@ -116,13 +108,15 @@ def _write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> N
             t = t.clone()  # safetensors refuses tensors sharing memory
         ptrs.add(t.untyped_storage().data_ptr())
         out[k] = t
-    _atomic_write(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
+    data = st_save(out, metadata=metadata)
+    storage.write_bytes(path, data)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def _header(path: Path, buf: bytes | None = None) -> dict:
+def _header(path, buf: bytes | None = None) -> dict:
     """The JSON header of a safetensors file (from ``buf`` if given, else from the start of ``path``)."""
     if buf is None:
-        with open(path, "rb") as f:
+        with storage.open_input(path) as f:
             buf = f.read(8)
             buf += f.read(struct.unpack("<Q", buf)[0] if len(buf) == 8 else 0)
     n = struct.unpack("<Q", buf[:8])[0] if len(buf) >= 8 else -1
@@ -132,14 +126,6 @@ def _header(path: Path, buf: bytes | None = None) -> dict:
     except ValueError:
         pass
     raise CheckpointError(f"{path}: not a safetensors file (unreadable header)")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _rng_payload() -> tuple[dict, dict]:
@@ -169,14 +155,15 @@ def _restore_rng(t: dict, meta: dict) -> None:
 def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                     extra: dict | None = None, config: dict | None = None, rng: bool = True,
                     write_dense: bool = True, write_manifest: bool = True, write_experts: bool = True,
-                    rank: int | None = None, tokenizer=None) -> Path:
+                    rank: int | None = None, tokenizer=None):
     """Write ``model`` [+ ``optimizer`` state, RNG state] to ``<root>/step_{step:08d}/``; return that dir.
 
     ``write_dense``/``write_experts`` pick the parts this process writes; ``write_manifest`` commits here
     (else a coordinator calls ``finalize_checkpoint`` once every writer returned). ``extra`` and ``config``
     must be JSON-serializable (they go into the manifest). ``rank`` names a per-rank RNG file. ``tokenizer``
     (with ``write_manifest``): its files go into the checkpoint (see `finalize_checkpoint`). Re-saving a
-    step first removes its manifest, so a crash midway leaves it visibly incomplete.
+    step first removes its manifest, so a crash midway leaves it visibly incomplete. Last, the index of what
+    this rank wrote (each file's size and sha256) goes to ``.written/rank{rank}.json`` for the commit to check.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -185,9 +172,9 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
             json.dumps(value)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{name} must be JSON-serializable: {e}") from e
-    ckpt = Path(root) / step_dir_name(step)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    (ckpt / MANIFEST).unlink(missing_ok=True)
+    ckpt = storage.location(root) / step_dir_name(step)
+    storage.remove_file(ckpt / MANIFEST)
+    written: dict[str, dict] = {}
     dense, containers = _split_state(model)
     dense_opt, expert_opt, groups = _optimizer_payload(model, optimizer, containers)
     if write_dense:
@@ -198,9 +185,9 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
                 aliases[k] = seen[key]
             else:
                 seen[key], stored[k] = k, t
-        _write_safetensors(ckpt / DENSE, stored, {"aliases": json.dumps(aliases)})
+        written[DENSE] = _write_safetensors(ckpt / DENSE, stored, {"aliases": json.dumps(aliases)})
         if optimizer is not None:
-            _write_safetensors(ckpt / OPTIM_DENSE, dense_opt, {"param_groups": groups})
+            written[OPTIM_DENSE] = _write_safetensors(ckpt / OPTIM_DENSE, dense_opt, {"param_groups": groups})
     for lid, (_, mod, entries) in containers.items() if write_experts else ():
         for i, gid in enumerate(mod.global_expert_ids):
             tensors, shared = {ln: t[i] for ln, t in entries.items()}, []
@@ -211,11 +198,14 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
                     shared += [] if v.shape == entries[ln].shape else [f"{sname}.{ln}"]
             meta = {"layer_id": str(lid), "global_expert_id": str(gid),
                     "params": json.dumps(sorted(entries)), "shared": json.dumps(shared)}
-            _write_safetensors(ckpt / expert_file_name(lid, int(gid)), tensors, meta)
+            rel = expert_file_name(lid, int(gid))
+            written[rel] = _write_safetensors(ckpt / rel, tensors, meta)
     if rng:
-        _write_safetensors(ckpt / _rng_file(rank), *_rng_payload())
+        written[_rng_file(rank)] = _write_safetensors(ckpt / _rng_file(rank), *_rng_payload())
+    storage.write_bytes(ckpt / _written_file(rank), json.dumps(written, indent=1).encode())
     if write_manifest:
-        finalize_checkpoint(ckpt, step=step, config=config, extra=extra, tokenizer=tokenizer)
+        finalize_checkpoint(ckpt, step=step, config=config, extra=extra, tokenizer=tokenizer,
+                            writer_ranks=[rank or 0])
     return ckpt
 
 
@@ -245,61 +235,20 @@ def _optimizer_payload(model, optimizer, containers):
     return dense, experts, json.dumps(groups, default=lambda o: o.tolist() if torch.is_tensor(o) else None)
 
 
-def finalize_checkpoint(ckpt_dir, *, step: int | None = None, config: dict | None = None,
-                        extra: dict | None = None, expected_experts: dict[int, int] | None = None,
-                        update_latest: bool = True, tokenizer=None) -> Path:
-    """Commit a checkpoint dir: hash every file present, write ``manifest.json`` atomically, then ``latest``.
-
-    Call it once, after every writer's ``save_checkpoint(..., write_manifest=False)`` returned.
-    ``expected_experts`` ({layer_id: num_experts}) refuses to commit unless each such layer has exactly
-    experts 0..n-1. ``step`` defaults to the one in the directory name. ``tokenizer``: a
-    `raymoe.platform.tokenizer.Tokenizer` whose files are written into the checkpoint first (so the manifest
-    lists and hashes them, and eval, generate and serve find the tokenizer the model was trained with).
-    """
-    ckpt = Path(ckpt_dir)
-    if tokenizer is not None:
-        tokenizer.save(ckpt)
-    if step is None:
-        if not (m := _STEP_RE.match(ckpt.name)):
-            raise ValueError(f"step not given and {ckpt.name!r} is not a step_XXXXXXXX directory")
-        step = int(m.group(1))
-    files = {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
-             for p in sorted(ckpt.rglob("*"))
-             if p.is_file() and not p.name.startswith(".") and p.name != MANIFEST}
-    experts: dict[int, list[int]] = {}
-    for m in filter(None, map(_EXPERT_RE.match, files)):
-        experts.setdefault(int(m.group(1)), []).append(int(m.group(2)))
-    for lid, n in (expected_experts or {}).items():
-        if sorted(experts.get(lid, [])) != list(range(n)):
-            raise CheckpointError(f"{ckpt}: layer {lid} should have experts 0..{n - 1}, found "
-                                  f"{sorted(experts.get(lid, []))}; not committing")
-    groups = None
-    if OPTIM_DENSE in files:
-        groups = json.loads(_header(ckpt / OPTIM_DENSE)["__metadata__"]["param_groups"])
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
-                "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "config": config, "extra": extra, "files": files,
-                "experts": {str(k): sorted(v) for k, v in sorted(experts.items())},
-                "optimizer": None if groups is None else {"param_groups": groups}}
-    _atomic_write(ckpt / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-    if update_latest:
-        _atomic_write(ckpt.parent / LATEST, lambda tmp: tmp.write_text(ckpt.name + "\n"))
-    return ckpt
-
-
-def list_checkpoints(root) -> list[Path]:
+def list_checkpoints(root) -> list:
     """Committed checkpoint dirs (those with a manifest) under ``root``, oldest step first."""
-    root = Path(root)
-    found = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
-             if (m := _STEP_RE.match(p.name)) and (p / MANIFEST).is_file()]
+    root = storage.location(root)
+    found = [(int(m.group(1)), root / name) for name in storage.list_dir(root)
+             if (m := _STEP_RE.match(name)) and storage.is_file(root / name / MANIFEST)]
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(root) -> Path | None:
-    """The dir named by ``<root>/latest`` if it is committed, else the newest committed one, else None."""
-    root = Path(root)
-    name = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else ""
-    if _STEP_RE.match(name) and (root / name / MANIFEST).is_file():
+def latest_checkpoint(root):
+    """The dir named by ``<root>/latest`` if it is committed, else the newest committed one, else None.
+    ``latest`` is only a hint: a dir it names without a manifest is not trusted."""
+    root = storage.location(root)
+    name = storage.read_text(root / LATEST).strip() if storage.is_file(root / LATEST) else ""
+    if _STEP_RE.match(name) and storage.is_file(root / name / MANIFEST):
         return root / name
     done = list_checkpoints(root)
     return done[-1] if done else None
@@ -307,23 +256,24 @@ def latest_checkpoint(root) -> Path | None:
 
 def remove_checkpoint(path) -> None:
     """Delete one checkpoint dir; the manifest goes first so a crash leaves it incomplete, never half-valid."""
-    p = Path(path)
+    p = storage.location(path)
     if not _STEP_RE.match(p.name):
         raise ValueError(f"{p}: not a step_XXXXXXXX checkpoint directory; refusing to delete it")
-    (p / MANIFEST).unlink(missing_ok=True)
-    shutil.rmtree(p, ignore_errors=True)
+    storage.remove_file(p / MANIFEST)
+    storage.remove_tree(p)
 
 
-def _resolve(path) -> Path:
-    p = Path(path)
-    if (p / MANIFEST).is_file():
+def _resolve(path):
+    p = storage.location(path)
+    if storage.is_file(p / MANIFEST):
         return p
-    if p.is_dir() and ((p / LATEST).is_file() or any(_STEP_RE.match(c.name) for c in p.iterdir())):
+    names = storage.list_dir(p)
+    if LATEST in names or any(_STEP_RE.match(n) for n in names):
         if (found := latest_checkpoint(p)) is None:
             raise CheckpointError(f"{p}: no committed checkpoint (no step_* dir has a {MANIFEST}): "
                                   "the checkpoint write did not complete")
         return found
-    if p.is_dir() or _STEP_RE.match(p.name):
+    if names or storage.is_dir(p) or _STEP_RE.match(p.name):
         raise CheckpointError(f"{p / MANIFEST}: manifest missing: the checkpoint write did not complete "
                               "(or this is not a checkpoint directory)")
     raise CheckpointError(f"{p}: no such checkpoint directory")
@@ -333,7 +283,7 @@ def read_manifest(path_or_root) -> dict:
     """The manifest of a committed checkpoint (a step dir, or a root: its latest), plus ``"path"``."""
     path = _resolve(path_or_root) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -350,7 +300,7 @@ def _read(manifest: dict, rel: str, parse: bool = True):
     if entry is None:
         raise CheckpointError(f"{path}: not listed in {manifest['path'] / MANIFEST}")
     try:
-        data = path.read_bytes()
+        data = storage.read_bytes(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: listed in the manifest but missing") from None
     if len(data) != entry["size"]:
@@ -545,3 +495,7 @@ def inspect_checkpoint(path, *, verify: bool = False) -> dict:
             "num_files": len(files), "has_optimizer": manifest.get("optimizer") is not None,
             "has_rng": any(r.startswith("rng") for r in files),
             "config": manifest.get("config"), "extra": manifest.get("extra")}
+
+
+# the commit protocol lives in its own module; it is part of this module's API
+from raymoe.platform.checkpoint_commit import finalize_checkpoint  # noqa: E402
