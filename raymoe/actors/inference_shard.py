@@ -9,6 +9,11 @@ also with no rows (an idle forward): the all-to-alls are collective.
 
 Lifecycle verbs: ``start``, ``check_health`` (started, still in its process group, no failed step), ``shutdown``
 (leave the process group). Weights: ``prepare`` loads new ones beside the serving ones, ``swap`` installs them.
+
+Hot-expert replication (``redundant_experts`` > 0, `raymoe.platform.moe.replication`): every MoE layer gets
+that many extra expert slots on this rank; ``set_placement`` (called on every rank between two steps, with the
+same placements) fills them with copies of hot experts fetched from their owners, and a swap re-installs the
+placement on the new weights.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from raymoe.platform.distributed import join_world, leave_world
 from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model import GPT
 from raymoe.platform.model_io import checkpoint_config, checkpoint_step, load_weights
+from raymoe.platform.moe.replication import ReplicatedExperts
 from raymoe.platform.runner import LocalRunner, Pending, prepare_for_inference
 
 from . import rendezvous
@@ -38,11 +44,13 @@ class InferenceShard:
     max_rows: rows this shard's KV cache holds; max_len: tokens per row it holds (None: the model's
     block_size); device: "cpu" or "cuda" (cuda only when Ray gave this actor a
     GPU); threads: torch intra-op threads; backend: torch.distributed backend ("auto": nccl on GPU, gloo on
-    CPU); collective_timeout_s: bound on every collective (a dead peer fails the step instead of hanging it).
+    CPU); collective_timeout_s: bound on every collective (a dead peer fails the step instead of hanging it);
+    redundant_experts: extra expert slots per MoE layer on this rank for copies of hot experts (0: none).
     """
 
     def __init__(self, *, max_rows: int, max_len: Optional[int] = None, device: str = "cpu",
-                 threads: Optional[int] = None, backend: str = "auto", collective_timeout_s: float = 120.0):
+                 threads: Optional[int] = None, backend: str = "auto", collective_timeout_s: float = 120.0,
+                 redundant_experts: int = 0):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
         if backend not in _BACKENDS:
@@ -52,6 +60,8 @@ class InferenceShard:
         tune_malloc()  # this process allocates activations every step
         self.max_rows, self.threads, self.collective_timeout_s = max_rows, threads, collective_timeout_s
         self.max_len = max_len
+        self.redundant_experts = redundant_experts
+        self.placements: dict[int, list[int]] = {}  # layer id -> placement in force (replication)
         use_cuda = device == "cuda" and torch.cuda.is_available() and bool(ray.get_gpu_ids())
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
         self.backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
@@ -113,7 +123,11 @@ class InferenceShard:
         groups = parallel.build_process_groups(layout, self.rank)  # EP group = world: creates no new group
         model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups))
         load_weights(model, checkpoint)
-        return prepare_for_inference(model.to(self.device)), checkpoint_step(checkpoint)
+        model = prepare_for_inference(model.to(self.device))
+        if self.redundant_experts:  # empty slots; set_placement / swap fill them (collective)
+            for m in model.moe_modules():
+                m.replicas = ReplicatedExperts(m, self.redundant_experts)
+        return model, checkpoint_step(checkpoint)
 
     @torch.inference_mode()
     def step(self, kind: str, keep: Optional[list[int]], idx: torch.Tensor,
@@ -153,6 +167,24 @@ class InferenceShard:
             raise RuntimeError("swap without prepare")
         self.runner.swap(self._pending)
         self._pending = None
+        if self.placements:  # the new weights' copies, from their owners (every rank swaps in the same call)
+            self.set_placement(self.placements)
+
+    # -- hot-expert replication -----------------------------------------------------------------------------
+    def set_placement(self, placements: dict[int, list[int]]) -> None:
+        """Install a placement per MoE layer id (collective: every rank, same placements, between steps)."""
+        for m in self.runner.model.moe_modules():
+            if m.layer_id in placements:
+                m.replicas.set_placement(placements[m.layer_id])
+        self.placements = {lid: list(p) for lid, p in placements.items()}
+
+    def physical_load(self) -> dict[int, torch.Tensor]:
+        """Rows this rank sent to each physical expert slot per layer since the last call (then reset)."""
+        out = {}
+        for m in self.runner.model.moe_modules():
+            if m.replicas is not None:
+                out[m.layer_id], m.replicas.load_P = m.replicas.load_P, torch.zeros_like(m.replicas.load_P)
+        return out
 
 
 def remote_class(num_cpus: float, num_gpus: float):

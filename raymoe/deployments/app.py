@@ -82,6 +82,11 @@ class ServeArgs(BaseModel):
     ep_shard_gpus: float = Field(0.0, ge=0, description="GPUs of each shard's placement-group bundle (ep_size > 1)")
     ep_placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="placement-group strategy of a replica and its shards (STRICT_PACK: one node)")
+    ep_redundant_experts: int = Field(0, ge=0, description="hot-expert replication (ep_size > 1): extra expert "
+                                      "slots per shard and MoE layer, filled with copies of the most loaded "
+                                      "experts from the observed routing (0: off)")
+    ep_replan_interval_steps: int = Field(32, ge=1, description="engine steps between two placements of the "
+                                          "expert copies (ep_redundant_experts > 0)")
 
     @model_validator(mode="before")
     @classmethod
@@ -118,8 +123,8 @@ class ServeArgs(BaseModel):
         if self.ep_size > 1 and not self.checkpoint:
             raise ValueError(f"ep_size={self.ep_size}: expert-parallel replicas load their shards from a "
                              "checkpoint; set checkpoint")
-        if self.ep_size == 1 and (self.ep_shard_gpus or self.ep_shard_cpus != 1.0):
-            raise ValueError("ep_shard_cpus / ep_shard_gpus apply with ep_size > 1 only")
+        if self.ep_size == 1 and (self.ep_shard_gpus or self.ep_shard_cpus != 1.0 or self.ep_redundant_experts):
+            raise ValueError("ep_shard_cpus / ep_shard_gpus / ep_redundant_experts apply with ep_size > 1 only")
         bundles = self.llm_server_options.get("placement_group_bundles")
         if self.ep_size > 1 and bundles is not None and len(bundles) < self.ep_size + 1:
             raise ValueError(f"llm_server_options.placement_group_bundles has {len(bundles)} bundles; ep_size="
@@ -143,7 +148,9 @@ def engine_args_of(args: ServeArgs) -> dict:
     kw: dict[str, Any] = {"config": args.engine}
     if args.ep_size > 1:
         kw["ep_size"] = args.ep_size
-        kw["ep_options"] = {"num_cpus": args.ep_shard_cpus, "num_gpus": args.ep_shard_gpus}
+        kw["ep_options"] = {"num_cpus": args.ep_shard_cpus, "num_gpus": args.ep_shard_gpus,
+                            "redundant_experts": args.ep_redundant_experts,
+                            "replan_interval_steps": args.ep_replan_interval_steps}
     return kw
 
 

@@ -14,6 +14,14 @@ reaches its expert once; the cost is one actor call per shard per step and the a
 (Running the same batch on every shard and reading rank 0's logits would be simpler but repeats the
 dense work ``ep_size`` times and sends ``ep_size`` copies of every token through the experts.)
 
+Hot-expert replication (``redundant_experts`` > 0; `raymoe.platform.moe.replication`). Routing is skewed and
+the busiest shard sets every step's pace, so each shard gets ``redundant_experts`` extra slots per MoE layer
+for copies of hot experts. The runner sums the expert counts the shards return with every step; every
+``replan_interval_steps`` steps it plans a placement from that load (plus half the load behind the previous
+plan, a moving average) and, if it changed, installs it on every shard between two steps (the shards fetch the
+new copies from their owners). Running rows keep their KV caches: nothing is dropped, and the outputs are the
+same as without copies (a copy holds its owner's weights).
+
 Placement. Inside a Serve replica whose deployment has ``placement_group_bundles`` (see
 `raymoe.deployments.app`), the shards go to the last ``ep_size`` bundles of the replica's placement group,
 so the whole group is reserved, started, scaled and stopped with the replica; the shards are the replica's
@@ -27,6 +35,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from raymoe.platform.moe.replication import plan_placement
 from raymoe.platform.runner import Pending
 
 
@@ -50,14 +59,16 @@ class EPRunner:
     num_cpus / num_gpus: resources of each shard (its bundle when the runner reserves the placement group);
     device: the shards' device (default: "cuda" with num_gpus, else "cpu");
     backend: torch.distributed backend ("auto": nccl on GPU, gloo on CPU); timeout_s: bound on every step
-    and on the collectives; start_timeout_s: bound on placing and loading the shards.
+    and on the collectives; start_timeout_s: bound on placing and loading the shards;
+    redundant_experts: extra expert slots per shard and MoE layer for copies of hot experts (0: no replication);
+    replan_interval_steps: steps between two placement plans (see the module docstring).
     """
 
     def __init__(self, checkpoint: str, ep_size: int, max_rows: int, *, max_len: Optional[int] = None,
                  device: Optional[str] = None,
                  threads: Optional[int] = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  backend: str = "auto", timeout_s: float = 120.0, start_timeout_s: float = 300.0,
-                 placement_strategy: str = "PACK"):
+                 placement_strategy: str = "PACK", redundant_experts: int = 0, replan_interval_steps: int = 32):
         import ray
 
         if not isinstance(ep_size, int) or ep_size < 2:
@@ -71,6 +82,15 @@ class EPRunner:
         self.owner: list[int] = []  # shard of each running row, in the engine's row order
         self._keep: list[Optional[list[int]]] = [None] * ep_size  # row removals not yet sent to each shard
         self.expert_counts: dict[int, torch.Tensor] = {}
+        for name, v, low in (("redundant_experts", redundant_experts, 0), ("replan_interval_steps",
+                                                                          replan_interval_steps, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}; got {v!r}")
+        self.redundant_experts, self.replan_interval_steps = redundant_experts, replan_interval_steps
+        self.placements: dict[int, list[int]] = {}  # layer id -> placement in force ({}: every expert at home)
+        self._window: dict[int, torch.Tensor] = {}  # expert counts since the last plan
+        self._load: dict[int, torch.Tensor] = {}  # the load the last plan was made from
+        self._steps_since_plan, self.replans = 0, 0
         try:
             pg, first = self._placement_group(ray, num_cpus, num_gpus, placement_strategy, start_timeout_s)
             self._start(ray, pg, first, checkpoint, device, threads, num_cpus, num_gpus, backend, start_timeout_s)
@@ -111,7 +131,7 @@ class EPRunner:
         cls = remote_class(num_cpus, num_gpus)
         shard_args = dict(max_rows=self.max_rows, max_len=self.requested_len, device=device or ("cuda" if num_gpus else "cpu"),
                           threads=threads or max(1, int(num_cpus)), backend=backend,
-                          collective_timeout_s=self.timeout_s)
+                          collective_timeout_s=self.timeout_s, redundant_experts=self.redundant_experts)
         self.shards = [cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
             pg, placement_group_bundle_index=first + r)).remote(**shard_args) for r in range(self.ep_size)]
         ip = ray.get(self.shards[0].node_info.remote(), timeout=timeout_s)["ip"]
@@ -205,7 +225,56 @@ class EPRunner:
             for lid, v in c.items():
                 counts[lid] = v if lid not in counts else counts[lid] + v
         self.expert_counts = counts
+        self._observe(counts)
         return out
+
+    # -- hot-expert replication ----------------------------------------------------------------------------
+    def _observe(self, counts: dict[int, torch.Tensor]) -> None:
+        if not self.redundant_experts:
+            return
+        for lid, c in counts.items():
+            self._window[lid] = c.double() if lid not in self._window else self._window[lid] + c
+        self._steps_since_plan += 1
+        if self._steps_since_plan >= self.replan_interval_steps:
+            self.replan()
+
+    def replan(self) -> dict[int, list[int]]:
+        """Plan a placement per MoE layer from the load seen since the last plan plus half the load behind the
+        last plan, and install it if it changed (between steps; running rows are kept). Returns it."""
+        load = {lid: w + 0.5 * self._load[lid] if lid in self._load else w for lid, w in self._window.items()}
+        self._load, self._window, self._steps_since_plan = load, {}, 0
+        plan = {lid: plan_placement(v.tolist(), self.ep_size, self.redundant_experts) for lid, v in load.items()}
+        if plan != self.placements:
+            self.set_placement(plan)
+        return plan
+
+    def set_placement(self, placements: dict[int, list[int]]) -> None:
+        """Install ``placements`` (layer id -> physical slots' logical experts) on every shard."""
+        self._on_all("set_placement", placements)
+        self.placements = {lid: list(p) for lid, p in placements.items()}
+        self.replans += 1
+
+    def physical_load(self) -> dict[int, torch.Tensor]:
+        """Rows sent to each physical expert slot per layer since the last call, summed over the shards
+        (slot r * (experts per shard + redundant_experts) + i lives on shard r)."""
+        out: dict[int, torch.Tensor] = {}
+        for part in self._on_all("physical_load"):
+            for lid, v in part.items():
+                out[lid] = v if lid not in out else out[lid] + v
+        return out
+
+    def _on_all(self, method: str, *args) -> list:
+        """Call ``method`` on every shard at once (collective calls need all of them); a failure breaks the
+        group, as a failed step does."""
+        import ray
+
+        if self._broken is not None:
+            raise RuntimeError(f"expert-parallel group is broken: {self._broken!r}")
+        try:
+            return ray.get([getattr(s, method).remote(*args) for s in self.shards], timeout=self.timeout_s)
+        except BaseException as exc:
+            self._broken = exc
+            raise
 
     def keep_rows(self, keep: Sequence[int]) -> None:
         """Keep rows ``keep`` (ascending); each shard keeps its own of them at its next step."""
@@ -272,4 +341,5 @@ class EPRunner:
                   for i in self.shard_info]
         pg = self._own_pg.id.hex() if self._own_pg is not None else ray.get_runtime_context().get_placement_group_id()
         return {"runner": "expert_parallel", "ep_size": self.ep_size, "shards": shards, "placement_group_id": pg,
+                "redundant_experts": self.redundant_experts, "placements": self.placements, "replans": self.replans,
                 "rank0_parameters": self.shard_info[0]["parameters"], "config": self.config.to_dict()}
