@@ -28,7 +28,9 @@ class RunConfig(_Section):
     output_dir: str = Field(
         "runs", description="Folder under which the run folder <output_dir>/<name> is created. A relative path is "
         "taken against the current directory, except inside a Ray job's working-dir copy (`ray job submit "
-        "--working-dir`), which Ray deletes: there against $RAYMOE_RESULTS_DIR, default ~/raymoe_results."
+        "--working-dir`), which Ray deletes: there against $RAYMOE_RESULTS_DIR, default ~/raymoe_results. A "
+        "storage URI (s3://bucket/prefix, gs://..., file://...; pyarrow.fs) keeps checkpoints and logs there "
+        "(logs are written to a local copy and uploaded at each checkpoint; see README 'Where outputs go')."
     )
     seed: int = Field(1234, ge=0, description="Seed for initialisation, data sampling and routing noise.")
 
@@ -615,12 +617,20 @@ def in_ray_job_working_dir(path: Path) -> bool:
     return any(parts[i:i + 2] == ("runtime_resources", "working_dir_files") for i in range(len(parts) - 1))
 
 
-def resolve_output_dir(output_dir: str, cwd: Path | None = None) -> Path:
+def resolve_output_dir(output_dir: str, cwd: Path | None = None) -> Path | str:
     """The absolute folder ``run.output_dir`` names. A relative path is taken against ``cwd`` (default: the
     current directory), except inside a Ray job's working-dir copy (:func:`in_ray_job_working_dir`): there
     against ``$RAYMOE_RESULTS_DIR`` (default ``~/raymoe_results``), so the run's outputs outlive the job and
     ``checkpoint.resume`` finds them from the next one (as Ray Train's ``storage_path`` defaults to
-    ``~/ray_results``)."""
+    ``~/ray_results``). A storage URI (``s3://...``, see :mod:`raymoe.platform.storage`) is returned as it is;
+    ``file://`` as its local path."""
+    if "://" in output_dir:
+        from raymoe.platform.storage import location
+
+        loc = location(output_dir)
+        if not isinstance(loc, Path):
+            return str(loc)
+        output_dir = str(loc)
     path = Path(output_dir).expanduser()
     if path.is_absolute():
         return path
