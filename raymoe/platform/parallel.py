@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from raymoe.config import require_ep_divides
 from raymoe.platform.moe.comm import AllToAllDispatcher
@@ -286,15 +287,17 @@ def reset_comm_stats(model: nn.Module) -> None:
 
 # -- gradient synchronisation ------------------------------------------------------------------------------
 def _split_params(model: nn.Module, layout: ParallelLayout):
-    """(dense params, {ep: expert params of layers with that ep}) in deterministic order."""
+    """(dense params, {ep: expert params of layers with that ep}, FSDP-sharded params) in deterministic order;
+    the first two hold only unsharded params (FSDP reduces the sharded ones itself)."""
     expert = {}
     by_ep: dict[int, list[nn.Parameter]] = {}
+    sharded = [p for p in model.parameters() if p.requires_grad and isinstance(p, DTensor)]
     for _, p, layer, _ in iter_expert_params(model):
-        if p.requires_grad:
+        if p.requires_grad and not isinstance(p, DTensor):
             expert[id(p)] = p
             by_ep.setdefault(layout.ep_size(layer), []).append(p)
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in expert]
-    return dense, dict(sorted(by_ep.items()))
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in expert and not isinstance(p, DTensor)]
+    return dense, dict(sorted(by_ep.items())), sharded
 
 
 def _buckets(params: list[nn.Parameter], cap_numel: int) -> list[list[nn.Parameter]]:
@@ -331,13 +334,14 @@ def _all_reduce_grads(params: list[nn.Parameter], group, scale: float, cap_numel
 
 class GradSync:
     """``train_step(grad_sync=...)``: dense grads averaged over the world, expert grads summed over the
-    layer's EDP group and scaled by 1/world (see the module docstring), expert loads summed over the world."""
+    layer's EDP group and scaled by 1/world (see the module docstring), expert loads summed over the world.
+    Parameters sharded by FSDP (:mod:`raymoe.platform.fsdp`) are reduced by FSDP with the same factors."""
 
     def __init__(self, model: nn.Module, layout: ParallelLayout, groups: ProcessGroups,
                  bucket_cap_mb: float = 64.0, sync_expert_load: bool = True):
         self.layout, self.groups = layout, groups
         self.model = model
-        self.dense, self.expert_by_ep = _split_params(model, layout)
+        self.dense, self.expert_by_ep, _ = _split_params(model, layout)
         self.cap_numel = max(1, int(bucket_cap_mb * 2**20 / 4))
         self.sync_expert_load = sync_expert_load
 
@@ -368,15 +372,16 @@ def make_grad_sync(model: nn.Module, layout: ParallelLayout, groups: ProcessGrou
 
 class GradNorm:
     """``train_step(grad_norm_fn=...)``: the global L2 grad norm after :class:`GradSync`, each expert counted
-    once: sum over the world of (dense^2 / W + sum_ep expert^2 / edp), one scalar all-reduce."""
+    once: sum over the world of (dense^2 / W + sum_ep expert^2 / edp + this rank's FSDP shards^2), one scalar
+    all-reduce (a sharded element lives on one rank of its mesh: counted once, no collective per parameter)."""
 
     def __init__(self, model: nn.Module, layout: ParallelLayout, groups: ProcessGroups):
         self.layout, self.groups = layout, groups
-        self.dense, self.expert_by_ep = _split_params(model, layout)
+        self.dense, self.expert_by_ep, self.sharded = _split_params(model, layout)
 
     @staticmethod
     def _sq(params, device) -> torch.Tensor:
-        gs = [p.grad for p in params if p.grad is not None]
+        gs = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
         if not gs:
             return torch.zeros((), dtype=torch.float64, device=device)
         return torch.stack(torch._foreach_norm(gs)).double().square().sum().to(device)
@@ -384,9 +389,9 @@ class GradNorm:
     @torch.no_grad()
     def __call__(self, model: nn.Module | None = None) -> torch.Tensor:
         W = self.layout.world_size
-        device = next((p.device for p in self.dense), torch.device("cpu"))
+        device = next((p.device for p in [*self.dense, *self.sharded]), torch.device("cpu"))
         # each rank adds dense^2 / W and its expert replicas' norm^2 / edp: the world sum counts all once
-        local = self._sq(self.dense, device) / W
+        local = self._sq(self.dense, device) / W + self._sq(self.sharded, device)
         for ep, params in self.expert_by_ep.items():
             local = local + self._sq(params, device) / (W // ep)
         if W > 1:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from raymoe.platform.distill import kd_loss
+from raymoe.platform.fsdp import gradient_sync
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -107,7 +109,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     loss_sum = ce_sum = aux_sum = 0.0
     tokens = 0
     stats = []
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
+        gradient_sync(model, last=i == n - 1)  # FSDP: one reduction per step, as the replicated path
         with autocast_context(device_type, autocast_dtype):
             out = model(x, y)
             loss, ce = out.loss, out.ce_loss
@@ -152,4 +155,5 @@ def local_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 def clip_grads_(params: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
     """Scale gradients so their global norm is at most ``max_norm`` (torch's clip_grad_norm_ rule)."""
     coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_([p.grad for p in params], coef.to(params[0].grad.device))
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]  # FSDP: the shards
+    torch._foreach_mul_(grads, coef.to(grads[0].device))

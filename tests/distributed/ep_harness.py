@@ -43,52 +43,113 @@ CONFIGS = {
 TRAIN = dict(steps=3, global_batch=8, micro_batch=2, seed=1234, lr=2e-3, grad_clip=0.5)
 
 
+# -- one rank's training run ---------------------------------------------------------------------------------
+class _Run:
+    """One rank's GPT-MoE, AdamW and data for a job; ``steps`` trains, recording the global mean losses."""
+
+    def __init__(self, rank: int, world: int, job: dict):
+        from raymoe.platform import fsdp, parallel
+        from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
+        from raymoe.platform.data import TokenDataset
+        from raymoe.platform.model import GPT, GPTConfig
+        from raymoe.platform.train_step import build_optimizer
+
+        self.rank, self.world = rank, world
+        self.t = t = dict(TRAIN, **job.get("train", {}))
+        self.cfg = cfg = GPTConfig.from_dict(CONFIGS[job["config"]])
+        self.layout = parallel.ParallelLayout.from_config(cfg, world, job.get("ep", 1))
+        rpn = job.get("ranks_per_node")
+        self.groups = parallel.build_process_groups(self.layout, rank, ranks_per_node=rpn)
+        torch.manual_seed(t["seed"])
+        self.init = GPT(cfg).state_dict()  # every rank builds the same EP=1 model, then keeps its experts
+        self.kwargs = parallel.make_moe_kwargs(self.layout, self.groups, hierarchical=job.get("hierarchical", False),
+                                               ranks_per_node=rpn, exchange=job.get("exchange", "auto"),
+                                               uniform_tokens=True)  # equal micro-batches, as the Ray trainer runs
+        self.model = model = GPT(cfg, moe_kwargs=self.kwargs)
+        parallel.load_full_state_dict(model, self.init)
+        apply_activation_checkpointing(model, job.get("ac", "none"))  # recomputed forwards redo their all-to-alls
+        # FSDP2 ({"dense": "shard", "experts": "shard"}): before the optimizer, which then holds the shards
+        fsdp.apply_sharding(model, self.layout, self.groups, **job.get("sharding", {}))
+        self.opt = build_optimizer(model, lr=t["lr"], weight_decay=0.1, betas=(0.9, 0.95))
+        self.grad_sync = parallel.make_grad_sync(model, self.layout, self.groups) if world > 1 else None
+        self.grad_norm = parallel.make_grad_norm(model, self.layout, self.groups) if world > 1 else None
+        self.train_ds, _ = TokenDataset(job["data"]).split(0.1, block_size=cfg.block_size)
+        self.losses, self.norms, self.dropped = [], [], []
+
+    def steps(self, start: int, stop: int) -> None:
+        from raymoe.platform import parallel
+        from raymoe.platform.data import sample_batch
+        from raymoe.platform.train_step import train_step
+
+        t, world = self.t, self.world
+        n_micro = t["global_batch"] // world // t["micro_batch"]
+        for step in range(start, stop):
+            x, y = sample_batch(self.train_ds, t["seed"], step, self.rank, world, t["global_batch"],
+                                self.cfg.block_size)
+            micro = list(zip(x.split(t["micro_batch"]), y.split(t["micro_batch"])))
+            parallel.seed_router_noise(t["seed"], step, self.rank, model=self.model, micro_batches=n_micro)
+            res = train_step(self.model, self.opt, micro, lr=t["lr"], grad_clip=t["grad_clip"],
+                             grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm)
+            loss = torch.tensor([res.loss], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(loss)
+            self.losses.append(float(loss) / world)
+            self.norms.append(res.grad_norm)
+            self.dropped.append(res.dropped_fraction)
+
+    def full_state(self) -> dict:
+        """The EP=1 state dict (every expert, global ids) on every rank, whatever the layout and sharding."""
+        from raymoe.platform import fsdp, parallel
+
+        with fsdp.gathered(self.model):
+            state = (parallel.gather_full_state_dict(self.model, self.layout, self.groups) if self.world > 1
+                     else self.model.state_dict())
+            return {k: v.clone() for k, v in state.items()}
+
+
 # -- jobs ---------------------------------------------------------------------------------------------------
 def train(rank: int, world: int, job: dict) -> dict:
     """N steps of GPT-MoE with AdamW via train_step; constant global batch and per-forward micro-batch."""
     from raymoe.platform import parallel
-    from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
-    from raymoe.platform.data import TokenDataset, sample_batch
-    from raymoe.platform.model import GPT, GPTConfig
-    from raymoe.platform.train_step import build_optimizer, train_step
+    from raymoe.platform.fsdp import local_bytes
 
-    t = dict(TRAIN, **job.get("train", {}))
-    cfg = GPTConfig.from_dict(CONFIGS[job["config"]])
-    layout = parallel.ParallelLayout.from_config(cfg, world, job.get("ep", 1))
-    rpn = job.get("ranks_per_node")
-    groups = parallel.build_process_groups(layout, rank, ranks_per_node=rpn)
-    torch.manual_seed(t["seed"])
-    full_init = GPT(cfg).state_dict()  # every rank builds the same EP=1 model, then keeps its experts
-    kwargs = parallel.make_moe_kwargs(layout, groups, hierarchical=job.get("hierarchical", False),
-                                      ranks_per_node=rpn, exchange=job.get("exchange", "auto"),
-                                      uniform_tokens=True)  # equal micro-batches, as the Ray trainer runs
-    model = GPT(cfg, moe_kwargs=kwargs)
-    parallel.load_full_state_dict(model, full_init)
-    apply_activation_checkpointing(model, job.get("ac", "none"))  # recomputed forwards redo their all-to-alls
-    opt = build_optimizer(model, lr=t["lr"], weight_decay=0.1, betas=(0.9, 0.95))
-    grad_sync = parallel.make_grad_sync(model, layout, groups) if world > 1 else None
-    grad_norm = parallel.make_grad_norm(model, layout, groups) if world > 1 else None
-    train_ds, _ = TokenDataset(job["data"]).split(0.1, block_size=cfg.block_size)
-    per_rank = t["global_batch"] // world
-    n_micro = per_rank // t["micro_batch"]
-    losses, norms, dropped = [], [], []
-    for step in range(t["steps"]):
-        x, y = sample_batch(train_ds, t["seed"], step, rank, world, t["global_batch"], cfg.block_size)
-        micro = list(zip(x.split(t["micro_batch"]), y.split(t["micro_batch"])))
-        parallel.seed_router_noise(t["seed"], step, rank, model=model, micro_batches=n_micro)
-        res = train_step(model, opt, micro, lr=t["lr"], grad_clip=t["grad_clip"], grad_sync=grad_sync,
-                         grad_norm_fn=grad_norm)
-        loss = torch.tensor([res.loss], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(loss)
-        losses.append(float(loss) / world)
-        norms.append(res.grad_norm)
-        dropped.append(res.dropped_fraction)
-    state = parallel.gather_full_state_dict(model, layout, groups) if world > 1 else model.state_dict()
-    comm = sum(parallel.total_comm_seconds(model).values())
-    routes = sorted({d.last_route for d in kwargs.dispatchers.values()})
-    return {"routes": routes, "losses": losses, "grad_norms": norms, "state": {k: v.clone() for k, v in state.items()},
-            "comm_seconds": comm, "dropped_fraction": dropped, "init": full_init}
+    run = _Run(rank, world, job)
+    run.steps(0, run.t["steps"])
+    comm = sum(parallel.total_comm_seconds(run.model).values())
+    routes = sorted({d.last_route for d in run.kwargs.dispatchers.values()})
+    params = list(run.model.parameters())
+    held = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
+            "optim": local_bytes(v for st in run.opt.state.values() for v in st.values() if v.dim())}
+    return {"routes": routes, "losses": run.losses, "grad_norms": run.norms, "state": run.full_state(),
+            "comm_seconds": comm, "dropped_fraction": run.dropped, "init": run.init, "bytes": held}
+
+
+def relayout(rank: int, world: int, job: dict) -> dict:
+    """Train in phases (``job["phases"]``: each {"steps", "ep", "sharding"}), each phase a fresh model that
+    loads the checkpoint the previous one wrote under ``job["dir"]`` (weights and AdamW state): checkpoints
+    written by any layout and sharding continue in any other. Returns the losses and grad norms of every step
+    and the final state, as ``train`` does."""
+    from raymoe.platform import checkpoint as ckpt
+    from raymoe.platform import fsdp
+
+    step, losses, norms = 0, [], []
+    for i, phase in enumerate(job["phases"]):
+        run = _Run(rank, world, {**job, **phase})
+        if i:
+            with fsdp.gathered(run.model, run.opt, write_back=True):
+                ckpt.load_checkpoint(f"{job['dir']}/{ckpt.step_dir_name(step)}", run.model, run.opt,
+                                     restore_rng=False)
+        run.steps(step, step + phase["steps"])
+        step += phase["steps"]
+        losses, norms = losses + run.losses, norms + run.norms
+        with fsdp.gathered(run.model, run.opt):
+            path = ckpt.save_checkpoint(job["dir"], step, run.model, run.opt, rng=False, write_manifest=False,
+                                        write_dense=rank == 0, write_experts=run.groups.is_first_expert_replica)
+        dist.barrier()
+        if rank == 0:
+            ckpt.finalize_checkpoint(path, step=step, expected_experts=run.cfg.experts_per_layer())
+        dist.barrier()
+    return {"losses": losses, "grad_norms": norms, "state": run.full_state()}
 
 
 def zero_tokens(rank: int, world: int, job: dict) -> dict:
@@ -187,7 +248,7 @@ def _count_all_reduces(dispatcher) -> list[int]:
     return n
 
 
-JOBS = {"train": train, "zero_tokens": zero_tokens, "uneven_tokens": uneven_tokens}
+JOBS = {"train": train, "relayout": relayout, "zero_tokens": zero_tokens, "uneven_tokens": uneven_tokens}
 
 
 def _run_job(rank: int, world: int, job: dict):

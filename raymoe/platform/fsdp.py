@@ -1,0 +1,178 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) around the expert-parallel model: sharding changes memory only.
+
+The model stays single-device; :func:`apply_sharding` wraps it after it is built and loaded, as torchtitan's
+``parallelize_*`` does, before the optimizer is made:
+
+- ``cluster.expert_sharding: shard``: each MoE layer's ``GroupedExperts`` is one FSDP unit over the layer's
+  expert-data-parallel (EDP) group, a 1-D mesh of the ranks that hold the same experts. Its gradients are
+  reduce-scattered over that group and divided by the WORLD size, not the group size: the all-to-all backward
+  already summed the EP group's contributions (see :mod:`raymoe.platform.parallel`), so the factor is 1/W as in
+  the replicated path. A layer with EDP size 1 (EP = world) has nothing to shard over and stays whole.
+- ``cluster.dense_sharding: shard``: every transformer block is a unit over the whole world (its expert
+  weights excluded: they are their own unit or stay whole), and the root holds the embeddings, the final norm
+  and the head (tied weights stay in one unit). FSDP's default average over the world is the 1/W of the
+  replicated path.
+
+Everything FSDP does not manage (replicated dense or experts, expert-load counters) is still synchronised by
+:class:`raymoe.platform.parallel.GradSync`, which skips sharded (DTensor) parameters; the grad norm counts each
+sharded element once. Micro-batches accumulate unsharded gradients and reduce once per step
+(:func:`gradient_sync`), as the replicated path does.
+
+Checkpoints stay layout-free: :func:`gathered` swaps the sharded parameters and their AdamW state for full
+tensors (a collective: every rank enters it), so ``checkpoint.save_checkpoint`` / ``load_checkpoint`` and the
+elastic exports read and write the same files as an unsharded model; on a load the full tensors are sharded
+back. Mixed precision: on GPU the compute dtype (bf16) for the unsharded parameters, fp32 reductions and fp32
+sharded master weights, the router in fp32; on CPU everything stays fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+SHARDING_MODES = ("replicate", "shard")
+
+__all__ = ["SHARDING_MODES", "apply_sharding", "gathered", "gradient_sync", "is_sharded", "local_bytes"]
+
+
+def _check_mode(field: str, value: str) -> bool:
+    if value not in SHARDING_MODES:
+        raise ValueError(f"{field}={value!r}; allowed: {list(SHARDING_MODES)}")
+    return value == "shard"
+
+
+def _mp_policy(device: torch.device, compute_dtype: torch.dtype | None, *, router: bool = False):
+    """bf16 compute with fp32 reductions on GPU (the router keeps fp32 weights); fp32 throughout on CPU."""
+    if device.type != "cuda" or compute_dtype in (None, torch.float32) or router:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate", experts: str = "replicate",
+                   device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> bool:
+    """Shard ``model`` (built with ``parallel.make_moe_kwargs(layout, groups)`` and its weights loaded) in
+    place with FSDP2 as ``dense`` / ``experts`` ("replicate" | "shard") ask; returns True if anything is
+    sharded. A world of one rank is left as it is. Build the optimizer and the gradient hooks afterwards."""
+    shard_dense = _check_mode("cluster.dense_sharding", dense)
+    shard_experts = _check_mode("cluster.expert_sharding", experts)
+    W = layout.world_size
+    if W == 1 or not (shard_dense or shard_experts):
+        return False
+    device = torch.device(device)
+    whole: set[nn.Parameter] = set()  # expert weights FSDP must leave alone (replicated, or EDP size 1)
+    sharded_any = False
+    for moe in model.moe_modules():
+        edp = layout.edp_size(moe.layer_id)
+        if not (shard_experts and edp > 1):
+            whole.update(moe.experts.parameters())
+            continue
+        mesh = DeviceMesh.from_group(groups.edp[layout.ep_size(moe.layer_id)], device.type)
+        fully_shard(moe.experts, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype))
+        moe.experts.set_gradient_divide_factor(float(W))  # 1/W, not 1/edp: see the module docstring
+        moe.experts.set_force_sum_reduction_for_comms(True)  # a sum, then * 1/W (gloo has no pre-scaled sum)
+        register_fsdp_forward_method(moe.experts, "forward_capacity")  # capacity mode calls it, not forward
+        sharded_any = True
+    if shard_dense:
+        mesh = DeviceMesh.from_group(groups.world, device.type)
+        for block in model.blocks:
+            if getattr(block, "is_moe", False) and compute_dtype not in (None, torch.float32):
+                fully_shard(block.mlp.gate, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype, router=True))
+            fully_shard(block, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype),
+                        ignored_params=whole & set(block.parameters()))
+        fully_shard(model, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype), ignored_params=whole)
+        sharded_any = True
+    return sharded_any
+
+
+def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True if any parameter of ``model`` is sharded by FSDP."""
+    return bool(_fsdp_modules(model))
+
+
+def gradient_sync(model: nn.Module, last: bool) -> None:
+    """Before each micro-batch's backward: reduce the gradients only after the last one (earlier ones accumulate
+    unsharded, and the parameters stay gathered between them); a no-op for an unsharded model."""
+    for m in _fsdp_modules(model):
+        m.set_requires_gradient_sync(last, recurse=False)
+        m.set_reshard_after_backward(last, recurse=False)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of ``tensors`` (a DTensor counts its local shard)."""
+    total = 0
+    for t in tensors:
+        if t is not None:
+            t = t.to_local() if isinstance(t, DTensor) else t
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _reshard(full: torch.Tensor, like):
+    """``full`` as a tensor laid out like ``like`` (a DTensor: this rank's shard, no communication)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+             write_back: bool = False) -> Iterator[None]:
+    """Inside: ``model``'s sharded parameters (and ``optimizer``'s state of them) are full tensors, so
+    checkpoint code reads and writes them as for an unsharded model. Collective: every rank enters, in the
+    same order. ``write_back``: what was loaded into them is sharded back on exit. No-op if nothing is sharded."""
+    fsdp = _fsdp_modules(model)
+    if not fsdp:
+        yield
+        return
+    for m in fsdp:
+        m.reshard()  # parameters registered as their shards (after an eval forward too)
+    slots = [(mod, name, p) for mod in model.modules() for name, p in mod._parameters.items()
+             if isinstance(p, DTensor)]
+    full: dict[int, nn.Parameter] = {}
+    for _, _, p in slots:  # tied weights appear twice: gathered once
+        if id(p) not in full:
+            full[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+    sharded = {id(p): p for _, _, p in slots}
+    _swap(slots, full, optimizer, sharded, to_full=True)
+    try:
+        yield
+    finally:
+        if write_back:
+            with torch.no_grad():
+                for _, _, p in slots:
+                    p.to_local().copy_(_reshard(full[id(p)].detach(), p).to_local())
+        _swap(slots, full, optimizer, sharded, to_full=False)
+
+
+def _swap(slots, full: dict, optimizer, sharded: dict, *, to_full: bool) -> None:
+    """Register the full (``to_full``) or the sharded parameters on their modules and in the optimizer; the
+    optimizer state follows (gathered, or sharded back from what the full parameters hold then)."""
+    for mod, name, p in slots:
+        mod._parameters[name] = full[id(p)] if to_full else p
+    if optimizer is None:
+        return
+    back = {id(f): sharded[k] for k, f in full.items()}
+    for group in optimizer.param_groups:
+        group["params"] = [full.get(id(q), q) if to_full else back.get(id(q), q) for q in group["params"]]
+    state = optimizer.state
+    for k, f in full.items():
+        src, dst = (sharded[k], f) if to_full else (f, sharded[k])
+        if src in state:
+            st = state.pop(src)
+            state[dst] = {s: (_full(v) if to_full else _reshard(v, dst)) if torch.is_tensor(v) and v.dim() else v
+                          for s, v in st.items()}
