@@ -83,6 +83,63 @@ def test_ep_engine_in_process_equals_whole_model(ray_cluster, checkpoints):
     wait_until(lambda: pg_state(info["placement_group_id"]) == "REMOVED", timeout_s=T)
 
 
+@pytest.mark.slow
+def test_ep_hot_expert_replication_keeps_outputs(ray_cluster, checkpoints):
+    """Copies of experts on the other shard (placed by hand, then re-planned by the engine from the observed
+    load) change no logit and no greedy token, also when the placement changes between two decode steps of
+    running rows, and a reload re-installs the copies on the new weights."""
+    import torch
+
+    from raymoe.deployments.ep_runner import EPRunner
+
+    idx = torch.tensor([[0, 0, 5, 9, 33], [7, 1, 4, 4, 2], [0, 60, 61, 62, 63], [11, 3, 40, 2, 2]])
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[0, :2] = mask[2, :1] = False
+    runner = EPRunner(str(checkpoints["a"]), 2, max_rows=4, redundant_experts=1)
+    try:
+        def run(placement_mid_decode):
+            runner.reset()
+            out = [runner.prefill(idx, mask)]
+            for i in range(3):
+                if i == 1 and placement_mid_decode is not None:  # rows are running: their caches stay
+                    runner.set_placement(placement_mid_decode)
+                out.append(runner.decode(out[-1].argmax(-1, keepdim=True)))
+            return out
+
+        plain = run(None)
+        load = runner.physical_load()[1]
+        assert load[2] == load[5] == 0  # the redundant slots are empty: nothing routed there
+        copied = run({1: [0, 1, 3, 2, 3, 0]})  # expert 3 onto shard 0, expert 0 onto shard 1
+        for a, b in zip(plain, copied):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        load = runner.physical_load()[1]
+        assert load[2] > 0 or load[5] > 0  # rows went to a copy
+        assert runner.info()["placements"] == {1: [0, 1, 3, 2, 3, 0]}
+    finally:
+        runner.shutdown()
+
+    plain_engine = Engine(model=spicy_model(0), config=EngineConfig(max_batch_size=4))
+    ep = Engine(str(checkpoints["a"]), ep_size=2, config=EngineConfig(max_batch_size=4),
+                ep_options={"redundant_experts": 1, "replan_interval_steps": 2})
+    plain_engine.start()
+    ep.start()
+    try:
+        assert staggered(ep) == staggered(plain_engine)
+        # the engine planned copies from the observed load, and rows went to them (slots 2 and 5: redundant)
+        assert ep.info()["replans"] >= 1 and ep.runner.physical_load()[1][[2, 5]].sum() > 0
+        ep.reload(str(checkpoints["b"]), timeout_s=T)  # the shards fetch the copies of the new weights
+        greedy = SamplingParams(max_tokens=12, temperature=0.0)
+        new_model = Engine(model=spicy_model(1), config=EngineConfig(max_batch_size=1))
+        new_model.start()
+        try:
+            assert ep.generate_sync("after", greedy, T).token_ids == new_model.generate_sync("after", greedy, T).token_ids
+        finally:
+            new_model.shutdown(5)
+    finally:
+        plain_engine.shutdown(5)
+        ep.shutdown(5)
+
+
 def _post(url, prompt, n, **kw):
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0, **kw}
     return requests.post(url + "/v1/completions", data=json.dumps(body),
