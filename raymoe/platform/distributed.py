@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.config import RaymoeConfig
-from raymoe.platform import parallel
+from raymoe.platform import fsdp, parallel
 from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
 from raymoe.platform.model import GPT, GPTConfig
 from raymoe.platform.model_io import init_weights
@@ -81,6 +81,9 @@ def build_rank(cfg: RaymoeConfig, model_config: GPTConfig, rank: int, world: int
     del full_state
     apply_activation_checkpointing(model, t.activation_checkpointing)
     model.to(device)
+    # cluster.dense_sharding / expert_sharding: FSDP2 around the loaded model, before the optimizer holds it
+    fsdp.apply_sharding(model, layout, groups, dense=cfg.cluster.dense_sharding, experts=cfg.cluster.expert_sharding,
+                        device=device)
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                                 device_type=device.type)
     # the dense part comes from rank 0; experts from the first expert-data-parallel replica of any layer (with

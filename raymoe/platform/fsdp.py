@@ -21,8 +21,10 @@ sharded element once. Micro-batches accumulate unsharded gradients and reduce on
 Checkpoints stay layout-free: :func:`gathered` swaps the sharded parameters and their AdamW state for full
 tensors (a collective: every rank enters it), so ``checkpoint.save_checkpoint`` / ``load_checkpoint`` and the
 elastic exports read and write the same files as an unsharded model; on a load the full tensors are sharded
-back. Mixed precision: on GPU the compute dtype (bf16) for the unsharded parameters, fp32 reductions and fp32
-sharded master weights, the router in fp32; on CPU everything stays fp32.
+back. Mixed precision stays what ``train.dtype`` gives the replicated path: fp32 master weights (the shards),
+fp32 all-gathers and gradient reductions, bf16 compute by autocast on GPU (the router in fp32), fp32 on CPU.
+FSDP's bf16 ``param_dtype`` is not used: it would round the router's weights to bf16 (the gate reads its weight
+directly, outside any FSDP hook) and make sharded numerics differ from replicated ones.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Iterator
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -48,15 +50,8 @@ def _check_mode(field: str, value: str) -> bool:
     return value == "shard"
 
 
-def _mp_policy(device: torch.device, compute_dtype: torch.dtype | None, *, router: bool = False):
-    """bf16 compute with fp32 reductions on GPU (the router keeps fp32 weights); fp32 throughout on CPU."""
-    if device.type != "cuda" or compute_dtype in (None, torch.float32) or router:
-        return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-
-
 def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate", experts: str = "replicate",
-                   device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> bool:
+                   device: torch.device | str = "cpu") -> bool:
     """Shard ``model`` (built with ``parallel.make_moe_kwargs(layout, groups)`` and its weights loaded) in
     place with FSDP2 as ``dense`` / ``experts`` ("replicate" | "shard") ask; returns True if anything is
     sharded. A world of one rank is left as it is. Build the optimizer and the gradient hooks afterwards."""
@@ -74,7 +69,7 @@ def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate"
             whole.update(moe.experts.parameters())
             continue
         mesh = DeviceMesh.from_group(groups.edp[layout.ep_size(moe.layer_id)], device.type)
-        fully_shard(moe.experts, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype))
+        fully_shard(moe.experts, mesh=mesh)
         moe.experts.set_gradient_divide_factor(float(W))  # 1/W, not 1/edp: see the module docstring
         moe.experts.set_force_sum_reduction_for_comms(True)  # a sum, then * 1/W (gloo has no pre-scaled sum)
         register_fsdp_forward_method(moe.experts, "forward_capacity")  # capacity mode calls it, not forward
@@ -82,11 +77,8 @@ def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate"
     if shard_dense:
         mesh = DeviceMesh.from_group(groups.world, device.type)
         for block in model.blocks:
-            if getattr(block, "is_moe", False) and compute_dtype not in (None, torch.float32):
-                fully_shard(block.mlp.gate, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype, router=True))
-            fully_shard(block, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype),
-                        ignored_params=whole & set(block.parameters()))
-        fully_shard(model, mesh=mesh, mp_policy=_mp_policy(device, compute_dtype), ignored_params=whole)
+            fully_shard(block, mesh=mesh, ignored_params=whole & set(block.parameters()))
+        fully_shard(model, mesh=mesh, ignored_params=whole)
         sharded_any = True
     return sharded_any
 
