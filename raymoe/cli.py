@@ -141,10 +141,11 @@ def _cmd_train(args) -> int:
         trainer = None
     else:
         from raymoe.config import in_ray_job_working_dir, resolve_output_dir
+        from raymoe.platform.storage import RunOutputs
 
         if in_ray_job_working_dir(Path.cwd()):  # `ray job submit` of a local-mode run: outputs outlive the job
             cfg.run.output_dir = str(resolve_output_dir(cfg.run.output_dir))
-            print(f"outputs: {Path(cfg.run.output_dir) / cfg.run.name}", flush=True)
+            print(f"outputs: {RunOutputs(cfg.run.output_dir, cfg.run.name)}", flush=True)
         trainer = LocalTrainer(cfg)
         summary = trainer.run()
     print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} nats/token "

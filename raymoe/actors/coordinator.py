@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymoe.config import RaymoeConfig, config_from_dict
 from raymoe.platform import metrics as M
+from raymoe.platform import storage
 from raymoe.platform.model_io import gpt_config_from
 from raymoe.platform.run_log import RunLog
 from raymoe.platform.training import commit_checkpoint, resume_source
@@ -47,8 +48,9 @@ class Coordinator:
         # {"attempt": n, "t0": wall time the loss was seen, "error": its exception's name}
         self.restart = restart
         self.metrics = RayMetrics(M.ALL_METRICS, default_tags={"run": self.cfg.run.name})
-        self.run_dir = Path(self.cfg.run.output_dir) / self.cfg.run.name
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        # the run folder may be a storage URI: logs are written to a local copy and uploaded at each commit
+        self.outputs = storage.RunOutputs(self.cfg.run.output_dir, self.cfg.run.name)
+        self.run_dir, self.ckpt_dir = self.outputs.local, self.outputs.checkpoints
         self.model_cfg = gpt_config_from(self.cfg)
         me = ray.get_runtime_context().current_actor
         self.group = ShardGroup(self.cfg, cfg, shard_cls or remote_class, coordinator=me, pg_prefix=pg_prefix)
@@ -69,6 +71,7 @@ class Coordinator:
     def start(self) -> dict:
         """Reserve a placement group, create the shards, form the world; maybe resume."""
         info = self.elastic.configure(self.group.create(self.cfg.cluster.num_workers))
+        self.outputs.pull()  # a remote run's logs, if this machine has no copy (resuming it elsewhere)
         self.start_step = self._maybe_resume()
         if self.restart is not None:
             self._note_restart()
@@ -157,10 +160,12 @@ class Coordinator:
 
     @ray.method(concurrency_group="reports")
     def commit_checkpoint(self, step: int, path: str) -> str:
-        """Every shard wrote its part of checkpoint ``step``: commit the manifest (last), prune old ones."""
+        """Every shard wrote its part of checkpoint ``step``: check every file in the storage, commit the
+        manifest (last), prune old ones."""
         self._last_report = time.monotonic()
-        commit_checkpoint(Path(path), step, self.cfg, self.model_cfg,
-                          extra={"ep_sizes": self.group.ep_sizes, "world": self.group.world})
+        commit_checkpoint(path, step, self.cfg, self.model_cfg,
+                          extra={"ep_sizes": self.group.ep_sizes, "world": self.group.world},
+                          writers=self.group.world)
         self._committed[step] = path
         return path
 
@@ -228,8 +233,11 @@ class Coordinator:
                         self._log(record)  # rank 0 died before reporting a step every survivor completed
         finally:
             self.run_log.close()
-        return self.run_log.finish({"checkpoint": self._committed[t.steps], "world": self.group.world,
-                                    "ep_sizes": self.group.ep_sizes, "events": self.events})
+            self.outputs.push()
+        summary = self.run_log.finish({"checkpoint": self._committed[t.steps], "world": self.group.world,
+                                       "ep_sizes": self.group.ep_sizes, "events": self.events})
+        self.outputs.push()  # the summary and plots
+        return summary
 
     def _run_shards(self, step: int) -> int:
         """Hand every shard the schedule from ``step`` and wait until they return (the next step); raises the

@@ -10,12 +10,12 @@ import os
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import ray
 
 from raymoe.config import RaymoeConfig, config_to_dict, resolve_output_dir
 from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import storage
 from raymoe.platform.training import resume_source
 
 from .coordinator import remote_coordinator
@@ -48,7 +48,7 @@ def with_absolute_outputs(cfg: RaymoeConfig) -> RaymoeConfig:
 
 def check_resume(cfg: RaymoeConfig) -> str | None:
     """Fail now if ``checkpoint.resume: must`` finds no checkpoint; the warning to print if ``true`` finds none."""
-    ckpt_dir = Path(cfg.run.output_dir) / cfg.run.name / "checkpoints"
+    ckpt_dir = storage.RunOutputs(cfg.run.output_dir, cfg.run.name).checkpoints
     if cfg.checkpoint.resume is True and resume_source(cfg, ckpt_dir) is None:
         return (f"WARNING: checkpoint.resume=true but there is no checkpoint in {ckpt_dir}: starting at step 0 "
                 "(checkpoint.resume=must fails instead)")
@@ -64,7 +64,7 @@ def train_on_ray(cfg: RaymoeConfig, on_start=None) -> dict:
     recovery event with ``coordinator_lost``. ``on_start(coordinator, info)`` is called each time a coordinator
     has started (tests and operators find its process with ``coordinator.node_info``)."""
     cfg = with_absolute_outputs(cfg)
-    print(f"outputs: {Path(cfg.run.output_dir) / cfg.run.name}", flush=True)
+    print(f"outputs: {storage.RunOutputs(cfg.run.output_dir, cfg.run.name)}", flush=True)
     warning = check_resume(cfg)
     if warning:
         print(warning, file=sys.stderr, flush=True)
@@ -90,7 +90,7 @@ def train_on_ray(cfg: RaymoeConfig, on_start=None) -> dict:
 
 def _resume_latest(cfg: RaymoeConfig) -> RaymoeConfig:
     """``cfg`` resuming from the run's latest checkpoint, if it has one (else as configured)."""
-    if ckpt.latest_checkpoint(Path(cfg.run.output_dir) / cfg.run.name / "checkpoints") is None:
+    if ckpt.latest_checkpoint(storage.RunOutputs(cfg.run.output_dir, cfg.run.name).checkpoints) is None:
         return cfg
     out = cfg.model_copy(deep=True)
     out.checkpoint.resume = True

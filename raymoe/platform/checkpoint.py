@@ -75,6 +75,12 @@ def _written_file(rank: int | None) -> str:
     return f".written/rank{rank or 0:05d}.json"
 
 
+def record_written(ckpt_dir, rank: int | None, written: dict[str, dict]) -> None:
+    """Record that ``rank`` finished writing its part of checkpoint ``ckpt_dir``: ``written`` is {file: {"size",
+    "sha256"}} as it wrote them (the commit checks the storage against it; see `finalize_checkpoint`)."""
+    storage.write_bytes(storage.location(ckpt_dir) / _written_file(rank), json.dumps(written, indent=1).encode())
+
+
 def _split_state(model: nn.Module):
     """-> (dense state entries, {layer_id: (prefix, module, {local name: tensor})}) of model.state_dict()."""
     containers: dict[int, tuple[str, nn.Module, dict]] = {}
@@ -202,7 +208,7 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
             written[rel] = _write_safetensors(ckpt / rel, tensors, meta)
     if rng:
         written[_rng_file(rank)] = _write_safetensors(ckpt / _rng_file(rank), *_rng_payload())
-    storage.write_bytes(ckpt / _written_file(rank), json.dumps(written, indent=1).encode())
+    record_written(ckpt, rank, written)
     if write_manifest:
         finalize_checkpoint(ckpt, step=step, config=config, extra=extra, tokenizer=tokenizer,
                             writer_ranks=[rank or 0])

@@ -131,6 +131,12 @@ def join(where, *parts) -> Location:
     return loc
 
 
+def absolute(where) -> Location:
+    """``where`` as a location, made absolute if it is a local path (for messages and for other processes)."""
+    loc = location(where)
+    return loc.absolute() if isinstance(loc, Path) else loc
+
+
 def is_remote(where) -> bool:
     """True if ``where`` names a remote location (a URI other than ``file://``)."""
     return isinstance(location(where), RemotePath)
@@ -308,9 +314,16 @@ class RunOutputs:
 
             base = Path(os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR).expanduser()
             loc = self.location
-            self.local = base / "storage" / loc.scheme / loc.netloc.replace(":", "_") / loc.key
+            host = loc.netloc.rsplit("@", 1)[-1].replace(":", "_")  # never credentials in a local path
+            self.local = base / "storage" / loc.scheme / host / loc.key
         else:
             self.local = self.location
+
+    def __str__(self) -> str:
+        """Where the outputs go, as printed at the start of a run."""
+        if self.remote:
+            return f"{self.location} (logs written to {self.local} first, uploaded at each checkpoint)"
+        return str(self.location)
 
     @property
     def remote(self) -> bool:

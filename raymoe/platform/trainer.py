@@ -16,6 +16,7 @@ import torch
 
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import storage
 from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
 from raymoe.platform.model import GPT
 from raymoe.platform.model_io import gpt_config_from, init_weights
@@ -50,7 +51,9 @@ class LocalTrainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        # the run folder may be a storage URI: logs are written to a local copy and uploaded at each commit
+        self.outputs = storage.RunOutputs(cfg.run.output_dir, cfg.run.name)
+        self.run_dir = self.outputs.local
         torch.manual_seed(cfg.run.seed)
         train_ds, val_ds = build_splits(cfg)
         # the model is initialised right after seeding, as every shard does (building the teacher draws too)
@@ -73,11 +76,12 @@ class LocalTrainer:
         return self.trainer.val_ds
 
     def _maybe_resume(self) -> int:
+        self.outputs.pull()  # a remote run's logs, if this machine has no copy (resuming it elsewhere)
         source = resume_source(self.cfg, self.trainer.ckpt_dir)
         if source is None:
             if self.cfg.checkpoint.resume is True:
                 print(f"WARNING: checkpoint.resume=true but there is no checkpoint in "
-                      f"{self.trainer.ckpt_dir.resolve()}: starting at step 0 (checkpoint.resume=must fails instead)",
+                      f"{storage.absolute(self.trainer.ckpt_dir)}: starting at step 0 (checkpoint.resume=must fails instead)",
                       file=sys.stderr, flush=True)
             return 0
         info = ckpt.load_checkpoint(source, self.model, self.optimizer)
@@ -98,5 +102,8 @@ class LocalTrainer:
             self.trainer.run(self.start_step)
         finally:
             self.run_log.close()
-        return self.run_log.finish({"checkpoint": str(self.reporter.last_checkpoint), "parameters": params,
-                                    "world": 1})
+            self.outputs.push()
+        summary = self.run_log.finish({"checkpoint": str(self.reporter.last_checkpoint), "parameters": params,
+                                       "world": 1})
+        self.outputs.push()  # the summary and plots
+        return summary

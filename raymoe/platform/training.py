@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import storage
 from raymoe.platform.data import (build_dataset, eval_window_starts, global_batch_starts, window_bytes,
                                   windows_from_starts)
 from raymoe.platform.distill import KDSchedule
@@ -85,9 +86,9 @@ def build_splits(cfg: RaymoeConfig, block_size: int | None = None, tokenizer=Non
     return ds.split(d.val_fraction, block_size=block_size or cfg.model.block_size)
 
 
-def resume_source(cfg: RaymoeConfig, ckpt_dir: Path) -> Path | None:
+def resume_source(cfg: RaymoeConfig, ckpt_dir) -> storage.Location | None:
     """The checkpoint ``checkpoint.resume`` names: None (start fresh), the run's latest one (``true``: None if
-    there is none yet; ``"must"``: CheckpointError if there is none) or the given path."""
+    there is none yet; ``"must"``: CheckpointError if there is none) or the given path or URI."""
     resume = cfg.checkpoint.resume
     if resume is False:
         return None
@@ -95,10 +96,10 @@ def resume_source(cfg: RaymoeConfig, ckpt_dir: Path) -> Path | None:
         latest = ckpt.latest_checkpoint(ckpt_dir)
         if latest is None and resume == "must":
             raise ckpt.CheckpointError(
-                f"checkpoint.resume=must: no committed checkpoint in {Path(ckpt_dir).absolute()} "
+                f"checkpoint.resume=must: no committed checkpoint in {storage.absolute(ckpt_dir)} "
                 "(<run.output_dir>/<run.name>/checkpoints): check run.output_dir and run.name")
         return latest
-    return Path(resume)
+    return storage.location(resume)
 
 
 def load_teacher(cfg: RaymoeConfig, device: torch.device):
@@ -220,7 +221,7 @@ class Trainer:
         self.grad_sync, self.grad_norm_fn = grad_sync, grad_norm_fn
         self.teacher, self.kd_schedule = teacher, kd_schedule
         self.micro = micro_batch_size(cfg)
-        self.ckpt_dir = Path(cfg.run.output_dir) / cfg.run.name / "checkpoints"
+        self.ckpt_dir = storage.RunOutputs(cfg.run.output_dir, cfg.run.name).checkpoints
         tb = getattr(train_ds, "token_bytes", None)  # bytes per token id: bits per byte in the records
         self._token_bytes = None if tb is None else torch.as_tensor(np.append(tb, 0), device=device)
         self._eval_bytes: int | None = None
@@ -364,15 +365,21 @@ class Trainer:
         return step
 
 
-def commit_checkpoint(path: Path, step: int, cfg: RaymoeConfig, model_config, extra: dict | None = None) -> Path:
-    """Commit checkpoint ``step`` whose parts are all written under ``path`` (the run's tokenizer files, then the
-    manifest last, atomically; refused unless every expert of every layer is there), then delete all but the
-    newest ``checkpoint.keep_last``. Local training and the coordinator both commit here."""
+def commit_checkpoint(path, step: int, cfg: RaymoeConfig, model_config, extra: dict | None = None,
+                      writers: int = 1):
+    """Commit checkpoint ``step`` whose parts ranks 0..``writers``-1 all wrote under ``path`` (the run's tokenizer
+    files, then the manifest last; refused unless every file the writers list is in the storage with the size
+    and sha256 they wrote and every expert of every layer is there), then delete all but the newest
+    ``checkpoint.keep_last`` and upload the run's logs if the run folder is remote. Local training and the
+    coordinator both commit here."""
     from raymoe.platform.bpe import run_tokenizer
 
+    path = storage.location(path)
     ckpt.finalize_checkpoint(path, step=step, config=cfg.model_dump(mode="json"),
                              extra={"model_config": model_config.to_dict(), **(extra or {})},
-                             expected_experts=model_config.experts_per_layer(), tokenizer=run_tokenizer(cfg))
+                             expected_experts=model_config.experts_per_layer(), tokenizer=run_tokenizer(cfg),
+                             writer_ranks=range(writers))
     for old in ckpt.list_checkpoints(path.parent)[:-cfg.checkpoint.keep_last]:
         ckpt.remove_checkpoint(old)
+    storage.RunOutputs(cfg.run.output_dir, cfg.run.name).push()
     return path
