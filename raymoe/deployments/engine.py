@@ -60,7 +60,7 @@ class RequestRow(Row):
             gen.seed()
         super().__init__(req.prompt_ids, p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                          generator=gen, eos_id=tokenizer.stop_ids,
-                         text=TextStream(tokenizer, req.prompt_ids, req.stop))
+                         text=TextStream(tokenizer, req.prompt_ids, req.stop), logits=p.logits_settings())
         self.req, self.observer = req, observer
 
     def gone(self) -> bool:
@@ -69,7 +69,7 @@ class RequestRow(Row):
     def emit(self, tokens: list[int], text: Optional[str], finish_reason: Optional[str]) -> None:
         self.req.completion_tokens = self.completion_tokens
         reason = None if finish_reason is None else ("length" if finish_reason == "length" else "stop")
-        self.req.emit(tokens, text or "", reason, self.observer)
+        self.req.emit(tokens, text or "", reason, self.observer, self.emitted_logprobs)
 
     def fail(self, exc: BaseException) -> None:
         self.req.fail(exc)

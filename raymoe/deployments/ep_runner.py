@@ -208,7 +208,7 @@ class EPRunner:
         import ray
 
         if self._broken is not None:
-            raise RuntimeError(f"expert-parallel group is broken: {self._broken!r}")
+            raise self._dead()
         refs = [shard.step.remote(kind, self._keep[s], *args) for s, (shard, (_, args))
                 in enumerate(zip(self.shards, parts))]
         self._keep = [None] * self.ep_size
@@ -216,7 +216,7 @@ class EPRunner:
             results = ray.get(refs, timeout=self.timeout_s)
         except BaseException as exc:  # a dead shard or a failed collective: the group cannot continue
             self._broken = exc
-            raise
+            raise self._dead() from exc
         out = torch.empty(n_rows, self.config.vocab_size)
         counts: dict[int, torch.Tensor] = {}
         for (rows, _), (logits, c) in zip(parts, results):
@@ -331,8 +331,15 @@ class EPRunner:
             except BaseException as exc:  # a dead shard (RayActorError), a failed one, or a timeout
                 self._broken = exc
         if self._broken is not None:
-            raise RuntimeError(f"expert-parallel group is broken (a shard died or a collective failed): "
-                               f"{self._broken!r}")
+            raise self._dead()
+
+    def _dead(self):
+        """The error requests and health checks get once the group is broken: no internals (pids, addresses
+        of the dead shard's error) in its text, which clients see; the cause stays in ``_broken`` and the log."""
+        from raymoe.deployments.protocol import EngineDeadError
+
+        return EngineDeadError("expert-parallel group is broken (a shard died or a collective failed); this "
+                               "replica is being replaced")
 
     def info(self) -> dict:
         import ray

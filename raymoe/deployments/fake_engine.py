@@ -2,9 +2,13 @@
 
 Output is deterministic: the prompt's tokens (bytes: the byte tokenizer), cycled (prompt "ab" -> "abab..."),
 one token per step of
-``token_delay_s`` seconds, with the same max_tokens / stop-string / finish-reason rules as `Engine`. A prompt
+``token_delay_s`` seconds, with the same max_tokens / stop-string / finish-reason rules as `Engine`; its
+logprobs say it is certain of every token (logprob 0, that token as the only alternative); penalties and
+logit_bias do not change its output. A prompt
 containing ``fail_marker`` fails with RuntimeError after its first token (a per-request error); the other
-requests are unaffected. ``reload`` only records the checkpoint. It needs no model: ``checkpoint``, when given,
+requests are unaffected. A prompt containing ``die_marker`` kills the fake engine after its first token, as a
+dead engine process or expert-parallel shard would: every running and later request fails with
+`EngineDeadError` and so does ``check_health``. ``reload`` only records the checkpoint. It needs no model: ``checkpoint``, when given,
 only provides the tokenizer (a raymoe checkpoint or a Hugging Face folder: its tokenizer and chat template,
 its stop tokens ending the cycle), as does ``tokenizer``; default the byte tokenizer. Its settings:
 `FakeEngineConfig` (`EngineConfig`'s fields, of which it uses max_batch_size and max_waiting, plus its own).
@@ -21,7 +25,8 @@ from pydantic import Field
 
 from raymoe.deployments.engine import RequestRow
 from raymoe.deployments.engine_config import EngineConfig
-from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
+from raymoe.deployments.protocol import (BaseEngine, EngineDeadError, EngineObserver, EngineShutdownError, Request,
+                                         run_thread)
 
 
 class FakeEngineConfig(EngineConfig):
@@ -31,6 +36,8 @@ class FakeEngineConfig(EngineConfig):
     token_delay_s: float = Field(0.005, ge=0, description="seconds per decode step")
     fail_marker: str = Field("<<fail>>", description="a prompt containing it fails after its first token "
                              "('' = never)")
+    die_marker: str = Field("<<die>>", description="a prompt containing it kills the engine after its first "
+                            "token, as a dead shard would ('' = never)")
 
 
 class FakeEngine(BaseEngine):
@@ -47,11 +54,13 @@ class FakeEngine(BaseEngine):
         self.config, self.checkpoint, self.model_id, self.block_size = config, checkpoint, model_id, config.block_size
         self.max_batch_size, self.token_delay_s, self.fail_marker = (config.max_batch_size, config.token_delay_s,
                                                                      config.fail_marker)
+        self.die_marker = config.die_marker
         self._waiting: collections.deque[RequestRow] = collections.deque()
         self._rows: list[RequestRow] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._dead: Optional[EngineDeadError] = None
         self.counters = collections.Counter()
         if tokenizer is not None or checkpoint is not None:
             from raymoe.platform.tokenizer import load_tokenizer
@@ -65,6 +74,8 @@ class FakeEngine(BaseEngine):
             self._accepting = True
 
     def check_health(self) -> None:
+        if self._dead is not None:
+            raise self._dead
         if self._thread is None or not self._thread.is_alive():
             raise RuntimeError("fake engine loop is not running")
 
@@ -115,9 +126,16 @@ class FakeEngine(BaseEngine):
             time.sleep(self.token_delay_s if rows else 0.002)
 
     def _step(self, r: RequestRow) -> None:
-        if r.completion_tokens == 1 and self.fail_marker and self.fail_marker in self.tokenizer.decode(r.prompt_ids):
+        prompt = self.tokenizer.decode(r.prompt_ids) if r.completion_tokens == 1 else ""
+        if self.die_marker and self.die_marker in prompt:
+            self._dead = EngineDeadError("FakeEngine: injected death; this replica is being replaced")
+        if self._dead is not None:
+            r.fail(self._dead)
+            return
+        if self.fail_marker and self.fail_marker in prompt:
             r.fail(RuntimeError("FakeEngine: injected failure"))
             return
         token = r.prompt_ids[r.completion_tokens % len(r.prompt_ids)]
         self.counters["generated_tokens"] += 1
-        r.take(token)
+        k = r.req.params.logprobs  # the fake model is certain of its next token: logprob 0, no alternative
+        r.take(token, None if k is None else (token, 0.0, [(token, 0.0)][:k]))

@@ -7,14 +7,20 @@ over replicas and join their continuous batches. Text never gets tokenized here:
 ``echo`` go to the engine, which holds the model's tokenizer and chat template.
 
 Status codes, all with an OpenAI error body ``{"error": {"message", "type", "param", "code"}}``: 400 bad
-request (malformed JSON, wrong types, empty or too-long prompt, bad max_tokens...), 404 unknown model or
-route, 429 overloaded (the engine queue is full, or more than ``max_queued_requests`` calls wait for
-LLMServer replicas: Serve's BackPressureError), 503 no healthy replica / shutting down, 500 engine failure
-of that request only.
+request (malformed JSON, wrong types, empty or too-long prompt, bad max_tokens, a parameter this server does
+not implement...), 401 missing or wrong API key (with ``api_key_sha256`` set: every route but ``/healthz``
+needs ``Authorization: Bearer <key>``, compared in constant time; the key itself never reaches the replica),
+404 unknown model or route, 415 a body that is not declared ``application/json``, 429 overloaded (the engine
+queue is full, or more than ``max_queued_requests`` calls wait for LLMServer replicas: Serve's
+BackPressureError), 503 no healthy replica, a replica or expert-parallel shard that died, or shutting down,
+500 an engine failure of that request only. 429 and 503 carry ``Retry-After``. Messages never carry
+internals (exception text, pids, addresses): those go to the replica's log.
 """
 
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -32,8 +38,39 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="raymoe OpenAI-compatible API", version="1")
 
 
+RETRY_AFTER_S = {429: 1, 503: 2}  # seconds: a full queue drains fast; a replaced replica takes longer
+
+
 def _error(status: int, body: dict, headers: Optional[dict] = None) -> JSONResponse:
+    if status in RETRY_AFTER_S:
+        headers = {"Retry-After": str(RETRY_AFTER_S[status]), **(headers or {})}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def api_key_digest(key: Optional[str]) -> Optional[str]:
+    """What the ingress holds of an API key: its SHA-256 (hex), so the key is in no deployment argument."""
+    return None if not key else hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_api_key(request: Request, digest: Optional[str]) -> None:
+    """RequestError 401 unless ``Authorization: Bearer <key>`` matches ``digest`` (no key configured: open).
+    Digests are compared with hmac.compare_digest: the time taken does not depend on where they differ."""
+    if digest is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise RequestError("missing API key: send the header 'Authorization: Bearer <key>'", status=401,
+                           code="invalid_api_key")
+    if not hmac.compare_digest(hashlib.sha256(given.strip().encode()).hexdigest(), digest):
+        raise RequestError("incorrect API key", status=401, code="invalid_api_key")
+
+
+def check_json_body(request: Request) -> None:
+    """RequestError 415 unless the body is declared JSON (a form post is not parsed as JSON anyway)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise RequestError(f"Content-Type must be application/json; got {ctype or 'none'}", status=415,
+                           code="unsupported_media_type")
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -51,10 +88,11 @@ def _exception_result(exc: BaseException) -> dict:
         return {"status": 429, **oa.error_body("server is overloaded (too many queued requests); retry later",
                                                "rate_limit_error", None, "rate_limit_exceeded")}
     if isinstance(exc, (DeploymentUnavailableError, RayActorError)):
-        return {"status": 503, **oa.error_body(f"model replica unavailable: {type(exc).__name__}",
-                                               "service_unavailable", None, "replica_unavailable")}
+        logger.warning(f"model replica unavailable: {exc!r}")
+        return {"status": 503, **oa.error_body("model replica unavailable; retry later", "service_unavailable",
+                                               None, "replica_unavailable")}
     logger.exception("request failed", exc_info=exc)
-    return {"status": 500, **oa.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
+    return {"status": 500, **oa.error_body("internal error (details in the server log)", "server_error", None,
                                            "internal_error")}
 
 
@@ -102,8 +140,10 @@ async def _merge(gens) -> AsyncIterator[tuple[int, dict]]:
 class OpenAIIngress:
     """OpenAI routes over a handle to the `LLMServer` deployment (see the module docstring)."""
 
-    def __init__(self, server, model_id: str, default_max_tokens: int = 16):
+    def __init__(self, server, model_id: str, default_max_tokens: int = 16,
+                 api_key_sha256: Optional[str] = None):
         self._server = server
+        self._key = api_key_sha256
         self._stream_server = server.options(stream=True)
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
@@ -129,12 +169,16 @@ class OpenAIIngress:
         return JSONResponse({"status": "ok", "model": self.model_id, "engine": res.get("engine")})
 
     @app.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        if (denied := self._denied(request, "models")) is not None:
+            return denied
         self._count("models", 200)
         return JSONResponse({"object": "list", "data": [oa.model_card(self.model_id, await self._info())]})
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str) -> JSONResponse:
+    async def model(self, model_id: str, request: Request) -> JSONResponse:
+        if (denied := self._denied(request, "models")) is not None:
+            return denied
         if model_id != self.model_id:
             return self._model_404(model_id, "models")
         self._count("models", 200)
@@ -149,6 +193,14 @@ class OpenAIIngress:
         return await self._handle(request, "chat")
 
     # -- helpers -------------------------------------------------------------------------------------------
+    def _denied(self, request: Request, route: str) -> Optional[JSONResponse]:
+        try:
+            check_api_key(request, self._key)
+        except RequestError as e:
+            self._count(route, e.status)
+            return _error(e.status, oa.error_from(e), {"WWW-Authenticate": "Bearer"})
+        return None
+
     async def _info(self) -> Optional[dict]:
         try:
             return await asyncio.wait_for(self._server.info.remote(), timeout=10.0)
@@ -161,7 +213,10 @@ class OpenAIIngress:
                                          f"'{self.model_id}'", "invalid_request_error", "model", "model_not_found"))
 
     async def _handle(self, request: Request, route: str):
+        if (denied := self._denied(request, route)) is not None:
+            return denied
         try:
+            check_json_body(request)
             try:
                 body = json.loads(await request.body())
             except (ValueError, UnicodeDecodeError) as e:
@@ -187,13 +242,32 @@ class OpenAIIngress:
         else:
             prompts, param, default, echo = [{"messages": req.template_messages()}], "messages", None, False
         base = req.sampling(default)
+        ranked = req.candidates() > req.n  # best_of: every candidate needs its cumulative logprob
+        lps = base.logprobs if base.logprobs is not None or not ranked else 0
         jobs = []
-        for p in prompts:
-            for j in range(req.n):
+        for k, p in enumerate(prompts):
+            for j in range(req.candidates()):
                 seed = None if base.seed is None else base.seed + j
-                params = {**vars(base), "seed": seed, "stop": list(base.stop)}
-                jobs.append({**p, "params": params, "param": param, "echo": echo, "index": len(jobs)})
+                params = {**vars(base), "seed": seed, "stop": list(base.stop), "logprobs": lps}
+                jobs.append({**p, "params": params, "param": param, "echo": echo, "index": len(jobs),
+                             "prompt_index": k})
         return jobs
+
+    @staticmethod
+    def _best(req, jobs: list[dict], results: list[dict]) -> list[tuple[dict, dict]]:
+        """(job, result) of the returned choices: per prompt, the n candidates with the highest cumulative
+        logprob (``best_of``), else all; indices renumbered prompt by prompt."""
+        pairs = list(zip(jobs, results))
+        if req.candidates() > req.n:
+            keep = []
+            for k in sorted({j["prompt_index"] for j in jobs}):
+                mine = [pr for pr in pairs if pr[0]["prompt_index"] == k]
+                mine.sort(key=lambda pr: -sum(e[1] for e in pr[1].get("logprobs", [])))
+                keep += mine[:req.n]
+            pairs = keep
+            if req.top_logprobs_k() is None:  # asked for by best_of only
+                pairs = [(j, {k: v for k, v in r.items() if k != "logprobs"}) for j, r in pairs]
+        return [({**j, "index": i}, r) for i, (j, r) in enumerate(pairs)]
 
     @staticmethod
     def _echo(job: dict, first: dict) -> str:
@@ -206,9 +280,11 @@ class OpenAIIngress:
         for r in results:
             if "error" in r:
                 return _error(r.pop("status"), r)
-        choices = [{"index": j["index"], "text": self._echo(j, r) + r["text"],
-                    "finish_reason": r["finish_reason"]} for j, r in zip(jobs, results)]
-        prompt_tokens = sum(r["prompt_tokens"] for i, r in enumerate(results) if i % req.n == 0)
+        choices = [{"index": j["index"], "text": self._echo(j, r) + r["text"], "finish_reason": r["finish_reason"],
+                    "logprobs": r.get("logprobs"), "offset": len(self._echo(j, r))}
+                   for j, r in self._best(req, jobs, results)]
+        per_prompt = req.candidates()
+        prompt_tokens = sum(r["prompt_tokens"] for i, r in enumerate(results) if i % per_prompt == 0)
         use = oa.usage(prompt_tokens, sum(r["completion_tokens"] for r in results))
         if route == "completions":
             return JSONResponse(oa.completion_response(oa.new_id("cmpl"), self.model_id, choices, use))
@@ -232,11 +308,16 @@ class OpenAIIngress:
         prompt_tokens = [f["prompt_tokens"] for f in firsts]
         created, completion = int(time.time()), [0] * len(jobs)
 
-        def chunk(i: int, text: str, finish: Optional[str], first: bool) -> dict:
+        offsets = [len(self._echo(j, f)) for j, f in zip(jobs, firsts)]
+
+        def chunk(i: int, text: str, finish: Optional[str], first: bool, lps: Optional[list] = None) -> dict:
             if route == "completions":
-                return oa.completion_chunk(rid, self.model_id, created, i, text, finish)
+                out = oa.completion_chunk(rid, self.model_id, created, i, text, finish,
+                                          oa.completion_logprobs(lps, offsets[i]))
+                offsets[i] += sum(len(e[0]) for e in lps or [])
+                return out
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return oa.chat_chunk(rid, self.model_id, created, i, delta, finish)
+            return oa.chat_chunk(rid, self.model_id, created, i, delta, finish, oa.chat_logprobs(lps))
 
         try:
             for j, f in zip(jobs, firsts):  # chat: the role first; completions with echo: the prompt first
@@ -248,8 +329,9 @@ class OpenAIIngress:
                     yield _sse(item)
                     break
                 completion[i] = item["completion_tokens"]
-                if item["text"] or item["finish_reason"]:
-                    yield _sse(chunk(jobs[i]["index"], item["text"], item["finish_reason"], False))
+                if item["text"] or item["finish_reason"] or item.get("logprobs"):
+                    yield _sse(chunk(jobs[i]["index"], item["text"], item["finish_reason"], False,
+                                     item.get("logprobs")))
             if req.stream_options is not None and req.stream_options.include_usage:
                 use = oa.usage(sum(p for k, p in enumerate(prompt_tokens) if k % req.n == 0), sum(completion))
                 obj = "text_completion" if route == "completions" else "chat.completion.chunk"
@@ -314,11 +396,12 @@ class OpenAIServer(OpenAIIngress):
     the ingress's; lifecycle (user_config reloads, health checks, graceful shutdown) is LLMServer's."""
 
     async def __init__(self, engine_cls, engine_args=None, checkpoint=None, stream_interval_s: float = 0.0,
-                       model_id: str = "raymoe", default_max_tokens: int = 16, observer="ray"):
+                       model_id: str = "raymoe", default_max_tokens: int = 16, observer="ray",
+                       api_key_sha256: Optional[str] = None):
         from raymoe.deployments.server import LLMServer
 
         self.llm = LLMServer(engine_cls, engine_args, checkpoint, stream_interval_s, observer)
-        await super().__init__(LocalHandle(self.llm), model_id, default_max_tokens)
+        await super().__init__(LocalHandle(self.llm), model_id, default_max_tokens, api_key_sha256)
 
     async def reconfigure(self, user_config) -> None:
         await self.llm.reconfigure(user_config)

@@ -28,8 +28,8 @@ from multiprocessing.connection import Connection
 from typing import Any, Optional
 
 from raymoe.deployments.engine_config import EngineConfig
-from raymoe.deployments.protocol import (BaseEngine, EngineObserver, EngineShutdownError, Request,
-                                         SamplingParams, run_thread)
+from raymoe.deployments.protocol import (BaseEngine, EngineDeadError, EngineObserver, EngineShutdownError,
+                                         Request, SamplingParams, run_thread)
 from raymoe.platform.tokenizer import load_tokenizer
 
 _HOOKS = ("on_first_token", "on_tokens", "on_step", "on_finish", "on_expert_load", "on_reload")
@@ -186,8 +186,10 @@ class ProcessEngine(BaseEngine):
         self._accepting = True
 
     def check_health(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError("engine process is not running")
+        if self._proc is None:
+            raise RuntimeError("engine process not started")
+        if self._proc.poll() is not None:
+            raise EngineDeadError("engine process exited")
         self._call("check_health", timeout_s=30.0)
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
@@ -270,8 +272,8 @@ class ProcessEngine(BaseEngine):
                         if ev is not None:
                             ev[1][:] = [msg[2], msg[3]]
                             ev[0].set()
-        except (EOFError, OSError):  # the child exited
-            err = EngineShutdownError("engine process exited")
+        except (EOFError, OSError):  # the child exited (shutdown stops accepting first: then no request is left)
+            err = EngineDeadError("engine process exited")
             for r in list(self._reqs.values()):
                 r.fail(err)
             for ev in list(self._calls.values()):

@@ -7,7 +7,8 @@ async iterator of `GenerationChunk`, and ``generate(prompt, params)`` -> `Genera
 swaps weights; ``info()`` describes the model. This module imports neither Ray nor torch.
 
 Errors a request can raise: `RequestError` (the request is wrong: a 4xx with an OpenAI error body),
-`EngineOverloadedError` (queue full: 429), `EngineShutdownError` (503), anything else (a 500 for that
+`EngineOverloadedError` (queue full: 429), `EngineShutdownError` (503; `EngineDeadError` when the engine
+cannot recover: the replica stops itself), anything else (a 500 for that
 request only: an engine never lets one request's failure stop the others).
 
 Text goes through the model's tokenizer (`raymoe.platform.tokenizer`, loaded from the checkpoint: an engine's
@@ -57,10 +58,21 @@ class EngineShutdownError(RuntimeError):
     """The engine is stopping or stopped (HTTP 503)."""
 
 
+class EngineDeadError(EngineShutdownError):
+    """The engine can serve no more requests: its process or a shard of its expert-parallel group died (HTTP
+    503). Its ``check_health`` raises it too; the Serve replica then stops itself, so Serve replaces it at once
+    instead of after several failed health checks."""
+
+
+MAX_LOGPROBS = 20  # most likely alternatives per token (OpenAI's chat limit)
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings. temperature 0 = greedy; stop = stop strings (never returned);
-    max_tokens None = as many as fit in the context."""
+    max_tokens None = as many as fit in the context. Penalties, logit_bias, min_tokens and logprobs:
+    `raymoe.platform.logits` (logit_bias keys are token ids; logprobs None = none, k = the sampled token's
+    logprob and the k most likely alternatives, from the raw model distribution)."""
 
     max_tokens: Optional[int] = 16
     temperature: float = 1.0
@@ -68,9 +80,24 @@ class SamplingParams:
     top_k: Optional[int] = None
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    logprobs: Optional[int] = None
 
-    def validate(self) -> None:
-        """Raise `RequestError` naming the parameter on a bad value (types included)."""
+    def logits_settings(self):
+        """The decode loop's `raymoe.platform.logits.LogitsSettings` of these params."""
+        from raymoe.platform.logits import LogitsSettings
+
+        return LogitsSettings(self.presence_penalty, self.frequency_penalty, self.repetition_penalty,
+                              dict(self.logit_bias), self.min_tokens, self.logprobs)
+
+    def validate(self, vocab_size: Optional[int] = None) -> None:
+        """Raise `RequestError` naming the parameter on a bad value (types included); ``vocab_size``: check
+        logit_bias's token ids against it."""
+        bias = self.logit_bias
         checks = (
             ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
              "null or an integer >= 1"),
@@ -80,6 +107,20 @@ class SamplingParams:
             ("seed", self.seed is None or _is_int(self.seed), "null or an integer"),
             ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
+            ("presence_penalty", _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("frequency_penalty", _is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number in [-2, 2]"),
+            ("repetition_penalty", _is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+             "a number in (0, 2]"),
+            ("logit_bias", isinstance(bias, dict) and all(
+                _is_int(k) and k >= 0 and (vocab_size is None or k < vocab_size) and _is_num(v) and -100 <= v <= 100
+                for k, v in bias.items()) and len(bias) <= 300,
+             f"at most 300 token ids in [0, {vocab_size or 'vocab'}) mapped to numbers in [-100, 100]"),
+            ("min_tokens", _is_int(self.min_tokens) and self.min_tokens >= 0
+             and (not _is_int(self.max_tokens) or self.min_tokens <= self.max_tokens), "an integer in [0, max_tokens]"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"null or an integer in [0, {MAX_LOGPROBS}]"),
         )
         for name, ok, allowed in checks:
             if not ok:
@@ -108,6 +149,7 @@ class GenerationChunk:
     finish_reason: Optional[str]
     prompt_tokens: int
     completion_tokens: int
+    logprobs: Optional[list] = None  # with params.logprobs: one (token, logprob, top) entry per token_ids item
 
 
 @dataclass
@@ -121,6 +163,7 @@ class GenerationResult:
     completion_tokens: int
     time_to_first_token_s: float
     latency_s: float
+    logprobs: Optional[list] = None
 
 
 class EngineObserver:
@@ -155,6 +198,7 @@ class Request:
         self.stream = stream  # False: one chunk at the end (no per-token messages for whole-result callers)
         self._held_text: list[str] = []
         self._held_ids: list[int] = []
+        self._held_lps: Optional[list] = [] if params.logprobs is not None else None
         self.t_submit = time.perf_counter()
         self.t_first: Optional[float] = None
         self.t_last: Optional[float] = None
@@ -162,8 +206,10 @@ class Request:
         self.aborted = False
         self.done = False
 
-    def emit(self, tokens: list[int], text: str, finish_reason: Optional[str], observer: EngineObserver) -> None:
-        """Deliver released tokens and their text (the decode row's `TextStream`: stop strings already cut)."""
+    def emit(self, tokens: list[int], text: str, finish_reason: Optional[str], observer: EngineObserver,
+             logprobs: Optional[list] = None) -> None:
+        """Deliver released tokens and their text (the decode row's `TextStream`: stop strings already cut), and
+        their logprob entries when the request asked for logprobs."""
         if self.done:
             return
         now = time.perf_counter()
@@ -177,10 +223,13 @@ class Request:
             self.t_last = now
             self._held_text.append(text)
             self._held_ids.extend(tokens)
+            if self._held_lps is not None:
+                self._held_lps.extend(logprobs or [])
             if self.stream or final:
                 chunk = GenerationChunk("".join(self._held_text), self._held_ids, finish_reason,
-                                        len(self.prompt_ids), self.completion_tokens)
+                                        len(self.prompt_ids), self.completion_tokens, self._held_lps)
                 self._held_text, self._held_ids = [], []
+                self._held_lps = None if self._held_lps is None else []
                 self._send(chunk)
         if final:
             self.done = True
@@ -253,7 +302,7 @@ class BaseEngine:
         """Validate and build a `Request` (RequestError on bad input); does not enqueue it."""
         if not self._accepting:
             raise EngineShutdownError("engine is not accepting requests (not started or shutting down)")
-        params.validate()
+        params.validate(min(self.vocab_size, self.tokenizer.vocab_size))
         ids = self.encode(prompt, param)
         room = self.block_size - len(ids) + 1  # the last sampled token is never fed back
         if params.max_tokens is None:
@@ -331,7 +380,8 @@ class BaseEngine:
                         pending.append(nxt)
                         break
                     item = GenerationChunk(item.text + nxt.text, item.token_ids + nxt.token_ids,
-                                           nxt.finish_reason, nxt.prompt_tokens, nxt.completion_tokens)
+                                           nxt.finish_reason, nxt.prompt_tokens, nxt.completion_tokens,
+                                           None if item.logprobs is None else item.logprobs + nxt.logprobs)
                 if item is None:
                     return
                 if isinstance(item, BaseException):
@@ -369,9 +419,10 @@ class BaseEngine:
 def _collect(chunks: list[GenerationChunk], now: float, req: Request) -> GenerationResult:
     last = chunks[-1]
     ttft = (req.t_first - req.t_submit) if req.t_first else 0.0
+    lps = None if last.logprobs is None else [e for c in chunks for e in c.logprobs]
     return GenerationResult("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
                             last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens, ttft,
-                            now - req.t_submit)
+                            now - req.t_submit, lps)
 
 
 def run_thread(target: Callable[[], None], name: str) -> threading.Thread:

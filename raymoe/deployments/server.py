@@ -25,11 +25,12 @@ import asyncio
 import importlib
 import logging
 import os
+import threading
 from typing import Any, AsyncIterator, Optional, Union
 
 from raymoe.deployments.openai_api import error_body, error_from
-from raymoe.deployments.protocol import (Chat, EngineOverloadedError, EngineShutdownError, GenerationChunk,
-                                         RequestError, SamplingParams)
+from raymoe.deployments.protocol import (Chat, EngineDeadError, EngineOverloadedError, EngineShutdownError,
+                                         GenerationChunk, RequestError, SamplingParams)
 
 logger = logging.getLogger("ray.serve")
 USER_CONFIG_KEYS = ("checkpoint", "reload_timeout_s")
@@ -51,10 +52,10 @@ def error_result(exc: BaseException) -> dict:
         return {"status": exc.status, **error_from(exc)}
     if isinstance(exc, EngineOverloadedError):
         return {"status": 429, **error_body(str(exc), "rate_limit_error", None, "rate_limit_exceeded")}
-    if isinstance(exc, EngineShutdownError):
+    if isinstance(exc, EngineShutdownError):  # our own messages: no internals
         return {"status": 503, **error_body(str(exc), "service_unavailable", None, "engine_unavailable")}
-    logger.exception("request failed in the engine", exc_info=exc)
-    return {"status": 500, **error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", None,
+    logger.exception("request failed in the engine", exc_info=exc)  # the details go to the log, not the client
+    return {"status": 500, **error_body("internal error (details in the server log)", "server_error", None,
                                         "internal_error")}
 
 
@@ -71,7 +72,17 @@ def _resolved(path: Optional[str]) -> Optional[str]:
 
 
 class LLMServer:
-    """Hosts one engine (see the module docstring)."""
+    """Hosts one engine (see the module docstring).
+
+    A dead engine (`EngineDeadError`: its process or an expert-parallel shard died), seen by a request or by a
+    watchdog thread that asks the engine's health every ``watch_interval_s``, makes the replica stop itself
+    ``dead_exit_delay_s`` later (time for the failed requests' 503 answers to leave): Serve sees the actor die
+    and replaces it at once, and routes no more requests to it, instead of after 3 failed health checks
+    ``health_check_period_s`` apart. Outside a Ray actor the server only reports unhealthy.
+    """
+
+    watch_interval_s = 1.0
+    dead_exit_delay_s = 0.5
 
     def __init__(self, engine_cls: Union[str, type] = "raymoe.deployments.engine:Engine",
                  engine_args: Optional[dict] = None, checkpoint: Optional[str] = None,
@@ -86,6 +97,9 @@ class LLMServer:
         self._loaded = _resolved(checkpoint)
         self.stream_interval_s = stream_interval_s
         self._reload_lock = asyncio.Lock()
+        self._dead: Optional[EngineDeadError] = None
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="raymoe-engine-watchdog", daemon=True).start()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     async def reconfigure(self, user_config: Optional[dict]) -> None:
@@ -103,9 +117,33 @@ class LLMServer:
             self._loaded = _resolved(target)
 
     def check_health(self) -> None:
+        if self._dead is not None:
+            raise self._dead
         self.engine.check_health()
 
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.watch_interval_s):
+            engine = self.engine
+            if engine is None:
+                return
+            try:
+                engine.check_health()
+            except EngineDeadError as exc:
+                self._on_dead(exc)
+                return
+            except Exception:  # other failures: Serve's own health checks decide
+                pass
+
+    def _on_dead(self, exc: EngineDeadError) -> None:
+        """Report unhealthy from now on and stop this replica shortly (see the class docstring)."""
+        if self._dead is not None:
+            return
+        self._dead = exc
+        logger.error(f"engine is dead ({exc}); stopping this replica so that Serve replaces it")
+        threading.Timer(self.dead_exit_delay_s, _exit_actor).start()
+
     def shutdown(self, timeout_s: float = 30.0) -> None:
+        self._stopped.set()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown(timeout_s)
             self.engine = None
@@ -122,8 +160,15 @@ class LLMServer:
         return {**self.engine.info(), "stats": stats, "pid": os.getpid()}
 
     async def health(self) -> dict:
-        self.engine.check_health()
+        self.check_health()
         return {"status": "ok", "engine": type(self.engine).__name__}
+
+    def _failed(self, exc: BaseException) -> dict:
+        if isinstance(exc, EngineDeadError):
+            self._on_dead(exc)
+        elif self._dead is not None and isinstance(exc, EngineShutdownError):
+            exc = self._dead  # not accepting because dead: say why
+        return error_result(exc)
 
     def _params(self, job: dict) -> SamplingParams:
         return SamplingParams(**job["params"])
@@ -135,6 +180,17 @@ class LLMServer:
     def _echo(self, job: dict) -> dict:
         return {"prompt_text": self.engine.prompt_text(self._prompt(job))} if job.get("echo") else {}
 
+    def _logprobs(self, entries: Optional[list]) -> dict:
+        """Logprob entries with token texts: {"logprobs": [[text, logprob, [[text, logprob], ...]], ...]}."""
+        if entries is None:
+            return {}
+        tok = self.engine.tokenizer
+
+        def text(t: int) -> str:
+            return tok.decode([t], skip_special_tokens=False)
+
+        return {"logprobs": [[text(t), lp, [[text(a), v] for a, v in top]] for t, lp, top in entries]}
+
     async def generate(self, job: dict) -> dict:
         """One whole choice: {"text", "finish_reason", "prompt_tokens", "completion_tokens"[, "prompt_text"]} or
         an error."""
@@ -142,9 +198,9 @@ class LLMServer:
             res = await self.engine.generate(self._prompt(job), self._params(job), param=job.get("param", "prompt"))
             echo = self._echo(job)
         except Exception as exc:
-            return error_result(exc)
+            return self._failed(exc)
         return {"text": res.text, "finish_reason": res.finish_reason, "prompt_tokens": res.prompt_tokens,
-                "completion_tokens": res.completion_tokens, **echo}
+                "completion_tokens": res.completion_tokens, **echo, **self._logprobs(res.logprobs)}
 
     async def generate_stream(self, job: dict) -> AsyncIterator[dict]:
         """First item: {"prompt_tokens"[, "prompt_text"]} (accepted) or an error; then {"text", "finish_reason",
@@ -154,7 +210,7 @@ class LLMServer:
                                           min_interval_s=self.stream_interval_s)
             echo = self._echo(job)
         except Exception as exc:
-            yield error_result(exc)
+            yield self._failed(exc)
             return
         first = True
         try:
@@ -163,8 +219,20 @@ class LLMServer:
                 if first:
                     yield {"prompt_tokens": ch.prompt_tokens, **echo}
                     first = False
-                yield {"text": ch.text, "finish_reason": ch.finish_reason, "completion_tokens": ch.completion_tokens}
+                yield {"text": ch.text, "finish_reason": ch.finish_reason, "completion_tokens": ch.completion_tokens,
+                       **self._logprobs(ch.logprobs)}
         except Exception as exc:
-            yield error_result(exc)
+            yield self._failed(exc)
         finally:
             await it.aclose()  # client went away: abort the request in the engine
+
+
+def _exit_actor() -> None:
+    """Stop the Ray actor this runs in (a Serve replica); nothing outside an actor."""
+    try:
+        import ray
+
+        actor = ray.get_runtime_context().current_actor
+    except Exception:  # not in a Ray actor (in-process use, tests): the server just stays unhealthy
+        return
+    ray.kill(actor, no_restart=True)

@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
+from raymoe.platform.logits import DEFAULT, LogitsSettings, RowLogits, logprob_entries, process
+
 
 # ---- sampling ---------------------------------------------------------------------------------------
 
@@ -137,17 +139,23 @@ class Row:
     ``generator`` None samples from torch's global generator. ``eos_id``: one stop-token id or several.
     ``text``: a `raymoe.platform.detokenize.TextStream` (detokenizer + stop strings): ``emit`` then also gets
     the text released with the tokens, and a matched stop string ends the row ("stop"); without one, text is
-    None.
+    None. ``logits``: penalties, logit bias, min_tokens and logprobs (`raymoe.platform.logits`); with
+    logprobs, ``emitted_logprobs`` holds the entries of the tokens passed to the current ``emit`` call.
     """
 
     def __init__(self, prompt_ids: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, stop_sequences: Sequence[Sequence[int]] = (),
-                 eos_id: EosIds = None, text=None):
+                 eos_id: EosIds = None, text=None, logits: LogitsSettings = DEFAULT):
         self.prompt_ids = list(prompt_ids)
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.stop = _RowState(stop_sequences, eos_id)
+        # None at the defaults: the loop then leaves this row's logits alone (outputs as before)
+        self.logits = (RowLogits(logits, prompt_ids, self.stop.eos_ids)
+                       if logits.processes or logits.logprobs is not None else None)
+        self._held_logprobs: list = []  # entries of sampled tokens not released yet (held back or EOS)
+        self.emitted_logprobs: list = []
         self.text = text
         self.completion_tokens = 0  # sampled so far (a matched stop sequence's tokens included)
         self.next_token: Optional[int] = None  # the last sampled token: the next decode step's input
@@ -160,13 +168,21 @@ class Row:
     def gone(self) -> bool:
         return self.finish_reason is not None or self.error is not None
 
-    def take(self, token: int) -> None:
-        """Count a sampled token, run the stop rules and emit what they release."""
+    def take(self, token: int, logprob=None) -> None:
+        """Count a sampled token (with its logprob entry when the row asked for logprobs), run the stop rules
+        and emit what they release."""
         self.next_token = token
         self.completion_tokens += 1
+        if self.logits is not None:
+            self.logits.took(token)
+            if logprob is not None:
+                self._held_logprobs.append(logprob)
         released = self.stop.push(token)
         if self.stop.finish_reason is None and self.completion_tokens >= self.max_new_tokens:
             released += self.stop.finish("length")
+        # released tokens are the oldest sampled ones in order; what a finish drops (EOS, a stop) is dropped here
+        self.emitted_logprobs = self._held_logprobs[:len(released)]
+        self._held_logprobs = [] if self.stop.finish_reason else self._held_logprobs[len(released):]
         text = None
         if self.text is not None:
             text, matched = self.text.push(released, final=self.stop.finish_reason is not None)
@@ -319,26 +335,35 @@ class DecodeLoop:
         self.counters["prefills"] += 1
         self.counters["prefill_tokens"] += int(mask_BP.sum())
         self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(self.rows))
-        for r, t in zip(new, tokens):
-            self._take(r, t)
+        for r, (t, lp) in zip(new, tokens):
+            self._take(r, t, lp)
 
     def _accept_decode(self, rows: list[Row], logits_BV: torch.Tensor) -> None:
         """Running rows take their next token."""
         self.counters["decode_steps"] += 1
         self.counters["max_batch_size_seen"] = max(self.counters["max_batch_size_seen"], len(rows))
         self.on_decode(len(rows))
-        for r, t in zip(rows, self._sample(logits_BV, rows)):
-            self._take(r, t)
+        for r, (t, lp) in zip(rows, self._sample(logits_BV, rows)):
+            self._take(r, t, lp)
 
-    def _take(self, r: Row, token: Optional[int]) -> None:
+    def _take(self, r: Row, token: Optional[int], logprob) -> None:
         if token is None or r.gone():
             return
         self.counters["generated_tokens"] += 1
-        r.take(token)
+        r.take(token, logprob)
 
     @staticmethod
-    def _sample(logits_BV: torch.Tensor, rows: list[Row]) -> list[Optional[int]]:
-        """One token per row with its own settings; rows whose sampling call fails are failed (None)."""
+    def _sample(raw_BV: torch.Tensor, rows: list[Row]) -> list[tuple[Optional[int], Optional[tuple]]]:
+        """(token, logprob entry) per row: the rows' logits processors, then sampling with each row's settings;
+        rows whose sampling call fails are failed (None). Logprobs come from the raw logits."""
+        row_logits = [r.logits for r in rows]
+        try:
+            logits_BV = process(raw_BV, row_logits)
+        except Exception as exc:  # processors failing (a bad setting that got through): these rows only
+            for r in rows:
+                if r.logits is not None:
+                    r.fail(exc)
+            logits_BV = raw_BV
         out: list[Optional[int]] = [None] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(rows):
@@ -358,4 +383,4 @@ class DecodeLoop:
                 continue
             for i, t in zip(idx, tokens):
                 out[i] = t
-        return out
+        return list(zip(out, logprob_entries(raw_BV, out, row_logits)))

@@ -3,7 +3,7 @@
 import pytest
 
 from raymoe.deployments import openai_api as oa
-from raymoe.deployments.protocol import Chat, RequestError
+from raymoe.deployments.protocol import Chat, RequestError, SamplingParams
 from raymoe.deployments.fake_engine import FakeEngine
 from raymoe.platform import metrics as M
 from raymoe.platform.chat import DEFAULT_CHAT_STOP
@@ -80,8 +80,7 @@ def test_semantic_errors():
         oa.parse(oa.ChatCompletionRequest, {"messages": []}).template_messages()
     with pytest.raises(RequestError, match="empty"):
         oa.parse(oa.CompletionRequest, {"prompt": []}).prompts()
-    with pytest.raises(RequestError, match="logprobs"):
-        oa.parse(oa.CompletionRequest, {"prompt": "a", "logprobs": 3}).check_supported()
+    oa.parse(oa.CompletionRequest, {"prompt": "a", "logprobs": 3}).check_supported()  # implemented now
     with pytest.raises(RequestError, match="only text content"):
         oa.parse(oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "x"}}]}]}).template_messages()
@@ -115,3 +114,49 @@ def test_build_app_rejects_bad_arguments_before_deploying():
         build_app({"checkpoint": "/x", "num_replica": 2})
     with pytest.raises(ValueError, match="not both"):
         build_app({"checkpoint": "/x", "num_replicas": 2, "autoscaling_config": {"max_replicas": 2}})
+
+
+@pytest.mark.parametrize("cls,body,param", [
+    (oa.CompletionRequest, {"prompt": "a", "suffix": "b"}, "suffix"),
+    (oa.CompletionRequest, {"prompt": "a", "logprobs": 1, "echo": True}, "echo"),   # prompt logprobs
+    (oa.CompletionRequest, {"prompt": "a", "best_of": 2, "n": 3}, "best_of"),
+    (oa.CompletionRequest, {"prompt": "a", "best_of": 2, "stream": True}, "best_of"),
+    (oa.CompletionRequest, {"prompt": "a", "best_of": 9}, "best_of"),
+    (oa.CompletionRequest, {"prompt": "a", "typo_penalty": 1}, "typo_penalty"),     # unknown: never ignored
+    (oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
+    (oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}],
+                                "response_format": {"type": "json_object"}}, "response_format"),
+    (oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "x"}]}, "tools"),
+    (oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}], "tool_choice": "auto"},
+     "tool_choice"),
+    (oa.CompletionRequest, {"prompt": "a", "logit_bias": {"e": 5}}, "logit_bias"),
+])
+def test_parameters_not_implemented_are_400s_naming_them(cls, body, param):
+    with pytest.raises(RequestError) as ei:
+        oa.parse(cls, body).check_supported()
+    assert (ei.value.status, ei.value.param) == (400, param)
+
+
+def test_sampling_parameters_reach_the_engine_params():
+    req = oa.parse(oa.CompletionRequest, {"prompt": "a", "presence_penalty": 0.5, "frequency_penalty": -1,
+                                          "repetition_penalty": 1.3, "logit_bias": {"101": -100, "7": 2.5},
+                                          "min_tokens": 3, "logprobs": 2, "best_of": 3, "user": "u",
+                                          "metadata": {"k": "v"}})
+    req.check_supported()
+    sp = req.sampling(16)
+    assert (sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty, sp.min_tokens, sp.logprobs) == (
+        0.5, -1, 1.3, 3, 2)
+    assert sp.logit_bias == {101: -100.0, 7: 2.5} and req.candidates() == 3
+    chat = oa.parse(oa.ChatCompletionRequest, {"messages": [{"role": "assistant", "content": "x", "refusal": None,
+                                                             "tool_calls": None}], "logprobs": True,
+                                               "top_logprobs": 4, "response_format": {"type": "text"}})
+    chat.check_supported()  # a reply sent back as the client got it (empty extras) is fine
+    assert chat.sampling(None).logprobs == 4
+    assert oa.parse(oa.ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}],
+                                               "logprobs": True}).sampling(None).logprobs == 0
+    for bad in ({"presence_penalty": 3}, {"repetition_penalty": 0}, {"logit_bias": {5: 101}},
+                {"logit_bias": {300: 1}}, {"min_tokens": 20}, {"logprobs": 21}):
+        name = next(iter(bad))
+        with pytest.raises(RequestError) as ei:
+            SamplingParams(**bad).validate(vocab_size=257)
+        assert ei.value.param == name
