@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="streaming: min seconds between two chunks of one stream (tokens in between are batched "
                         "into the next chunk); 0 = a chunk per token. Fewer, larger SSE events cost the server "
                         "less (benchmarks/serve_load.py --stream-interval)")
+    p.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY' (401 otherwise; "
+                   "/healthz stays open); default: $RAYMOE_API_KEY, else no key. The variable keeps the key out of "
+                   "the process list")
+    p.add_argument("--no-resource-check", action="store_true",
+                   help="deploy even when the cluster has fewer CPUs/GPUs than the replicas need (a cluster that "
+                        "adds nodes on demand); by default raymoe serve fails at once with needed vs available")
     p.add_argument("--direct-ingress", action="store_true",
                    help="Ray Serve's throughput-optimized mode (local Ray only): each ingress replica also answers "
                         "HTTP on its own port from --port+1 up, skipping the proxy hop (printed at start)")
@@ -209,7 +215,8 @@ def _cmd_serve(args) -> int:
     engine_flags = ("max_batch_size", "max_model_len", "max_waiting", "max_prefill_tokens", "reload_policy", "device",
                     "torch_threads")
     fields = {"checkpoint": args.checkpoint, "model_id": args.model_id, "stream_interval_s": args.stream_interval,
-              "engine": {k: getattr(args, k) for k in engine_flags if getattr(args, k) is not None}}
+              "engine": {k: getattr(args, k) for k in engine_flags if getattr(args, k) is not None},
+              "api_key": args.api_key, "check_resources": not args.no_resource_check}
     if args.engine:
         fields["engine_cls"] = args.engine  # otherwise ServeArgs picks the default for the ep_size
     if args.ep_size != 1:  # ServeArgs checks it (>= 1) and the shard settings
