@@ -8,6 +8,8 @@ import socket
 
 import pytest
 
+pytest_plugins = ["s3_server"]  # the s3_server fixture (tests/s3_server.py): a moto S3 server per session
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -6,7 +6,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-from s3_server import s3_server  # noqa: F401  (the session fixture)
 
 from raymoe.config import resolve_output_dir
 from raymoe.platform import storage
@@ -65,7 +64,7 @@ def test_file_operations(where):
     assert storage.list_files(root) == {}
 
 
-def test_run_outputs_upload_logs_of_a_remote_run(s3_server, tmp_path, monkeypatch):  # noqa: F811
+def test_run_outputs_upload_logs_of_a_remote_run(s3_server, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYMOE_RESULTS_DIR", str(tmp_path / "results"))
     uri = s3_server.uri(s3_server.bucket(), "runs")
     out = RunOutputs(uri, "r1")
