@@ -36,6 +36,7 @@ class RayEngineObserver(EngineObserver):
         self.running = make_ray_metric(M.SERVE_RUNNING)
         self.expert_load = make_ray_metric(M.SERVE_EXPERT_LOAD)
         self.reloads = make_ray_metric(M.SERVE_RELOADS)
+        self.checkpoint_step = make_ray_metric(M.SERVE_CHECKPOINT_STEP)
 
     def on_first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)
@@ -61,6 +62,10 @@ class RayEngineObserver(EngineObserver):
 
     def on_reload(self) -> None:
         self.reloads.inc()
+
+    def on_checkpoint_step(self, step: int) -> None:
+        """The training step of the served checkpoint (set by the server at start and after each reload)."""
+        self.checkpoint_step.set(step)
 
 
 class RequestCounter:

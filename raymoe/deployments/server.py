@@ -33,7 +33,7 @@ from raymoe.deployments.protocol import (Chat, EngineDeadError, EngineOverloaded
                                          GenerationChunk, RequestError, SamplingParams)
 
 logger = logging.getLogger("ray.serve")
-USER_CONFIG_KEYS = ("checkpoint", "reload_timeout_s")
+USER_CONFIG_KEYS = ("checkpoint", "reload_timeout_s", "follow", "follow_interval_s")
 
 
 def resolve_engine_cls(engine_cls: Union[str, type]) -> type:
@@ -95,6 +95,8 @@ class LLMServer:
         self.engine = cls(checkpoint, **dict(engine_args or {}), observer=observer)
         self.engine.start()
         self._loaded = _resolved(checkpoint)
+        self._observer, self._follower = observer, None
+        self._export_step()
         self.stream_interval_s = stream_interval_s
         self._reload_lock = asyncio.Lock()
         self._dead: Optional[EngineDeadError] = None
@@ -108,6 +110,10 @@ class LLMServer:
         unknown = sorted(set(cfg) - set(USER_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"user_config has unknown keys {unknown}; allowed: {list(USER_CONFIG_KEYS)}")
+        if cfg.get("follow"):  # serve while training: the follower reloads each newer committed checkpoint
+            self._follow(cfg["follow"], float(cfg.get("follow_interval_s", 2.0)),
+                         float(cfg.get("reload_timeout_s", 600.0)))
+            return
         target = cfg.get("checkpoint")
         if target is None or _resolved(target) == self._loaded:
             return
@@ -115,6 +121,32 @@ class LLMServer:
             logger.info(f"reloading weights from {target}")
             await asyncio.to_thread(self.engine.reload, target, float(cfg.get("reload_timeout_s", 600.0)))
             self._loaded = _resolved(target)
+        self._export_step()
+
+    def _follow(self, root: str, interval_s: float, timeout_s: float) -> None:
+        """Poll ``root`` for newer committed checkpoints (`raymoe.deployments.follow`) and reload each."""
+        from raymoe.deployments.follow import CheckpointFollower
+
+        async def reload(step_dir: str) -> None:
+            async with self._reload_lock:
+                if _resolved(step_dir) == self._loaded:
+                    return
+                logger.info(f"following {root}: reloading weights from {step_dir}")
+                await asyncio.to_thread(self.engine.reload, step_dir, timeout_s)
+                self._loaded = _resolved(step_dir)
+            self._export_step()
+
+        if self._follower is not None:
+            self._follower.stop()
+        self._follower = CheckpointFollower(root, reload, interval_s=interval_s, current=self._loaded)
+        self._follower.start()
+
+    def _export_step(self) -> None:
+        """The served checkpoint's training step as a metric (raymoe_serve_checkpoint_step)."""
+        step = getattr(self.engine, "step", None)
+        export = getattr(self._observer, "on_checkpoint_step", None)
+        if export is not None and step is not None:
+            export(step)
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -144,6 +176,9 @@ class LLMServer:
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         self._stopped.set()
+        if getattr(self, "_follower", None) is not None:
+            self._follower.stop()
+            self._follower = None
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown(timeout_s)
             self.engine = None

@@ -100,10 +100,13 @@ SERVE_EXPERT_LOAD = MetricDef(
     "Fraction of a layer's token-choices routed to an expert at inference (last window).", ("layer", "expert"),
 )
 SERVE_RELOADS = MetricDef("raymoe_serve_weight_reloads_total", "counter", "Live weight swaps (reconfigure).")
+SERVE_CHECKPOINT_STEP = MetricDef("raymoe_serve_checkpoint_step", "gauge",
+                                  "Training step of the checkpoint a replica serves (raymoe serve --follow: "
+                                  "advances as training commits checkpoints).")
 
 SERVING_METRICS = (
     SERVE_REQUESTS, SERVE_PROMPT_TOKENS, SERVE_GENERATED_TOKENS, SERVE_TTFT, SERVE_ITL, SERVE_REQUEST_LATENCY,
-    SERVE_BATCH_SIZE, SERVE_QUEUE_LENGTH, SERVE_RUNNING, SERVE_EXPERT_LOAD, SERVE_RELOADS,
+    SERVE_BATCH_SIZE, SERVE_QUEUE_LENGTH, SERVE_RUNNING, SERVE_EXPERT_LOAD, SERVE_RELOADS, SERVE_CHECKPOINT_STEP,
 )
 
 ALL_METRICS = TRAINING_METRICS + SERVING_METRICS
