@@ -34,11 +34,10 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from raymoe.deployments.engine_config import EngineConfig, config_cls_of
 
-API_KEY_ENV = "RAYMOE_API_KEY"
 DEFAULT_ENGINE = "raymoe.deployments.proc_engine:ProcessEngine"  # the Engine in a child process of the replica
 EP_ENGINE = "raymoe.deployments.engine:Engine"  # the default with ep_size > 1 (its shards are processes already)
 
@@ -50,6 +49,12 @@ class ServeArgs(BaseModel):
 
     checkpoint: Optional[str] = Field(None, description="checkpoint dir or a folder of them (its latest); "
                                                         "required by the real engine")
+    follow: Optional[str] = Field(None, description="serve while training: a run dir (its checkpoints/ folder), "
+                                  "a folder of checkpoints or a storage URI; replicas serve its latest committed "
+                                  "checkpoint and reload (engine.reload_policy, default drain) each newer one "
+                                  "training commits. Excludes checkpoint")
+    follow_interval_s: float = Field(2.0, gt=0, description="follow: seconds between two looks for a newer "
+                                     "committed checkpoint")
     model_id: str = Field("raymoe", description="model name in /v1/models and the 'model' field of requests")
     engine_cls: str = Field(DEFAULT_ENGINE, description="engine class 'module:Class' (injected into the replica; "
                             f"the default becomes {EP_ENGINE} with ep_size > 1); "
@@ -83,12 +88,6 @@ class ServeArgs(BaseModel):
     ep_shard_gpus: float = Field(0.0, ge=0, description="GPUs of each shard's placement-group bundle (ep_size > 1)")
     ep_placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="placement-group strategy of a replica and its shards (STRICT_PACK: one node)")
-    api_key: Optional[SecretStr] = Field(None, description="clients must send 'Authorization: Bearer <key>' "
-                                         f"(401 otherwise; /healthz stays open); default: ${API_KEY_ENV} of the "
-                                         "process that builds the app, else no key")
-    check_resources: bool = Field(True, description="before deploying, check that the cluster can ever place "
-                                  "the replicas (CPUs/GPUs per bundle and in total; "
-                                  "raymoe.deployments.resources); false on clusters that add nodes on demand")
     ep_redundant_experts: int = Field(0, ge=0, description="hot-expert replication (ep_size > 1): extra expert "
                                       "slots per shard and MoE layer, filled with copies of the most loaded "
                                       "experts from the observed routing (0: off)")
@@ -121,6 +120,8 @@ class ServeArgs(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
+        if self.follow is not None:
+            self._follow_latest()
         if self.ep_size > 1 and "engine_cls" not in self.model_fields_set:
             self.engine_cls = EP_ENGINE
         if self.engine_cls in (DEFAULT_ENGINE, EP_ENGINE) and not self.checkpoint:
@@ -136,9 +137,26 @@ class ServeArgs(BaseModel):
         if self.ep_size > 1 and bundles is not None and len(bundles) < self.ep_size + 1:
             raise ValueError(f"llm_server_options.placement_group_bundles has {len(bundles)} bundles; ep_size="
                              f"{self.ep_size} needs 1 (replica) + {self.ep_size} (shards)")
-        if self.checkpoint:  # replicas may start in another working directory
+        if self.checkpoint and "://" not in self.checkpoint:  # replicas may start in another working directory
             self.checkpoint = os.path.abspath(os.path.expanduser(self.checkpoint))
         return self
+
+    def _follow_latest(self) -> None:
+        """follow: the checkpoint folder it names, and its latest committed checkpoint as ``checkpoint`` (the
+        one replicas start from; each then follows the folder, `raymoe.deployments.follow`)."""
+        from raymoe.deployments.follow import follow_root, latest_committed
+
+        if self.checkpoint:
+            raise ValueError("set checkpoint or follow, not both: follow serves the latest committed checkpoint "
+                             "of the run")
+        self.follow = follow_root(os.path.expanduser(self.follow))
+        try:
+            self.checkpoint = latest_committed(self.follow)
+        except (OSError, ValueError):
+            self.checkpoint = None
+        if self.checkpoint is None:
+            raise ValueError(f"follow={self.follow}: no committed checkpoint there yet (a step_* dir with its "
+                             "manifest); start serving after training wrote its first checkpoint")
 
     def ingress_replicas_at_start(self) -> int:
         """Replicas of the HTTP-facing deployment when the app starts (OpenAIServer, or OpenAIIngress with
@@ -227,6 +245,8 @@ def llm_server_deployment(args: ServeArgs, single: bool = False):
         opts["num_replicas"] = args.num_replicas or 1
     if args.checkpoint:
         opts["user_config"] = {"checkpoint": args.checkpoint}
+    if args.follow:
+        opts["user_config"] = {"follow": args.follow, "follow_interval_s": args.follow_interval_s}
     if args.ep_size > 1:
         opts["placement_group_bundles"] = placement_bundles(args)
         opts["placement_group_strategy"] = args.ep_placement_strategy
@@ -240,25 +260,14 @@ def build_app(args: dict | ServeArgs | None = None):
 
     from raymoe.deployments.ingress import OpenAIIngress
 
-    import ray
-
-    from raymoe.deployments.ingress import api_key_digest
-    from raymoe.deployments.resources import check_resources
-
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
     engine_args = engine_args_of(a)
     check_engine_args(a.engine_cls, engine_args)
     if a.checkpoint:
         check_ep_size(a.checkpoint, a.ep_size)
-    if ray.is_initialized():  # `serve run` / a driver (raymoe serve checks after starting Ray)
-        check_resources(a)
-    # the replicas get the key's digest only: the key is in no deployment argument (nor in Serve's logs)
-    key = a.api_key.get_secret_value() if a.api_key is not None else os.environ.get(API_KEY_ENV)
-    digest = api_key_digest(key)
     if a.single_deployment:
         return llm_server_deployment(a, single=True).bind(a.engine_cls, engine_args, a.checkpoint,
-                                                          a.stream_interval_s, a.model_id, a.default_max_tokens,
-                                                          api_key_sha256=digest)
+                                                          a.stream_interval_s, a.model_id, a.default_max_tokens)
     server = llm_server_deployment(a).bind(a.engine_cls, engine_args, a.checkpoint, a.stream_interval_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=a.ingress_num_replicas,
@@ -266,7 +275,7 @@ def build_app(args: dict | ServeArgs | None = None):
         backpressure_config={"status_code": a.ingress_backpressure_status},
         ray_actor_options={"num_cpus": a.ingress_num_cpus},
     )
-    return ingress.bind(server, a.model_id, a.default_max_tokens, digest)
+    return ingress.bind(server, a.model_id, a.default_max_tokens)
 
 
 def _print(msg: str) -> None:
@@ -340,9 +349,6 @@ def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, 
         else:
             ray.init(address=address)
     try:
-        from raymoe.deployments.resources import check_resources
-
-        check_resources(args)  # fail now with the numbers, not wait for a placement that never comes
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=app_name, route_prefix="/")
         log(f"serving '{args.model_id}' on http://{host}:{port}/v1 (Ctrl-C to stop)")
