@@ -34,10 +34,11 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from raymoe.deployments.engine_config import EngineConfig, config_cls_of
 
+API_KEY_ENV = "RAYMOE_API_KEY"
 DEFAULT_ENGINE = "raymoe.deployments.proc_engine:ProcessEngine"  # the Engine in a child process of the replica
 EP_ENGINE = "raymoe.deployments.engine:Engine"  # the default with ep_size > 1 (its shards are processes already)
 
@@ -88,6 +89,12 @@ class ServeArgs(BaseModel):
     ep_shard_gpus: float = Field(0.0, ge=0, description="GPUs of each shard's placement-group bundle (ep_size > 1)")
     ep_placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         "PACK", description="placement-group strategy of a replica and its shards (STRICT_PACK: one node)")
+    api_key: Optional[SecretStr] = Field(None, description="clients must send 'Authorization: Bearer <key>' "
+                                         f"(401 otherwise; /healthz stays open); default: ${API_KEY_ENV} of the "
+                                         "process that builds the app, else no key")
+    check_resources: bool = Field(True, description="before deploying, check that the cluster can ever place "
+                                  "the replicas (CPUs/GPUs per bundle and in total; "
+                                  "raymoe.deployments.resources); false on clusters that add nodes on demand")
     ep_redundant_experts: int = Field(0, ge=0, description="hot-expert replication (ep_size > 1): extra expert "
                                       "slots per shard and MoE layer, filled with copies of the most loaded "
                                       "experts from the observed routing (0: off)")
@@ -260,14 +267,25 @@ def build_app(args: dict | ServeArgs | None = None):
 
     from raymoe.deployments.ingress import OpenAIIngress
 
+    import ray
+
+    from raymoe.deployments.ingress import api_key_digest
+    from raymoe.deployments.resources import check_resources
+
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
     engine_args = engine_args_of(a)
     check_engine_args(a.engine_cls, engine_args)
     if a.checkpoint:
         check_ep_size(a.checkpoint, a.ep_size)
+    if ray.is_initialized():  # `serve run` / a driver (raymoe serve checks after starting Ray)
+        check_resources(a)
+    # the replicas get the key's digest only: the key is in no deployment argument (nor in Serve's logs)
+    key = a.api_key.get_secret_value() if a.api_key is not None else os.environ.get(API_KEY_ENV)
+    digest = api_key_digest(key)
     if a.single_deployment:
         return llm_server_deployment(a, single=True).bind(a.engine_cls, engine_args, a.checkpoint,
-                                                          a.stream_interval_s, a.model_id, a.default_max_tokens)
+                                                          a.stream_interval_s, a.model_id, a.default_max_tokens,
+                                                          api_key_sha256=digest)
     server = llm_server_deployment(a).bind(a.engine_cls, engine_args, a.checkpoint, a.stream_interval_s)
     ingress = serve.deployment(OpenAIIngress).options(
         name="OpenAIIngress", num_replicas=a.ingress_num_replicas,
@@ -275,7 +293,7 @@ def build_app(args: dict | ServeArgs | None = None):
         backpressure_config={"status_code": a.ingress_backpressure_status},
         ray_actor_options={"num_cpus": a.ingress_num_cpus},
     )
-    return ingress.bind(server, a.model_id, a.default_max_tokens)
+    return ingress.bind(server, a.model_id, a.default_max_tokens, digest)
 
 
 def _print(msg: str) -> None:
@@ -349,6 +367,9 @@ def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, 
         else:
             ray.init(address=address)
     try:
+        from raymoe.deployments.resources import check_resources
+
+        check_resources(args)  # fail now with the numbers, not wait for a placement that never comes
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=app_name, route_prefix="/")
         log(f"serving '{args.model_id}' on http://{host}:{port}/v1 (Ctrl-C to stop)")
