@@ -6,6 +6,7 @@
     raymoe config [--config X] [--set ...] [--fields]
     raymoe report runs/tiny
     raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N] [--ep-size N] [--direct-ingress]
+    raymoe serve --follow runs/tiny [--follow-interval 2]     (serve while training: reload each committed checkpoint)
     raymoe checkpoint inspect runs/tiny/checkpoints [--verify]
     raymoe checkpoint reshard runs/tiny/checkpoints --workers 4 [--ep-size 4]
     raymoe export --checkpoint runs/tiny/checkpoints --out hf_model [--dtype bfloat16] [--max-shard-size 5GB]
@@ -47,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP endpoints on Ray Serve (blocks; Ctrl-C stops)")
     p.add_argument("--checkpoint", help="checkpoint folder or a folder of checkpoints (required by the real engine)")
+    p.add_argument("--follow", default=None, metavar="RUN_DIR_OR_STORAGE_URI",
+                   help="serve while training: serve the run's latest committed checkpoint and reload each newer "
+                        "one training commits (--reload-policy, default drain: no request fails); instead of "
+                        "--checkpoint")
+    p.add_argument("--follow-interval", type=float, default=2.0, help="seconds between two looks for a newer "
+                                                                      "checkpoint (with --follow)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-id", default="raymoe", help="model name clients put in 'model'")
@@ -70,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ep-size", type=int, default=1, help="expert-parallel shards per replica (InferenceShard actors "
                                                           "in the replica's placement group); 1 = whole model")
     p.add_argument("--ep-shard-cpus", type=float, default=1.0, help="CPUs reserved per shard (with --ep-size > 1)")
+    p.add_argument("--redundant-experts", type=int, default=0, help="hot-expert replication (with --ep-size > 1): "
+                   "extra expert slots per shard and MoE layer for copies of the most loaded experts (default 0)")
+    p.add_argument("--replan-interval", type=int, default=32, help="engine steps between two placements of the "
+                                                                   "expert copies (with --redundant-experts)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     p.add_argument("--address", default=None, help="Ray to use: 'local' (a new private instance; the default "
                                                    "unless RAY_ADDRESS is set), 'auto' or HOST:PORT of a cluster")
@@ -210,8 +221,9 @@ def _cmd_serve(args) -> int:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.num_replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.num_replicas):
         raise ValueError(f"need 1 <= --num-replicas <= --max-replicas; got {args.num_replicas}, {args.max_replicas}")
-    if not args.checkpoint and not args.engine:
-        raise ValueError("--checkpoint is required (or --engine, e.g. raymoe.deployments.fake_engine:FakeEngine)")
+    if not args.checkpoint and not args.engine and not args.follow:
+        raise ValueError("--checkpoint or --follow is required (or --engine, e.g. "
+                         "raymoe.deployments.fake_engine:FakeEngine)")
     engine_flags = ("max_batch_size", "max_model_len", "max_waiting", "max_prefill_tokens", "reload_policy", "device",
                     "torch_threads")
     fields = {"checkpoint": args.checkpoint, "model_id": args.model_id, "stream_interval_s": args.stream_interval,
@@ -219,8 +231,11 @@ def _cmd_serve(args) -> int:
               "api_key": args.api_key, "check_resources": not args.no_resource_check}
     if args.engine:
         fields["engine_cls"] = args.engine  # otherwise ServeArgs picks the default for the ep_size
-    if args.ep_size != 1:  # ServeArgs checks it (>= 1) and the shard settings
-        fields.update(ep_size=args.ep_size, ep_shard_cpus=args.ep_shard_cpus)
+    if args.follow:
+        fields.update(follow=args.follow, follow_interval_s=args.follow_interval)
+    if args.ep_size != 1 or args.redundant_experts:  # ServeArgs checks it (>= 1) and the shard settings
+        fields.update(ep_size=args.ep_size, ep_shard_cpus=args.ep_shard_cpus,
+                      ep_redundant_experts=args.redundant_experts, ep_replan_interval_steps=args.replan_interval)
     try:
         sargs = ServeArgs(**fields)
         eng = sargs.engine

@@ -144,3 +144,20 @@ def test_serve_follows_a_training_run(serve_url, ray_cluster, tmp_path):
         return fam is not None and any(s.value == 6 for s in fam.samples)
 
     wait_until(exported, timeout_s=T, interval_s=1.0)
+
+
+def test_cli_serve_follow_and_replication_flags(monkeypatch, tmp_path):
+    from raymoe.cli import main
+    from raymoe.deployments import app
+
+    ckpt = save_model(tmp_path / "run" / "checkpoints", spicy_model(0), step=5)
+    seen = {}
+    monkeypatch.setattr(app, "run_blocking", lambda sargs, **kw: seen.update(args=sargs))
+    assert main(["serve", "--follow", str(tmp_path / "run"), "--follow-interval", "0.5", "--ep-size", "2",
+                 "--redundant-experts", "1", "--replan-interval", "8", "--no-resource-check"]) == 0
+    a = seen["args"]
+    assert (a.follow, a.checkpoint, a.follow_interval_s) == (str(tmp_path / "run" / "checkpoints"), str(ckpt), 0.5)
+    assert (a.ep_size, a.ep_redundant_experts, a.ep_replan_interval_steps) == (2, 1, 8)
+    assert app.engine_args_of(a)["ep_options"]["redundant_experts"] == 1
+    assert main(["serve", "--follow", str(tmp_path / "nothing")]) == 2  # no committed checkpoint: one clear line
+    assert main(["serve", "--checkpoint", str(ckpt), "--redundant-experts", "1"]) == 2  # needs --ep-size > 1
