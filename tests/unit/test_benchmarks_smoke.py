@@ -82,3 +82,12 @@ def test_hf_models_quick_prints_ratios_and_where_decode_time_goes():
     text = _run("hf_models.py", "--quick", "--models", "mixtral-D512-E8-k2")
     assert "prefill tok/s (ours / hf)" in text and "mixtral-D512-E8-k2" in text
     assert "raymoe decode time: attention" in text and "memory floor" in text
+
+
+@pytest.mark.slow
+def test_paper_findings_quick_writes_verdicts_from_intervals(tmp_path):
+    text = _run("paper_findings.py", "--quick", "--out", str(tmp_path), timeout=600)
+    assert text.count("->") >= 5 and "wrote" in text
+    page = (tmp_path / "results.md").read_text()
+    assert "## The verdict rule (fixed before the runs)" in page and "## Investigations" in page
+    assert all((tmp_path / "img" / f"{k}.png").stat().st_size > 1000 for k in ("fig1", "phen1", "phen2", "fig4", "mos"))
