@@ -3,6 +3,12 @@ files in memory (exported for peers after a membership change, or kept as in-mem
 
 Any expert placement loads these files (experts are keyed by global id), so the survivors of a lost shard, or
 a grown world, re-form with a new layout from what the old one exports.
+
+With FSDP sharding (``cluster.dense_sharding`` / ``expert_sharding``) the undo copy holds this rank's shards
+only (the model's state_dict and the optimizer's state are DTensors), and the exported files are gathered to
+full tensors first, which is collective: every rank of a live world exports at once (the in-memory copies at
+each step boundary, growth). A world that lost a rank has lost that rank's shards, so recovery then reads the
+in-memory copies or the checkpoint, never the survivors' live state (:mod:`raymoe.actors.elastic`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,11 @@ import copy
 import tempfile
 from pathlib import Path
 
+import torch
+from torch.distributed.tensor import DTensor
+
 from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import fsdp
 
 
 class ShardState:
@@ -30,11 +40,19 @@ class ShardState:
         self._pending_step = step
 
     def _remember(self, optimizer, args, kwargs) -> None:
-        self._undo = {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+        self._undo = {"model": _clone_state(self.model.state_dict()),
                       "optimizer": copy.deepcopy(optimizer.state_dict()), "step": self._pending_step}
 
     def _applied(self, optimizer, args, kwargs) -> None:
         self.last_completed = self._pending_step
+
+    def undo_bytes(self) -> int:
+        """Bytes of the undo copy this rank holds (its shards when the model is sharded)."""
+        if self._undo is None:
+            return 0
+        opt = [v for st in self._undo["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)]
+        model = {id(v): v for v in self._undo["model"].values()}.values()  # tied weights once
+        return fsdp.local_bytes([*model, *opt])
 
     def rollback(self, step: int) -> int | None:
         """Undo the update of ``step`` if this shard applied it (the step failed on another shard)."""
@@ -47,7 +65,7 @@ class ShardState:
     def export_parts(self, step: int, dense: bool, experts: list[tuple[int, int]] | None = None) -> dict[str, bytes]:
         """This shard's state as checkpoint files: the dense part if ``dense``, and the expert files of
         ``experts`` ((layer, global id) pairs; None = all it holds)."""
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, fsdp.gathered(self.model, self.optimizer):
             path = ckpt.save_checkpoint(tmp, step, self.model, self.optimizer, write_dense=dense, rng=False,
                                         write_manifest=False)
             wanted = None if experts is None else {ckpt.expert_file_name(lid, g) for lid, g in experts}
@@ -66,4 +84,17 @@ class ShardState:
                 (path / rel).parent.mkdir(parents=True, exist_ok=True)
                 (path / rel).write_bytes(data)
             ckpt.finalize_checkpoint(path, step=step, expected_experts=experts_per_layer, update_latest=False)
-            ckpt.load_checkpoint(path, self.model, self.optimizer, restore_rng=False)
+            with fsdp.gathered(self.model, self.optimizer, write_back=True):
+                ckpt.load_checkpoint(path, self.model, self.optimizer, restore_rng=False)
+
+
+def _clone_state(state: dict) -> dict:
+    """A copy of a state dict; entries sharing memory (tied embedding and head) share one copy."""
+    copies, out = {}, {}
+    for k, v in state.items():
+        local = v.to_local() if isinstance(v, DTensor) else v
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape)) if local.numel() else k
+        if key not in copies:
+            copies[key] = v.detach().clone()
+        out[k] = copies[key]
+    return out

@@ -152,6 +152,31 @@ def relayout(rank: int, world: int, job: dict) -> dict:
     return {"losses": losses, "grad_norms": norms, "state": run.full_state()}
 
 
+def undo(rank: int, world: int, job: dict) -> dict:
+    """The elastic per-step undo copy (raymoe.actors.shard_state) of a possibly sharded model: two steps, then
+    a third that is rolled back and run again. Returns the losses, the state after step 2 and after the
+    rollback, the final state, and the bytes of the undo copy, of the parameters and of the AdamW state."""
+    from raymoe.actors.shard_state import ShardState
+    from raymoe.platform.fsdp import local_bytes
+
+    run = _Run(rank, world, job)
+    state = ShardState(run.model, run.opt, keep_undo=True)
+    for step in range(3):
+        state.begin_step(step)
+        run.steps(step, step + 1)
+        if step == 1:
+            after_two = run.full_state()
+    rolled = state.rollback(2)
+    undone = run.full_state()
+    state.begin_step(2)
+    run.steps(2, 3)
+    params = list(run.model.parameters())
+    return {"losses": run.losses, "grad_norms": run.norms, "rolled_back_to": rolled, "after_two": after_two, "undone": undone,
+            "state": run.full_state(), "undo_bytes": state.undo_bytes(), "param_bytes": local_bytes(params),
+            "buffer_bytes": local_bytes(run.model.buffers()),
+            "optim_bytes": local_bytes(v for st in run.opt.state.values() for v in st.values() if v.dim())}
+
+
 def zero_tokens(rank: int, world: int, job: dict) -> dict:
     """Experts with no tokens on a remote rank and a rank sending nothing: no hang, zero grads, no NaN."""
     from raymoe.platform import parallel
@@ -248,7 +273,7 @@ def _count_all_reduces(dispatcher) -> list[int]:
     return n
 
 
-JOBS = {"train": train, "relayout": relayout, "zero_tokens": zero_tokens, "uneven_tokens": uneven_tokens}
+JOBS = {"train": train, "relayout": relayout, "undo": undo, "zero_tokens": zero_tokens, "uneven_tokens": uneven_tokens}
 
 
 def _run_job(rank: int, world: int, job: dict):

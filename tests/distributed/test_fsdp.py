@@ -50,6 +50,9 @@ def runs(data_path, tmp_path_factory):
                                          dir=str(tmp_path_factory.mktemp("ckpt4")),
                                          phases=[dict(steps=1, ep=2, sharding=SHARD), dict(steps=1, ep=4),
                                                  dict(steps=1, ep=1, sharding=SHARD)]))]
+    world4 += [(f"undo{'s' if s else ''}/k1_drop", dict(kind="undo", config="k1_drop", data=d, ep=2,
+                                                          **({"sharding": SHARD} if s else {})))
+               for s in (False, True)]
     out = {}
     for world, jobs in ((2, world2), (4, world4)):
         per_rank = H.spawn(world, [j for _, j in jobs])
@@ -109,3 +112,17 @@ def test_bad_sharding_mode_names_the_field_and_the_choices():
         apply_sharding(None, ParallelLayout(1, {}), ProcessGroups(1, 0), dense="full")
     with pytest.raises(ValueError, match="cluster.expert_sharding.*'replicate'.*'shard'"):
         load_config(None, ["cluster.expert_sharding=zero3"])
+
+
+def test_undo_copy_of_a_sharded_model(runs):
+    # elastic's per-step undo copy holds this rank's shards: undoing step 3 restores the state after step 2
+    # exactly, running it again ends where the replicated run ends, and the copy costs one rank's shard
+    rep, shard = runs["w4/undo/k1_drop"], runs["w4/undos/k1_drop"]
+    for r in shard:
+        assert r["rolled_back_to"] == 1
+        for k, v in r["after_two"].items():
+            assert r["undone"][k].equal(v), k
+        _assert_same(rep[0], r, "undo")
+        # the shards of parameters and AdamW state, the (unsharded) buffers, AdamW's scalar step counts
+        assert r["undo_bytes"] <= r["param_bytes"] + r["optim_bytes"] + r["buffer_bytes"] + 1024
+    assert max(r["undo_bytes"] for r in shard) < 0.6 * rep[0]["undo_bytes"]
