@@ -6,7 +6,9 @@ it. The state the new layout needs is exported by the survivors as checkpoint fi
 placement loads them), the shards re-form a process group with expert-parallel sizes for the new world, and
 training resumes at that step with the same global batch (each shard runs more or fewer micro-batches).
 Experts with no live replica come from the in-memory copies (own + buddy, every ``cluster.buddy_interval``
-steps), else from the last checkpoint.
+steps), else from the last checkpoint. With FSDP sharding (``cluster.dense_sharding`` / ``expert_sharding``:
+shard) a lost shard takes its part of the state with it, so recovery always uses the in-memory copies
+(``buddy_interval: 1`` loses no step) or the checkpoint.
 """
 
 from __future__ import annotations
@@ -121,7 +123,9 @@ class Elastic:
         alive_sets = [g.expert_sets[g.shards.index(s)] for s in alive]
         g.gather([s.rollback.remote(step) for s in alive])
         resume, source, parts_ref, path = step, "replicas", None, None
-        if self._all_experts() <= set().union(*alive_sets):
+        # FSDP-sharded state died with the lost shard: the survivors hold no complete copy, the snapshots do
+        sharded = "shard" in (c.dense_sharding, c.expert_sharding)
+        if not sharded and self._all_experts() <= set().union(*alive_sets):
             parts_ref = self._export_state(alive, alive_sets, step)
         elif (snap := self._snapshot_parts(alive)) is not None:
             (resume, parts), source = snap, "buddy"

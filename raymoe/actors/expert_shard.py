@@ -20,6 +20,7 @@ import torch
 
 from raymoe.config import RaymoeConfig, config_from_dict
 from raymoe.platform import checkpoint as ckpt
+from raymoe.platform import fsdp
 from raymoe.platform.distributed import build_rank, join_world, leave_world, local_experts, shard_device
 from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model_io import gpt_config_from
@@ -118,8 +119,11 @@ class ExpertShard:
         return {"rank": rank, "experts": local_experts(parts_built.model), "device": str(device)}
 
     def load(self, path: str) -> int:
-        """Load weights + optimizer state from a checkpoint (any EP layout: experts are keyed by global id)."""
-        info = ckpt.load_checkpoint(path, self.trainer.model, self.trainer.optimizer, restore_rng=False)
+        """Load weights + optimizer state from a checkpoint (any EP layout: experts are keyed by global id;
+        FSDP-sharded state: every shard loads at once, see ``fsdp.gathered``)."""
+        t = self.trainer
+        with fsdp.gathered(t.model, t.optimizer, write_back=True):
+            info = ckpt.load_checkpoint(path, t.model, t.optimizer, restore_rng=False)
         return int(info["step"])
 
     # -- training -------------------------------------------------------------------------------------------
@@ -184,8 +188,10 @@ class ExpertShard:
         self.faults.arm(where, step)
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters on CPU (tests gather them to compare layouts)."""
-        return {k: v.detach().cpu().clone() for k, v in self.trainer.model.state_dict().items()}
+        """This rank's parameters on CPU (tests gather them to compare layouts), whole even when FSDP shards
+        them (then every shard must be asked at once)."""
+        with fsdp.gathered(self.trainer.model):
+            return {k: v.detach().cpu().clone() for k, v in self.trainer.model.state_dict().items()}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def check_health(self) -> dict:
