@@ -171,7 +171,7 @@ def train_one(job: dict) -> dict:
     records = read_records(summary["run_dir"])
     speeds = [r["tokens_per_s"] for r in records if r["step"] > 1]  # step 1 pays for warm-up
     moe = trainer.model.moe_modules()
-    return {
+    result = {
         "variant": job["variant"], "seed": job["seed"], "final_bpb": final["val_bpb"], "final_val": final["val_loss"],
         "val_tokens": val_tokens, "val_bytes": val_bytes,
         "curve": [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r],
@@ -183,6 +183,8 @@ def train_one(job: dict) -> dict:
         "k": trainer.model.config.moe.k if moe else 0, "residual": bool(moe) and trainer.model.config.moe.use_residual,
         "routing": routing_stats(records, cfg.train.steps),
     }
+    Path(summary["run_dir"], "paper_result.json").write_text(json.dumps(result))
+    return result
 
 
 def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dict[tuple[str, int], dict]:
@@ -206,7 +208,12 @@ def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dic
     results: dict[tuple[str, int], dict] = {}
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else None
     try:
-        submit = (lambda j: pool.submit(train_one, j)) if pool else (lambda j: _Done(train_one(j)))
+        def submit(j):  # a run finished by an earlier invocation with the same --runs-dir is read back
+            done = _result_file(runs_dir, j)
+            if done.is_file():
+                return _Done(json.loads(done.read_text()))
+            return pool.submit(train_one, j) if pool else _Done(train_one(j))
+
         futures = [(j, submit(j)) for j in order]
         teacher = futures[0][1].result()
         log(_line(teacher))
@@ -221,6 +228,10 @@ def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dic
         if pool:
             pool.shutdown(cancel_futures=True)
     return results
+
+
+def _result_file(runs_dir: Path, job: dict) -> Path:
+    return runs_dir / f"{job['variant']}_s{job['seed']}" / "paper_result.json"
 
 
 class _Done:
@@ -549,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="cuda: the same models with 10.24x the tokens per run (needs a GPU)")
     ap.add_argument("--out", default=None, help="folder for results.md and img/ (default: docs/, or a temp "
                                                  "folder with --quick)")
-    ap.add_argument("--runs-dir", default=None, help="keep the training runs here (default: a temp folder)")
+    ap.add_argument("--runs-dir", default=None, help="keep the training runs here (default: a temp folder); runs "
+                                                     "already finished there are read back, not trained again")
     ap.add_argument("--seeds", type=int, default=None, help="paired seeds per variant (default 5; 2 with --quick)")
     ap.add_argument("--jobs", type=int, default=2, help="training processes at a time (one thread each)")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="only redraw results.md and plots from the "
