@@ -36,6 +36,7 @@ import json
 import random
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -322,6 +323,16 @@ def _read(manifest: dict, rel: str, parse: bool = True):
         return st_load(data), meta
     except Exception as e:  # safetensors raises its own error type
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+
+
+def fetch_files(path_or_root, names, dest) -> Path:
+    """Verified local copies, in folder ``dest``, of those of ``names`` the committed checkpoint lists (for
+    readers that need local files, such as a tokenizer, when the checkpoint is at a storage URI)."""
+    manifest, dest = read_manifest(path_or_root), Path(dest)
+    for rel in [n for n in names if n in manifest["files"]]:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(_read(manifest, rel, parse=False))
+    return dest
 
 
 def verify_files(ckpt_dir, names) -> None:

@@ -4,7 +4,8 @@ Training (local and on Ray), evaluation, generation and serving all build their 
 described in exactly one way: the :class:`~raymoe.platform.model.GPTConfig` stored in every native checkpoint,
 or the one a Hugging Face folder's config.json maps to (:mod:`raymoe.platform.hf`). Wherever raymoe takes a
 checkpoint it takes either: ``checkpoint_config``, ``checkpoint_step``, ``load_weights`` and ``load_model``
-accept both.
+accept both. A native checkpoint may be at a storage URI (``s3://...``, see :mod:`raymoe.platform.storage`); a
+Hugging Face folder must be a local path.
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ from torch import nn
 
 from raymoe.config import RaymoeConfig, resolved_d_ff
 from raymoe.platform import checkpoint as ckpt
-from raymoe.platform import hf
+from raymoe.platform import hf, storage
 from raymoe.platform.model import GPT, GPTConfig
 
-is_hf_folder = hf.is_hf_folder
+
+
+def is_hf_folder(checkpoint) -> bool:
+    """True for a local Hugging Face model folder (a storage URI is always taken as a native checkpoint)."""
+    loc = storage.location(checkpoint)
+    return isinstance(loc, Path) and hf.is_hf_folder(loc)
 
 
 def gpt_config_from(cfg: RaymoeConfig) -> GPTConfig:
@@ -83,29 +89,31 @@ def model_config_of(info: dict, checkpoint: str | Path) -> GPTConfig:
 
 def checkpoint_config(checkpoint: str | Path) -> GPTConfig:
     """The model config of a native checkpoint (a step dir or a root: its latest) or a Hugging Face folder."""
-    if hf.is_hf_folder(checkpoint):
+    if is_hf_folder(checkpoint):
         return hf.config_from_folder(checkpoint)
     try:
         info = ckpt.read_manifest(checkpoint)
     except ckpt.CheckpointError as e:
-        raise ckpt.CheckpointError(f"{e}; a Hugging Face model folder needs a config.json") from None
+        hint = "must be a local path" if storage.is_remote(checkpoint) else "needs a config.json"
+        raise ckpt.CheckpointError(f"{e}; a Hugging Face model folder {hint}") from None
     return model_config_of(info, checkpoint)
 
 
 def checkpoint_step(checkpoint: str | Path) -> Optional[int]:
     """The training step of a native checkpoint; None for a Hugging Face folder."""
-    return None if hf.is_hf_folder(checkpoint) else ckpt.read_manifest(checkpoint).get("step")
+    return None if is_hf_folder(checkpoint) else ckpt.read_manifest(checkpoint).get("step")
 
 
-def checkpoint_dir(checkpoint: str | Path) -> Path:
-    """The folder that holds the weights: a Hugging Face folder itself, or the resolved step dir."""
-    return Path(checkpoint) if hf.is_hf_folder(checkpoint) else Path(ckpt.read_manifest(checkpoint)["path"])
+def checkpoint_dir(checkpoint: str | Path) -> storage.Location:
+    """The folder that holds the weights: a Hugging Face folder itself, or the resolved step dir (a
+    ``RemotePath`` for a checkpoint at a storage URI)."""
+    return Path(checkpoint) if is_hf_folder(checkpoint) else ckpt.read_manifest(checkpoint)["path"]
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """Fill ``model`` (whole or an expert-parallel shard: only its experts are read) from a native checkpoint
     (no optimizer, no RNG) or a Hugging Face folder (tensors converted to the model's dtype)."""
-    if hf.is_hf_folder(checkpoint):
+    if is_hf_folder(checkpoint):
         hf.load_weights(model, checkpoint)
     else:
         ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
@@ -113,7 +121,7 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
 
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> GPT:
     """Build a model from the config stored in a checkpoint (native or Hugging Face) and load its weights."""
-    if hf.is_hf_folder(checkpoint):
+    if is_hf_folder(checkpoint):
         return hf.load_hf_model(checkpoint, device=device)
     model = GPT(checkpoint_config(checkpoint))
     ckpt.load_checkpoint(checkpoint, model, restore_rng=False)

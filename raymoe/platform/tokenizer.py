@@ -314,19 +314,46 @@ def _checkpoint_dir(path: Path) -> Path | None:
 
 
 def is_raymoe_checkpoint(path: PathLike) -> bool:
-    """True for a raymoe checkpoint: a step dir with a manifest, or a folder of step dirs."""
+    """True for a raymoe checkpoint: a step dir with a manifest, or a folder of step dirs (at any location)."""
+    from raymoe.platform import storage
     from raymoe.platform.checkpoint import LATEST, MANIFEST
 
-    p = Path(path)
+    p = storage.location(path)
+    if storage.is_remote(p):
+        names = storage.list_dir(p)
+        return MANIFEST in names or LATEST in names or any(n.startswith("step_") for n in names)
     return p.is_dir() and ((p / MANIFEST).is_file() or (p / LATEST).is_file()
                            or any(c.name.startswith("step_") and c.is_dir() for c in p.iterdir()))
+
+
+def _remote_checkpoint_tokenizer(path) -> Tokenizer:
+    """The tokenizer of a raymoe checkpoint at a storage URI: its files, verified, copied here first."""
+    import tempfile
+
+    from raymoe.platform import storage
+    from raymoe.platform.checkpoint import fetch_files
+
+    if not is_raymoe_checkpoint(path):
+        raise FileNotFoundError(f"tokenizer source {str(path)!r}: no raymoe checkpoint there (at a storage URI "
+                                "only a raymoe checkpoint's tokenizer is read)")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = fetch_files(path, TOKENIZER_FILES, Path(tmp) / (storage.location(path).name or "checkpoint"))
+        if not folder.is_dir():  # a checkpoint without tokenizer files: trained with the byte tokenizer
+            return ByteTokenizer()
+        return load_tokenizer(folder)
 
 
 def load_tokenizer(path: PathLike) -> Tokenizer:
     """The tokenizer of a raymoe checkpoint (a step dir or a folder of them: its latest), of a Hugging Face model
     folder, or of any folder holding ``tokenizer.json`` (or that file itself). A raymoe checkpoint without
     tokenizer files (written before checkpoints carried them) gives the byte tokenizer; a checkpoint's files are
-    checked against its manifest."""
+    checked against its manifest; one at a storage URI (``s3://...``) too."""
+    if "://" in str(path):
+        from raymoe.platform import storage
+
+        if storage.is_remote(path):
+            return _remote_checkpoint_tokenizer(path)
+        path = storage.location(path)  # file://
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer source {str(p)!r} does not exist")

@@ -1,0 +1,51 @@
+"""Local training with run.output_dir at an S3 URI (moto server, tests/s3_server.py): checkpoints and logs go to
+the bucket, a run resumed on a machine without the local log copy continues exactly, and model_io loads the
+checkpoint from the URI."""
+
+import json
+
+import torch
+from test_trainer import TINY
+
+from raymoe.cli import main
+from raymoe.platform import checkpoint as ck
+from raymoe.platform import storage
+from raymoe.platform.model_io import checkpoint_step, load_model
+from raymoe.platform.tokenizer import ByteTokenizer, load_tokenizer
+
+
+def _train(output_dir, name, cache, *extra):
+    argv = ["train"]
+    for s in TINY + [f"run.output_dir={output_dir}", f"run.name={name}", f"data.cache_dir={cache}",
+                     "checkpoint.interval=2", "checkpoint.keep_last=1",
+                     "train.lr=3e-3", "train.min_lr=3e-3", *extra]:  # a constant rate: a 2-step run is a 4-step run's start
+        argv += ["--set", s]
+    assert main(argv) == 0
+
+
+def test_local_training_to_s3_resumes_and_loads(s3_server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAYMOE_RESULTS_DIR", str(tmp_path / "results"))  # the local copy of the logs
+    cache = tmp_path / "cache"
+    _train(tmp_path / "runs", "ref", cache, "train.steps=4")  # the uninterrupted run, on a local path
+
+    uri = s3_server.uri(s3_server.bucket(), "runs")
+    _train(uri, "r", cache, "train.steps=2")
+    run = storage.RunOutputs(uri, "r")
+    assert [ck.read_manifest(p)["step"] for p in ck.list_checkpoints(run.checkpoints)] == [2]
+    assert storage.is_file(run.location / "summary.json") and storage.is_file(run.location / "loss.png")
+    storage.remove_tree(run.local)  # resume where the first run's local log copy is not: it comes back first
+    _train(uri, "r", cache, "train.steps=4", "checkpoint.resume=must")
+    assert "resumed from s3://" in capsys.readouterr().out
+
+    assert [ck.read_manifest(p)["step"] for p in ck.list_checkpoints(run.checkpoints)] == [4]  # step 2 pruned
+    records = [json.loads(line) for line in storage.read_text(run.location / "metrics.jsonl").splitlines()]
+    ref_records = [json.loads(line) for line in (tmp_path / "runs" / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 5))
+    assert [r["loss"] for r in records] == [r["loss"] for r in ref_records]  # the resume continued exactly
+    model = load_model(str(run.checkpoints))
+    ref = load_model(tmp_path / "runs" / "ref" / "checkpoints")
+    for (name, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert checkpoint_step(str(run.checkpoints)) == 4
+    assert isinstance(load_tokenizer(str(run.checkpoints)), ByteTokenizer)
+    assert ck.inspect_checkpoint(str(run.checkpoints), verify=True)["step"] == 4
