@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from raymoe.platform.moe.replication import plan_placement
+from raymoe.platform.moe.replication import replan_placement
 from raymoe.platform.runner import Pending
 
 
@@ -240,10 +240,13 @@ class EPRunner:
 
     def replan(self) -> dict[int, list[int]]:
         """Plan a placement per MoE layer from the load seen since the last plan plus half the load behind the
-        last plan, and install it if it changed (between steps; running rows are kept). Returns it."""
+        last plan, and install it if it changed (between steps; running rows are kept). A layer keeps its
+        placement unless the new one lowers its busiest shard's load by 5% (`replan_placement`): moving copies
+        costs weight transfers. Returns the placements."""
         load = {lid: w + 0.5 * self._load[lid] if lid in self._load else w for lid, w in self._window.items()}
         self._load, self._window, self._steps_since_plan = load, {}, 0
-        plan = {lid: plan_placement(v.tolist(), self.ep_size, self.redundant_experts) for lid, v in load.items()}
+        plan = {lid: replan_placement(self.placements.get(lid), v.tolist(), self.ep_size, self.redundant_experts)
+                for lid, v in load.items()}
         if plan != self.placements:
             self.set_placement(plan)
         return plan
@@ -269,12 +272,12 @@ class EPRunner:
         import ray
 
         if self._broken is not None:
-            raise RuntimeError(f"expert-parallel group is broken: {self._broken!r}")
+            raise self._dead()
         try:
             return ray.get([getattr(s, method).remote(*args) for s in self.shards], timeout=self.timeout_s)
         except BaseException as exc:
             self._broken = exc
-            raise
+            raise self._dead() from exc
 
     def keep_rows(self, keep: Sequence[int]) -> None:
         """Keep rows ``keep`` (ascending); each shard keeps its own of them at its next step."""

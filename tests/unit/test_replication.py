@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import gloo_world  # noqa: E402  (tests/gloo_world.py)
-from raymoe.platform.moe.replication import EMPTY, copies_of, home_placement, plan_placement, shard_loads
+from raymoe.platform.moe.replication import (EMPTY, copies_of, home_placement, plan_placement, replan_placement,
+                                              shard_loads)
 
 X = EMPTY
 
@@ -92,3 +93,15 @@ def test_replicated_layer_equals_plain_layer_ep2():
     # rows of experts 0 and 3 went to both their copies (home slot and the other rank's redundant slot)
     load = out[0][0]["load"] + out[1][0]["load"]
     assert all(load[p] > 0 for p in (0, 2, 4, 5))
+
+
+def test_replan_keeps_the_placement_unless_the_new_one_gains_enough():
+    current = [0, 1, X, 2, 3, 0]
+    # the load moved a little (expert 0: 10 -> 9): the fresh plan is the same copy; no change either way
+    assert replan_placement(current, [9, 2, 1, 1], 2, 1) == current
+    # expert 2 became the hot one: copying it instead lowers the busiest shard from 2 + 10 to 1 + 5 + 1
+    assert replan_placement(current, [1, 1, 10, 2], 2, 1) == [0, 1, 2, 2, 3, X]
+    # copies of experts 0 and 2 lower the busiest shard from 8 to 6.5 (19%): enough for the default 5%, not
+    # for 50%
+    assert replan_placement(None, [6, 2, 3, 1], 2, 1) == [0, 1, 2, 2, 3, 0]
+    assert replan_placement(None, [6, 2, 3, 1], 2, 1, min_gain=0.5) == [0, 1, X, 2, 3, X]

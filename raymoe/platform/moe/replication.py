@@ -82,6 +82,18 @@ def plan_placement(load: Sequence[float], ep_size: int, redundant: int) -> list[
     return placement
 
 
+def replan_placement(current: Sequence[int] | None, load: Sequence[float], ep_size: int, redundant: int,
+                     min_gain: float = 0.05) -> list[int]:
+    """:func:`plan_placement` for ``load``, unless it lowers the busiest shard's expected load by less than
+    ``min_gain`` (a fraction) against ``current`` (None: no copies): then ``current``. Moving copies costs a
+    weight transfer, and small load changes between plans would otherwise move them back and forth."""
+    current = home_placement(len(load), ep_size, redundant) if current is None else list(current)
+    plan = plan_placement(load, ep_size, redundant)
+    if max(shard_loads(plan, load, ep_size)) < (1.0 - min_gain) * max(shard_loads(current, load, ep_size)):
+        return plan
+    return current
+
+
 def _one_more_copy(placement: list[int], load: Sequence[float], ep_size: int, per: int) -> list[int] | None:
     """Take the busiest shard and its experts by load per copy, largest first; the first one whose extra
     copy, on the least-loaded shard with an empty slot and no copy of it yet, lowers the busiest shard's load
