@@ -82,7 +82,7 @@ class LLMServer:
     """
 
     watch_interval_s = 1.0
-    dead_exit_delay_s = 0.5
+    dead_exit_delay_s = 0.25
 
     def __init__(self, engine_cls: Union[str, type] = "raymoe.deployments.engine:Engine",
                  engine_args: Optional[dict] = None, checkpoint: Optional[str] = None,
