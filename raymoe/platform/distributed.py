@@ -82,8 +82,11 @@ def build_rank(cfg: RaymoeConfig, model_config: GPTConfig, rank: int, world: int
     apply_activation_checkpointing(model, t.activation_checkpointing)
     model.to(device)
     # cluster.dense_sharding / expert_sharding: FSDP2 around the loaded model, before the optimizer holds it
-    fsdp.apply_sharding(model, layout, groups, dense=cfg.cluster.dense_sharding, experts=cfg.cluster.expert_sharding,
-                        device=device)
+    c = cfg.cluster
+    if fsdp.apply_sharding(model, layout, groups, dense=c.dense_sharding, experts=c.expert_sharding, device=device):
+        if rank == 0:
+            print(f"FSDP2 over {world} shards: dense {c.dense_sharding}, experts {c.expert_sharding} "
+                  f"({fsdp.local_bytes(model.parameters())} parameter bytes on rank 0)", flush=True)
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                                 device_type=device.type)
     # the dense part comes from rank 0; experts from the first expert-data-parallel replica of any layer (with
