@@ -12,7 +12,6 @@ workers need no environment of their own.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -40,16 +39,12 @@ class S3Server:
         return name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_s3_server(timeout_s: float = 30.0) -> S3Server:
     """Start moto's server on a free port of 127.0.0.1; returns once it answers (RuntimeError after
     ``timeout_s``)."""
-    port = _free_port()
+    from gloo_world import free_port  # (imports torch: not at plugin load)
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout_s

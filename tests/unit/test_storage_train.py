@@ -3,9 +3,13 @@ the bucket, a run resumed on a machine without the local log copy continues exac
 checkpoint from the URI."""
 
 import json
+from types import SimpleNamespace
 
+import gloo_world
 import torch
 from test_trainer import TINY
+
+from raymoe.actors.inference_shard import InferenceShard
 
 from raymoe.cli import main
 from raymoe.platform import checkpoint as ck
@@ -21,6 +25,15 @@ def _train(output_dir, name, cache, *extra):
                      "train.lr=3e-3", "train.min_lr=3e-3", *extra]:  # a constant rate: a 2-step run is a 4-step run's start
         argv += ["--set", s]
     assert main(argv) == 0
+
+
+def _ep_shard_experts(rank, world, job):
+    """What an expert-parallel serving shard of rank ``rank`` loads from the checkpoint (its own loading code)."""
+    shard = SimpleNamespace(rank=rank, world=world, device=torch.device("cpu"), redundant_experts=0)
+    model, step = InferenceShard._load(shard, job["checkpoint"])
+    return {"step": step, **{f"{m.layer_id}.{k}": v for m in model.moe_modules()
+                             for k, v in m.experts.state_dict().items()},
+            "ids": {m.layer_id: list(m.experts.global_expert_ids) for m in model.moe_modules()}}
 
 
 def test_local_training_to_s3_resumes_and_loads(s3_server, tmp_path, monkeypatch, capsys):
@@ -49,3 +62,12 @@ def test_local_training_to_s3_resumes_and_loads(s3_server, tmp_path, monkeypatch
     assert checkpoint_step(str(run.checkpoints)) == 4
     assert isinstance(load_tokenizer(str(run.checkpoints)), ByteTokenizer)
     assert ck.inspect_checkpoint(str(run.checkpoints), verify=True)["step"] == 4
+
+    # each of 2 expert-parallel serving shards reads only its experts from the bucket
+    full = {m.layer_id: m.experts.state_dict() for m in model.moe_modules()}
+    for rank, [got] in enumerate(gloo_world.spawn(2, _ep_shard_experts, [{"checkpoint": str(run.checkpoints)}])):
+        assert got["step"] == 4 and got["ids"]
+        for lid, ids in got["ids"].items():
+            assert ids == [2 * rank, 2 * rank + 1]
+            for k, rows in full[lid].items():
+                assert torch.equal(got[f"{lid}.{k}"], rows[ids[0]:ids[-1] + 1]), (rank, lid, k)
