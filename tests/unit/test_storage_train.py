@@ -71,3 +71,28 @@ def test_local_training_to_s3_resumes_and_loads(s3_server, tmp_path, monkeypatch
             assert ids == [2 * rank, 2 * rank + 1]
             for k, rows in full[lid].items():
                 assert torch.equal(got[f"{lid}.{k}"], rows[ids[0]:ids[-1] + 1]), (rank, lid, k)
+
+
+def test_export_from_s3(s3_server, tmp_path):
+    """`raymoe export` of a checkpoint in a bucket: the weights and the checkpoint's tokenizer files."""
+    from test_hf_models import hf_dict
+
+    from raymoe.cli import main as cli_main
+    from raymoe.platform import hf
+    from raymoe.platform.model import GPT
+
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hf_dict("mixtral")))
+    torch.manual_seed(0)
+    model = GPT(hf.config_from_folder(folder))
+    root = storage.location(s3_server.uri(s3_server.bucket(), "ckpts"))
+    step = ck.save_checkpoint(root, 3, model, rng=False, write_manifest=False)
+    storage.write_bytes(step / "tokenizer_config.json", b'{"eos_token": "<e>"}')
+    ck.finalize_checkpoint(step, extra={"model_config": model.config.to_dict()})
+    out = tmp_path / "hf"
+    assert cli_main(["export", "--checkpoint", str(root), "--out", str(out)]) == 0
+    assert (out / "tokenizer_config.json").read_text() == '{"eos_token": "<e>"}'
+    back = hf.load_hf_model(out)
+    for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -117,5 +117,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, **kwargs) -> Path
 
     model = model_io.load_model(checkpoint)
     src = model_io.checkpoint_dir(checkpoint)
-    sources = [src, src / "tokenizer"]
-    return export_model(model, out, sources=[*kwargs.pop("sources", ()), *sources], **kwargs)
+    if isinstance(src, Path):
+        return export_model(model, out, sources=[*kwargs.pop("sources", ()), src, src / "tokenizer"], **kwargs)
+    import tempfile
+
+    from raymoe.platform.checkpoint import fetch_files
+
+    with tempfile.TemporaryDirectory() as tmp:  # a checkpoint at a storage URI: its side files, verified, here
+        local = fetch_files(src, TOKENIZER_FILES + (GENERATION_CONFIG,), tmp)
+        return export_model(model, out, sources=[*kwargs.pop("sources", ()), local], **kwargs)
