@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -71,8 +72,12 @@ def test_cli_serve_flags_fill_the_engine_config(monkeypatch, tmp_path):
     assert type(seen["args"].engine).__name__ == "FakeEngineConfig" and seen["args"].engine.max_batch_size == 2
 
 
-def _get(url: str, timeout: float = 5.0) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+KEY = "sk-cli-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _get(url: str, timeout: float = 5.0, headers=AUTH) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -80,14 +85,17 @@ def _get(url: str, timeout: float = 5.0) -> dict:
 @pytest.mark.parametrize("direct", [False, True])
 def test_cli_serve_answers_then_ctrl_c_shuts_down(tmp_path, direct):
     """A separate Ray instance in a subprocess (its own session), like a user's terminal. With --direct-ingress
-    the replica also answers on its own port (Serve's throughput-optimized mode), with the same results."""
+    the replica also answers on its own port (Serve's throughput-optimized mode), with the same results. The API
+    key (--api-key, or $RAYMOE_API_KEY with --direct-ingress) is enforced on both ports."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if direct:
+        env["RAYMOE_API_KEY"] = KEY
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "raymoe.cli", "serve", "--engine", FAKE, "--port", str(port),
                              "--model-id", "cli", "--num-cpus", "2", "--address", "local",
-                             *(["--direct-ingress"] if direct else [])], stdout=log,
+                             *(["--direct-ingress"] if direct else ["--api-key", KEY])], stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, env=env)
     ready = "direct ingress" if direct else "serving 'cli' on http://127.0.0.1"
     try:
@@ -96,16 +104,20 @@ def test_cli_serve_answers_then_ctrl_c_shuts_down(tmp_path, direct):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
         assert _get(f"http://127.0.0.1:{port}/v1/models")["data"][0]["id"] == "cli"
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            _get(f"http://127.0.0.1:{port}/v1/models", headers={})
         if direct:
             line = next(x for x in (tmp_path / "serve.log").read_text().splitlines() if "direct ingress" in x)
             url = line.split(": ", 1)[1].strip()
             assert url == f"http://127.0.0.1:{port + 1}/v1"
             assert _get(f"{url}/models")["data"][0]["id"] == "cli"
+            with pytest.raises(urllib.error.HTTPError, match="401"):  # the replica's own port checks the key too
+                _get(f"{url}/models", headers={})
             body = json.dumps({"model": "cli", "prompt": "abc", "max_tokens": 4, "temperature": 0}).encode()
             answers = []
             for base in (f"http://127.0.0.1:{port}/v1", url):
                 req = urllib.request.Request(f"{base}/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
+                                             headers={"Content-Type": "application/json", **AUTH})
                 with urllib.request.urlopen(req, timeout=30) as r:
                     answers.append(json.loads(r.read())["choices"][0]["text"])
             assert answers[0] == answers[1] and answers[0]
@@ -117,4 +129,4 @@ def test_cli_serve_answers_then_ctrl_c_shuts_down(tmp_path, direct):
             proc.wait(10)
         log.close()
     text = (tmp_path / "serve.log").read_text()
-    assert "shutting down" in text and "stopped" in text and "Traceback" not in text
+    assert "shutting down" in text and "stopped" in text and "Traceback" not in text and KEY not in text
