@@ -81,7 +81,7 @@ class ModelConfig(_Section):
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
     init_from: str | None = Field(
         None, description="Start training (or fine-tuning) from this Hugging Face model folder (Mixtral, "
-        "Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) or raymoe checkpoint: it sets the architecture and the first "
+        "Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) or raymoe checkpoint (also at a storage URI): it sets the architecture and the first "
         "weights. Leave the other model/moe fields unset, except model.block_size (the training context), "
         "model.dropout, moe.aux_loss_coef and moe.z_loss_coef; its tokenizer is the run's unless the tokenizer "
         "section is set. A resumed checkpoint wins over it.",
@@ -308,7 +308,8 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(2, ge=1, description="Checkpoints to keep; older ones are deleted.")
     resume: bool | str = Field(
         False, description="false; true: resume from the run folder's latest checkpoint, or start at step 0 with a "
-        "warning when there is none; 'must': the same, but fail when there is none; or a checkpoint path."
+        "warning when there is none; 'must': the same, but fail when there is none; or a checkpoint path or "
+        "storage URI (s3://...)."
     )
 
 
