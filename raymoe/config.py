@@ -81,8 +81,8 @@ class ModelConfig(_Section):
     tie_embeddings: bool = Field(True, description="Share the token embedding with the output projection.")
     init_from: str | None = Field(
         None, description="Start training (or fine-tuning) from this Hugging Face model folder (Mixtral, "
-        "Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) or raymoe checkpoint (also at a storage URI): it sets the architecture and the first "
-        "weights. Leave the other model/moe fields unset, except model.block_size (the training context), "
+        "Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3) or raymoe checkpoint (also at a storage URI): it sets the "
+        "architecture and the first weights. Leave the other model/moe fields unset, except model.block_size (the training context), "
         "model.dropout, moe.aux_loss_coef and moe.z_loss_coef; its tokenizer is the run's unless the tokenizer "
         "section is set. A resumed checkpoint wins over it.",
     )

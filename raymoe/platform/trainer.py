@@ -81,7 +81,8 @@ class LocalTrainer:
         if source is None:
             if self.cfg.checkpoint.resume is True:
                 print(f"WARNING: checkpoint.resume=true but there is no checkpoint in "
-                      f"{storage.absolute(self.trainer.ckpt_dir)}: starting at step 0 (checkpoint.resume=must fails instead)",
+                      f"{storage.absolute(self.trainer.ckpt_dir)}: starting at step 0 (checkpoint.resume=must fails "
+                      "instead)",
                       file=sys.stderr, flush=True)
             return 0
         info = ckpt.load_checkpoint(source, self.model, self.optimizer)

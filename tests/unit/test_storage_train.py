@@ -22,7 +22,7 @@ def _train(output_dir, name, cache, *extra):
     argv = ["train"]
     for s in TINY + [f"run.output_dir={output_dir}", f"run.name={name}", f"data.cache_dir={cache}",
                      "checkpoint.interval=2", "checkpoint.keep_last=1",
-                     "train.lr=3e-3", "train.min_lr=3e-3", *extra]:  # a constant rate: a 2-step run is a 4-step run's start
+                     "train.lr=3e-3", "train.min_lr=3e-3", *extra]:  # constant: 2 steps start a 4-step run
         argv += ["--set", s]
     assert main(argv) == 0
 
