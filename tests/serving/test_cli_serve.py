@@ -130,3 +130,25 @@ def test_cli_serve_answers_then_ctrl_c_shuts_down(tmp_path, direct):
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "shutting down" in text and "stopped" in text and "Traceback" not in text and KEY not in text
+
+
+def test_documented_requests_name_the_model_the_server_serves():
+    """The README's and serving.md's example requests, copied, reach the model `raymoe serve` and the Serve
+    configs serve (they once said raymoe-tiny to a server serving raymoe: 404)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from raymoe.deployments.app import ServeArgs
+
+    root = Path(__file__).parents[2]
+    served = {ServeArgs.model_fields["model_id"].default}
+    for name in ("serve_local.yaml", "serve_ep.yaml"):
+        served.add(yaml.safe_load((root / "cluster_configs" / name).read_text())["applications"][0]["args"]
+                   .get("model_id", "raymoe"))
+    assert served == {"raymoe"}
+    for doc in ("README.md", "docs/serving.md"):
+        text = (root / doc).read_text()
+        named = {a or b for a, b in re.findall(r'"model": "([^"]+)"|model="([^"]+)"', text)}
+        assert named == served, (doc, named)
