@@ -125,3 +125,19 @@ def test_best_of_keeps_the_candidates_with_the_highest_cumulative_logprob():
     best = OpenAIIngress._best(req, jobs, results)
     assert [r["text"] for _, r in best] == ["1", "2", "5", "3"] and [j["index"] for j, _ in best] == [0, 1, 2, 3]
     assert all("logprobs" not in r for _, r in best)  # asked for by best_of only: not returned
+
+
+def test_the_settings_and_logprobs_cross_the_engine_process(engine, checkpoints):
+    """The default engine runs in a child process: the settings go there and the logprobs come back."""
+    from raymoe.deployments.proc_engine import ProcessEngine
+
+    proc = ProcessEngine(str(checkpoints["a"]), config=EngineConfig(max_batch_size=2))  # spicy_model(0)'s weights
+    proc.start()
+    try:
+        sp = greedy(max_tokens=8, logprobs=2, logit_bias={ord("l"): -100}, frequency_penalty=1.0, min_tokens=2)
+        got, want = proc.generate_sync("hello", sp), engine.generate_sync("hello", sp)
+    finally:
+        proc.shutdown(5)
+    assert got.token_ids == want.token_ids and len(got.logprobs) == 8
+    assert [e[1] for e in got.logprobs] == pytest.approx([e[1] for e in want.logprobs], abs=1e-4)
+    assert [[t for t, _ in e[2]] for e in got.logprobs] == [[t for t, _ in e[2]] for e in want.logprobs]
