@@ -15,8 +15,10 @@ Each `DecodeLoop.step`:
    (``runner.mixed_step``), the new prompts and the running rows' next tokens share one forward;
 3. otherwise, when rows were running before this step, runs one decode step for every running row (one
    token each);
-4. samples per row with the row's temperature / top_k / top_p and random generator (rows that share a
-   generator and settings are sampled in one call) and applies its stop rules (`_RowState`: stop tokens, stop
+4. applies the rows' logits processors (penalties, logit_bias, min_tokens: `raymoe.platform.logits`, batched
+   over the rows that set any; rows at the defaults are untouched), samples per row with the row's
+   temperature / top_k / top_p and random generator (rows that share a generator and settings are sampled in
+   one call), records the logprobs of rows that ask (raw model distribution) and applies its stop rules (`_RowState`: stop tokens, stop
    sequences of ids with hold-back, max_new_tokens; with a `raymoe.platform.detokenize.TextStream`, stop strings
    matched on the detokenized text), handing released tokens and their text to ``Row.emit``.
 
