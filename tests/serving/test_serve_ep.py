@@ -21,6 +21,7 @@ from serving_helpers import save_model, spicy_model, wait_until  # noqa: E402
 T = 60  # seconds: bound on every call
 PROMPTS = ["hello", "a", "The quick brown fox", "xyz" * 6, "q", "Mixture of experts", "0123456789"]
 N_TOKENS = [20, 7, 30, 12, 25, 3, 18]  # rows leave at different steps, so shards lose rows unevenly
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
 
 def staggered(engine) -> list[list[int]]:
@@ -33,6 +34,17 @@ def staggered(engine) -> list[list[int]]:
         return await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS)))
 
     return [r.token_ids for r in asyncio.run(asyncio.wait_for(main(), T))]
+
+
+def reload_and_compare(ep, checkpoint) -> None:
+    """Live reload of ``checkpoint`` (spicy_model(1)'s weights): the engine then generates as that model does."""
+    ep.reload(str(checkpoint), timeout_s=T)
+    new_model = Engine(model=spicy_model(1), config=EngineConfig(max_batch_size=1))
+    new_model.start()
+    try:
+        assert ep.generate_sync("after", GREEDY, T).token_ids == new_model.generate_sync("after", GREEDY, T).token_ids
+    finally:
+        new_model.shutdown(5)
 
 
 def process_gone(pid: int) -> bool:
@@ -60,19 +72,12 @@ def test_ep_engine_in_process_equals_whole_model(ray_cluster, checkpoints):
         stats = ep.stats()
         assert stats["max_batch_size_seen"] > 1 and sum(stats["expert_counts"][1]) > 0
         # live reload: every shard loads its part of the new checkpoint, swapped in between steps
-        ep.reload(str(checkpoints["b"]), timeout_s=T)
-        greedy = SamplingParams(max_tokens=12, temperature=0.0)
-        new_model = Engine(model=spicy_model(1), config=EngineConfig(max_batch_size=1))
-        new_model.start()
-        try:
-            assert ep.generate_sync("after", greedy, T).token_ids == new_model.generate_sync("after", greedy, T).token_ids
-        finally:
-            new_model.shutdown(5)
+        reload_and_compare(ep, checkpoints["b"])
         ep.check_health()  # asks every shard (started, in its process group, no failed step)
         # a shard that dies fails the running requests and the health check (Serve then replaces the replica)
         ray.kill(ep.runner.shards[1])
         with pytest.raises(Exception):
-            ep.generate_sync("dead", greedy, T)
+            ep.generate_sync("dead", GREEDY, T)
         with pytest.raises(RuntimeError, match="broken"):
             ep.check_health()
     finally:
@@ -127,14 +132,7 @@ def test_ep_hot_expert_replication_keeps_outputs(ray_cluster, checkpoints):
         assert staggered(ep) == staggered(plain_engine)
         # the engine planned copies from the observed load, and rows went to them (slots 2 and 5: redundant)
         assert ep.info()["replans"] >= 1 and ep.runner.physical_load()[1][[2, 5]].sum() > 0
-        ep.reload(str(checkpoints["b"]), timeout_s=T)  # the shards fetch the copies of the new weights
-        greedy = SamplingParams(max_tokens=12, temperature=0.0)
-        new_model = Engine(model=spicy_model(1), config=EngineConfig(max_batch_size=1))
-        new_model.start()
-        try:
-            assert ep.generate_sync("after", greedy, T).token_ids == new_model.generate_sync("after", greedy, T).token_ids
-        finally:
-            new_model.shutdown(5)
+        reload_and_compare(ep, checkpoints["b"])  # the shards fetch the copies of the new weights
     finally:
         plain_engine.shutdown(5)
         ep.shutdown(5)
