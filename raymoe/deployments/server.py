@@ -143,9 +143,9 @@ class LLMServer:
 
     def _export_step(self) -> None:
         """The served checkpoint's training step as a metric (raymoe_serve_checkpoint_step)."""
-        step = getattr(self.engine, "step", None)
         export = getattr(self._observer, "on_checkpoint_step", None)
-        if export is not None and step is not None:
+        step = self.engine.info().get("step") if export is not None else None  # info: any engine, any process
+        if step is not None:
             export(step)
 
     def check_health(self) -> None:

@@ -102,9 +102,9 @@ def test_serve_follows_a_training_run(serve_url, ray_cluster, tmp_path):
     from raymoe.deployments.app import build_app
 
     _train(tmp_path, 2)  # the first committed checkpoint: serving starts from it
+    # the default engine (in a child process of the replica), as `raymoe serve --follow` runs it
     app = build_app({"follow": str(tmp_path / "run"), "follow_interval_s": 0.2, "model_id": "m",
-                     "engine_cls": "raymoe.deployments.engine:Engine", "ray_actor_options": {"num_cpus": 0},
-                     "engine": {"max_batch_size": 4}})
+                     "ray_actor_options": {"num_cpus": 0}, "engine": {"max_batch_size": 4}})
     serve.run(app, name="follow", route_prefix="/follow")
     url = f"{serve_url}/follow"
     statuses, steps, stop = [], [], threading.Event()
