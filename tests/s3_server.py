@@ -4,8 +4,8 @@ Why moto (``python -m moto.server``, the ``moto[server]`` dev extra): it install
 every other test dependency and speaks the S3 REST API over HTTP, so pyarrow's S3 client talks to it exactly as
 to S3 (MinIO is a Go binary that cannot be installed from the registry). It starts in about a second.
 
-The server runs once per test session (``s3_server`` fixture; import it into a test module); each test makes
-its own bucket. Locations carry the endpoint and the (dummy) credentials in the URI
+The server runs once per test session (the ``s3_server`` fixture; this module is a plugin of tests/conftest.py);
+each test makes its own bucket. ``storage_root`` runs a test on a path, a file:// URI and an s3:// URI. Locations carry the endpoint and the (dummy) credentials in the URI
 (``s3://testing:testing@bucket/path?endpoint_override=127.0.0.1:PORT&scheme=http&region=us-east-1``), so Ray
 workers need no environment of their own.
 """
@@ -78,3 +78,15 @@ def s3_server():
         yield server
     finally:
         stop_s3_server(server)
+
+
+@pytest.fixture(params=["path", "file_uri", "s3"])
+def storage_root(request, tmp_path):
+    """A fresh folder as a config names it: a plain path, a file:// URI, or an s3:// URI on the session's
+    server (its own bucket)."""
+    if request.param == "path":
+        return str(tmp_path / "store")
+    if request.param == "file_uri":
+        return f"file://{tmp_path}/store"
+    server = request.getfixturevalue("s3_server")
+    return server.uri(server.bucket(), "run/store")

@@ -12,17 +12,6 @@ from raymoe.platform import storage
 from raymoe.platform.storage import RemotePath, RunOutputs
 
 
-@pytest.fixture(params=["path", "file_uri", "s3"])
-def where(request, tmp_path):
-    """A fresh folder, as a plain path, a file:// URI and an s3:// URI (a string, as a config holds it)."""
-    if request.param == "path":
-        return str(tmp_path / "store")
-    if request.param == "file_uri":
-        return f"file://{tmp_path}/store"
-    server = request.getfixturevalue("s3_server")
-    return server.uri(server.bucket(), "store")
-
-
 def test_locations_from_paths_and_uris(tmp_path):
     assert storage.location("runs/x") == Path("runs/x")
     assert storage.location(f"file://{tmp_path}/a") == tmp_path / "a"
@@ -39,8 +28,8 @@ def test_locations_from_paths_and_uris(tmp_path):
     assert resolve_output_dir(f"file://{tmp_path}/runs") == tmp_path / "runs"
 
 
-def test_file_operations(where):
-    root = storage.location(where)
+def test_file_operations(storage_root):
+    root = storage.location(storage_root)
     assert storage.list_files(root) == {} and storage.list_dir(root) == [] and not storage.is_dir(root)
     storage.write_bytes(root / "a" / "one.bin", b"x" * 1000)
     storage.write_bytes(root / "two.txt", b"hello")

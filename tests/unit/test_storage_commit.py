@@ -20,15 +20,10 @@ from raymoe.platform.checkpoint import CheckpointError, finalize_checkpoint, lat
 EXPERTS = {1: E}
 
 
-@pytest.fixture(params=["path", "file_uri", "s3"])
-def root(request, tmp_path):
-    """A checkpoint root as a config names it: a plain path, a file:// URI, an s3:// URI."""
-    if request.param == "path":
-        return str(tmp_path / "ckpts")
-    if request.param == "file_uri":
-        return f"file://{tmp_path}/ckpts"
-    server = request.getfixturevalue("s3_server")
-    return server.uri(server.bucket(), "run/checkpoints")
+@pytest.fixture
+def root(storage_root):
+    """A checkpoint root on a path, a file:// URI and an s3:// URI (tests/s3_server.py)."""
+    return storage_root
 
 
 def write_parts(root, step, seed=0, ranks=(0, 1)):
@@ -123,6 +118,7 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("storage_root", ["path", "s3"], indirect=True)  # (file:// takes the path's code)
 def test_writer_killed_mid_write_never_commits(root, tmp_path):
     """A real process (the fault point ``save_expert``) dies while writing an expert file: the commit of that
     checkpoint is refused, the previous one stays the latest, and resuming loads the previous one."""
