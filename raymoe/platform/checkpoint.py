@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 from torch import nn
 
 from raymoe.platform import storage
@@ -107,7 +107,7 @@ def _split_state(model: nn.Module):
 
 
 def _write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> dict:
-    """Write a safetensors file whole (see `storage.write_bytes`); returns its {"size", "sha256"}."""
+    """Write a safetensors file whole (see `storage.write_file`); returns its {"size", "sha256"}."""
     out, ptrs = {}, set()
     for k, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
@@ -115,9 +115,8 @@ def _write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> dict:
             t = t.clone()  # safetensors refuses tensors sharing memory
         ptrs.add(t.untyped_storage().data_ptr())
         out[k] = t
-    data = st_save(out, metadata=metadata)
-    storage.write_bytes(path, data)
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    size, sha = storage.write_file(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
+    return {"size": size, "sha256": sha}
 
 
 def _header(path, buf: bytes | None = None) -> dict:

@@ -18,6 +18,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
@@ -242,6 +243,39 @@ def write_bytes(loc: Location, data: bytes) -> None:
     """Write ``data`` as the file at ``loc``, whole or not at all (see :func:`open_output`)."""
     with open_output(loc) as f:
         f.write(data)
+
+
+def write_file(loc: Location, write) -> tuple[int, str]:
+    """Write the file at ``loc`` with ``write(local_path)`` (e.g. a library's save_file), whole or not at all;
+    returns its (size, sha256), hashed while it is published. Local: written under a temporary name beside
+    ``loc``, hashed, fsynced and renamed. Remote: written to a local temporary file, then streamed up as one
+    object (never held in memory whole)."""
+    if isinstance(loc, RemotePath):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "part"
+            write(src)
+            return _copy_hashed(src, loc)
+    loc.parent.mkdir(parents=True, exist_ok=True)
+    tmp = loc.with_name(f".{loc.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        write(tmp)
+        found = digest(tmp)
+        _fsync(tmp)
+        os.replace(tmp, loc)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync(loc.parent)
+    return found
+
+
+def _copy_hashed(src: Path, loc: Location) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open_output(loc) as fout:
+        for chunk in iter(lambda: fin.read(_CHUNK), b""):
+            h.update(chunk)
+            size += len(chunk)
+            fout.write(chunk)
+    return size, h.hexdigest()
 
 
 def upload(src: Path, loc: Location) -> None:
