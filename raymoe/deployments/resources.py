@@ -85,7 +85,7 @@ def check_resources(args, nodes: Optional[list[dict[str, float]]] = None,
     hint = ("lower --num-replicas / --ep-size / --ep-shard-cpus (ServeArgs: num_replicas, ep_size, "
             "ep_shard_cpus, ray_actor_options), add nodes, or on a cluster that adds nodes on demand pass "
             "--no-resource-check (check_resources: false)")
-    what = f"one replica ({len(bundles)} bundle(s) {', '.join(_fmt(b) for b in bundles)})"
+    what = f"a replica ({len(bundles)} placement bundle(s): {', '.join(_fmt(b) for b in bundles)})"
     fits_node = (lambda need: any(not _short(need, n) for n in nodes))
     need_per_node = [group] if args.ep_placement_strategy == "STRICT_PACK" and args.ep_size > 1 else bundles
     for need in need_per_node:
@@ -93,5 +93,6 @@ def check_resources(args, nodes: Optional[list[dict[str, float]]] = None,
             raise ValueError(f"not enough resources on any node: {what} needs {_fmt(need)} on one node; the "
                              f"nodes have {', '.join(_fmt(n, need) for n in nodes[:4]) or 'nothing'}; {hint}")
     if _short(total, have):
-        raise ValueError(f"not enough resources: {_replicas_at_start(args)} x {what} need {_fmt(total)} in total; "
+        raise ValueError(f"not enough resources: {_replicas_at_start(args)} replica(s) at start, {what} each, "
+                         f"need {_fmt(total)} in total; "
                          f"the cluster has {_fmt(have, total)} ({_fmt(available or {}, total)} available now); {hint}")
