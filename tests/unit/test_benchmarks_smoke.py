@@ -91,3 +91,13 @@ def test_paper_findings_quick_writes_verdicts_from_intervals(tmp_path):
     page = (tmp_path / "results.md").read_text()
     assert "## The verdict rule (fixed before the runs)" in page and "## Investigations" in page
     assert all((tmp_path / "img" / f"{k}.png").stat().st_size > 1000 for k in ("fig1", "phen1", "phen2", "fig4", "mos"))
+
+
+@pytest.mark.slow
+def test_memory_quick_prints_ratios_and_targets():
+    text = _run("memory.py", "--quick", "--worlds", "2")
+    assert "dense/w1" in text and "tok/s sh/rep" in text
+    assert "\n    2   2 shard " in text
+    # bytes are exact: FSDP2 halves the dense state per rank at world 2, and the undo copy is one rank's share
+    assert "world 2: sharded dense state per rank 0.500 of world 1" in text
+    assert "undo copy 1.000 of one rank's" in text

@@ -1,0 +1,218 @@
+"""Per-rank training memory, replicated vs FSDP2-sharded (cluster.dense_sharding / expert_sharding), CPU + gloo.
+
+For world 1, 2, 4 each rank builds the GPT-MoE with its experts (EP ``--ep``, capped at the world), applies
+the sharding, trains a few steps through ``train_step`` with the elastic per-step undo copy on
+(``raymoe.actors.shard_state.ShardState``), and reports what it holds: bytes of parameters, gradients and AdamW
+state, dense and expert parts apart, the undo copy, and its peak RSS. Each (world, mode) runs in fresh
+processes, so peak RSS is that configuration's own. Speed is measured apart, in one world holding both
+models, their steps alternating (both see the same load on a shared machine). Printed as ratios to world 1
+(one process holds everything; the largest rank), with the issue's targets checked:
+
+- sharded dense state (params + grads + AdamW) per rank <= 1/N of the replicated one + 10%;
+- expert state per rank <= 1/EP of all experts;
+- the undo copy <= one rank's share of parameters + AdamW state (+ buffers);
+- tokens/s sharded / replicated at the same world, measured in this run (target >= 0.8 on CPU).
+
+    python benchmarks/memory.py [--quick] [--worlds 1 2 4] [--ep 2] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import sys
+
+if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at process start
+    from _host import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()
+
+import time  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+MODEL = dict(vocab_size=2048, block_size=64, n_layer=4, n_head=4, d_model=384, d_ff=1536, expert_ffn=768,
+             num_experts=8, expert_interval=2, k=1, capacity_factor=1.25, dropout=0.0)
+QUICK = dict(MODEL, n_layer=2, d_model=64, d_ff=128, expert_ffn=64, num_experts=4, block_size=32, vocab_size=512)
+KINDS = ("params", "grads", "optim")
+
+
+class _Rank:
+    """This rank's GPT-MoE (its experts; sharded as ``mode`` says), AdamW, undo copy and gradient hooks."""
+
+    def __init__(self, rank: int, world: int, args, mode: str):
+        from raymoe.actors.shard_state import ShardState
+        from raymoe.platform import fsdp, parallel
+        from raymoe.platform.model import GPT, GPTConfig
+        from raymoe.platform.train_step import build_optimizer
+
+        self.cfg = cfg = GPTConfig.from_dict(QUICK if args.quick else MODEL)
+        layout = parallel.ParallelLayout.from_config(cfg, world, min(args.ep, world))
+        groups = parallel.build_process_groups(layout, rank)
+        torch.manual_seed(0)
+        full = GPT(cfg).state_dict()
+        self.model = GPT(cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups, uniform_tokens=True))
+        parallel.load_full_state_dict(self.model, full)
+        del full
+        fsdp.apply_sharding(self.model, layout, groups, dense=mode, experts=mode)
+        self.opt = build_optimizer(self.model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+        self.undo = ShardState(self.model, self.opt, keep_undo=True)
+        self.sync = parallel.make_grad_sync(self.model, layout, groups) if world > 1 else None
+        self.norm = parallel.make_grad_norm(self.model, layout, groups) if world > 1 else None
+        self.gen, self.rows, self.step = torch.Generator().manual_seed(rank), args.batch // world, 0
+
+    def train(self) -> float:
+        """One optimizer step on random tokens; its seconds."""
+        from raymoe.platform.train_step import train_step
+
+        x = torch.randint(self.cfg.vocab_size, (self.rows, self.cfg.block_size), generator=self.gen)
+        self.undo.begin_step(self.step)
+        self.step += 1
+        t0 = time.perf_counter()
+        train_step(self.model, self.opt, [(x, x.roll(-1, 1))], lr=1e-3, grad_clip=1.0, grad_sync=self.sync,
+                   grad_norm_fn=self.norm)
+        return time.perf_counter() - t0
+
+    def held(self) -> dict:
+        """Bytes this rank holds: parameters, gradients, AdamW state (dense and experts apart), undo copy."""
+        from raymoe.platform.fsdp import local_bytes
+        from raymoe.platform.moe.experts import iter_expert_params
+
+        expert_ids = {id(p) for _, p, _, _ in iter_expert_params(self.model)}
+        out = {f"{part}_{kind}": 0 for part in ("dense", "expert") for kind in KINDS}
+        for p in self.model.parameters():
+            part = "expert" if id(p) in expert_ids else "dense"
+            out[f"{part}_params"] += local_bytes([p])
+            out[f"{part}_grads"] += local_bytes([p.grad])
+            out[f"{part}_optim"] += local_bytes(v for v in self.opt.state[p].values() if v.dim())
+        return {**out, "undo": self.undo.undo_bytes(), "buffers": local_bytes(self.model.buffers())}
+
+
+def _measure(rank: int, world: int, args, mode: str) -> dict:
+    """Memory of one mode, alone in this process: bytes held after a few steps and the peak RSS. Mode "speed":
+    both modes in this process, steps alternating between them, median step seconds of each."""
+    if mode != "speed":
+        r = _Rank(rank, world, args, mode)
+        for _ in range(args.warmup + 1):
+            r.train()
+        return {**r.held(), "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    ranks = {m: _Rank(rank, world, args, m) for m in ("replicate", "shard")}
+    times: dict[str, list[float]] = {m: [] for m in ranks}
+    for i in range(args.warmup + args.steps):
+        for m, r in ranks.items():  # interleaved: both see the same machine load
+            t = r.train()
+            if i >= args.warmup:
+                times[m].append(t)
+    return {f"{m}_step_s": statistics.median(t) for m, t in times.items()}
+
+
+def _worker(rank: int, world: int, port: int, args, mode: str, results) -> None:
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    try:
+        results.put((rank, _measure(rank, world, args, mode)))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(world: int, args, mode: str) -> list[dict]:
+    """Every rank's measurements for one (world, mode), in fresh processes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = mp.start_processes(_worker, args=(world, port, args, mode, results), nprocs=world, join=False,
+                               start_method="spawn")
+    got = dict(results.get(timeout=600) for _ in range(world))
+    try:
+        procs.join(timeout=60)
+    except mp.ProcessExitedException as e:  # every rank reported; a gloo teardown abort changes nothing
+        print(f"(world {world}: a worker died during process-group teardown after reporting: {e})")
+    return [got[r] for r in range(world)]
+
+
+def _bytes(r: dict, parts=("dense", "expert"), kinds=KINDS) -> int:
+    return sum(r[f"{part}_{kind}"] for part in parts for kind in kinds)
+
+
+def _checks(world: int, ep: int, dense: float, expert: float, rs: list[dict], speed: float | None) -> list[str]:
+    """The issue's targets for one sharded world, as printed lines."""
+    share = max(_bytes(r, kinds=("params", "optim")) + r["buffers"] for r in rs)
+    undo = max(r["undo"] for r in rs) / share
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    out = [f"world {world}: sharded dense state per rank {dense:.3f} of world 1 (target <= 1/N + 10% = "
+           f"{1.1 / world:.3f}): {verdict(dense <= 1.1 / world)}",
+           f"world {world}: expert state per rank {expert:.3f} of all experts (target <= 1/EP = {1 / ep:.3f}): "
+           f"{verdict(expert <= 1 / ep + 1e-9)}",
+           f"world {world}: undo copy {undo:.3f} of one rank's parameters + AdamW state + buffers "
+           f"(target <= 1; AdamW's scalar step counts aside): {verdict(undo <= 1.001)}"]
+    if speed is not None:
+        out.append(f"world {world}: tokens/s sharded / replicated {speed:.2f} (target >= 0.8): {verdict(speed >= 0.8)}")
+    return out
+
+
+def report(results: dict, worlds: list[int], ep: int) -> list[str]:
+    """The table (the largest rank, as ratios to world 1) and the targets, as printed lines."""
+    base = results[(1, "replicate")][0]
+    lines = [f"{'world':>5} {'EP':>3} {'mode':<10} {'dense/w1':>8} {'expert/w1':>9} {'params/w1':>9} "
+             f"{'grads/w1':>8} {'optim/w1':>8} {'undo/w1':>8} {'RSS/w1':>7} {'tok/s sh/rep':>12}"]
+    checks = []
+    for world in worlds:
+        e = min(ep, world)
+        for mode in ("replicate", "shard"):
+            if (rs := results.get((world, mode))) is None:
+                continue
+
+            def ratio(fn, rs=rs):
+                return max(fn(r) for r in rs) / fn(base)
+
+            dense, expert = ratio(lambda r: _bytes(r, ("dense",))), ratio(lambda r: _bytes(r, ("expert",)))
+            speed = None
+            if mode == "shard" and (world, "speed") in results:
+                sp = results[(world, "speed")]
+                speed = max(r["replicate_step_s"] for r in sp) / max(r["shard_step_s"] for r in sp)
+            cols = [ratio(lambda r, k=k: _bytes(r, kinds=(k,))) for k in KINDS]
+            lines.append(f"{world:>5} {e:>3} {mode:<10} {dense:>8.3f} {expert:>9.3f} {cols[0]:>9.3f} {cols[1]:>8.3f} "
+                         f"{cols[2]:>8.3f} {ratio(lambda r: r['undo']):>8.3f} {ratio(lambda r: r['rss']):>7.2f} "
+                         f"{'' if speed is None else f'{speed:.2f}':>12}")
+            if mode == "shard" and world > 1:
+                checks += _checks(world, e, dense, expert, rs, speed)
+    return lines + [""] + checks
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--ep", type=int, default=2, help="expert-parallel size (capped at the world)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps (median step time)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 timed steps (smoke test)")
+    p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+    worlds = sorted(set(args.worlds) | {1})
+    results = {}
+    for world in worlds:
+        for mode in ("replicate", "shard", "speed") if world > 1 else ("replicate",):
+            results[(world, mode)] = run_world(world, args, mode)
+    print("\n".join(report(results, worlds, args.ep)))
+
+
+if __name__ == "__main__":
+    main()
