@@ -64,6 +64,8 @@ def test_the_official_openai_client(guarded):
     chunks = list(stream)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "<|us"
     assert [t.token for ch in chunks if ch.choices[0].logprobs for t in ch.choices[0].logprobs.content] == list("<|us")
+    streamed = list(client.completions.create(model="guarded", prompt="xyz", max_tokens=4, logprobs=1, stream=True))
+    assert [t for ch in streamed if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens] == list("xyzx")
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(model="guarded", prompt="a", suffix="b")
     with pytest.raises(openai.NotFoundError):

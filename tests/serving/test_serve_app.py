@@ -303,6 +303,32 @@ def _replica_info(app, deployment="OpenAIServer"):
 
 
 @pytest.mark.slow
+def test_real_engine_sampling_parameters_over_http(real):
+    """Through Serve and the engine's child process: logprobs are the in-process engine's, a -100 logit_bias bans
+    the token greedy decoding picked first, and repetition_penalty changes a repetitive reply."""
+    from raymoe.deployments.engine import Engine
+    from raymoe.deployments.engine_config import EngineConfig
+    from raymoe.deployments.protocol import SamplingParams
+
+    body = {"prompt": "hello", "max_tokens": 8, "temperature": 0}
+    got = post(real, "/v1/completions", {**body, "logprobs": 2}).json()["choices"][0]
+    eng = Engine(model=spicy_model(0), config=EngineConfig(max_batch_size=1))
+    eng.start()
+    try:
+        want = eng.generate_sync("hello", SamplingParams(max_tokens=8, temperature=0.0, logprobs=2))
+    finally:
+        eng.shutdown(5)
+    assert got["logprobs"]["token_logprobs"] == pytest.approx([e[1] for e in want.logprobs], abs=1e-4)
+    assert len(got["logprobs"]["top_logprobs"][0]) == 2
+    first = want.token_ids[0]
+    banned = post(real, "/v1/completions", {**body, "logit_bias": {str(first): -100}}).json()["choices"][0]
+    assert banned["text"] != got["text"] and not banned["text"].startswith(bytes([first]).decode(errors="replace"))
+    rep = post(real, "/v1/completions", {**body, "max_tokens": 16, "repetition_penalty": 2.0}).json()
+    assert rep["choices"][0]["text"] != post(real, "/v1/completions", {**body, "max_tokens": 16}).json()[
+        "choices"][0]["text"]
+
+
+@pytest.mark.slow
 def test_live_reload_via_user_config(real, checkpoints):
     before = _replica_info("yaml")
     assert before["checkpoint"] == str(checkpoints["a"])
