@@ -4,7 +4,8 @@ The model stays single-device; :func:`apply_sharding` wraps it after it is built
 ``parallelize_*`` does, before the optimizer is made:
 
 - ``cluster.expert_sharding: shard``: each MoE layer's ``GroupedExperts`` is one FSDP unit over the layer's
-  expert-data-parallel (EDP) group, a 1-D mesh of the ranks that hold the same experts. Its gradients are
+  expert-data-parallel (EDP) group, a 1-D mesh of the ranks that hold the same experts (sharded along the
+  experts, or along the model dim when there are fewer local experts than ranks in the group). Its gradients are
   reduce-scattered over that group and divided by the WORLD size, not the group size: the all-to-all backward
   already summed the EP group's contributions (see :mod:`raymoe.platform.parallel`), so the factor is 1/W as in
   the replicated path. A layer with EDP size 1 (EP = world) has nothing to shard over and stays whole.
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
 SHARDING_MODES = ("replicate", "shard")
@@ -69,7 +70,7 @@ def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate"
             whole.update(moe.experts.parameters())
             continue
         mesh = DeviceMesh.from_group(groups.edp[layout.ep_size(moe.layer_id)], device.type)
-        fully_shard(moe.experts, mesh=mesh)
+        fully_shard(moe.experts, mesh=mesh, shard_placement_fn=_expert_placement(edp))
         moe.experts.set_gradient_divide_factor(float(W))  # 1/W, not 1/edp: see the module docstring
         moe.experts.set_force_sum_reduction_for_comms(True)  # a sum, then * 1/W (gloo has no pre-scaled sum)
         register_fsdp_forward_method(moe.experts, "forward_capacity")  # capacity mode calls it, not forward
@@ -81,6 +82,14 @@ def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate"
         fully_shard(model, mesh=mesh, ignored_params=whole)
         sharded_any = True
     return sharded_any
+
+
+def _expert_placement(edp: int):
+    """Expert weights [E_local, D, F] are sharded along the experts, or (torchtitan's choice) along D when
+    there are fewer local experts than ranks to shard over: Shard(0) would leave some ranks nothing."""
+    def placement(p: nn.Parameter) -> Shard:
+        return Shard(1) if p.shape[0] < edp and p.shape[1] % edp == 0 else Shard(0)
+    return placement
 
 
 def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:

@@ -56,7 +56,7 @@ class _Run:
 
         self.rank, self.world = rank, world
         self.t = t = dict(TRAIN, **job.get("train", {}))
-        self.cfg = cfg = GPTConfig.from_dict(CONFIGS[job["config"]])
+        self.cfg = cfg = GPTConfig.from_dict({**CONFIGS[job["config"]], **job.get("model", {})})
         self.layout = parallel.ParallelLayout.from_config(cfg, world, job.get("ep", 1))
         rpn = job.get("ranks_per_node")
         self.groups = parallel.build_process_groups(self.layout, rank, ranks_per_node=rpn)

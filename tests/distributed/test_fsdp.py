@@ -50,6 +50,9 @@ def runs(data_path, tmp_path_factory):
                                          dir=str(tmp_path_factory.mktemp("ckpt4")),
                                          phases=[dict(steps=1, ep=2, sharding=SHARD), dict(steps=1, ep=4),
                                                  dict(steps=1, ep=1, sharding=SHARD)]))]
+    # 2 experts at EP=2: one local expert, two ranks to shard it over (sharded along the model dim)
+    world4 += [_train(f"ep{ep}{'s' if s else ''}/e2", "k1_drop", d, ep=ep, model={"num_experts": 2},
+                      **({"sharding": SHARD} if s else {})) for ep, s in ((1, False), (2, True))]
     world4 += [(f"undo{'s' if s else ''}/k1_drop", dict(kind="undo", config="k1_drop", data=d, ep=2,
                                                           **({"sharding": SHARD} if s else {})))
                for s in (False, True)]
@@ -71,7 +74,8 @@ def _assert_same(ref: dict, got: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["w2/ep1s/k1_drop", "w2/ep2s/k1_drop", "w2/ep2/k1_drop", "w2/ep1s/k2_dropless",
                                   "w2/ep2s/k2_dropless", "w2/ep2s/mixtral", "w4/ep1s/k1_drop", "w4/ep2s/k1_drop",
-                                  "w4/ep4s/k1_drop", "w4/ep2e/k1_drop", "w4/ep2d/k1_drop", "w4/prs/pyramid"])
+                                  "w4/ep4s/k1_drop", "w4/ep2e/k1_drop", "w4/ep2d/k1_drop", "w4/prs/pyramid",
+                                  "w4/ep2s/e2"])
 def test_sharded_equals_replicated(runs, name):
     world, _, config = name.split("/")
     ref = runs[f"{world}/ep1/{config}"][0]
@@ -126,3 +130,10 @@ def test_undo_copy_of_a_sharded_model(runs):
         # the shards of parameters and AdamW state, the (unsharded) buffers, AdamW's scalar step counts
         assert r["undo_bytes"] <= r["param_bytes"] + r["optim_bytes"] + r["buffer_bytes"] + 1024
     assert max(r["undo_bytes"] for r in shard) < 0.6 * rep[0]["undo_bytes"]
+
+
+def test_one_local_expert_is_split_over_its_replicas(runs):
+    # 2 experts at EP=2 in a world of 4: each expert has two replicas but is one row of its w1/w2, so it is
+    # sharded along the model dim (Shard(0) would leave one replica all of it and the other nothing)
+    held = [r["bytes"]["params"] for r in runs["w4/ep2s/e2"]]
+    assert max(held) <= 1.05 * min(held), held
