@@ -49,6 +49,10 @@ def test_all_to_all_smoke():
     assert "ratio" in text and "cap:all_to_all" in text
 
 
+def test_checkpoint_storage_quick():
+    assert "save/floor" in _run("checkpoint_storage.py", "--quick")
+
+
 def test_serve_load_clients_start_staggered(monkeypatch):
     # serve_load's closed-loop clients: client i's first request goes out i * stagger_s after the start, so
     # the arrivals are spread in every mode (with 0 they start together)
