@@ -76,9 +76,12 @@ def test_ep_engine_in_process_equals_whole_model(ray_cluster, checkpoints):
         ep.check_health()  # asks every shard (started, in its process group, no failed step)
         # a shard that dies fails the running requests and the health check (Serve then replaces the replica)
         ray.kill(ep.runner.shards[1])
-        with pytest.raises(Exception):
+        from raymoe.deployments.protocol import EngineDeadError
+
+        with pytest.raises(EngineDeadError) as ei:  # a 503 for clients, and the replica stops itself
             ep.generate_sync("dead", GREEDY, T)
-        with pytest.raises(RuntimeError, match="broken"):
+        assert "ActorDiedError" not in str(ei.value) and "pid" not in str(ei.value)  # no internals for clients
+        with pytest.raises(EngineDeadError, match="broken"):
             ep.check_health()
     finally:
         plain.shutdown(5)
