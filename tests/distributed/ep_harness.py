@@ -97,6 +97,20 @@ class _Run:
             self.norms.append(res.grad_norm)
             self.dropped.append(res.dropped_fraction)
 
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """The global mean loss of one evaluation-mode forward (deterministic routing) on a fixed batch."""
+        from raymoe.platform.data import sample_batch
+
+        x, y = sample_batch(self.train_ds, 99, 0, self.rank, self.world, self.t["global_batch"], self.cfg.block_size)
+        self.model.eval()
+        with self.model.deterministic_routing():
+            loss = torch.tensor([float(self.model(x, y).ce_loss)], dtype=torch.float64)
+        self.model.train()
+        if self.world > 1:
+            dist.all_reduce(loss)
+        return float(loss) / self.world
+
     def full_state(self) -> dict:
         """The EP=1 state dict (every expert, global ids) on every rank, whatever the layout and sharding."""
         from raymoe.platform import fsdp, parallel
@@ -120,8 +134,10 @@ def train(rank: int, world: int, job: dict) -> dict:
     params = list(run.model.parameters())
     held = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
             "optim": local_bytes(v for st in run.opt.state.values() for v in st.values() if v.dim())}
+    eval_loss = run.eval_loss()  # a no_grad forward of the (maybe sharded) model; the state is gathered after it
     return {"routes": routes, "losses": run.losses, "grad_norms": run.norms, "state": run.full_state(),
-            "comm_seconds": comm, "dropped_fraction": run.dropped, "init": run.init, "bytes": held}
+            "comm_seconds": comm, "dropped_fraction": run.dropped, "init": run.init, "bytes": held,
+            "eval_loss": eval_loss}
 
 
 def relayout(rank: int, world: int, job: dict) -> dict:
@@ -171,7 +187,8 @@ def undo(rank: int, world: int, job: dict) -> dict:
     state.begin_step(2)
     run.steps(2, 3)
     params = list(run.model.parameters())
-    return {"losses": run.losses, "grad_norms": run.norms, "rolled_back_to": rolled, "after_two": after_two, "undone": undone,
+    return {"losses": run.losses, "grad_norms": run.norms, "rolled_back_to": rolled, "after_two": after_two,
+            "undone": undone,
             "state": run.full_state(), "undo_bytes": state.undo_bytes(), "param_bytes": local_bytes(params),
             "buffer_bytes": local_bytes(run.model.buffers()),
             "optim_bytes": local_bytes(v for st in run.opt.state.values() for v in st.values() if v.dim())}

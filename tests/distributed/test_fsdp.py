@@ -32,6 +32,10 @@ def runs(data_path, tmp_path_factory):
     world2 = [_train(f"ep{ep}{'s' if s else ''}/{c}", c, d, ep=ep, **({"sharding": SHARD} if s else {}))
               for c in ("k1_drop", "k2_dropless") for ep in (1, 2) for s in (False, True)]
     world2 += [_train("ep2s/mixtral", "mixtral", d, ep=2, sharding=SHARD), _train("ep1/mixtral", "mixtral", d)]
+    # DeepSeek-style (MLA, sigmoid group router with expert bias, shared expert) with activation checkpointing:
+    # the recomputed MoE sublayer gathers its sharded experts again inside the backward
+    world2 += [_train("ep2sac/deepseek", "deepseek", d, ep=2, sharding=SHARD, ac="moe"),
+               _train("ep1/deepseek", "deepseek", d)]
     # written at EP=2 sharded, continued at EP=1 replicated, then at EP=2 sharded again
     world2 += [("relayout/k2_dropless", dict(kind="relayout", config="k2_dropless", data=d, train={"steps": 4},
                                              dir=str(tmp_path_factory.mktemp("ckpt2")),
@@ -58,7 +62,7 @@ def runs(data_path, tmp_path_factory):
                for s in (False, True)]
     out = {}
     for world, jobs in ((2, world2), (4, world4)):
-        per_rank = H.spawn(world, [j for _, j in jobs])
+        per_rank = H.spawn(world, [j for _, j in jobs], timeout=300)  # every wait inside is bounded too
         out.update({f"w{world}/{name}": [r[i] for r in per_rank] for i, (name, _) in enumerate(jobs)})
     return out
 
@@ -66,6 +70,8 @@ def runs(data_path, tmp_path_factory):
 def _assert_same(ref: dict, got: dict, name: str) -> None:
     assert max(abs(a - b) for a, b in zip(ref["losses"], got["losses"])) < TOL, (name, ref["losses"], got["losses"])
     assert got["grad_norms"] == pytest.approx(ref["grad_norms"], rel=TOL), name
+    if "eval_loss" in ref and "eval_loss" in got:  # an evaluation forward (no_grad) of the sharded model
+        assert abs(ref["eval_loss"] - got["eval_loss"]) < TOL, name
     assert ref["state"].keys() == got["state"].keys()
     for k in ref["state"]:
         diff = float((ref["state"][k].double() - got["state"][k].double()).abs().max())
@@ -73,7 +79,8 @@ def _assert_same(ref: dict, got: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["w2/ep1s/k1_drop", "w2/ep2s/k1_drop", "w2/ep2/k1_drop", "w2/ep1s/k2_dropless",
-                                  "w2/ep2s/k2_dropless", "w2/ep2s/mixtral", "w4/ep1s/k1_drop", "w4/ep2s/k1_drop",
+                                  "w2/ep2s/k2_dropless", "w2/ep2s/mixtral", "w2/ep2sac/deepseek",
+                                  "w4/ep1s/k1_drop", "w4/ep2s/k1_drop",
                                   "w4/ep4s/k1_drop", "w4/ep2e/k1_drop", "w4/ep2d/k1_drop", "w4/prs/pyramid",
                                   "w4/ep2s/e2"])
 def test_sharded_equals_replicated(runs, name):
