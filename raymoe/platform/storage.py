@@ -210,33 +210,40 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def open_output(loc: Location) -> Iterator:
-    """A binary stream whose content becomes the file at ``loc`` only when the block ends without error.
-
-    Local: a unique temporary name (replicas may race on one file), fsync, rename, fsync the folder. Remote:
-    one object, whole, at close (a multipart upload is completed only then, so a writer killed mid-write leaves
-    nothing). Parent folders are created as needed."""
-    if isinstance(loc, RemotePath):
-        stream = loc.fs.open_output_stream(loc.fs_path)
-        try:
-            yield stream
-        except BaseException:
-            # pyarrow streams cannot abort: closing completes the object with what it was given, so delete it
-            stream.close()
-            remove_file(loc)
-            raise
-        stream.close()
-        return
+def _staged(loc: Path) -> Iterator[Path]:
+    """A unique temporary name beside ``loc`` (replicas may race on one file); if the block ends without error,
+    fsync it, rename it to ``loc`` and fsync the folder."""
     loc.parent.mkdir(parents=True, exist_ok=True)
     tmp = loc.with_name(f".{loc.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as f:
-            yield f
+        yield tmp
         _fsync(tmp)
         os.replace(tmp, loc)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync(loc.parent)
+
+
+@contextmanager
+def open_output(loc: Location) -> Iterator:
+    """A binary stream whose content becomes the file at ``loc`` only when the block ends without error.
+
+    Local: written under a temporary name, then fsynced and renamed. Remote: one object, whole, at close (a
+    multipart upload is completed only then, so a writer killed mid-write leaves nothing). Parent folders are
+    created as needed."""
+    if isinstance(loc, RemotePath):
+        stream = loc.fs.open_output_stream(loc.fs_path)
+        try:
+            yield stream
+        except BaseException:
+            # pyarrow streams cannot abort and closing completes the object with what it holds: delete it
+            stream.close()
+            remove_file(loc)
+            raise
+        stream.close()
+        return
+    with _staged(loc) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def write_bytes(loc: Location, data: bytes) -> None:
@@ -255,16 +262,9 @@ def write_file(loc: Location, write) -> tuple[int, str]:
             src = Path(tmp) / "part"
             write(src)
             return _copy_hashed(src, loc)
-    loc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = loc.with_name(f".{loc.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
+    with _staged(loc) as tmp:
         write(tmp)
         found = digest(tmp)
-        _fsync(tmp)
-        os.replace(tmp, loc)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync(loc.parent)
     return found
 
 
