@@ -103,10 +103,16 @@ SERVE_RELOADS = MetricDef("raymoe_serve_weight_reloads_total", "counter", "Live 
 SERVE_CHECKPOINT_STEP = MetricDef("raymoe_serve_checkpoint_step", "gauge",
                                   "Training step of the checkpoint a replica serves (raymoe serve --follow: "
                                   "advances as training commits checkpoints).")
+SERVE_PREFIX_QUERY_TOKENS = MetricDef("raymoe_serve_prefix_cache_query_tokens_total", "counter",
+                                      "Prompt tokens looked up in the prefix cache (engine.prefix_cache_mb > 0).")
+SERVE_PREFIX_HIT_TOKENS = MetricDef("raymoe_serve_prefix_cache_hit_tokens_total", "counter",
+                                    "Prompt tokens whose keys/values came from the prefix cache instead of a "
+                                    "prefill (hit rate: this / the query tokens).")
 
 SERVING_METRICS = (
     SERVE_REQUESTS, SERVE_PROMPT_TOKENS, SERVE_GENERATED_TOKENS, SERVE_TTFT, SERVE_ITL, SERVE_REQUEST_LATENCY,
     SERVE_BATCH_SIZE, SERVE_QUEUE_LENGTH, SERVE_RUNNING, SERVE_EXPERT_LOAD, SERVE_RELOADS, SERVE_CHECKPOINT_STEP,
+    SERVE_PREFIX_QUERY_TOKENS, SERVE_PREFIX_HIT_TOKENS,
 )
 
 ALL_METRICS = TRAINING_METRICS + SERVING_METRICS
