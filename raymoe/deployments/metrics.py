@@ -37,6 +37,8 @@ class RayEngineObserver(EngineObserver):
         self.expert_load = make_ray_metric(M.SERVE_EXPERT_LOAD)
         self.reloads = make_ray_metric(M.SERVE_RELOADS)
         self.checkpoint_step = make_ray_metric(M.SERVE_CHECKPOINT_STEP)
+        self.prefix_query = make_ray_metric(M.SERVE_PREFIX_QUERY_TOKENS)
+        self.prefix_hit = make_ray_metric(M.SERVE_PREFIX_HIT_TOKENS)
 
     def on_first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)
@@ -62,6 +64,11 @@ class RayEngineObserver(EngineObserver):
 
     def on_reload(self) -> None:
         self.reloads.inc()
+
+    def on_prefix_cache(self, query_tokens: int, hit_tokens: int) -> None:
+        self.prefix_query.inc(query_tokens)
+        if hit_tokens:
+            self.prefix_hit.inc(hit_tokens)
 
     def on_checkpoint_step(self, step: int) -> None:
         """The training step of the served checkpoint (set by the server at start and after each reload)."""

@@ -32,7 +32,8 @@ from raymoe.deployments.protocol import (BaseEngine, EngineDeadError, EngineObse
                                          Request, SamplingParams, run_thread)
 from raymoe.platform.tokenizer import load_tokenizer
 
-_HOOKS = ("on_first_token", "on_tokens", "on_step", "on_finish", "on_expert_load", "on_reload")
+_HOOKS = ("on_first_token", "on_tokens", "on_step", "on_finish", "on_expert_load", "on_reload",
+          "on_prefix_cache")
 
 
 class _Outbox(EngineObserver):

@@ -399,6 +399,7 @@ def test_ray_metric_hooks_reach_prometheus_with_their_labels(ray_cluster):
     obs.on_expert_load(99, [0.25, 0.75])
     obs.on_reload()
     obs.on_checkpoint_step(7)
+    obs.on_prefix_cache(32, 16)
     RequestCounter().inc("metrics_test", 299)
     wanted = {"ray_" + d.name.removesuffix("_total") for d in M.SERVING_METRICS}
     url = f"http://127.0.0.1:{ray_cluster['metrics_port']}/metrics"
