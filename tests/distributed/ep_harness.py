@@ -43,6 +43,18 @@ CONFIGS = {
 TRAIN = dict(steps=3, global_batch=8, micro_batch=2, seed=1234, lr=2e-3, grad_clip=0.5)
 
 
+def token_file(tmp_path_factory) -> str:
+    """The embedded corpus as a token file (for a module-scoped ``data_path`` fixture)."""
+    from raymoe.platform.data import build_token_file
+
+    return str(build_token_file(None, tmp_path_factory.mktemp("tokens")))
+
+
+def train_job(name: str, config: str, data: str, **kw) -> tuple[str, dict]:
+    """(name, job) of a "train" job of ``config`` on the token file ``data``; ``kw``: ep, sharding, train, ..."""
+    return name, dict(kind="train", config=config, data=data, **kw)
+
+
 # -- one rank's training run ---------------------------------------------------------------------------------
 class _Run:
     """One rank's GPT-MoE, AdamW and data for a job; ``steps`` trains, recording the global mean losses."""

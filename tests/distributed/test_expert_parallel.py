@@ -16,13 +16,10 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    from raymoe.platform.data import build_token_file
-
-    return str(build_token_file(None, tmp_path_factory.mktemp("tokens")))
+    return H.token_file(tmp_path_factory)
 
 
-def _train(name, config, data, **kw):
-    return name, dict(kind="train", config=config, data=data, **kw)
+_train = H.train_job
 
 
 @pytest.fixture(scope="module")
