@@ -26,6 +26,7 @@ import importlib
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any, AsyncIterator, Optional, Union
 
 from raymoe.deployments.openai_api import error_body, error_from
@@ -66,7 +67,8 @@ def _resolved(path: Optional[str]) -> Optional[str]:
     try:
         from raymoe.platform.checkpoint import read_manifest
 
-        return str(read_manifest(path)["path"].resolve())
+        found = read_manifest(path)["path"]  # a Path, or a RemotePath for a storage URI (already absolute)
+        return str(found.resolve() if isinstance(found, Path) else found)
     except Exception:
         return str(path)
 
