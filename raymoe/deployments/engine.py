@@ -107,6 +107,9 @@ class Engine(BaseEngine):
             raise ValueError("ep_size > 1 loads its shards from checkpoint=...; model=... is for ep_size=1")
         if ep_options and ep_size == 1:
             raise ValueError(f"ep_options {sorted(ep_options)} need ep_size > 1")
+        if ep_size > 1 and config.prefix_cache_mb:
+            raise ValueError(f"prefix_cache_mb={config.prefix_cache_mb} needs ep_size=1: expert-parallel replicas "
+                             f"(ep_size={ep_size}) have no prefix cache; set prefix_cache_mb=0")
         self.config = config
         self.ep_size, self.ep_options = ep_size, dict(ep_options or {})
         self.runner = None
@@ -199,7 +202,9 @@ class Engine(BaseEngine):
         if self.model is None:
             self.model, self.step = load_local_model(self.checkpoint, self.device)
         return LocalRunner(prepare_for_inference(self.model.to(self.device)), self.config.max_batch_size,
-                           max_len=self.config.max_model_len)
+                           max_len=self.config.max_model_len,
+                           prefix_cache_bytes=int(self.config.prefix_cache_mb * 2 ** 20),
+                           prefix_block_size=self.config.prefix_block_size)
 
     def _set_model_info(self) -> None:
         cfg = self.runner.config
@@ -268,10 +273,13 @@ class Engine(BaseEngine):
                 "ep_size": self.ep_size, **(self.runner.info() if self.runner is not None else {})}
 
     def stats(self) -> dict:
-        """Counters for tests and debugging: steps, tokens, batch sizes seen, expert load totals."""
+        """Counters for tests and debugging: steps, tokens, batch sizes seen, expert load totals, prefix cache
+        (``prefix_cache_hit_tokens``, ...)."""
         loop_counters = self.loop.counters if self.loop is not None else {}
+        store = getattr(self.runner, "prefix_cache", None)
+        prefix = {} if store is None else {f"prefix_cache_{k}": v for k, v in store.stats.items()}
         return {"running": len(self._running), "waiting": len(self._waiting), **loop_counters, **self.counters,
-                "expert_counts": {lid: t.tolist() for lid, t in self._expert_total.items()}}
+                **prefix, "expert_counts": {lid: t.tolist() for lid, t in self._expert_total.items()}}
 
     # -- the loop --------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -301,9 +309,17 @@ class Engine(BaseEngine):
             with self._cv:
                 new = self.loop.admit(self._waiting)
         self.loop.step(new)
+        self._publish_prefix_cache()
         if not self._running:
             self.observer.on_step(0, len(self._waiting), 0)  # idle: gauges back to the truth
         self._publish_expert_load()
+
+    def _publish_prefix_cache(self) -> None:
+        store = getattr(self.runner, "prefix_cache", None)
+        if store is not None:
+            query, hit = store.take_counts()
+            if query:
+                self.observer.on_prefix_cache(query, hit)
 
     def _on_decode(self, batch_size: int) -> None:
         self.observer.on_step(batch_size, len(self._waiting), batch_size)

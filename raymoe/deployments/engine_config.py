@@ -39,6 +39,14 @@ class EngineConfig(BaseModel):
                         "available)")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads of the engine process "
                                          "(None: torch's default)")
+    prefix_cache_mb: float = Field(
+        0.0, ge=0, description="memory (MiB) for prefix caching: prompts that start with the same blocks of "
+        "tokens as an earlier prompt (a system prompt, a chat history) reuse their keys/values instead of "
+        "prefilling them; least recently used blocks are evicted. 0 = off (the default: it holds memory beside "
+        "the batch KV cache, and outputs equal the uncached ones up to floating-point rounding, not bitwise). "
+        "ep_size > 1 rejects it (expert-parallel replicas have no prefix cache)")
+    prefix_block_size: int = Field(16, ge=1, description="tokens per prefix-cache block: prefixes are reused in "
+                                   "whole blocks (smaller: finer reuse, more lookups)")
     expert_load_interval_s: float = Field(1.0, ge=0, description="seconds between expert-load metric updates")
     stall_timeout_s: float = Field(120.0, gt=0, description="check_health fails when a busy engine made no step "
                                    "for this long")

@@ -15,11 +15,13 @@ call position in every row.
 
 `SlotKVCache` holds up to ``max_rows`` rows that started at different times. Every row is right-aligned at slot
 ``length`` (each decode step appends one slot to every row), so a row's real tokens are the last
-``valid_len_B[i]`` slots. Positions come from ``valid_len_B``, so where a row sits in the slot range does not
+``valid_len_B[i]`` slots (a row started from a cached prefix also has masked slots among them). Positions come from ``valid_len_B``, so where a row sits in the slot range does not
 change its numbers. Hence:
 
 - joining rows whose prefill is longer than ``length``: shift every row right (one slice copy);
-- compacting: slots older than the longest live row are unused by every row: shift left (one slice copy);
+- compacting: slots older than the longest live row are unused by every row: shift left (one slice copy); a
+  row that started from a cached prefix has masked slots between its prefix and its suffix, so "longest" is
+  counted in slots from the row's first real token (its span), not in tokens;
 - leaving rows: gather the kept rows to the front (skipped when only trailing rows leave).
 
 Its buffers are allocated once ([R, H, Lc, Dk] keys and [R, H, Lc, Dv] values per layer); the active rows are
@@ -70,6 +72,16 @@ class KVCache:
         heads, k_dim, v_dim = cfg.kv_dims()
         return cls(cfg.n_layer, batch_size, heads, k_dim, max_len, v_dim=v_dim, device=p.device, dtype=p.dtype)
 
+    def start_rows(self, lengths_B: torch.Tensor) -> None:
+        """Make an empty cache start with row i's ``lengths_B[i]`` tokens right-aligned at slot
+        ``max(lengths_B)`` (their keys/values are written by the caller: `raymoe.platform.prefix_cache`)."""
+        assert self.length == 0, "start_rows on a cache in use"
+        C = int(lengths_B.max())
+        lengths_B = lengths_B.to(self.valid_len_B.device)
+        self.key_mask_BL[:, :C] = torch.arange(C, device=lengths_B.device)[None, :] >= C - lengths_B[:, None]
+        self.valid_len_B[:] = lengths_B
+        self.length = C
+
     def begin(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
         """Reserve slots [length, length + T) for the forward call about to run."""
         if self.length + T > self.max_len:
@@ -103,6 +115,9 @@ class SlotKVCache(KVCache):
         self._k, self._v = _layer_buffers(n_layer, max_rows, n_head, max_len, head_dim, v_dim, device, dtype)
         self._mask_RL = torch.zeros(max_rows, max_len, dtype=torch.bool, device=device)
         self._valid_R = torch.zeros(max_rows, dtype=torch.long, device=device)
+        # slots from a row's first real token to `length`: its token count, plus the masked gap between a
+        # cached prefix and the suffix prefilled after it (raymoe.platform.prefix_cache)
+        self._span_R = torch.zeros(max_rows, dtype=torch.long, device=device)
         self.max_rows, self.max_len = max_rows, max_len
         self.rows = 0
         self.length = 0
@@ -165,6 +180,8 @@ class SlotKVCache(KVCache):
         self._mask_RL[new, :L] = False
         self._mask_RL[new, L - P:L] = prefill.key_mask_BL[:, :P]
         self._valid_R[new] = prefill.valid_len_B
+        first_n = prefill.key_mask_BL[:, :P].int().argmax(1)  # every row has a real token
+        self._span_R[new] = P - first_n.to(self._span_R.device)
         self.rows = B + n
         self._views()
 
@@ -180,10 +197,15 @@ class SlotKVCache(KVCache):
                     t[:n, :, :L] = t[idx, :, :L]
             self._mask_RL[:n, :L] = self._mask_RL[idx, :L]
             self._valid_R[:n] = self._valid_R[idx]
+            self._span_R[:n] = self._span_R[idx]
         self.rows = len(keep)
         if self.rows == 0:
             self.length = 0
         self._views()
+
+    def end(self, T: int, token_mask_BT: Optional[torch.Tensor]) -> None:
+        super().end(T, token_mask_BT)
+        self._span_R[:self.rows] += T
 
     def compact(self, force: bool = False) -> int:
         """Drop slots no row uses. Runs when forced, when the next step would overflow, or when at least half
@@ -191,7 +213,7 @@ class SlotKVCache(KVCache):
         if self.rows == 0:
             self.length = 0
             return 0
-        longest = int(self.valid_len_B.max())
+        longest = int(self._span_R[:self.rows].max())  # == the most real tokens of a row unless a row has a gap
         dead = self.length - longest
         if dead > 0 and (force or self.length + 1 > self.max_len or dead * 2 >= self.length):
             self._shift(-dead)

@@ -31,6 +31,7 @@ import torch
 from raymoe.platform.decode import left_pad
 from raymoe.platform.kv_cache import KVCache, SlotKVCache
 from raymoe.platform.mixed_step import forward_groups
+from raymoe.platform.prefix_cache import PrefixCache, PrefixPrefill
 
 
 @runtime_checkable
@@ -94,11 +95,14 @@ class LocalRunner:
     block_size); ``self.max_len`` is the resulting serving context.
     ``loader(checkpoint) -> (model, step)`` builds models for ``prepare`` (default: the whole model of the
     checkpoint; an expert shard passes one that builds only its experts).
+    ``prefix_cache_bytes`` > 0: a `PrefixCache` of that many bytes (blocks of ``prefix_block_size`` tokens)
+    lets prompts reuse the keys/values of cached prefixes (``self.prefix_cache``; None when 0).
     """
 
     mixed_step = True
 
-    def __init__(self, model, max_rows: int, *, max_len: Optional[int] = None, loader=None):
+    def __init__(self, model, max_rows: int, *, max_len: Optional[int] = None, loader=None,
+                 prefix_cache_bytes: int = 0, prefix_block_size: int = 16):
         if not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows must be an int >= 1; got {max_rows!r}")
         if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
@@ -106,6 +110,7 @@ class LocalRunner:
         self.max_rows = max_rows
         self.requested_len = max_len
         self.loader = loader
+        self.prefix_cache_bytes, self.prefix_block_size = prefix_cache_bytes, prefix_block_size
         self.expert_counts: dict[int, torch.Tensor] = {}
         self._install(model)
 
@@ -118,6 +123,9 @@ class LocalRunner:
         # range (e.g. 131072), far more than a serving cache should allocate up front
         self.max_len = min(self.requested_len or model.config.block_size, model.config.block_size)
         self.device = next(model.parameters()).device
+        self.prefix_cache = (PrefixCache.for_model(model, block_size=self.prefix_block_size,
+                                                   budget_bytes=self.prefix_cache_bytes)
+                             if self.prefix_cache_bytes else None)
         self.reset()
 
     @property
@@ -128,14 +136,27 @@ class LocalRunner:
     def prefill(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor) -> torch.Tensor:
         """Prefill new rows (left-padded; mask False = padding), append them; logits [B, V] of their last
         position."""
-        B, P = idx_BP.shape
-        self._check_room(B)
-        cache = KVCache.for_model(self.model, B, P)
-        out = self.model(idx_BP.to(self.device), kv_cache=cache, token_mask_BT=mask_BP.to(self.device),
+        self._check_room(idx_BP.shape[0])
+        pre = self._new_rows(idx_BP, mask_BP)
+        out = self.model(pre.idx_BT.to(self.device), kv_cache=pre.cache, token_mask_BT=pre.mask_BT.to(self.device),
                          last_logits_only=True)
         self._record_counts()
-        self.cache.add_rows(cache)
+        self._joined(pre)
         return out.logits[:, -1, :]
+
+    def _new_rows(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor) -> PrefixPrefill:
+        """The KV cache and tokens of a prefill of new rows: the whole prompts, or with a prefix cache the
+        prompts' suffixes after their cached prefixes (loaded into the cache)."""
+        if self.prefix_cache is None:
+            return PrefixPrefill(KVCache.for_model(self.model, *idx_BP.shape), idx_BP, mask_BP)
+        prompts = [row[m].tolist() for row, m in zip(idx_BP, mask_BP)]
+        return self.prefix_cache.prefill_inputs(self.model, prompts, idx_BP.shape[1])
+
+    def _joined(self, pre: PrefixPrefill) -> None:
+        """The prefilled rows join the running batch; their prompts' new full blocks go to the prefix cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(pre)
+        self.cache.add_rows(pre.cache)
 
     def prefill_and_decode(self, idx_BP: torch.Tensor, mask_BP: torch.Tensor,
                            idx_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,12 +166,13 @@ class LocalRunner:
         self._check_room(B)
         self._check_decode(idx_B1)
         self.cache.compact()
-        new_cache = KVCache.for_model(self.model, B, idx_BP.shape[1])
+        pre = self._new_rows(idx_BP, mask_BP)
         run_mask_B1 = torch.ones(R, 1, dtype=torch.bool, device=self.device)
-        new_BV, run_BV = forward_groups(self.model, [(idx_BP.to(self.device), new_cache, mask_BP.to(self.device)),
+        new_BV, run_BV = forward_groups(self.model, [(pre.idx_BT.to(self.device), pre.cache,
+                                                      pre.mask_BT.to(self.device)),
                                                      (idx_B1.to(self.device), self.cache, run_mask_B1)])
         self._record_counts()
-        self.cache.add_rows(new_cache)
+        self._joined(pre)
         return new_BV, run_BV
 
     def decode(self, idx_B1: torch.Tensor) -> torch.Tensor:
@@ -199,9 +221,12 @@ class LocalRunner:
         return Pending(model.config, step, str(checkpoint), model)
 
     def swap(self, pending: Pending) -> None:
-        """Install prepared weights; the running rows' cache is kept when the architecture is the same."""
+        """Install prepared weights; the running rows' cache is kept when the architecture is the same, the
+        prefix cache is emptied (its keys/values came from the old weights)."""
         if pending.config == self.config:
             self.model = pending.payload
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
         else:  # only with no running rows (the engine's drain policy)
             self._install(pending.payload)
 

@@ -326,3 +326,58 @@ def test_max_model_len_sizes_the_cache_and_bounds_requests():
         eng.shutdown(5)
     with pytest.raises(ValueError, match="max_model_len"):
         EngineConfig(max_model_len=1)
+
+
+def _rope_gqa_model():
+    from raymoe.platform.model import GPT, GPTConfig
+
+    torch.manual_seed(3)
+    m = GPT(GPTConfig(vocab_size=257, block_size=128, n_layer=2, n_head=2, n_kv_head=1, d_model=32,
+                      position="rope", norm="rmsnorm", mlp="swiglu", num_experts=4, moe={"k": 2}))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("make_model", [lambda: spicy_model(0), _rope_gqa_model], ids=["gpt_moe", "rope_gqa"])
+def test_prefix_cache_outputs_equal_the_uncached_engine_and_count_hits(make_model):
+    """Chat-like traffic sharing a system prompt: the engine with a prefix cache answers what the engine without
+    one answers (greedy), loads the shared blocks instead of prefilling them, and reports the hits."""
+    seen = {"query": 0, "hit": 0}
+
+    class Obs(EngineObserver):
+        def on_prefix_cache(self, query_tokens, hit_tokens):
+            seen["query"] += query_tokens
+            seen["hit"] += hit_tokens
+
+    system = "You are a terse assistant. "
+    prompts = [system + q for q in ("hi", "what is a mixture of experts?", "2+2", "name a colour")]
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    answers = {}
+    for mb in (0.0, 1.0):
+        eng = Engine(model=make_model(), config=EngineConfig(max_batch_size=4, prefix_cache_mb=mb,
+                                                              prefix_block_size=4), observer=Obs())
+        eng.start()
+        try:
+            first = eng.generate_sync(prompts[0], params, 60).token_ids  # warms the cache with the system prompt
+
+            async def rest():
+                return await asyncio.gather(*(eng.generate(p, params) for p in prompts[1:]))
+
+            answers[mb] = [first] + [r.token_ids for r in run(rest())]
+            stats = eng.stats()
+        finally:
+            eng.shutdown(5)
+    assert answers[1.0] == answers[0.0]
+    assert stats["prefix_cache_hit_tokens"] >= 3 * (len(system) // 4) * 4
+    assert seen == {"query": stats["prefix_cache_query_tokens"], "hit": stats["prefix_cache_hit_tokens"]}
+    assert seen["query"] == sum(len(p.encode()) for p in prompts)
+
+
+def test_prefix_cache_is_rejected_with_expert_parallelism():
+    with pytest.raises(ValueError, match="prefix_cache_mb=1.0 needs ep_size=1"):
+        Engine("unused-checkpoint", ep_size=2, config=EngineConfig(prefix_cache_mb=1))
+    with pytest.raises(ValueError, match="prefix_block_size"):
+        EngineConfig(prefix_block_size=0)

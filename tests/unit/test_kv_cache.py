@@ -105,3 +105,24 @@ def test_slot_cache_paths_equal_full_recompute(kind):
     assert cache.compact(force=True) > 0 and cache.length == len(seqs[0])
     for _ in range(3):
         step()
+
+
+def test_compact_keeps_a_gap_between_a_cached_prefix_and_its_suffix():
+    """A row started from a cached prefix (`KVCache.start_rows`, raymoe.platform.prefix_cache) has masked slots
+    between its prefix and its suffix: compaction counts its span in slots, not its tokens."""
+    pre = KVCache(1, 2, 1, 1, max_len=9)
+    pre.start_rows(torch.tensor([6, 0]))  # row 0: 6 cached tokens in slots 0-5; row 1: none
+    assert pre.key_mask_BL[:, :6].tolist() == [[True] * 6, [False] * 6] and pre.valid_len_B.tolist() == [6, 0]
+    mask = torch.tensor([[False, False, True], [True, True, True]])  # row 0: 1 suffix token after 2 pads
+    pre.begin(3, mask)
+    pre.end(3, mask)
+    slot = SlotKVCache(1, 2, 1, 1, max_len=12)
+    slot.add_rows(pre)
+    assert slot.valid_len_B.tolist() == [7, 3] and slot.length == 9
+    for _ in range(2):  # decode steps
+        slot.begin(1, None)
+        slot.end(1, None)
+    assert slot.compact(force=True) == 0  # row 0 spans all 11 slots although it has 9 tokens
+    slot.keep_rows([1])
+    assert slot.compact(force=True) == 6 and slot.length == 5
+    assert slot.key_mask_BL[:, :slot.length].sum().item() == slot.valid_len_B.item() == 5
