@@ -278,9 +278,17 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from raymoe.platform import storage
     from raymoe.platform.report import plot_run
 
-    for path in plot_run(args.run_dir):
+    run_dir = args.run_dir
+    if storage.is_remote(run_dir):  # a run folder at a storage URI: plot its uploaded logs from a local copy
+        loc = storage.location(run_dir)
+        outputs = storage.RunOutputs(loc.parent, loc.name)
+        outputs.pull(refresh=True)
+        run_dir = outputs.local
+        print(f"{args.run_dir}: logs as of the last checkpoint commit, downloaded to {run_dir}")
+    for path in plot_run(run_dir):
         print(path)
     return 0
 

@@ -371,9 +371,10 @@ class RunOutputs:
                 if p.is_file() and not rel.startswith("checkpoints/"):
                     upload(p, self.location / rel)
 
-    def pull(self) -> None:
-        """Before resuming a run whose logs are not here (another machine wrote them): download them."""
-        if self.remote and not (self.local / "metrics.jsonl").exists():
+    def pull(self, refresh: bool = False) -> None:
+        """Before resuming a run whose logs are not here (another machine wrote them): download them
+        (``refresh``: also when a local copy exists, e.g. to plot the latest uploaded logs)."""
+        if self.remote and (refresh or not (self.local / "metrics.jsonl").exists()):
             for rel in list_files(self.location):
                 if not rel.startswith("checkpoints/"):
                     download(self.location / rel, self.local / rel)

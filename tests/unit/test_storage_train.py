@@ -62,6 +62,16 @@ def test_local_training_to_s3_resumes_and_loads(s3_server, tmp_path, monkeypatch
     assert checkpoint_step(str(run.checkpoints)) == 4
     assert isinstance(load_tokenizer(str(run.checkpoints)), ByteTokenizer)
     assert ck.inspect_checkpoint(str(run.checkpoints), verify=True)["step"] == 4
+    # the user commands on the URI: eval, generate (the checkpoint's tokenizer) and report (the uploaded logs)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run.checkpoints)]) == 0
+    assert main(["generate", "--checkpoint", str(run.checkpoints), "--prompt", "The", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    storage.remove_tree(run.local)
+    assert main(["report", str(run.location)]) == 0
+    out = capsys.readouterr().out
+    assert "val_loss" in out or "loss" in out
+    assert (run.local / "loss.png").stat().st_size > 1000 and (run.local / "metrics.jsonl").is_file()
 
     # each of 2 expert-parallel serving shards reads only its experts from the bucket
     full = {m.layer_id: m.experts.state_dict() for m in model.moe_modules()}
