@@ -140,6 +140,9 @@ class ServeArgs(BaseModel):
                              "checkpoint; set checkpoint")
         if self.ep_size == 1 and (self.ep_shard_gpus or self.ep_shard_cpus != 1.0 or self.ep_redundant_experts):
             raise ValueError("ep_shard_cpus / ep_shard_gpus / ep_redundant_experts apply with ep_size > 1 only")
+        if self.ep_size > 1 and self.engine.prefix_cache_mb:  # the engine would refuse it in every replica
+            raise ValueError(f"engine.prefix_cache_mb={self.engine.prefix_cache_mb} needs ep_size=1: "
+                             f"expert-parallel replicas have no prefix cache; set engine.prefix_cache_mb=0")
         bundles = self.llm_server_options.get("placement_group_bundles")
         if self.ep_size > 1 and bundles is not None and len(bundles) < self.ep_size + 1:
             raise ValueError(f"llm_server_options.placement_group_bundles has {len(bundles)} bundles; ep_size="

@@ -379,5 +379,9 @@ def test_prefix_cache_outputs_equal_the_uncached_engine_and_count_hits(make_mode
 def test_prefix_cache_is_rejected_with_expert_parallelism():
     with pytest.raises(ValueError, match="prefix_cache_mb=1.0 needs ep_size=1"):
         Engine("unused-checkpoint", ep_size=2, config=EngineConfig(prefix_cache_mb=1))
+    from raymoe.deployments.app import ServeArgs  # a Serve config is refused before any replica starts
+
+    with pytest.raises(ValueError, match="engine.prefix_cache_mb=1.0 needs ep_size=1"):
+        ServeArgs(checkpoint="unused-checkpoint", ep_size=2, engine={"prefix_cache_mb": 1})
     with pytest.raises(ValueError, match="prefix_block_size"):
         EngineConfig(prefix_block_size=0)
