@@ -106,3 +106,20 @@ def test_export_from_s3(s3_server, tmp_path):
     back = hf.load_hf_model(out)
     for (name, a), b in zip(model.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_serving_reload_target_resolves_a_uri_root_to_its_latest_step(s3_server):
+    """A Serve reload compares the step dir a root URI points at now with the one loaded: a newer commit in the
+    bucket is a new target (it compared the root itself, so a reload to a newer checkpoint was skipped)."""
+    from raymoe.deployments.server import _resolved
+    from raymoe.platform.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=61, block_size=8, n_layer=1, n_head=2, d_model=16, d_ff=32, num_experts=2))
+    root = storage.location(s3_server.uri(s3_server.bucket(), "serve"))
+    ck.finalize_checkpoint(ck.save_checkpoint(root, 1, model, rng=False, write_manifest=False))
+    first = _resolved(str(root))
+    assert first.endswith("step_00000001") or "step_00000001?" in first
+    ck.finalize_checkpoint(ck.save_checkpoint(root, 2, model, rng=False, write_manifest=False))
+    second = _resolved(str(root))
+    assert second != first and "step_00000002" in second
+    assert _resolved(second) == second  # a step dir is its own target
