@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                                                                   "(default 64)")
     p.add_argument("--max-prefill-tokens", type=int, default=None, help="padded prompt tokens prefilled per step "
                                                                          "(default 2048)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None, help="MiB of prefix cache per replica: prompts "
+                   "sharing a prefix (system prompt, chat history) reuse its KV (default 0: off; ep-size 1 only)")
+    p.add_argument("--prefix-block-size", type=int, default=None, help="tokens per prefix-cache block (default 16)")
     p.add_argument("--reload-policy", default=None, help="drain (default) or immediate")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--torch-threads", type=int, default=None, help="torch threads of each engine")
@@ -225,7 +228,7 @@ def _cmd_serve(args) -> int:
         raise ValueError("--checkpoint or --follow is required (or --engine, e.g. "
                          "raymoe.deployments.fake_engine:FakeEngine)")
     engine_flags = ("max_batch_size", "max_model_len", "max_waiting", "max_prefill_tokens", "reload_policy", "device",
-                    "torch_threads")
+                    "torch_threads", "prefix_cache_mb", "prefix_block_size")
     fields = {"checkpoint": args.checkpoint, "model_id": args.model_id, "stream_interval_s": args.stream_interval,
               "engine": {k: getattr(args, k) for k in engine_flags if getattr(args, k) is not None},
               "api_key": args.api_key, "check_resources": not args.no_resource_check}

@@ -68,6 +68,8 @@ def test_cli_serve_flags_fill_the_engine_config(monkeypatch, tmp_path):
                                     reload_policy="immediate", torch_threads=2, device="auto")
     assert a.max_ongoing_requests == 4 + 6 and a.num_replicas is None
     assert a.autoscaling_config == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
+    assert main(["serve", "--checkpoint", str(tmp_path), "--prefix-cache-mb", "64", "--prefix-block-size", "8"]) == 0
+    assert seen["args"].engine == EngineConfig(prefix_cache_mb=64, prefix_block_size=8)
     assert main(["serve", "--engine", FAKE, "--max-batch-size", "2"]) == 0
     assert type(seen["args"].engine).__name__ == "FakeEngineConfig" and seen["args"].engine.max_batch_size == 2
 
