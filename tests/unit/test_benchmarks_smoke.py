@@ -105,3 +105,10 @@ def test_memory_quick_prints_ratios_and_targets():
     # bytes are exact: FSDP2 halves the dense state per rank at world 2, and the undo copy is one rank's share
     assert "world 2: sharded dense state per rank 0.500 of world 1" in text
     assert "undo copy 1.000 of one rank's" in text
+
+
+def test_prefix_cache_smoke_prints_ratios_and_identical_outputs():
+    text = _run("prefix_cache.py", "--clients", "3", "--waves", "1", "--system-len", "40", "--user-len", "6",
+                "--max-tokens", "2")
+    assert "uncached/cached: ttft p50" in text and "outputs identical: 3/3 requests" in text
+    assert "prefix cache: 96/" in text  # 3 requests x the system prompt's 2 whole blocks of 16 tokens
