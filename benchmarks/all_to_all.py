@@ -24,10 +24,7 @@ glibc reads MALLOC_MMAP_THRESHOLD_ at process start only, so the script re-execu
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import sys
 
 if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at process start
     from _host import reexec_with_tuned_malloc
@@ -35,11 +32,11 @@ if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at 
     reexec_with_tuned_malloc()
 
 import time  # noqa: E402
-from datetime import timedelta  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from _gloo import free_port, gloo_rank  # noqa: E402
 
 from raymoe.platform import parallel  # noqa: E402
 from raymoe.platform.moe.router import compute_capacity  # noqa: E402
@@ -151,12 +148,7 @@ def _measure(raw, exchange, x, reps: int, backward: bool) -> list[tuple]:
 
 
 def _worker(rank, world, port, args, results):
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))
-    try:
+    with gloo_rank(rank, world, port, timeout_s=120):
         rpn = args.ranks_per_node if args.hierarchical else None
         groups = parallel.build_process_groups(parallel.ParallelLayout(world, {0: world}), rank,
                                                ranks_per_node=rpn)
@@ -171,8 +163,6 @@ def _worker(rank, world, port, args, results):
                 if rank == 0:
                     results.put((world, name, f"{label}:{used}", rows))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
@@ -190,10 +180,7 @@ def main(argv=None) -> None:
           f"{'layer MB/s':>10} {'ratio':>6}")
     for world in args.worlds:
         results = ctx.Queue()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        procs = mp.start_processes(_worker, args=(world, port, args, results), nprocs=world, join=False,
+        procs = mp.start_processes(_worker, args=(world, free_port(), args, results), nprocs=world, join=False,
                                    start_method="spawn")
         n_routes = 4 + 2 * (args.hierarchical and world > args.ranks_per_node)
         for _ in range(len(args.shapes) * n_routes):

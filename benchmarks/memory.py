@@ -3,10 +3,11 @@
 For world 1, 2, 4 each rank builds the GPT-MoE with its experts (EP ``--ep``, capped at the world), applies
 the sharding, trains a few steps through ``train_step`` with the elastic per-step undo copy on
 (``raymoe.actors.shard_state.ShardState``), and reports what it holds: bytes of parameters, gradients and AdamW
-state, dense and expert parts apart, the undo copy, and its peak RSS. Each (world, mode) runs in fresh
-processes, so peak RSS is that configuration's own. Speed is measured apart, in one world holding both
-models, their steps alternating (both see the same load on a shared machine). Printed as ratios to world 1
-(one process holds everything; the largest rank), with the issue's targets checked:
+state, dense and expert parts apart, the undo copy, its RSS after the steps (as is, and live: after
+malloc_trim) and its peak RSS. Each (world, mode) runs in fresh processes, so RSS is that configuration's own.
+Speed is measured apart, in one world holding both models, their steps alternating (both see the same load on
+a shared machine). Printed as ratios to world 1 (one process holds everything; the largest rank), with the
+issue's targets checked:
 
 - sharded dense state (params + grads + AdamW) per rank <= 1/N of the replicated one + 10%;
 - expert state per rank <= 1/EP of all experts;
@@ -19,11 +20,10 @@ models, their steps alternating (both see the same load on a shared machine). Pr
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import resource
-import socket
 import statistics
-import sys
 
 if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at process start
     from _host import reexec_with_tuned_malloc
@@ -31,11 +31,11 @@ if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at 
     reexec_with_tuned_malloc()
 
 import time  # noqa: E402
-from datetime import timedelta  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from _gloo import free_port, gloo_rank  # noqa: E402
 
 MODEL = dict(vocab_size=2048, block_size=64, n_layer=4, n_head=4, d_model=384, d_ff=1536, expert_ffn=768,
              num_experts=8, expert_interval=2, k=1, capacity_factor=1.25, dropout=0.0)
@@ -94,6 +94,21 @@ class _Rank:
         return {**out, "undo": self.undo.undo_bytes(), "buffers": local_bytes(self.model.buffers())}
 
 
+def _rss(trim: bool = False) -> int:
+    """Resident bytes now (Linux; 0 elsewhere). ``trim``: first hand free heap memory back to the system
+    (raymoe's malloc settings keep up to 1 GiB of it mapped for speed), leaving what is live."""
+    if trim:
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 def _measure(rank: int, world: int, args, mode: str) -> dict:
     """Memory of one mode, alone in this process: bytes held after a few steps and the peak RSS. Mode "speed":
     both modes in this process, steps alternating between them, median step seconds of each."""
@@ -101,7 +116,8 @@ def _measure(rank: int, world: int, args, mode: str) -> dict:
         r = _Rank(rank, world, args, mode)
         for _ in range(args.warmup + 1):
             r.train()
-        return {**r.held(), "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        return {**r.held(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss": _rss(),
+                "live_rss": _rss(trim=True)}
     ranks = {m: _Rank(rank, world, args, m) for m in ("replicate", "shard")}
     times: dict[str, list[float]] = {m: [] for m in ranks}
     for i in range(args.warmup + args.steps):
@@ -113,26 +129,16 @@ def _measure(rank: int, world: int, args, mode: str) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, args, mode: str, results) -> None:
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
-    try:
+    with gloo_rank(rank, world, port):
         results.put((rank, _measure(rank, world, args, mode)))
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def run_world(world: int, args, mode: str) -> list[dict]:
     """Every rank's measurements for one (world, mode), in fresh processes."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = mp.start_processes(_worker, args=(world, port, args, mode, results), nprocs=world, join=False,
+    procs = mp.start_processes(_worker, args=(world, free_port(), args, mode, results), nprocs=world, join=False,
                                start_method="spawn")
     got = dict(results.get(timeout=600) for _ in range(world))
     try:
@@ -169,7 +175,8 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
     """The table (the largest rank, as ratios to world 1) and the targets, as printed lines."""
     base = results[(1, "replicate")][0]
     lines = [f"{'world':>5} {'EP':>3} {'mode':<10} {'dense/w1':>8} {'expert/w1':>9} {'params/w1':>9} "
-             f"{'grads/w1':>8} {'optim/w1':>8} {'undo/w1':>8} {'RSS/w1':>7} {'tok/s sh/rep':>12}"]
+             f"{'grads/w1':>8} {'optim/w1':>8} {'undo/w1':>8} {'RSS/w1':>7} {'live/w1':>7} {'peak/w1':>7} "
+             f"{'tok/s sh/rep':>12}"]
     checks = []
     for world in worlds:
         e = min(ep, world)
@@ -188,9 +195,16 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
             cols = [ratio(lambda r, k=k: _bytes(r, kinds=(k,))) for k in KINDS]
             lines.append(f"{world:>5} {e:>3} {mode:<10} {dense:>8.3f} {expert:>9.3f} {cols[0]:>9.3f} {cols[1]:>8.3f} "
                          f"{cols[2]:>8.3f} {ratio(lambda r: r['undo']):>8.3f} {ratio(lambda r: r['rss']):>7.2f} "
+                         f"{ratio(lambda r: r['live_rss']):>7.2f} {ratio(lambda r: r['peak_rss']):>7.2f} "
                          f"{'' if speed is None else f'{speed:.2f}':>12}")
             if mode == "shard" and world > 1:
                 checks += _checks(world, e, dense, expert, rs, speed)
+    mb = {k: base[k] / 2**20 for k in ("rss", "live_rss", "peak_rss")}
+    state = {k: _bytes(base, kinds=(k,)) / 2**20 for k in KINDS}
+    lines.append(f"world 1: parameters {state['params']:.1f} MiB, gradients {state['grads']:.1f} MiB, AdamW "
+                 f"{state['optim']:.1f} MiB ({_bytes(base, ('expert',)) / _bytes(base):.0%} of it experts); RSS after "
+                 f"the steps {mb['rss']:.0f} MiB, live (after malloc_trim) {mb['live_rss']:.0f} MiB, peak "
+                 f"{mb['peak_rss']:.0f} MiB (every rank builds the full model once at start, as build_rank does)")
     return lines + [""] + checks
 
 
