@@ -118,11 +118,15 @@ class PrefixCache:
         return delta
 
     # -- lookup ------------------------------------------------------------------------------------------
+    def _key(self, parent: tuple, tokens: tuple) -> tuple:
+        """The name of the block of ``tokens`` after the block ``parent`` (its id: unique while it is cached)."""
+        return (self._blocks[parent].id if parent is not _ROOT else 0, tokens)
+
     def _chain(self, tokens: Sequence[int], n_blocks: int) -> list[tuple]:
         """Keys of the cached blocks that start ``tokens``, at most ``n_blocks``."""
         S, keys, parent = self.block_size, [], _ROOT
         for b in range(n_blocks):
-            key = (self._blocks[parent].id if parent is not _ROOT else 0, tuple(tokens[b * S:(b + 1) * S]))
+            key = self._key(parent, tuple(tokens[b * S:(b + 1) * S]))
             if key not in self._blocks:
                 break
             keys.append(key)
@@ -192,7 +196,7 @@ class PrefixCache:
         if slot is None:
             return None
         self._ids += 1
-        key = (self._blocks[parent].id if parent is not _ROOT else 0, tokens)
+        key = self._key(parent, tokens)
         self._blocks[key] = _Block(self._ids, slot, parent)
         if parent is not _ROOT:
             self._blocks[parent].children += 1
