@@ -6,10 +6,10 @@ import contextlib
 import os
 import socket
 import sys
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
+
+from raymoe.platform.distributed import join_world, leave_world
 
 
 def free_port() -> int:
@@ -26,9 +26,9 @@ def gloo_rank(rank: int, world: int, port: int, timeout_s: float = 300.0):
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    join_world(f"tcp://127.0.0.1:{port}", rank, world, backend="gloo", device=torch.device("cpu"),
+               timeout_s=timeout_s)  # as an expert shard joins its world
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        leave_world()
