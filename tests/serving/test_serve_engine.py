@@ -385,3 +385,28 @@ def test_prefix_cache_is_rejected_with_expert_parallelism():
         ServeArgs(checkpoint="unused-checkpoint", ep_size=2, engine={"prefix_cache_mb": 1})
     with pytest.raises(ValueError, match="prefix_block_size"):
         EngineConfig(prefix_block_size=0)
+
+
+def test_prefix_cache_in_the_engine_process_reports_hits(checkpoints):
+    """Serve's default engine runs in a child process: the setting reaches it and its hits reach the observer."""
+    from raymoe.deployments.proc_engine import ProcessEngine
+    from serving_helpers import wait_until
+
+    seen = []
+
+    class Obs(EngineObserver):
+        def on_prefix_cache(self, query_tokens, hit_tokens):
+            seen.append((query_tokens, hit_tokens))
+
+    eng = ProcessEngine(checkpoints["a"], config=EngineConfig(max_batch_size=2, prefix_cache_mb=1,
+                                                              prefix_block_size=4), observer=Obs())
+    eng.start()
+    try:
+        params = SamplingParams(max_tokens=5, temperature=0.0)
+        first = eng.generate_sync("a shared system prompt, then: hi", params, 60)
+        again = eng.generate_sync("a shared system prompt, then: hi", params, 60)
+        assert again.token_ids == first.token_ids == reference(spicy_model(0), "a shared system prompt, then: hi", 5)
+        wait_until(lambda: len(seen) == 2, timeout_s=10)
+    finally:
+        eng.shutdown(5)
+    assert seen == [(32, 0), (32, 28)]  # 32 prompt tokens; the second reuses 7 blocks of 4 (one token is run)
