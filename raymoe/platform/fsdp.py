@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 SHARDING_MODES = ("replicate", "shard")
 
-__all__ = ["SHARDING_MODES", "apply_sharding", "gathered", "gradient_sync", "is_sharded", "local_bytes"]
+__all__ = ["SHARDING_MODES", "apply_sharding", "gathered", "gradient_sync", "local_bytes"]
 
 
 def _check_mode(field: str, value: str) -> bool:
@@ -96,14 +96,10 @@ def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """True if any parameter of ``model`` is sharded by FSDP."""
-    return bool(_fsdp_modules(model))
-
-
 def gradient_sync(model: nn.Module, last: bool) -> None:
-    """Before each micro-batch's backward: reduce the gradients only after the last one (earlier ones accumulate
-    unsharded, and the parameters stay gathered between them); a no-op for an unsharded model."""
+    """Before each micro-batch: reduce the gradients only in the last one's backward (earlier ones accumulate
+    unsharded gradients and keep their parameters gathered after their backward, saving the next forward's
+    gathers); a no-op for an unsharded model."""
     for m in _fsdp_modules(model):
         m.set_requires_gradient_sync(last, recurse=False)
         m.set_reshard_after_backward(last, recurse=False)
