@@ -8,6 +8,10 @@ One background thread drives the platform's decode loop (`raymoe.platform.decode
    prompt tokens per iteration) and runs one loop step: the new prompts are prefilled and the running rows
    decode one token (see the loop's docstring for the mixed step, sampling, stop rules and per-row errors).
 
+With ``prefix_cache_mb`` > 0 the runner keeps a prefix cache (`raymoe.platform.prefix_cache`): prompts that start
+with blocks of tokens an earlier prompt had reuse their keys/values; the hits go to ``observer.on_prefix_cache``
+after each iteration and to ``stats()``. Expert-parallel runners have none (``ep_size`` > 1 refuses the setting).
+
 Here: the thread, the request queue and its limit (`EngineOverloadedError`, a 429), reload policies, health,
 metrics (`EngineObserver`) and expert-load accounting. Bad input is rejected before queueing
 (`RequestError`); a failing step fails only the requests it ran, and the thread keeps running, so the replica

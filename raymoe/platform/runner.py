@@ -6,7 +6,8 @@ The loop owns rows, admission, sampling and stop rules; a runner owns the weight
 running rows and answers with last-position logits. `ModelRunner` is the contract; implementations:
 
 - `LocalRunner`: the whole model in this process plus its `SlotKVCache` (``raymoe generate``, plain serving
-  replicas). It is also what each `raymoe.actors.inference_shard.InferenceShard` runs for its slice of the rows
+  replicas), optionally with a `raymoe.platform.prefix_cache.PrefixCache` (new rows load their prompts' cached
+  prefixes and prefill only the rest). It is also what each `raymoe.actors.inference_shard.InferenceShard` runs for its slice of the rows
   in expert-parallel serving.
 - `RecomputeRunner`: no cache, every step re-runs each row's whole sequence (``generate(use_cache=False)``:
   the reference the cache is tested against).
