@@ -115,15 +115,12 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def _full(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _reshard(full: torch.Tensor, like):
-    """``full`` as a tensor laid out like ``like`` (a DTensor: this rank's shard, no communication)."""
-    if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+def _shard_of(full: torch.Tensor, like: DTensor) -> DTensor:
+    """This rank's shard of ``full``, laid out like ``like``, in its own memory (no view keeps ``full`` alive);
+    no communication."""
+    d = distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return DTensor.from_local(d.to_local().clone(), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
 
 
 @contextlib.contextmanager
@@ -131,7 +128,8 @@ def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
              write_back: bool = False) -> Iterator[None]:
     """Inside: ``model``'s sharded parameters (and ``optimizer``'s state of them) are full tensors, so
     checkpoint code reads and writes them as for an unsharded model. Collective: every rank enters, in the
-    same order. ``write_back``: what was loaded into them is sharded back on exit. No-op if nothing is sharded."""
+    same order. ``write_back``: what was loaded into them is sharded back on exit (else the shards are left as
+    they were). No-op if nothing is sharded."""
     fsdp = _fsdp_modules(model)
     if not fsdp:
         yield
@@ -140,36 +138,48 @@ def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
         m.reshard()  # parameters registered as their shards (after an eval forward too)
     slots = [(mod, name, p) for mod in model.modules() for name, p in mod._parameters.items()
              if isinstance(p, DTensor)]
-    full: dict[int, nn.Parameter] = {}
-    for _, _, p in slots:  # tied weights appear twice: gathered once
-        if id(p) not in full:
-            full[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-    sharded = {id(p): p for _, _, p in slots}
-    _swap(slots, full, optimizer, sharded, to_full=True)
+    sharded = {id(p): p for _, _, p in slots}  # tied weights appear twice: gathered once
+    full = {k: nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad) for k, p in sharded.items()}
+    for mod, name, p in slots:
+        mod._parameters[name] = full[id(p)]
+    kept = _swap_optimizer(optimizer, sharded, full)
     try:
         yield
     finally:
+        for mod, name, p in slots:
+            mod._parameters[name] = p
         if write_back:
             with torch.no_grad():
-                for _, _, p in slots:
-                    p.to_local().copy_(_reshard(full[id(p)].detach(), p).to_local())
-        _swap(slots, full, optimizer, sharded, to_full=False)
+                for k, p in sharded.items():
+                    p.to_local().copy_(_shard_of(full[k].detach(), p).to_local())
+        _restore_optimizer(optimizer, sharded, full, kept, write_back)
 
 
-def _swap(slots, full: dict, optimizer, sharded: dict, *, to_full: bool) -> None:
-    """Register the full (``to_full``) or the sharded parameters on their modules and in the optimizer; the
-    optimizer state follows (gathered, or sharded back from what the full parameters hold then)."""
-    for mod, name, p in slots:
-        mod._parameters[name] = full[id(p)] if to_full else p
+def _swap_optimizer(optimizer, sharded: dict, full: dict) -> dict:
+    """Point ``optimizer`` at the full parameters with gathered copies of their state; returns the sharded
+    state it held, by parameter id."""
+    if optimizer is None:
+        return {}
+    for group in optimizer.param_groups:
+        group["params"] = [full.get(id(q), q) for q in group["params"]]
+    kept = {k: optimizer.state.pop(p) for k, p in sharded.items() if p in optimizer.state}
+    for k, st in kept.items():
+        optimizer.state[full[k]] = {s: v.full_tensor() if isinstance(v, DTensor) else v for s, v in st.items()}
+    return kept
+
+
+def _restore_optimizer(optimizer, sharded: dict, full: dict, kept: dict, write_back: bool) -> None:
+    """Point ``optimizer`` back at the sharded parameters: their state as kept, or (``write_back``) sharded
+    from what the full parameters' state holds now (a load replaced it)."""
     if optimizer is None:
         return
     back = {id(f): sharded[k] for k, f in full.items()}
     for group in optimizer.param_groups:
-        group["params"] = [full.get(id(q), q) if to_full else back.get(id(q), q) for q in group["params"]]
-    state = optimizer.state
+        group["params"] = [back.get(id(q), q) for q in group["params"]]
     for k, f in full.items():
-        src, dst = (sharded[k], f) if to_full else (f, sharded[k])
-        if src in state:
-            st = state.pop(src)
-            state[dst] = {s: (_full(v) if to_full else _reshard(v, dst)) if torch.is_tensor(v) and v.dim() else v
-                          for s, v in st.items()}
+        st = optimizer.state.pop(f, None)
+        if write_back and st is not None:
+            p = sharded[k]
+            optimizer.state[p] = {s: _shard_of(v, p) if torch.is_tensor(v) and v.dim() else v for s, v in st.items()}
+        elif k in kept:
+            optimizer.state[sharded[k]] = kept[k]

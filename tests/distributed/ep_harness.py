@@ -157,8 +157,11 @@ def relayout(rank: int, world: int, job: dict) -> dict:
     loads the checkpoint the previous one wrote under ``job["dir"]`` (weights and AdamW state): checkpoints
     written by any layout and sharding continue in any other. Returns the losses and grad norms of every step
     and the final state, as ``train`` does."""
+    from torch.distributed.tensor import DTensor
+
     from raymoe.platform import checkpoint as ckpt
     from raymoe.platform import fsdp
+    from raymoe.platform.fsdp import local_bytes
 
     step, losses, norms = 0, [], []
     for i, phase in enumerate(job["phases"]):
@@ -177,7 +180,11 @@ def relayout(rank: int, world: int, job: dict) -> dict:
         if rank == 0:
             ckpt.finalize_checkpoint(path, step=step, expected_experts=run.cfg.experts_per_layer())
         dist.barrier()
-    return {"losses": losses, "grad_norms": norms, "state": run.full_state()}
+    # after loads and saves a rank holds only its shards: no tensor is a view into a gathered full tensor
+    held = [*run.model.parameters(), *(v for st in run.opt.state.values() for v in st.values() if v.dim())]
+    locals_ = [t.to_local() if isinstance(t, DTensor) else t for t in held]
+    return {"losses": losses, "grad_norms": norms, "state": run.full_state(), "held_bytes": local_bytes(held),
+            "storage_bytes": sum(t.untyped_storage().nbytes() for t in locals_)}
 
 
 def undo(rank: int, world: int, job: dict) -> dict:

@@ -110,6 +110,7 @@ def test_checkpoint_written_sharded_loads_at_another_layout(runs, name, ref):
     # layout-free files the previous phase wrote: the same losses, grad norms and weights as one run
     for rank_result in runs[name]:
         _assert_same(runs[ref][0], rank_result, name)
+        assert rank_result["storage_bytes"] <= 1.1 * rank_result["held_bytes"] + 4096, rank_result["held_bytes"]
 
 
 def test_bad_sharding_mode_names_the_field_and_the_choices():
