@@ -8,7 +8,7 @@ training resumes at that step with the same global batch (each shard runs more o
 Experts with no live replica come from the in-memory copies (own + buddy, every ``cluster.buddy_interval``
 steps), else from the last checkpoint. With FSDP sharding (``cluster.dense_sharding`` / ``expert_sharding``:
 shard) a lost shard takes its part of the state with it, so recovery always uses the in-memory copies
-(``buddy_interval: 1`` loses no step) or the checkpoint.
+(``buddy_interval: 1``: 0-2 lost steps, usually 0 or 1) or the checkpoint.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ SCENARIOS = {
                            "moe.topk_group=1", "moe.norm_topk_prob=true", "moe.shared_expert_ffn=16",
                            "moe.expert_bias=true", "moe.expert_bias_update_rate=0.01"],
     # remove_node with FSDP2: dense and expert state sharded over both shards (EP=1), so the survivor holds half
-    # of everything; in-memory copies every step restore it with no lost step; a checkpoint written sharded
+    # of everything; in-memory copies every step restore it (0-2 lost steps); a checkpoint written sharded
     "remove_node_sharded": ["cluster.num_workers=2", "cluster.ep_size=1", "cluster.buddy_interval=1",
                             "cluster.dense_sharding=shard", "cluster.expert_sharding=shard", "checkpoint.interval=2"],
     # the same loss without in-memory copies: the lost experts come back from the last checkpoint
