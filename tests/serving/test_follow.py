@@ -161,3 +161,39 @@ def test_cli_serve_follow_and_replication_flags(monkeypatch, tmp_path):
     assert app.engine_args_of(a)["ep_options"]["redundant_experts"] == 1
     assert main(["serve", "--follow", str(tmp_path / "nothing")]) == 2  # no committed checkpoint: one clear line
     assert main(["serve", "--checkpoint", str(ckpt), "--redundant-experts", "1"]) == 2  # needs --ep-size > 1
+
+
+@pytest.mark.slow
+def test_an_expert_parallel_replica_follows_a_run(ray_cluster, tmp_path):
+    """The follower of an EP=2 replica (LLMServer in this process, shards on the session's Ray) reloads a newly
+    committed checkpoint on every shard: the replica then generates what that checkpoint's model generates."""
+    from raymoe.deployments.engine import Engine
+    from raymoe.deployments.engine_config import EngineConfig
+    from raymoe.deployments.protocol import SamplingParams
+    from raymoe.deployments.server import LLMServer
+
+    root = tmp_path / "checkpoints"
+    first = save_model(root, spicy_model(0), step=1)
+    server = LLMServer("raymoe.deployments.engine:Engine", {"ep_size": 2, "config": EngineConfig(max_batch_size=2)},
+                       str(first), observer=None)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+
+    async def scenario():
+        await server.reconfigure({"follow": str(root), "follow_interval_s": 0.1})
+        save_model(root, spicy_model(1), step=2)
+        deadline = time.monotonic() + T
+        while server.engine.step != 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return (await server.engine.generate("after", greedy)).token_ids
+
+    try:
+        tokens = asyncio.run(asyncio.wait_for(scenario(), T + 5))
+        assert server.engine.info()["step"] == 2
+    finally:
+        server.shutdown(5)
+    reference = Engine(model=spicy_model(1), config=EngineConfig(max_batch_size=1))
+    reference.start()
+    try:
+        assert tokens == reference.generate_sync("after", greedy, T).token_ids
+    finally:
+        reference.shutdown(5)
