@@ -348,6 +348,12 @@ class ClusterConfig(_Section):
     num_workers: int = Field(2, ge=1, description="Expert shards (Ray actors); one per GPU on GPU clusters.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per shard in its placement-group bundle.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per shard (1 on GPU clusters, 0 on CPU).")
+    memory_per_worker_gb: float | None = Field(
+        None, gt=0, description="Memory limit per shard in GiB (null = none): reserved as Ray's `memory` resource "
+        "in each shard's bundle, and checked in the shard: its training state (parameters, gradients, AdamW state "
+        "and the elastic undo copy, this rank's shards only) must fit, or the run fails naming this setting. "
+        "Activations and the runtime (~350 MiB) are not counted.",
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend: auto = nccl with GPUs, gloo on CPU."
     )
