@@ -99,7 +99,7 @@ def test_paper_findings_quick_writes_verdicts_from_intervals(tmp_path):
 
 @pytest.mark.slow
 def test_memory_quick_prints_ratios_and_targets():
-    text = _run("memory.py", "--quick", "--worlds", "2")
+    text = _run("memory.py", "--quick", "--worlds", "2", timeout=600)  # 4 spawned worlds: slow on a busy machine
     assert "dense/w1" in text and "tok/s sh/rep" in text
     assert "\n    2   2 shard " in text
     # bytes are exact: FSDP2 halves the dense state per rank at world 2, and the undo copy is one rank's share
