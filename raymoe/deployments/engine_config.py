@@ -31,8 +31,7 @@ class EngineConfig(BaseModel):
         "model's context (block_size); it sizes the KV cache allocated up front (rows x layers x this many "
         "slots). None: the model's whole context (a RoPE model's can be 131072)")
     max_prefill_tokens: int = Field(2048, ge=1, description="padded prompt tokens admitted per step: bounds how "
-                                    "long running rows wait while new prompts are prefilled (with a prefix "
-                                    "cache, a prompt counts the tokens after its cached prefix)")
+                                    "long running rows wait while new prompts are prefilled")
     reload_policy: Literal["drain", "immediate"] = Field("drain", description="weight reload: 'drain' lets "
                                                          "running requests finish on the old weights first; "
                                                          "'immediate' swaps at the next step (same architecture)")

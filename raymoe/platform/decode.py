@@ -238,21 +238,17 @@ class DecodeLoop:
 
     def admit(self, waiting: collections.deque) -> list[Row]:
         """Take rows from the front of ``waiting`` (FIFO) within max_rows and max_prefill_tokens; rows already
-        gone are dropped. Call under the lock that guards ``waiting``; pass the result to `step`.
-
-        A prompt counts the tokens the runner will run for it (``runner.prefill_tokens(ids)`` where it has one:
-        a runner with a prefix cache does not run the cached prefix), else its length."""
+        gone are dropped. Call under the lock that guards ``waiting``; pass the result to `step`."""
         taken: list[Row] = []
         longest = 0
-        cost = getattr(self.runner, "prefill_tokens", len)
         while waiting and len(self.rows) + len(taken) < self.max_rows:
             r = waiting[0]
             if r.gone():
                 waiting.popleft()
                 r.dropped()
                 continue
+            longest = max(longest, len(r.prompt_ids))
             limit = self.max_prefill_tokens
-            longest = max(longest, cost(r.prompt_ids) if limit is not None else 0)
             if taken and limit is not None and longest * (len(taken) + 1) > limit:
                 break
             taken.append(waiting.popleft())

@@ -143,10 +143,6 @@ class PrefixCache:
         self._touch(keys)
         return [self._blocks[k].slot for k in keys]
 
-    def cached_tokens(self, tokens: Sequence[int]) -> int:
-        """Tokens `match` would load for ``tokens`` now (no effect on the eviction order)."""
-        return len(self._chain(tokens, (len(tokens) - 1) // self.block_size)) * self.block_size
-
     def prefill_inputs(self, model, prompts: Sequence[Sequence[int]], max_slots: int) -> PrefixPrefill:
         """The cache and suffixes of a prefill of ``prompts`` (see the module docstring); the loaded prefixes and
         the suffixes together use at most ``max_slots`` slots (the padded length of the whole prompts)."""

@@ -153,12 +153,6 @@ class LocalRunner:
         prompts = [row[m].tolist() for row, m in zip(idx_BP, mask_BP)]
         return self.prefix_cache.prefill_inputs(self.model, prompts, idx_BP.shape[1])
 
-    def prefill_tokens(self, prompt_ids: Sequence[int]) -> int:
-        """Tokens a prefill runs for this prompt (the decode loop's admission budget): its length, less the
-        prefix the prefix cache holds now."""
-        hit = self.prefix_cache.cached_tokens(prompt_ids) if self.prefix_cache is not None else 0
-        return len(prompt_ids) - hit
-
     def _joined(self, pre: PrefixPrefill) -> None:
         """The prefilled rows join the running batch; their prompts' new full blocks go to the prefix cache."""
         if self.prefix_cache is not None:

@@ -2,12 +2,10 @@
 tails, and a runner with the cache == a runner without it (logits and greedy tokens) for GPT-MoE (learned
 positions) and a RoPE/GQA family, through prefill, the mixed step, decode, rows leaving and compaction."""
 
-import collections
-
 import pytest
 import torch
 
-from raymoe.platform.decode import DecodeLoop, Row, left_pad
+from raymoe.platform.decode import left_pad
 from raymoe.platform.model import GPT, GPTConfig
 from raymoe.platform.prefix_cache import PrefixCache
 from raymoe.platform.runner import LocalRunner, Pending, prepare_for_inference
@@ -157,18 +155,3 @@ def test_new_weights_empty_the_prefix_cache():
     other = _model("rope_gqa", seed=1)
     cached.swap(Pending(other.config, None, "other", other))
     assert len(cached.prefix_cache) == 0 and cached.model is other
-
-
-@torch.no_grad()
-def test_admission_budget_counts_the_tokens_left_to_prefill():
-    plain, cached = _runners("rope_gqa")
-    system = list(range(1, 33))  # 8 blocks of 4
-    cached.prefill(*left_pad([system + [40]]))
-    cached.reset()  # the rows go, the prefix cache stays
-    for runner, admitted in ((plain, 1), (cached, 4)):
-        loop = DecodeLoop(runner, max_rows=4, max_prefill_tokens=12)
-        waiting = collections.deque(Row(system + [50 + i] * 3, 2, temperature=0.0) for i in range(4))
-        taken = loop.admit(waiting)
-        assert len(taken) == admitted  # cached: 35-token prompts run 3 tokens each; plain: 35 > 12, one at a time
-        loop.step(taken)
-        assert [r.completion_tokens for r in taken] == [1] * admitted and not any(r.error for r in taken)
