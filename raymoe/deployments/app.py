@@ -266,13 +266,10 @@ def llm_server_deployment(args: ServeArgs, single: bool = False):
 
 def build_app(args: dict | ServeArgs | None = None):
     """The Serve application for ``args`` (a dict as in a Serve config file, or `ServeArgs`)."""
+    import ray
     from ray import serve
 
-    from raymoe.deployments.ingress import OpenAIIngress
-
-    import ray
-
-    from raymoe.deployments.ingress import api_key_digest
+    from raymoe.deployments.ingress import OpenAIIngress, api_key_digest
     from raymoe.deployments.resources import check_resources
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
