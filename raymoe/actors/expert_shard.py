@@ -28,7 +28,7 @@ from raymoe.platform.training import Trainer, build_splits, load_teacher
 
 from . import rendezvous
 from .faults import FaultPlan
-from .shard_state import ShardState
+from .shard_state import ShardState, memory_limit
 
 
 class _ShardReporter:
@@ -106,7 +106,8 @@ class ExpertShard:
         self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
         model_config = gpt_config_from(self.cfg)
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)
-        self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic)
+        self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic,
+                                memory_limit=memory_limit(self.cfg), rank=rank)
         if parts:
             self.state.load_parts(parts, step, model_config.experts_per_layer())
         if self._splits is None:  # the data and the frozen teacher outlive a re-formed world

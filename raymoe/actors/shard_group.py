@@ -17,6 +17,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raymoe.config import RaymoeConfig
 from raymoe.platform.parallel import ParallelLayout
 
+from .shard_state import memory_limit
+
 SHARD_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.GetTimeoutError,
                   ray.exceptions.ActorUnavailableError)
 
@@ -82,12 +84,17 @@ class ShardGroup:
                                name=name)
 
     def bundle(self) -> dict:
+        """One shard's resources: CPUs, GPUs, and Ray's ``memory`` when ``cluster.memory_per_worker_gb`` is set."""
         c = self.cfg.cluster
-        return {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {})}
+        mem = memory_limit(self.cfg)
+        return {"CPU": c.cpus_per_worker, **({"GPU": c.gpus_per_worker} if c.gpus_per_worker else {}),
+                **({"memory": mem} if mem else {})}
 
     def _new_shard(self, pg, bundle_index: int):
         c = self.cfg.cluster
+        mem = memory_limit(self.cfg)
         shard = self.shard_cls(c.cpus_per_worker, c.gpus_per_worker).options(
+            **({"memory": mem} if mem else {}),  # the actor claims its bundle's memory
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_bundle_index=bundle_index)).remote(self.cfg_dict)
         self._slot_of[shard._actor_id.hex()] = (pg, bundle_index)
@@ -160,6 +167,8 @@ class ShardGroup:
         n = int(free.get("CPU", 0) // c.cpus_per_worker)
         if c.gpus_per_worker:
             n = min(n, int(free.get("GPU", 0) // c.gpus_per_worker))
+        if mem := memory_limit(self.cfg):
+            n = min(n, int(free.get("memory", 0) // mem))
         return max(n, 0) + len(self.free_slots())
 
     # -- calling the shards -------------------------------------------------------------------------------

@@ -24,17 +24,27 @@ from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import fsdp
 
 
+def memory_limit(cfg) -> int | None:
+    """``cluster.memory_per_worker_gb`` in bytes (None: no limit)."""
+    gb = cfg.cluster.memory_per_worker_gb
+    return None if gb is None else int(gb * 2**30)
+
+
 class ShardState:
     """Step undo and the in-memory checkpoint files of one shard's model and optimizer."""
 
-    def __init__(self, model, optimizer, *, keep_undo: bool):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model, optimizer, *, keep_undo: bool, memory_limit: int | None = None, rank: int = 0):
+        """``memory_limit``: bytes this rank's training state may take (checked now, projected, and after the
+        first optimizer step, measured; see :meth:`check_memory`)."""
+        self.model, self.optimizer, self.keep_undo = model, optimizer, keep_undo
         self.last_completed: int | None = None  # the last step whose optimizer update this shard applied
         self._undo: dict | None = None
         self._pending_step: int | None = None
+        self._limit, self._rank, self._measured = memory_limit, rank, False
+        self.check_memory()
         if keep_undo:  # a state copy per step, only needed to undo a step that failed on another shard
             optimizer.register_step_pre_hook(self._remember)
-            optimizer.register_step_post_hook(self._applied)
+        optimizer.register_step_post_hook(self._applied)
 
     def begin_step(self, step: int) -> None:
         self._pending_step = step
@@ -60,7 +70,11 @@ class ShardState:
                       "step": self._pending_step}
 
     def _applied(self, optimizer, args, kwargs) -> None:
-        self.last_completed = self._pending_step
+        if self._limit is not None and not self._measured:  # the state is all there after one step
+            self._measured = True
+            self.check_memory()
+        if self.keep_undo:
+            self.last_completed = self._pending_step
 
     def _live(self) -> dict:
         """This rank's local tensors of the model's state (tied entries once) and of the optimizer's state,
@@ -86,6 +100,31 @@ class ShardState:
     def undo_bytes(self) -> int:
         """Bytes of the undo copy this rank holds (its shards when the model is sharded)."""
         return 0 if self._undo is None else fsdp.local_bytes(self._undo["tensors"].values())
+
+    def state_bytes(self) -> int:
+        """Bytes of this rank's training state at its peak: parameters and buffers, gradients (one per
+        parameter), AdamW state and the undo copy. Before the first step, what AdamW (two tensors per parameter)
+        and the undo copy will take."""
+        params = list({id(p): p for p in self.model.parameters()}.values())
+        param_ids = {id(p) for p in params}
+        p_bytes = fsdp.local_bytes(params)
+        buffers = fsdp.local_bytes(b for b in self.model.state_dict(keep_vars=True).values() if id(b) not in param_ids)
+        adam = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        adam_bytes = fsdp.local_bytes(adam) if adam else 2 * p_bytes
+        undo = p_bytes + buffers + adam_bytes if self.keep_undo else 0  # (the first step's copy has no AdamW)
+        return 2 * p_bytes + buffers + adam_bytes + undo
+
+    def check_memory(self) -> None:
+        """Fail when this rank's training state (:meth:`state_bytes`) exceeds the memory limit, if one is set."""
+        limit = self._limit
+        if limit is None:
+            return
+        if (need := self.state_bytes()) > limit:
+            raise ValueError(
+                f"shard {self._rank}: training state {need / 2**30:.3f} GiB (parameters, gradients, AdamW state"
+                f"{', elastic undo copy' if self.keep_undo else ''}) exceeds cluster.memory_per_worker_gb="
+                f"{limit / 2**30:g}; shard it (cluster.dense_sharding=shard, cluster.expert_sharding=shard), "
+                "use more shards, or raise the limit")
 
     def rollback(self, step: int) -> int | None:
         """Undo the update of ``step`` if this shard applied it (the step failed on another shard)."""

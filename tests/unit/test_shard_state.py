@@ -1,6 +1,7 @@
 """The elastic per-step undo copy (raymoe.actors.shard_state) on one process: undoing a step restores the model
 and the AdamW state exactly, the step then runs again to the same result, and the copy reuses its buffers."""
 
+import pytest
 import torch
 
 from raymoe.actors.shard_state import ShardState
@@ -77,3 +78,21 @@ def test_undo_copy_reuses_its_buffers_and_counts_tied_weights_once():
     buffers = [b for b in sd.values() if id(b) not in param_ids]
     expected = sum(t.numel() * t.element_size() for t in [*params, *adam, *buffers])
     assert state.undo_bytes() == expected
+
+
+def test_state_bytes_projected_before_the_first_step_equal_measured_after():
+    model, opt, state = _setup()
+    projected = state.state_bytes()
+    _step(model, opt, state, 0)
+    params = list({id(p): p for p in model.parameters()}.values())
+    assert 0 <= state.state_bytes() - projected <= 16 * len(params)  # AdamW's scalar step counts, not projected
+    params = sum(p.numel() * p.element_size() for p in params)
+    assert projected >= 7 * params  # parameters, gradients, two AdamW tensors, and the undo copy of three
+
+
+def test_memory_limit_names_the_setting():
+    model, opt, state = _setup()
+    need = state.state_bytes()
+    ShardState(model, opt, keep_undo=False, memory_limit=need)  # without the undo copy it fits
+    with pytest.raises(ValueError, match=r"shard 3: training state .* exceeds cluster.memory_per_worker_gb"):
+        ShardState(model, opt, keep_undo=True, memory_limit=need - 1, rank=3)
