@@ -77,7 +77,9 @@ class PrefixCache:
                   for _ in range(n_layer)]
         self.v = [torch.empty(max_blocks, n_head, block_size, v_dim, device=device, dtype=dtype)
                   for _ in range(n_layer)]
-        self.stats: collections.Counter = collections.Counter()
+        # every key from the start: other threads read it (engine.stats()) while the loop's thread counts
+        self.stats = collections.Counter(dict.fromkeys(
+            ("queries", "query_tokens", "hit_tokens", "inserted_blocks", "evicted_blocks"), 0))
         self._taken = (0, 0)
         self.clear()
 
