@@ -8,10 +8,14 @@ box mean little):
    models and the median step time of each is used.
 2. Expert-parallel scaling on a local Ray instance: the same global batch trained by 1, 2 (, 4) ExpertShard
    actors (EP = number of shards, gloo all-to-all), tokens/s from the median step time after warm-up.
-3. All-to-all efficiency: see benchmarks/all_to_all.py (the layer's exchange vs raw all_to_all_single);
+3. Framework overhead of the Ray path: the same model and data trained in this process by the one training
+   loop (as ``raymoe train`` does locally) vs by one ExpertShard actor on the local Ray instance (elastic on,
+   as by default), both with one torch thread; runs alternate (``--overhead-repeats`` pairs) and tokens/s
+   come from the median step time of the run's records after warm-up. Ray / in-process is the ratio.
+4. All-to-all efficiency: see benchmarks/all_to_all.py (the layer's exchange vs raw all_to_all_single);
    `--a2a` runs it here too.
 
-    python benchmarks/ep_scaling.py [--quick] [--workers 1 2 4] [--a2a] [--device cuda]
+    python benchmarks/ep_scaling.py [--quick] [--workers 1 2 4] [--overhead-repeats 3] [--a2a] [--device cuda]
 """
 
 from __future__ import annotations
@@ -74,35 +78,84 @@ def moe_vs_dense(steps: int, cache: str, device: str = "cpu") -> dict:
     return {"tokens_per_s": out, "ratio_moe_over_dense": out["moe"] / out["dense"], "params": params}
 
 
-def ray_scaling(workers: list[int], steps: int, cache: str) -> dict:
-    """Tokens/s of the same global batch trained by each number of shards (EP = shards)."""
-    import ray
+def _run_config(cache: str, out: str, name: str, steps: int, workers: int | None):
+    """The benchmark's training run: in this process (``workers`` None) or on ``workers`` Ray shards."""
+    where = (["cluster.mode=local", "train.threads=1"] if workers is None else [
+        "cluster.mode=ray", f"cluster.num_workers={workers}", "cluster.cpus_per_worker=1",
+        f"cluster.ep_size={workers}"])
+    return load_config(None, MODEL + where + [
+        f"data.cache_dir={cache}", f"run.output_dir={out}", f"run.name={name}", f"train.steps={steps}",
+        "train.micro_batch_size=4", f"train.eval_interval={steps}", "train.eval_batches=1", "train.log_interval=1"])
 
+
+def _tokens_per_s(run_dir: Path) -> float:
+    """Tokens/s of a finished run from the median step time of its records after two warm-up steps."""
+    recs = [r for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()) if "step_s" in r]
+    return recs[0]["tokens"] / statistics.median(r["step_s"] for r in recs[2:])
+
+
+def ray_scaling(workers: list[int], steps: int, cache: str) -> dict:
+    """Tokens/s of the same global batch trained by each number of shards (EP = shards); Ray is running."""
     from raymoe.actors.launch import train_on_ray
 
-    ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
     results = {}
-    try:
-        with tempfile.TemporaryDirectory() as out:
-            for w in workers:
-                cfg = load_config(None, MODEL + [
-                    f"data.cache_dir={cache}", f"run.output_dir={out}", f"run.name=w{w}", f"train.steps={steps}",
-                    "train.micro_batch_size=4", f"train.eval_interval={steps}", "train.eval_batches=1",
-                    "train.log_interval=1", "cluster.mode=ray", f"cluster.num_workers={w}",
-                    "cluster.cpus_per_worker=1", f"cluster.ep_size={w}"])
-                train_on_ray(cfg)
-                recs = [json.loads(x) for x in (Path(out) / f"w{w}" / "metrics.jsonl").read_text().splitlines()]
-                step_s = statistics.median(r["step_s"] for r in recs[2:])
-                results[w] = recs[0]["tokens"] / step_s
-    finally:
-        ray.shutdown()
+    with tempfile.TemporaryDirectory() as out:
+        for w in workers:
+            train_on_ray(_run_config(cache, out, f"w{w}", steps, w))
+            results[w] = _tokens_per_s(Path(out) / f"w{w}")
     return results
+
+
+def undo_overhead(steps: int, cache: str) -> dict:
+    """Median step time with the elastic undo copy (the optimizer hooks every shard registers with
+    ``cluster.elastic``) / without, same model and data in this process with one thread, steps alternating."""
+    from raymoe.actors.shard_state import ShardState
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, MODEL + [f"data.cache_dir={cache}"])
+    ds, _ = build_dataset(None, cache_dir=cache).split(0.05, block_size=128)
+    runs = {}
+    for name in ("undo", "plain"):
+        torch.manual_seed(0)
+        model = GPT(gpt_config_from(cfg))
+        opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+        runs[name] = (model, opt, ShardState(model, opt, keep_undo=name == "undo"))
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for step in range(steps + 2):
+        x, y = sample_batch(ds, seed=0, step=step, rank=0, world=1, global_batch=16, block_size=128)
+        for name, (model, opt, state) in runs.items():
+            state.begin_step(step)
+            t0 = time.perf_counter()
+            train_step(model, opt, [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)], lr=1e-3, grad_clip=1.0)
+            if step >= 2:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"undo_s": med["undo"] - med["plain"], "ratio": med["plain"] / med["undo"]}
+
+
+def ray_overhead(steps: int, cache: str, repeats: int) -> list[dict]:
+    """Tokens/s of the same run in this process (one thread) and on one ExpertShard (one thread), alternating
+    ``repeats`` times; Ray is running. Both read the step time the loop records (the undo copy is inside it)."""
+    from raymoe.actors.launch import train_on_ray
+    from raymoe.platform.host_memory import tune_malloc
+    from raymoe.platform.trainer import LocalTrainer
+
+    tune_malloc()  # as `raymoe train` does in its process, and every shard in its own
+    pairs = []
+    with tempfile.TemporaryDirectory() as out:
+        for i in range(repeats):
+            LocalTrainer(_run_config(cache, out, f"local{i}", steps, None), log=lambda _: None).run()
+            train_on_ray(_run_config(cache, out, f"ray{i}", steps, 1))
+            local, on_ray = _tokens_per_s(Path(out) / f"local{i}"), _tokens_per_s(Path(out) / f"ray{i}")
+            pairs.append({"local": local, "ray": on_ray, "ratio": on_ray / local})
+    return pairs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps (a smoke run)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--overhead-repeats", type=int, default=3, help="in-process / Ray run pairs (0 = skip)")
     ap.add_argument("--a2a", action="store_true", help="also run benchmarks/all_to_all.py")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: MoE vs dense only (bf16), no Ray scaling")
     args = ap.parse_args()
@@ -117,7 +170,23 @@ def main() -> None:
               + (f", on {args.device}" if args.device != "cpu" else ""))
         if args.device != "cpu":
             return
-        scaling = ray_scaling(args.workers, steps + 2, cache)
+        import ray
+
+        ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+        try:
+            overhead = ray_overhead(steps + 2, cache, args.overhead_repeats) if args.overhead_repeats else []
+            scaling = ray_scaling(args.workers, steps + 2, cache)
+        finally:
+            ray.shutdown()
+        undo = undo_overhead(steps, cache) if overhead else None
+    if overhead:
+        print("framework overhead (same model and data, one thread; in-process loop vs one ExpertShard on Ray):")
+        for p in overhead:
+            print(f"  in-process {p['local']:.0f} tokens/s  Ray {p['ray']:.0f} tokens/s  ratio {p['ratio']:.2f}")
+        print(f"  median ratio Ray / in-process {statistics.median(p['ratio'] for p in overhead):.2f} "
+              "(target >= 0.95)")
+        print(f"  of it the elastic undo copy: {undo['undo_s'] * 1e3:.1f} ms/step, tokens/s with / without it "
+              f"{undo['ratio']:.2f} (in-process, one thread)")
     base = scaling[min(scaling)]
     print("expert-parallel scaling on Ray (same global batch, EP = shards, gloo):")
     for w, tps in scaling.items():

@@ -108,6 +108,9 @@ class ExpertShard:
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)
         self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic,
                                 memory_limit=memory_limit(self.cfg), rank=rank)
+        if c.memory_per_worker_gb is not None:  # it fits (the check passed): show by how much
+            print(f"shard {rank}: training state {self.state.state_bytes() / 2**30:.3f} GiB of "
+                  f"cluster.memory_per_worker_gb={c.memory_per_worker_gb:g}", flush=True)
         if parts:
             self.state.load_parts(parts, step, model_config.experts_per_layer())
         if self._splits is None:  # the data and the frozen teacher outlive a re-formed world
