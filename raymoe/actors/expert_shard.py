@@ -106,8 +106,13 @@ class ExpertShard:
         self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
         model_config = gpt_config_from(self.cfg)
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)
-        self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic,
-                                memory_limit=memory_limit(self.cfg), rank=rank)
+        try:
+            self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic,
+                                    memory_limit=memory_limit(self.cfg), rank=rank)
+        except ValueError:  # over the memory limit: leave the world as a healthy shard, so the coordinator
+            self.rank = -1  # reports this error instead of recovering from a lost shard
+            leave_world()
+            raise
         if c.memory_per_worker_gb is not None:  # it fits (the check passed): show by how much
             print(f"shard {rank}: training state {self.state.state_bytes() / 2**30:.3f} GiB of "
                   f"cluster.memory_per_worker_gb={c.memory_per_worker_gb:g}", flush=True)

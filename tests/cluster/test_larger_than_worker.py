@@ -49,7 +49,7 @@ def test_model_over_twice_the_worker_limit_trains_sharded_and_resumes(ray_cluste
     assert shipped.cluster.dense_sharding == shipped.cluster.expert_sharding == "shard"
     assert _full_state_bytes(shipped) > 2 * shipped.cluster.memory_per_worker_gb * 2**30
     # replicated, a shard holds the whole dense part and half the experts: over the limit, a clear error
-    with pytest.raises(Exception, match=r"exceeds cluster.memory_per_worker_gb=.*cluster.dense_sharding=shard"):
+    with pytest.raises(ValueError, match=r"exceeds cluster.memory_per_worker_gb=.*cluster.dense_sharding=shard"):
         train_on_ray(_cfg(tmp_path, "replicated", *limit, "cluster.dense_sharding=replicate",
                           "cluster.expert_sharding=replicate"))
     # sharded: trains, checkpoints at step 2; a run resumed from that checkpoint continues exactly
