@@ -172,7 +172,7 @@ def main() -> None:
             return
         import ray
 
-        ray.init(num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(args.workers), include_dashboard=False, log_to_driver=False)
         try:
             overhead = ray_overhead(steps + 2, cache, args.overhead_repeats) if args.overhead_repeats else []
             scaling = ray_scaling(args.workers, steps + 2, cache)
