@@ -50,8 +50,8 @@ class ShardState:
         self._pending_step = step
 
     def _remember(self, optimizer, args, kwargs) -> None:
-        # Copied into buffers kept from the previous step: a fresh clone + deepcopy of the whole state every
-        # step took ~3x as long (51 vs 15 ms a step for benchmarks/ep_scaling.py's model, one CPU thread).
+        # Copied into buffers kept from the previous step, not a fresh clone + deepcopy of the whole state
+        # every step (18-51 vs 9-16 ms a step for benchmarks/ep_scaling.py's model, one thread, loaded box).
         live = self._live()
         old = self._undo["tensors"] if self._undo is not None else {}
         copies = {}
