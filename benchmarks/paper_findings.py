@@ -203,8 +203,6 @@ def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dic
         return {"variant": variant, "seed": seed, "threads": threads, "overrides": over,
                 "final_eval_batches": size["final_eval_batches"]}
 
-    order = [job("moe", seeds[0])] + [job(v, s) for s in seeds for v in plain if (v, s) != ("moe", seeds[0])]
-    order.append(job("teacher_long", seeds[0]))
     results: dict[tuple[str, int], dict] = {}
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) if jobs > 1 else None
     try:
@@ -214,10 +212,17 @@ def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dic
                 return _Done(json.loads(done.read_text()))
             return pool.submit(train_one, j) if pool else _Done(train_one(j))
 
-        futures = [(j, submit(j)) for j in order]
+        # seed by seed (every variant of a seed, its students included, before the next seed), so that a run
+        # stopped early leaves complete paired seeds; the students start once the teacher (MoE, first seed) is done
+        first = [job("moe", seeds[0])] + [job(v, seeds[0]) for v in plain if v != "moe"]
+        futures = [(j, submit(j)) for j in first]
         teacher = futures[0][1].result()
         log(_line(teacher))
-        futures += [(j, submit(j)) for s in seeds for j in [job(v, s, teacher["checkpoint"]) for v in students]]
+        for i, s in enumerate(seeds):
+            later = [] if i == 0 else [job(v, s) for v in plain]
+            later += [job(v, s, teacher["checkpoint"]) for v in students]
+            later += [job("teacher_long", seeds[0])] if i == 1 else []
+            futures += [(j, submit(j)) for j in later]
         for j, fut in futures:
             res = fut.result()
             res["load_after"] = os.getloadavg()[0]  # how busy the machine was (other jobs included)
