@@ -34,7 +34,8 @@ SCENARIOS = {
     "save_fault": ["cluster.num_workers=2", "cluster.ep_size=1", "checkpoint.interval=2"],
     # 1 shard with room for 2: a node is added (the world grows at a step boundary), then the new shard is
     # killed by PID; the experts are replicated (EP=1), so no step is lost
-    "grow_then_kill": ["cluster.num_workers=1", "cluster.max_workers=2", "cluster.ep_size=1", "train.steps=40"],
+    # steps enough for the replacement to join before the end even on a loaded machine
+    "grow_then_kill": ["cluster.num_workers=1", "cluster.max_workers=2", "cluster.ep_size=1", "train.steps=100"],
     # 2 shards each holding half the experts (EP=2, no replica): one's node is removed; the in-memory copies
     # (own + buddy, every 2 steps) restore its experts
     "remove_node": ["cluster.num_workers=2", "cluster.ep_size=2", "cluster.buddy_interval=2"],
