@@ -191,11 +191,18 @@ def read_text(loc: Location) -> str:
 
 def digest(loc: Location) -> tuple[int, str]:
     """(size, sha256 hex) of the file at ``loc``, streamed from the storage (never from a local copy)."""
-    h, size = hashlib.sha256(), 0
     with open_input(loc) as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-            size += len(chunk)
+        return _hashed_copy(f)
+
+
+def _hashed_copy(fin, fout=None) -> tuple[int, str]:
+    """(size, sha256 hex) of the stream ``fin``, read in chunks, each also written to ``fout`` if given."""
+    h, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: fin.read(_CHUNK), b""):
+        h.update(chunk)
+        size += len(chunk)
+        if fout is not None:
+            fout.write(chunk)
     return size, h.hexdigest()
 
 
@@ -269,13 +276,8 @@ def write_file(loc: Location, write) -> tuple[int, str]:
 
 
 def _copy_hashed(src: Path, loc: Location) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
     with open(src, "rb") as fin, open_output(loc) as fout:
-        for chunk in iter(lambda: fin.read(_CHUNK), b""):
-            h.update(chunk)
-            size += len(chunk)
-            fout.write(chunk)
-    return size, h.hexdigest()
+        return _hashed_copy(fin, fout)
 
 
 def upload(src: Path, loc: Location) -> None:
