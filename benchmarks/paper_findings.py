@@ -155,11 +155,6 @@ def train_one(job: dict) -> dict:
 
 def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dict[tuple[str, int], dict]:
     """Train every variant for every seed; the students start once the teacher (MoE, first seed) is done."""
-    from raymoe.config import load_config
-    from raymoe.platform.training import build_splits
-
-    # tokenizer learned and text tokenized once, before the workers race for them
-    build_splits(load_config(None, base_overrides(size, runs_dir, "prepare", 0, 1)))
     threads = 1 if jobs > 1 else 2
     plain = ["moe", "dense", "first_half", "second_half", "top2", "residual", "pyramid", "pr_moe"]
     students = ["student_kd", "student_staged", "student_nokd", "kd_same_depth"]
@@ -228,8 +223,8 @@ def train_everything(args, size: dict, seeds: list[int], mode: str) -> tuple[dic
     print(f"training {len(seeds) * (len(LABELS) - 1) + 1} runs ({size['steps']} steps each) under {runs_dir}",
           flush=True)
     try:
+        train_tokens = _prepare(size, runs_dir)
         results = run_all(size, seeds, runs_dir, args.jobs, log=lambda m: print(m, flush=True))
-        train_tokens = _train_tokens(size, runs_dir)
     finally:
         if not args.runs_dir:
             shutil.rmtree(runs_dir, ignore_errors=True)
@@ -241,7 +236,9 @@ def train_everything(args, size: dict, seeds: list[int], mode: str) -> tuple[dic
     return results, meta
 
 
-def _train_tokens(size: dict, runs_dir: Path) -> int:
+def _prepare(size: dict, runs_dir: Path) -> int:
+    """Learn the tokenizer and tokenize the text once, before the workers race for them; the training split's
+    length in tokens."""
     from raymoe.config import load_config
     from raymoe.platform.training import build_splits
 
