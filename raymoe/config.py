@@ -396,6 +396,12 @@ class ClusterConfig(_Section):
         "peer's memory (the latest two copies are kept), restoring experts that have no live replica (0 = off: "
         "fall back to the last checkpoint).",
     )
+    publish_interval: int = Field(
+        0, ge=0, description="Every this many steps each shard puts its weights into Ray's object store, expert "
+        "by expert, and registers them with the run's weight registry (the latest two steps are kept), so "
+        "`raymoe serve --follow RUN_DIR --live` on the same Ray cluster swaps them in without a checkpoint "
+        "(0 = off).",
+    )
     grow_check_interval: int = Field(
         1, ge=1, description="Elastic: look for free resources to add shards every this many steps."
     )
