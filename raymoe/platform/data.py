@@ -2,12 +2,13 @@
 
 Legend: B batch rows, T block_size (tokens per row), W windows (valid start offsets of a split).
 
-A step's batch is a pure function of (seed, step, split); rank r of world w takes a contiguous slice of its
-rows, so re-planning with another world size neither skips nor repeats samples. Token files are plain uint16
-arrays (uint32 for vocabularies over 65536 ids; np.memmap): every worker on a node shares one page cache instead
-of holding its own copy. Text is tokenized with the run's tokenizer (`raymoe.platform.tokenizer`: byte, BPE, a
-model's own), documents in batches that the Rust tokenizer encodes on all cores, with a progress bar; the cache
-is keyed on the sources' contents and the tokenizer's fingerprint, so another tokenizer builds another file.
+A step's batch is a pure function of (seed, step, split); rank r of world w takes a contiguous run of its
+micro-batches (counts differing by at most one when w does not divide them), so re-planning with another world
+size neither skips nor repeats samples. Token files are plain uint16 arrays (uint32 for vocabularies over 65536
+ids; np.memmap): every worker on a node shares one page cache instead of holding its own copy. Text is tokenized
+with the run's tokenizer (`raymoe.platform.tokenizer`: byte, BPE, a model's own), documents in batches that the
+Rust tokenizer encodes on all cores, with a progress bar; the cache is keyed on the sources' contents and the
+tokenizer's fingerprint, so another tokenizer builds another file.
 """
 
 from __future__ import annotations
@@ -388,23 +389,48 @@ def windows_from_starts(ds: TokenDataset, starts_B: np.ndarray, block_size: int,
     return x_BT.to(device), y_BT.to(device)
 
 
+def micro_batch_assignment(num_micro: int, world: int, rank: int) -> range:
+    """Global indices of the micro-batches rank ``rank`` of ``world`` runs out of a step's ``num_micro``: a
+    contiguous chunk; the first ``num_micro % world`` ranks get one more than the others, so the counts differ
+    by at most one and every micro-batch is run once. With ``world`` dividing ``num_micro`` this is the even
+    split (rank r runs r*n .. (r+1)*n - 1); otherwise the ranks with fewer run padding passes
+    (:func:`padding_passes`) so the world stays in lockstep."""
+    _check_nonneg_int("num_micro", num_micro)
+    _check_rank(rank, world)
+    base, extra = divmod(num_micro, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def padding_passes(num_micro: int, world: int, rank: int) -> int:
+    """Forward/backward passes beyond its own micro-batches that rank ``rank`` runs so that every rank runs
+    ceil(num_micro / world) passes per step (the most any rank has): the collectives inside a pass (the MoE
+    all-to-alls, FSDP's gathers) need every rank of their group."""
+    return -(-num_micro // world) - len(micro_batch_assignment(num_micro, world, rank))
+
+
 def sample_batch(
     split_ds: TokenDataset, seed: int, step: int, rank: int, world: int, global_batch: int, block_size: int,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", micro_batch: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's rows (x_BT, y_BT) of the global batch of `step`; int64, y is x shifted by one token.
 
-    Rank r of `world` gets the contiguous rows [r*B, (r+1)*B) with B = global_batch // world, so the ranks'
-    batches stacked in rank order equal the world=1 batch for any world size.
+    The global batch is ``global_batch // micro_batch`` micro-batches of ``micro_batch`` rows; rank r gets the
+    rows of its micro-batches (:func:`micro_batch_assignment`: contiguous, counts differing by at most one),
+    so the ranks' batches stacked in rank order equal the world=1 batch for any world size. Split the rows by
+    ``micro_batch`` to get the micro-batches (rank r's first is global micro-batch
+    ``micro_batch_assignment(..)[0]``). With ``world`` dividing the micro-batches, rank r gets the rows
+    [r*B, (r+1)*B) with B = global_batch // world.
     """
     _check_rank(rank, world)
     _check_nonneg_int("global_batch", global_batch, 1)
-    if global_batch % world:
-        raise ValueError(f"global_batch={global_batch} is not divisible by world={world}; choose a "
-                         f"global_batch that is a multiple of the number of data-parallel ranks")
+    _check_nonneg_int("micro_batch", micro_batch, 1)
+    if global_batch % micro_batch:
+        raise ValueError(f"micro_batch={micro_batch} must divide global_batch={global_batch}")
     starts_G = global_batch_starts(seed, step, global_batch, split_ds.num_windows(block_size), split_ds.name)
-    per_rank = global_batch // world
-    return windows_from_starts(split_ds, starts_G[rank * per_rank:(rank + 1) * per_rank], block_size, device)
+    mine = micro_batch_assignment(global_batch // micro_batch, world, rank)
+    return windows_from_starts(split_ds, starts_G[mine.start * micro_batch:mine.stop * micro_batch], block_size,
+                               device)
 
 
 def eval_batches(

@@ -227,8 +227,8 @@ def test_union_over_ranks_equals_world1(ds, world):
 
 
 def test_sample_batch_argument_errors(ds):
-    with pytest.raises(ValueError, match="global_batch=6 is not divisible by world=4"):
-        sample_batch(ds, 0, 0, 0, 4, 6, 16)
+    with pytest.raises(ValueError, match="micro_batch=4 must divide global_batch=6"):
+        sample_batch(ds, 0, 0, 0, 2, 6, 16, micro_batch=4)
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
         sample_batch(ds, 0, 0, 2, 2, 4, 16)
     with pytest.raises(ValueError, match="block_size must be an int >= 1"):
