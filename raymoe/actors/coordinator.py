@@ -31,6 +31,7 @@ from .elastic import Elastic
 from .expert_shard import remote_class
 from .shard_group import SHARD_FAILURES, ShardGroup
 from .telemetry import RayMetrics
+from .weight_registry import start_registry
 
 
 class Coordinator:
@@ -66,10 +67,14 @@ class Coordinator:
         self._stop_sent = False
         self._hold_step: int | None = None
         self._held, self._released = threading.Event(), threading.Event()
+        self.registry = None  # the run's WeightRegistry with cluster.publish_interval > 0 (owned: dies with us)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> dict:
         """Reserve a placement group, create the shards, form the world; maybe resume."""
+        if self.cfg.cluster.publish_interval:  # before the shards: they register their weights with it
+            self.registry = start_registry(self.cfg.run.name, str(self.ckpt_dir), self.model_cfg.to_dict(),
+                                           self.model_cfg.experts_per_layer())
         info = self.elastic.configure(self.group.create(self.cfg.cluster.num_workers))
         self.outputs.pull()  # a remote run's logs, if this machine has no copy (resuming it elsewhere)
         self.start_step = self._maybe_resume()

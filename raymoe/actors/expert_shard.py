@@ -29,6 +29,7 @@ from raymoe.platform.training import Trainer, build_splits, load_teacher
 from . import rendezvous
 from .faults import FaultPlan
 from .shard_state import ShardState, memory_limit
+from .weight_registry import Publisher
 
 
 class _ShardReporter:
@@ -58,6 +59,10 @@ class _ShardReporter:
         interval = s.cfg.cluster.buddy_interval
         if interval and step % interval == 0:
             s.keep_copies(step)
+        publish = s.cfg.cluster.publish_interval
+        if publish and step % publish == 0:  # live weights for serving (raymoe.actors.weight_registry)
+            place = s.trainer.place
+            s.publisher.publish(s.trainer.model, step, s.rank, s.world, place.writes_dense, place.writes_experts)
 
     def flush(self) -> None:
         if self._sent:
@@ -78,6 +83,7 @@ class ExpertShard:
         self.state: ShardState | None = None
         self.faults = FaultPlan()
         self._reporter = _ShardReporter(self)
+        self.publisher = Publisher(self.cfg.run.name)
         self._run_lock = threading.Lock()
         self._splits = self._teacher = None
         self._snapshots: dict[str, tuple[int, dict[str, bytes]]] = {}
