@@ -1,7 +1,8 @@
 """Fault injection for tests and drills: make a shard's process exit abruptly at a chosen point of a step.
 
 ``train_step`` exits in the middle of the step's forwards (inside the MoE all-to-alls); ``save`` exits after
-the dense checkpoint file is written and before this rank's experts are, so the checkpoint is incomplete;
+the dense checkpoint file is written and before this rank's experts are, so the checkpoint is incomplete (a
+shard of an FSDP-sharded model exits before writing: its dense file needs every rank's shards);
 ``save_expert`` writes the dense file, then exits in the middle of writing this rank's first expert file (half
 its bytes handed to the storage stream, which is never closed: on an object store no object appears, locally
 a temporary file is left) and before this rank's record of what it wrote; ``start`` exits while the world
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+
+from torch.distributed.tensor import DTensor
 
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import storage
@@ -49,7 +52,8 @@ class FaultPlan:
 
     def before_save(self, step: int, trainer, root) -> None:
         if self.armed == ("save", step):
-            ckpt.save_checkpoint(root, step, trainer.model, None, write_experts=False, write_manifest=False)
+            if not any(isinstance(p, DTensor) for p in trainer.model.parameters()):
+                ckpt.save_checkpoint(root, step, trainer.model, None, write_experts=False, write_manifest=False)
             os._exit(1)
         if self.armed == ("save_expert", step):
             exit_mid_expert_write(root, step, trainer.model)
