@@ -11,12 +11,12 @@ Mirrors the comparisons of Rajbhandari et al., "DeepSpeed-MoE" (ICML 2022) with 
          the teacher is the MoE model of fig1 (seed 0)
 
 Two investigations explain what the comparisons raise: first-half MoE against the dense model (routing: dropped
-tokens and load per layer) and the student against its teacher (the teacher trained twice as long; an 8-block
-student distilled the same way). Verdicts follow the rule of `paper_stats.py`, fixed in advance: 95% t intervals
+tokens and load per layer; training against validation loss; the same model without dropping tokens) and the
+student against its teacher (the teacher trained twice as long; an 8-block student distilled the same way). Verdicts follow the rule of `paper_stats.py`, fixed in advance: 95% t intervals
 of paired differences over >= 5 seeds.
 
 Writes <out>/results.md (validation bits per byte: mean and 95% interval over seeds, paired differences,
-total/active parameters, tokens/s), <out>/results.json and <out>/img/*.png (curves with 95% bands). Runs go to
+total/active parameters, tokens per CPU-second), <out>/results.json and <out>/img/*.png (curves with 95% bands). Runs go to
 a temporary folder unless --runs-dir is given. Trainings run in --jobs processes with one thread each.
 
     python benchmarks/paper_findings.py                 # the full comparison (~1 h on 2 idle cores)
@@ -65,6 +65,7 @@ def variant_overrides(name: str, size: dict, teacher: str | None) -> list[str]:
         "moe": [],
         "teacher_long": [f"train.steps={2 * size['steps']}"],
         "first_half": [f"moe.moe_layers={half}"],
+        "first_half_dropless": [f"moe.moe_layers={half}", "moe.drop_tokens=false"],
         "second_half": [f"moe.moe_layers={[i + n // 2 for i in half]}"],
         "top2": ["moe.k=2"],
         "residual": ["moe.use_residual=true"],
@@ -113,6 +114,12 @@ def routing_stats(records: list[dict], steps: int) -> list[dict]:
     return out
 
 
+def late_train_bpb(records: list[dict], steps: int) -> float | None:
+    """Mean training bits per byte (of the cross-entropy, on the batches trained) over the last 10% of steps."""
+    late = [r["bpb"] for r in records if r["step"] > steps - max(1, steps // 10) and "bpb" in r]
+    return statistics.fmean(late) if late else None
+
+
 def train_one(job: dict) -> dict:
     """Train one (variant, seed) run; returns its curve, final validation loss, parameters and throughput."""
     os.environ.setdefault("OMP_NUM_THREADS", str(job["threads"]))
@@ -147,7 +154,9 @@ def train_one(job: dict) -> dict:
         "moe_layers": trainer.model.config.moe_layer_ids(),
         "experts": list(trainer.model.config.experts_per_layer().values()),
         "k": trainer.model.config.moe.k if moe else 0, "residual": bool(moe) and trainer.model.config.moe.use_residual,
-        "routing": routing_stats(records, cfg.train.steps),
+        "routing": routing_stats(records, cfg.train.steps), "train_bpb": late_train_bpb(records, cfg.train.steps),
+        "threads": job["threads"], "finished": time.time(),
+        "load_after": os.getloadavg()[0],  # how busy the machine was at the end (other jobs included)
     }
     Path(summary["run_dir"], "paper_result.json").write_text(json.dumps(result))
     return result
@@ -156,7 +165,8 @@ def train_one(job: dict) -> dict:
 def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dict[tuple[str, int], dict]:
     """Train every variant for every seed; the students start once the teacher (MoE, first seed) is done."""
     threads = 1 if jobs > 1 else 2
-    plain = ["moe", "dense", "first_half", "second_half", "top2", "residual", "pyramid", "pr_moe"]
+    plain = ["moe", "dense", "first_half", "second_half", "top2", "residual", "pyramid", "pr_moe",
+             "first_half_dropless"]
     students = ["student_kd", "student_staged", "student_nokd", "kd_same_depth"]
 
     def job(variant, seed, teacher=None):
@@ -170,7 +180,7 @@ def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dic
         def submit(j):  # a run finished by an earlier invocation with the same --runs-dir is read back
             done = _result_file(runs_dir, j)
             if done.is_file():
-                return _Done(json.loads(done.read_text()))
+                return _Done(_read_back(done))
             return pool.submit(train_one, j) if pool else _Done(train_one(j))
 
         # seed by seed (every variant of a seed, its students included, before the next seed), so that a run
@@ -186,7 +196,6 @@ def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dic
             futures += [(j, submit(j)) for j in later]
         for j, fut in futures:
             res = fut.result()
-            res["load_after"] = os.getloadavg()[0]  # how busy the machine was (other jobs included)
             results[(res["variant"], res["seed"])] = res
             if j is not futures[0][0]:
                 log(_line(res))
@@ -194,6 +203,18 @@ def run_all(size: dict, seeds: list[int], runs_dir: Path, jobs: int, log) -> dic
         if pool:
             pool.shutdown(cancel_futures=True)
     return results
+
+
+def _read_back(path: Path) -> dict:
+    """A finished run's result; fields that runs of older versions of this script did not record are filled
+    from the run folder (the training records; the file's time for when it finished)."""
+    from raymoe.platform.report import read_records
+
+    res = json.loads(path.read_text())
+    res.setdefault("finished", path.stat().st_mtime)
+    if "train_bpb" not in res:
+        res["train_bpb"] = late_train_bpb(read_records(path.parent), res["steps"])
+    return res
 
 
 def _result_file(runs_dir: Path, job: dict) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -18,6 +19,7 @@ LABELS = {
     "top2": "Top-2 MoE", "residual": "Residual-MoE", "pyramid": "Pyramid-MoE", "pr_moe": "PR-MoE",
     "student_nokd": "Student, no KD", "student_kd": "Student, KD all run", "student_staged": "Student, staged KD",
     "kd_same_depth": "8-block student, KD all run", "teacher_long": "Teacher trained 2x as long",
+    "first_half_dropless": "First-half MoE, dropless",
 }
 TEACHER_ONLY = ("teacher_long",)  # trained for the teacher's seed only
 
@@ -54,7 +56,7 @@ def seeds_of(v: str, seeds: list[int]) -> list[int]:
 
 
 def summarize(results: dict, seeds: list[int]) -> dict[str, dict]:
-    """Per variant: mean and 95% interval of the final bits per byte, params, tokens/s, routing."""
+    """Per variant: mean and 95% interval of the final bits per byte, params, speed, routing, training loss."""
     out = {}
     for v in LABELS:
         runs = [results[(v, s)] for s in seeds_of(v, seeds) if (v, s) in results]
@@ -63,9 +65,14 @@ def summarize(results: dict, seeds: list[int]) -> dict[str, dict]:
         values = [r["final_bpb"] for r in runs]
         mean, lo, hi = S.band(values)
         out[v] = {"mean": mean, "lo": lo, "hi": hi, "per_seed": values, "params": runs[0]["params"],
-                  "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs), "describe": _describe(runs[0]),
-                  "routing": _mean_routing(runs)}
+                  "steps_per_cpu_s": statistics.median(r["steps"] / r["cpu_s"] for r in runs),
+                  "describe": _describe(runs[0]), "routing": _mean_routing(runs),
+                  "train_bpb": _mean_or_none([r.get("train_bpb") for r in runs])}
     return out
+
+
+def _mean_or_none(values: list) -> float | None:
+    return None if not values or None in values else statistics.fmean(values)
 
 
 def _mean_routing(runs: list[dict]) -> list[dict]:
@@ -161,7 +168,8 @@ def _interval_cell(r: dict) -> str:
 def setup_lines(size: dict, seeds: list[int], results: dict, meta: dict) -> list[str]:
     s = size
     tokens = s["steps"] * s["batch"] * s["block"]
-    loads = [meta["load_start"], meta["load_end"], *(r["load_after"] for r in results.values() if "load_after" in r)]
+    loads = [r["load_after"] for r in results.values() if "load_after" in r]
+    threads = sorted({r["threads"] for r in results.values() if "threads" in r})
     walls = [r["wall_s"] for r in results.values()]
     epochs = f" ({tokens / meta['train_tokens']:.1f} passes over the training split)" if meta.get("train_tokens") else ""
     return [
@@ -181,10 +189,12 @@ def setup_lines(size: dict, seeds: list[int], results: dict, meta: dict) -> list
         f"{meta['val_tokens']:,} held-out tokens ({meta['val_bytes']:,} bytes; the same windows for every run) "
         f"after the last step; curves use {s['eval_batches']} batches every {s['eval_interval']} steps on the "
         "first of those windows, a harder stretch of the text, so the curves end above the tables' values.",
-        f"- Machine: {meta['machine']}; {meta['jobs']} training processes at a time, "
-        f"{'one thread' if meta['jobs'] > 1 else 'two threads'} each; 1-minute load average {min(loads):.1f} to "
-        f"{max(loads):.1f} during the run (other jobs shared the cores when it exceeds {meta['jobs']}: tokens/s "
-        "are noisy; compare them only within a table).",
+        f"- Machine: {meta['machine']}; each run is one process"
+        + (f" with {'/'.join(map(str, threads))} thread(s)" if threads else "") + ". Other jobs shared the "
+        "cores" + (f" (1-minute load average {min(loads):.1f} to {max(loads):.1f} at the end of the {len(loads)} "
+                   "runs that recorded it)" if loads else "") + ", so wall time is not comparable between runs: "
+        "speed is compared in CPU time (training steps per CPU-second of the run's process, final validation "
+        "included; every variant trains the same tokens per step).",
         f"- One run took {min(walls):.0f} to {max(walls):.0f} s of wall time (median "
         f"{statistics.median(walls):.0f} s), {sum(walls) / 3600:.1f} h for all {len(walls)} runs.",
         "",
@@ -228,7 +238,7 @@ CHANGED = [
 def comparison_lines(key, title, claim, variants, base, results, seeds, summary, verdict) -> list[str]:
     lines = ["", f"## {title}", "", f"Paper: {claim}.", "",
              f"| variant | shape | total params | active params | val bits/byte: mean [95% interval] | per seed "
-             f"| vs {LABELS[base]}, paired: mean [95% interval] | tokens/s vs {LABELS[base]} |",
+             f"| vs {LABELS[base]}, paired: mean [95% interval] | speed vs {LABELS[base]} (CPU time) |",
              "|---|---|---|---|---|---|---|---|"]
     for v in variants:
         r = summary[v]
@@ -240,7 +250,7 @@ def comparison_lines(key, title, claim, variants, base, results, seeds, summary,
         name = "Teacher (MoE, seed 0)" if teacher else LABELS[v]
         lines.append(f"| {name} | {r['describe']} | {r['params']['total'] / 1e6:.3f}M "
                      f"| {r['params']['active'] / 1e6:.3f}M | {cell} | {', '.join(f'{x:.4f}' for x in r['per_seed'])} "
-                     f"| {delta} | {r['tokens_per_s'] / summary[base]['tokens_per_s']:.2f} |")
+                     f"| {delta} | {r['steps_per_cpu_s'] / summary[base]['steps_per_cpu_s']:.2f} |")
     v = verdict[key]
     lines += ["", f"Verdict: **{v['verdict']}**."] + [f"- {part_text(p)}" for p in v["parts"]]
     if key == "fig4":
@@ -253,33 +263,117 @@ def comparison_lines(key, title, claim, variants, base, results, seeds, summary,
     return lines
 
 
-def investigation_lines(results: dict, seeds: list[int], summary: dict) -> list[str]:
-    lines = ["", "## Investigations", "", "### First-half MoE against the dense model", "",
-             f"- First-half MoE - Dense: {paired(results, seeds, 'first_half', 'dense')} bits/byte; "
-             f"Second-half MoE - Dense: {paired(results, seeds, 'second_half', 'dense')}; "
-             f"MoE (every other block) - Dense: {paired(results, seeds, 'moe', 'dense')}.",
-             "", "Routing over the second half of training (mean over seeds), per MoE layer: the fraction of "
-             "token-choices dropped at capacity (they skip the expert and keep only the residual stream) and the "
-             "busiest expert's load / the mean load.", "",
-             "| variant | layer | dropped | busiest / mean |", "|---|---|---|---|"]
-    for v in ("first_half", "second_half", "moe"):
+def _direction(ci: S.Interval, lower: str, higher: str) -> str:
+    """Words for a paired difference: which way its 95% interval points, or that it cannot tell."""
+    if ci.hi < 0:
+        return f"{lower} ({ci} bits/byte)"
+    if ci.lo > 0:
+        return f"{higher} ({ci} bits/byte)"
+    return f"not distinguishable at {ci.n} seeds ({ci} bits/byte, the interval contains 0)"
+
+
+def _fit(summary: dict, v: str) -> str:
+    tr = summary[v]["train_bpb"]
+    return f"{LABELS[v]}: training {tr:.3f}, validation {summary[v]['mean']:.3f}" if tr is not None else ""
+
+
+def _fit_verdict(summary: dict, v: str, base: str) -> str:
+    """Does ``v`` trail ``base`` by fitting the training text worse, or by generalising worse (overfitting)?"""
+    tr, tr0 = summary[v]["train_bpb"], summary[base]["train_bpb"]
+    va, va0 = summary[v]["mean"], summary[base]["mean"]
+    if tr > tr0 and va > va0:
+        return (f"{LABELS[v]} is higher than {LABELS[base]} on the training batches too (+{tr - tr0:.3f} against "
+                f"+{va - va0:.3f} on validation): it fits the text worse, rather than overfitting with its extra "
+                "parameters.")
+    if tr <= tr0 and va > va0:
+        return (f"{LABELS[v]} fits the training batches as well or better ({tr - tr0:+.3f}) but validates worse "
+                f"({va - va0:+.3f}): the extra parameters overfit.")
+    return f"{LABELS[v]} is not higher than {LABELS[base]} on validation on average ({va - va0:+.3f})."
+
+
+def first_half_lines(results: dict, seeds: list[int], summary: dict) -> list[str]:
+    """Why first-half MoE trails the dense model: training vs validation loss, dropped tokens, dropless."""
+    pair = lambda v, b: paired(results, seeds, v, b)  # noqa: E731
+    lines = ["", "### First-half MoE against the dense model", "",
+             f"- First-half MoE against Dense: {_direction(pair('first_half', 'dense'), 'lower', 'higher')}; "
+             f"Second-half MoE: {_direction(pair('second_half', 'dense'), 'lower', 'higher')}; MoE on every other "
+             f"block: {_direction(pair('moe', 'dense'), 'lower', 'higher')}."]
+    fits = [f for f in (_fit(summary, v) for v in ("dense", "first_half", "first_half_dropless", "second_half")
+                        if v in summary) if f]
+    if fits:
+        lines.append("- Training bits/byte over the last 10% of steps (on the batches trained) against validation "
+                     "(mean over seeds): " + "; ".join(fits) + ". " + _fit_verdict(summary, "first_half", "dense"))
+    if "first_half_dropless" in summary:
+        lines.append("- The same first-half model without dropping tokens (dropless: capacity set by the busiest "
+                     f"expert): against First-half MoE {_direction(pair('first_half_dropless', 'first_half'), 'lower', 'higher')}; "
+                     f"against Dense {_direction(pair('first_half_dropless', 'dense'), 'lower', 'higher')}.")
+    lines += ["", "Routing over the second half of training (mean over seeds), per MoE layer: the fraction of "
+              "token-choices dropped at capacity (they skip the expert and keep only the residual stream) and the "
+              "busiest expert's load / the mean load.", "",
+              "| variant | layer | dropped | busiest / mean |", "|---|---|---|---|"]
+    for v in ("first_half", "first_half_dropless", "second_half", "moe"):
+        if v not in summary:
+            continue
         layers = results[(v, seeds[0])]["moe_layers"]
         for lid, st in zip(layers, summary[v]["routing"]):
             lines.append(f"| {LABELS[v]} | {lid} | {st['dropped']:.3f} | {st['max_over_mean']:.2f} |")
-    t, tl = summary["moe"]["per_seed"][0], summary.get("teacher_long", {}).get("per_seed", [None])[0]
-    lines += ["", "### The student against its teacher", "",
-              "| model | val bits/byte |", "|---|---|",
-              f"| Teacher: MoE, 8 blocks, seed 0, {results[('moe', seeds[0])]['steps']} steps | {t:.4f} |"]
-    if tl is not None:
-        lines.append(f"| Teacher trained 2x as long (seed 0, {results[('teacher_long', seeds[0])]['steps']} steps) "
-                     f"| {tl:.4f} |")
-    for v in ("student_nokd", "student_kd", "student_staged", "kd_same_depth"):
-        lines.append(f"| {LABELS[v]} ({summary[v]['describe']}), mean [95% interval] | {_interval_cell(summary[v])} |")
-    lines += ["", f"- 8-block student with KD - 7-block student with KD (paired): "
-                  f"{paired(results, seeds, 'kd_same_depth', 'student_kd')} bits/byte."]
+    return lines
+
+
+def student_lines(results: dict, seeds: list[int], summary: dict) -> list[str]:
+    """Why distilled students beat their teacher: the teacher's budget, and depth."""
+    t = summary["moe"]["per_seed"][0]
+    lines = ["", "### The student against its teacher", "",
+             "| model | val bits/byte | training bits/byte (last 10% of steps) |", "|---|---|---|"]
+    cell = lambda v: "-" if summary[v]["train_bpb"] is None else f"{summary[v]['train_bpb']:.4f}"  # noqa: E731
+    first_train = results[("moe", seeds[0])].get("train_bpb")
+    lines.append(f"| Teacher: MoE, 8 blocks, seed 0, {results[('moe', seeds[0])]['steps']} steps | {t:.4f} | "
+                 f"{'-' if first_train is None else f'{first_train:.4f}'} |")
+    if "teacher_long" in summary:
+        lines.append(f"| {LABELS['teacher_long']} (seed 0, {results[('teacher_long', seeds[0])]['steps']} steps) | "
+                     f"{summary['teacher_long']['per_seed'][0]:.4f} | {cell('teacher_long')} |")
+    for v in ("moe", "student_nokd", "student_kd", "student_staged", "kd_same_depth"):
+        name = "MoE (top-1), the teacher's shape without KD" if v == "moe" else LABELS[v]
+        lines.append(f"| {name} ({summary[v]['describe']}), mean [95% interval] | {_interval_cell(summary[v])} "
+                     f"| {cell(v)} |")
+    kd = summary["student_kd"]["mean"]
+    lines += ["", f"- Depth: the 8-block student distilled the same way against the 7-block one: "
+                  f"{_direction(paired(results, seeds, 'kd_same_depth', 'student_kd'), 'lower', 'higher')}; "
+                  f"without KD, the 8-block model (MoE (top-1)) against the 7-block student: "
+                  f"{_direction(paired(results, seeds, 'moe', 'student_nokd'), 'lower', 'higher')}.",
+              f"- Budget: the KD students (mean {kd:.4f}) end {'below' if kd < t else 'above'} the teacher they "
+              f"distil from ({t:.4f}, trained for the students' budget)"]
+    if "teacher_long" in summary:
+        tl = summary["teacher_long"]["per_seed"][0]
+        lines[-1] += f" and {'below' if kd < tl else 'above'} the same teacher trained twice as long ({tl:.4f})"
+        if tl < kd < t:
+            n = results[("moe", seeds[0])]["steps"]
+            lines[-1] += (f". The teacher is under-trained for this budget: another {n} steps lower its own loss by "
+                          f"{t - tl:.3f}. A student distilling from it for {n} steps learns, besides the text, part "
+                          f"of what the teacher's own {n} steps learned, so it passes the teacher and stays above "
+                          "the teacher trained as long as both together")
+    lines[-1] += "."
+    return lines
+
+
+def investigation_lines(results: dict, seeds: list[int], summary: dict) -> list[str]:
+    lines = ["", "## Investigations"] + first_half_lines(results, seeds, summary) + student_lines(results, seeds,
+                                                                                                  summary)
     if "investigations" in NOTES:
         lines += ["", NOTES["investigations"]]
     return lines
+
+
+def provenance(results: dict) -> str:
+    """Where the numbers come from: the runs, and when they were trained (a --runs-dir spans invocations)."""
+    done = sorted(r["finished"] for r in results.values() if "finished" in r)
+    when = ""
+    if done:
+        first, last = (time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) for t in (done[0], done[-1]))
+        when = f", finished between {first} and {last} UTC" if first != last else f", finished {first} UTC"
+    return (f"Every number below comes from the {len(results)} training runs it lists{when}; each run was "
+            "trained once, uninterrupted, by this script (runs finished by an earlier invocation with the same "
+            "--runs-dir are read back, not trained again).")
 
 
 def render_markdown(size: dict, seeds: list[int], results: dict, summary: dict, verdict: dict,
@@ -288,8 +382,7 @@ def render_markdown(size: dict, seeds: list[int], results: dict, summary: dict, 
     if len(seeds) != size["seeds"]:
         mode += f" --seeds {len(seeds)}"
     lines = ["# DeepSpeed-MoE's findings in miniature", "",
-             f"Generated by `python benchmarks/paper_findings.py{mode}` ({meta['date']}). Every number below was "
-             "measured in that one run.", ""]
+             f"Generated by `python benchmarks/paper_findings.py{mode}` ({meta['date']}). " + provenance(results), ""]
     lines += setup_lines(size, seeds, results, meta) + RULE + CHANGED
     lines += ["## Summary", "", "| comparison | paper | here (paired differences, bits/byte, 95% intervals) | verdict |",
               "|---|---|---|---|"]
@@ -299,7 +392,19 @@ def render_markdown(size: dict, seeds: list[int], results: dict, summary: dict, 
     for key, title, claim, variants, base, _ in COMPARISONS:
         lines += comparison_lines(key, title, claim, variants, base, results, seeds, summary, verdict)
     lines += investigation_lines(results, seeds, summary)
-    lines += ["", "## Caveats", "", CAVEATS]
+    spread = max(max(r["per_seed"]) - min(r["per_seed"]) for r in summary.values() if len(r["per_seed"]) > 1)
+    passes = meta.get("train_tokens") and size["steps"] * size["batch"] * size["block"] / meta["train_tokens"]
+    lines += ["", "## Caveats", "", CAVEATS, "",
+              f"- One variant's runs differ by up to {spread:.3f} bits/byte from seed to seed, more than most effects "
+              "measured here; that is why most intervals contain 0. More seeds or larger batches would narrow them."]
+    gaps = {v: r["mean"] - r["train_bpb"] for v, r in summary.items() if r["train_bpb"] is not None}
+    if passes and gaps:
+        below = sum(g > 0 for g in gaps.values())
+        lines.append(f"- Each run sees the training split {passes:.1f} times. Training loss (last 10% of steps) ends "
+                     f"below validation loss for {below} of {len(gaps)} variants, by {min(gaps.values()):.3f} to "
+                     f"{max(gaps.values()):.3f} bits/byte"
+                     + (f" (the teacher trained 2x as long: {gaps['teacher_long']:.3f})" if "teacher_long" in gaps
+                        else "") + ": the models partly learn the training text by heart.")
     return "\n".join(lines) + "\n"
 
 

@@ -94,6 +94,10 @@ def test_paper_findings_quick_writes_verdicts_from_intervals(tmp_path):
     assert text.count("->") >= 5 and "wrote" in text
     page = (tmp_path / "results.md").read_text()
     assert "## The verdict rule (fixed before the runs)" in page and "## Investigations" in page
+    # the anomalies are investigated with measurements: training against validation loss, a dropless first half,
+    # the teacher trained twice as long; the page says where its numbers come from
+    assert "Training bits/byte over the last 10% of steps" in page and "First-half MoE, dropless" in page
+    assert "Teacher trained 2x as long" in page and "training runs it lists" in page
     assert all((tmp_path / "img" / f"{k}.png").stat().st_size > 1000 for k in ("fig1", "phen1", "phen2", "fig4", "mos"))
 
 
