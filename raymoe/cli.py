@@ -7,6 +7,7 @@
     raymoe report runs/tiny
     raymoe serve --checkpoint runs/tiny/checkpoints [--port 8000] [--num-replicas N] [--ep-size N] [--direct-ingress]
     raymoe serve --follow runs/tiny [--follow-interval 2]     (serve while training: reload each committed checkpoint)
+    raymoe serve --follow runs/tiny --live --address auto     (... and the weights training publishes in memory)
     raymoe checkpoint inspect runs/tiny/checkpoints [--verify]
     raymoe checkpoint reshard runs/tiny/checkpoints --workers 4 [--ep-size 4]
     raymoe export --checkpoint runs/tiny/checkpoints --out hf_model [--dtype bfloat16] [--max-shard-size 5GB]
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                         "--checkpoint")
     p.add_argument("--follow-interval", type=float, default=2.0, help="seconds between two looks for a newer "
                                                                       "checkpoint (with --follow)")
+    p.add_argument("--live", action="store_true", help="with --follow RUN_DIR and --address of the training's Ray "
+                   "cluster: also swap in the weights the run publishes in memory (cluster.publish_interval), "
+                   "expert by expert from the object store, whichever is newer than the last checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-id", default="raymoe", help="model name clients put in 'model'")
@@ -235,7 +239,9 @@ def _cmd_serve(args) -> int:
     if args.engine:
         fields["engine_cls"] = args.engine  # otherwise ServeArgs picks the default for the ep_size
     if args.follow:
-        fields.update(follow=args.follow, follow_interval_s=args.follow_interval)
+        fields.update(follow=args.follow, follow_interval_s=args.follow_interval, follow_live=args.live)
+    elif args.live:
+        raise ValueError("--live needs --follow RUN_DIR (the training run's folder)")
     if args.ep_size != 1 or args.redundant_experts:  # ServeArgs checks it (>= 1) and the shard settings
         fields.update(ep_size=args.ep_size, ep_shard_cpus=args.ep_shard_cpus,
                       ep_redundant_experts=args.redundant_experts, ep_replan_interval_steps=args.replan_interval)
@@ -254,6 +260,9 @@ def _cmd_serve(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or "local"
     if address != "local" and args.num_cpus is not None:
         raise ValueError(f"--num-cpus applies to a local Ray instance only, not to --address {address}")
+    if args.live and address == "local":
+        raise ValueError("--live reads the weights from the training run's Ray cluster: add --address auto (or "
+                         "HOST:PORT, or set RAY_ADDRESS); a new local instance has no training run")
     run_blocking(sargs, host=args.host, port=args.port, address=address, num_cpus=args.num_cpus,
                  direct_ingress=args.direct_ingress)
     return 0

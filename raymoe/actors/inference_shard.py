@@ -34,6 +34,7 @@ from raymoe.platform.moe.replication import ReplicatedExperts
 from raymoe.platform.runner import LocalRunner, Pending, prepare_for_inference
 
 from . import rendezvous
+from .weight_registry import LiveWeights
 
 _BACKENDS = ("auto", "gloo", "nccl")
 
@@ -116,18 +117,23 @@ class InferenceShard:
         self.runner = None
 
     # -- serving ------------------------------------------------------------------------------------------
-    def _load(self, checkpoint: str) -> tuple[GPT, Optional[int]]:
-        # a native checkpoint or a Hugging Face folder; either way this rank reads only its experts
-        gpt_cfg = checkpoint_config(checkpoint)
+    def _load(self, checkpoint) -> tuple[GPT, Optional[int]]:
+        # a native checkpoint, a Hugging Face folder or a training run's published weights (LiveWeights);
+        # whichever, this rank reads only its experts
+        live = isinstance(checkpoint, LiveWeights)
+        gpt_cfg = checkpoint.gpt_config() if live else checkpoint_config(checkpoint)
         layout = parallel.ParallelLayout.from_config(gpt_cfg, self.world, ep_size=self.world)
         groups = parallel.build_process_groups(layout, self.rank)  # EP group = world: creates no new group
         model = GPT(gpt_cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups))
-        load_weights(model, checkpoint)
+        if live:
+            checkpoint.load_into(model)
+        else:
+            load_weights(model, checkpoint)
         model = prepare_for_inference(model.to(self.device))
         if self.redundant_experts:  # empty slots; set_placement / swap fill them (collective)
             for m in model.moe_modules():
                 m.replicas = ReplicatedExperts(m, self.redundant_experts)
-        return model, checkpoint_step(checkpoint)
+        return model, checkpoint.step if live else checkpoint_step(checkpoint)
 
     @torch.inference_mode()
     def step(self, kind: str, keep: Optional[list[int]], idx: torch.Tensor,
@@ -157,8 +163,9 @@ class InferenceShard:
         self.runner.reset()
         self._failed = None
 
-    def prepare(self, checkpoint: str) -> dict:
-        """Load new weights beside the serving ones (no collective); ``swap`` installs them."""
+    def prepare(self, checkpoint) -> dict:
+        """Load new weights (a checkpoint path or `LiveWeights`) beside the serving ones (no collective);
+        ``swap`` installs them."""
         self._pending = self.runner.prepare(checkpoint)
         return {"config": self._pending.config.to_dict(), "step": self._pending.step}
 

@@ -27,6 +27,7 @@ only inside functions, so an engine's child process can unpickle a `LiveWeights`
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
@@ -162,9 +163,10 @@ class WeightRegistry:
             del self._pending[old]
         return True
 
-    def latest(self, after: int = -1) -> Optional[LiveWeights]:
-        """The newest complete version if its step is > ``after``, else None."""
-        if not self._versions:
+    def latest(self, after: int = -1, checkpoints: Optional[str] = None) -> Optional[LiveWeights]:
+        """The newest complete version if its step is > ``after``, else None; None as well when
+        ``checkpoints`` is given and is not this run's checkpoint folder (a consumer of another run)."""
+        if not self._versions or (checkpoints is not None and not _same_folder(checkpoints, self.checkpoints)):
             return None
         step = max(self._versions)
         return self._versions[step] if step > after else None
@@ -207,6 +209,23 @@ def find_registry(run: str):
         return ray.get_actor(registry_name(run), namespace=NAMESPACE)
     except ValueError:
         return None
+
+
+def latest_version(run: str, checkpoints: str, after: int = -1, timeout_s: float = 30.0) -> Optional[LiveWeights]:
+    """The newest version of run ``run`` after step ``after``, or None: none newer, no registry, or a registry
+    of another run of that name (its checkpoint folder is not ``checkpoints``). Raises when the registry
+    does not answer within ``timeout_s``."""
+    import ray
+
+    registry = find_registry(run)
+    if registry is None:
+        return None
+    return ray.get(registry.latest.remote(after, checkpoints), timeout=timeout_s)
+
+
+def _same_folder(a: str, b: str) -> bool:
+    local = "://" not in a and "://" not in b
+    return os.path.realpath(a) == os.path.realpath(b) if local else a.rstrip("/") == b.rstrip("/")
 
 
 class Publisher:

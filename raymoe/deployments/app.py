@@ -56,6 +56,10 @@ class ServeArgs(BaseModel):
                                   "training commits. Excludes checkpoint")
     follow_interval_s: float = Field(2.0, gt=0, description="follow: seconds between two looks for a newer "
                                      "committed checkpoint")
+    follow_live: bool = Field(False, description="with follow (a run dir) on the training run's Ray cluster: "
+                              "also swap in the weights the run publishes in memory every "
+                              "cluster.publish_interval steps (expert by expert from the object store, no "
+                              "checkpoint), whichever of the two is newer; checkpoints stay the fallback")
     model_id: str = Field("raymoe", description="model name in /v1/models and the 'model' field of requests")
     engine_cls: str = Field(DEFAULT_ENGINE, description="engine class 'module:Class' (injected into the replica; "
                             f"the default becomes {EP_ENGINE} with ep_size > 1); "
@@ -129,6 +133,8 @@ class ServeArgs(BaseModel):
     def _check(self) -> "ServeArgs":
         if self.follow is not None:
             self._follow_latest()
+        elif self.follow_live:
+            raise ValueError("follow_live needs follow (the training run's folder)")
         if self.ep_size > 1 and "engine_cls" not in self.model_fields_set:
             self.engine_cls = EP_ENGINE
         if self.engine_cls in (DEFAULT_ENGINE, EP_ENGINE) and not self.checkpoint:
@@ -154,7 +160,7 @@ class ServeArgs(BaseModel):
     def _follow_latest(self) -> None:
         """follow: the checkpoint folder it names, and its latest committed checkpoint as ``checkpoint`` (the
         one replicas start from; each then follows the folder, `raymoe.deployments.follow`)."""
-        from raymoe.deployments.follow import follow_root, latest_committed
+        from raymoe.deployments.follow import follow_root, latest_committed, live_run_name
 
         if self.checkpoint:
             raise ValueError("set checkpoint or follow, not both: follow serves the latest committed checkpoint "
@@ -167,6 +173,8 @@ class ServeArgs(BaseModel):
         if self.checkpoint is None:
             raise ValueError(f"follow={self.follow}: no committed checkpoint there yet (a step_* dir with its "
                              "manifest); start serving after training wrote its first checkpoint")
+        if self.follow_live:
+            live_run_name(self.follow)  # a run's folder, or ValueError
 
     def ingress_replicas_at_start(self) -> int:
         """Replicas of the HTTP-facing deployment when the app starts (OpenAIServer, or OpenAIIngress with
@@ -256,7 +264,8 @@ def llm_server_deployment(args: ServeArgs, single: bool = False):
     if args.checkpoint:
         opts["user_config"] = {"checkpoint": args.checkpoint}
     if args.follow:
-        opts["user_config"] = {"follow": args.follow, "follow_interval_s": args.follow_interval_s}
+        opts["user_config"] = {"follow": args.follow, "follow_interval_s": args.follow_interval_s,
+                               "follow_live": args.follow_live}
     if args.ep_size > 1:
         opts["placement_group_bundles"] = placement_bundles(args)
         opts["placement_group_strategy"] = args.ep_placement_strategy

@@ -40,6 +40,7 @@ from typing import Optional
 
 import torch
 
+from raymoe.actors.weight_registry import LiveWeights
 from raymoe.deployments.engine_config import EngineConfig
 from raymoe.deployments.protocol import BaseEngine, EngineObserver, EngineShutdownError, Request, run_thread
 from raymoe.platform.decode import DecodeLoop, Row
@@ -206,9 +207,15 @@ class Engine(BaseEngine):
         if self.model is None:
             self.model, self.step = load_local_model(self.checkpoint, self.device)
         return LocalRunner(prepare_for_inference(self.model.to(self.device)), self.config.max_batch_size,
-                           max_len=self.config.max_model_len,
+                           max_len=self.config.max_model_len, loader=self._load,
                            prefix_cache_bytes=int(self.config.prefix_cache_mb * 2 ** 20),
                            prefix_block_size=self.config.prefix_block_size)
+
+    def _load(self, source) -> tuple:
+        """(model, step) of a checkpoint path or of a training run's published weights (`LiveWeights`)."""
+        if isinstance(source, LiveWeights):
+            return prepare_for_inference(source.build_model().to(self.device)), source.step
+        return load_local_model(source, self.device)
 
     def _set_model_info(self) -> None:
         cfg = self.runner.config
@@ -216,18 +223,22 @@ class Engine(BaseEngine):
         # the context requests are checked against: the serving length the KV cache holds
         self.block_size, self.vocab_size = getattr(self.runner, "max_len", cfg.block_size), cfg.vocab_size
 
-    def reload(self, checkpoint: str, timeout_s: float = 600.0) -> None:
+    def reload(self, checkpoint, timeout_s: float = 600.0) -> None:
         """Load ``checkpoint`` (in this thread), then have the loop swap it in between steps (see module
-        docstring).
+        docstring). ``checkpoint``: a path, or a training run's published weights (`LiveWeights`, of the run
+        whose checkpoint this engine serves: the tokenizer stays).
 
         Returns once the new weights serve requests. ValueError for an unusable checkpoint (the old weights
         keep serving); TimeoutError if the swap did not happen within timeout_s.
         """
+        live = isinstance(checkpoint, LiveWeights)
         if self.runner is None:  # not started: start() loads it
+            if live:
+                raise RuntimeError(f"reload({checkpoint}): start the engine from a checkpoint first")
             self.checkpoint, self.model = str(checkpoint), None
             return
-        pending = self.runner.prepare(str(checkpoint))
-        tokenizer = self.tokenizer if self._tokenizer_given else load_tokenizer(checkpoint)
+        pending = self.runner.prepare(checkpoint if live else str(checkpoint))
+        tokenizer = self.tokenizer if self._tokenizer_given or live else load_tokenizer(checkpoint)
         check_fits(tokenizer, pending.config.vocab_size, f"checkpoint {checkpoint}")
         if self.config.reload_policy == "immediate" and pending.config != self.runner.config:
             raise ValueError(f"reload_policy='immediate' needs the same architecture; {checkpoint} has "

@@ -99,10 +99,13 @@ class EPRunner:
             raise
 
     # -- start / stop ------------------------------------------------------------------------------------
-    def _check_checkpoint(self, checkpoint: str) -> None:
+    def _check_checkpoint(self, checkpoint) -> None:
+        """``checkpoint``: a path (native or Hugging Face) or a training run's published weights."""
+        from raymoe.actors.weight_registry import LiveWeights
         from raymoe.platform.model_io import checkpoint_config
 
-        check_ep_size(checkpoint_config(checkpoint), self.ep_size, checkpoint)  # native or Hugging Face
+        config = checkpoint.gpt_config() if isinstance(checkpoint, LiveWeights) else checkpoint_config(checkpoint)
+        check_ep_size(config, self.ep_size, str(checkpoint))
 
     def _placement_group(self, ray, num_cpus, num_gpus, strategy, timeout_s):
         """(placement group, index of the first shard bundle): the current one (a Serve replica's: the last
@@ -306,13 +309,18 @@ class EPRunner:
                 self._broken = exc
                 raise
 
-    def prepare(self, checkpoint: str) -> Pending:
+    def prepare(self, checkpoint) -> Pending:
+        """Every shard loads its part of ``checkpoint`` (a path, or `LiveWeights`: each shard fetches the dense
+        part and its own experts from their owners)."""
         import ray
 
         from raymoe.platform.model import GPTConfig
 
+        from raymoe.actors.weight_registry import LiveWeights
+
         self._check_checkpoint(checkpoint)
-        res = ray.get([s.prepare.remote(str(checkpoint)) for s in self.shards], timeout=self.timeout_s)
+        source = checkpoint if isinstance(checkpoint, LiveWeights) else str(checkpoint)  # refs go to the shards
+        res = ray.get([s.prepare.remote(source) for s in self.shards], timeout=self.timeout_s)
         return Pending(GPTConfig.from_dict(res[0]["config"]), res[0]["step"], str(checkpoint))
 
     def swap(self, pending: Pending) -> None:

@@ -67,27 +67,94 @@ class CheckpointFollower:
             except RuntimeError:  # the loop is closed: the task is gone with it
                 pass
 
+    async def _latest(self):
+        """What to serve now (a committed step dir), or None; raises when the storage cannot be listed."""
+        return await asyncio.to_thread(latest_committed, self.root)
+
     async def poll_once(self) -> bool:
         """Reload if a newer committed checkpoint exists; True if the served one changed."""
         try:
-            latest = await asyncio.to_thread(latest_committed, self.root)
+            latest = await self._latest()
         except Exception as exc:  # storage briefly unreachable: keep serving, try again later
             logger.warning(f"follow {self.root}: cannot list checkpoints: {exc!r}")
             return False
-        if latest is None or latest in (self.current, self._failed):
+        if latest is None or str(latest) in (self.current, self._failed):
             return False
         try:
             await self.reload(latest)
         except Exception as exc:
             logger.exception(f"follow {self.root}: reload of {latest} failed; still serving {self.current}",
                              exc_info=exc)
-            self._failed = latest
+            self._failed = str(latest)
             return False
-        self.current = latest
+        self.current = str(latest)
+        self._served(latest)
         logger.info(f"follow {self.root}: now serving {latest}")
         return True
+
+    def _served(self, source) -> None:
+        """Called after a successful reload of ``source``."""
 
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             await self.poll_once()
+
+
+def live_run_name(root: str) -> str:
+    """The run whose published weights ``--live`` follows: the name of the run dir that holds ``root`` (a
+    run's ``checkpoints/`` folder, see `follow_root`). ValueError for a folder that is not a run's."""
+    loc = storage.absolute(root)
+    if loc.name != "checkpoints" or not loc.parent.name:
+        raise ValueError(f"follow_live needs a training run's folder (RUN_DIR, with checkpoints/ inside); "
+                         f"{root} is not one")
+    return loc.parent.name
+
+
+class LiveFollower(CheckpointFollower):
+    """``--live``: follows a run's checkpoints and, on the same Ray cluster, the weights its shards publish
+    (`raymoe.actors.weight_registry`, ``cluster.publish_interval``): each poll serves the newest step of the
+    two, and only a step newer than the one served (a version that cannot be fetched, e.g. its shard died, is
+    skipped: the previous weights keep serving and a later version or checkpoint replaces them).
+
+    The registry is the one of the run named after the run dir (`live_run_name`), used only when it reports
+    this checkpoint folder (another run of the same name elsewhere is ignored). ``current_step``: the step
+    served now. Runs in a Ray process (a replica).
+    """
+
+    def __init__(self, root: str, reload: Callable[[object], Awaitable[None]], *, interval_s: float = 2.0,
+                 current: Optional[str] = None, current_step: Optional[int] = None, timeout_s: float = 30.0):
+        super().__init__(root, reload, interval_s=interval_s, current=current)
+        self.run, self.step, self.timeout_s = live_run_name(root), current_step, timeout_s
+        self._steps: dict[str, int] = {}  # checkpoint dir -> its step (read once)
+        self._live_error: Optional[BaseException] = None
+
+    async def _latest(self):
+        path = await asyncio.to_thread(latest_committed, self.root)
+        if path is not None and path not in self._steps:
+            self._steps[path] = await asyncio.to_thread(lambda: checkpoint.read_manifest(path)["step"])
+        after, ckpt_step = -1 if self.step is None else self.step, self._steps.get(path, -1)
+        # at a tie the version in memory wins: it loads faster than the files
+        live = await asyncio.to_thread(self._live, max(after, ckpt_step - 1))
+        if live is not None:
+            return live
+        return path if ckpt_step > after else None
+
+    def _live(self, after: int):
+        """The registry's newest version after step ``after``, or None (no registry, another run's, gone)."""
+        from raymoe.actors.weight_registry import latest_version
+
+        try:
+            found, self._live_error = latest_version(self.run, self.root, after, self.timeout_s), None
+            return found
+        except Exception as exc:  # the run ended or its coordinator is being replaced: checkpoints remain
+            if self._live_error is None:  # once, not at every poll
+                logger.warning(f"follow {self.root}: no live weights of run {self.run!r} ({exc!r}); "
+                               "following its checkpoints")
+            self._live_error = exc
+            return None
+
+    def _served(self, source) -> None:
+        self.step = getattr(source, "step", None)
+        if self.step is None:
+            self.step = self._steps.get(str(source))

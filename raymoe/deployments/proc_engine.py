@@ -209,8 +209,12 @@ class ProcessEngine(BaseEngine):
         self._reqs.clear()
 
     # -- calls into the child ------------------------------------------------------------------------------
-    def reload(self, checkpoint: str, timeout_s: float = 600.0) -> None:
-        self._call("reload", str(checkpoint), timeout_s, timeout_s=timeout_s + 15.0)
+    def reload(self, checkpoint, timeout_s: float = 600.0) -> None:
+        """`Engine.reload` in the child; `LiveWeights` are fetched here (the child has no Ray) and sent whole."""
+        from raymoe.actors.weight_registry import LiveWeights
+
+        source = checkpoint.resolved(timeout_s) if isinstance(checkpoint, LiveWeights) else str(checkpoint)
+        self._call("reload", source, timeout_s, timeout_s=timeout_s + 15.0)
         info = self._call("info")  # the child refuses another tokenizer; the sizes may change
         self.block_size, self.vocab_size = info["block_size"], info["vocab_size"]
 

@@ -34,7 +34,7 @@ from raymoe.deployments.protocol import (Chat, EngineDeadError, EngineOverloaded
                                          GenerationChunk, RequestError, SamplingParams)
 
 logger = logging.getLogger("ray.serve")
-USER_CONFIG_KEYS = ("checkpoint", "reload_timeout_s", "follow", "follow_interval_s")
+USER_CONFIG_KEYS = ("checkpoint", "reload_timeout_s", "follow", "follow_interval_s", "follow_live")
 
 
 def resolve_engine_cls(engine_cls: Union[str, type]) -> type:
@@ -114,7 +114,7 @@ class LLMServer:
             raise ValueError(f"user_config has unknown keys {unknown}; allowed: {list(USER_CONFIG_KEYS)}")
         if cfg.get("follow"):  # serve while training: the follower reloads each newer committed checkpoint
             self._follow(cfg["follow"], float(cfg.get("follow_interval_s", 2.0)),
-                         float(cfg.get("reload_timeout_s", 600.0)))
+                         float(cfg.get("reload_timeout_s", 600.0)), bool(cfg.get("follow_live", False)))
             return
         target = cfg.get("checkpoint")
         if target is None or _resolved(target) == self._loaded:
@@ -125,22 +125,28 @@ class LLMServer:
             self._loaded = _resolved(target)
         self._export_step()
 
-    def _follow(self, root: str, interval_s: float, timeout_s: float) -> None:
-        """Poll ``root`` for newer committed checkpoints (`raymoe.deployments.follow`) and reload each."""
-        from raymoe.deployments.follow import CheckpointFollower
+    def _follow(self, root: str, interval_s: float, timeout_s: float, live: bool = False) -> None:
+        """Poll ``root`` for newer committed checkpoints (`raymoe.deployments.follow`) and reload each; ``live``:
+        also the weights the training run publishes in memory (`LiveFollower`)."""
+        from raymoe.deployments.follow import CheckpointFollower, LiveFollower
 
-        async def reload(step_dir: str) -> None:
+        async def reload(source) -> None:  # a step dir, or LiveWeights
+            key = _resolved(source) if isinstance(source, str) else str(source)
             async with self._reload_lock:
-                if _resolved(step_dir) == self._loaded:
+                if key == self._loaded:
                     return
-                logger.info(f"following {root}: reloading weights from {step_dir}")
-                await asyncio.to_thread(self.engine.reload, step_dir, timeout_s)
-                self._loaded = _resolved(step_dir)
+                logger.info(f"following {root}: reloading weights from {source}")
+                await asyncio.to_thread(self.engine.reload, source, timeout_s)
+                self._loaded = key
             self._export_step()
 
         if self._follower is not None:
             self._follower.stop()
-        self._follower = CheckpointFollower(root, reload, interval_s=interval_s, current=self._loaded)
+        if live:
+            self._follower = LiveFollower(root, reload, interval_s=interval_s, current=self._loaded,
+                                          current_step=self.engine.info().get("step"))
+        else:
+            self._follower = CheckpointFollower(root, reload, interval_s=interval_s, current=self._loaded)
         self._follower.start()
 
     def _export_step(self) -> None:
