@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import fsdp
@@ -63,8 +65,8 @@ def _cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @dataclass
 class LiveWeights:
     """One published version: ``step``, the model's config (``GPTConfig.to_dict()``) and ``parts`` {name: an
-    ObjectRef, or the tensors once resolved}: ``dense.safetensors`` {entry: tensor} and one
-    ``experts/layer{L}_expert{G}.safetensors`` {entry: row} per expert."""
+    ObjectRef, or once resolved its tensors (a dict, or safetensors bytes)}: ``dense.safetensors`` {entry:
+    tensor} and one ``experts/layer{L}_expert{G}.safetensors`` {entry: row} per expert."""
 
     run: str
     step: int
@@ -84,13 +86,18 @@ class LiveWeights:
         missing = [n for n in names if n not in self.parts]
         if missing:
             raise ValueError(f"{self}: no part {missing[:4]}; it has {len(self.parts)} parts")
-        refs = {n: self.parts[n] for n in names if not isinstance(self.parts[n], dict)}
+        refs = {n: self.parts[n] for n in names if not isinstance(self.parts[n], (dict, bytes))}
         got = dict(zip(refs, _ray_get(list(refs.values()), timeout_s))) if refs else {}
-        return {n: got[n] if n in got else self.parts[n] for n in names}
+        for n in names:
+            if n not in got:
+                part = self.parts[n]
+                got[n] = st_load(part) if isinstance(part, bytes) else part
+        return {n: got[n] for n in names}
 
     def resolved(self, timeout_s: float = 300.0) -> "LiveWeights":
-        """A copy with every part fetched (picklable without Ray: for an engine in a child process)."""
-        return replace(self, parts=self.fetch(list(self.parts), timeout_s))
+        """A copy with every part fetched, as safetensors bytes: it pickles without Ray and without torch's
+        shared-memory handles (for an engine in a child process that Ray did not start)."""
+        return replace(self, parts={n: st_save(t) for n, t in self.fetch(list(self.parts), timeout_s).items()})
 
     def load_into(self, model, timeout_s: float = 300.0) -> None:
         """Fill ``model`` (the whole model, or an expert-parallel shard: only its experts are fetched).
@@ -170,6 +177,10 @@ class WeightRegistry:
             return None
         step = max(self._versions)
         return self._versions[step] if step > after else None
+
+    def version(self, step: int) -> Optional[LiveWeights]:
+        """The complete version of ``step`` if it is still held, else None."""
+        return self._versions.get(step)
 
     def info(self) -> dict:
         """The run, its checkpoint folder, the steps held, and when each held one completed (wall time)."""
