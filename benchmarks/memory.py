@@ -66,6 +66,7 @@ class _Rank:
         self.sync = parallel.make_grad_sync(self.model, layout, groups) if world > 1 else None
         self.norm = parallel.make_grad_norm(self.model, layout, groups) if world > 1 else None
         self.gen, self.rows, self.step = torch.Generator().manual_seed(rank), args.batch // world, 0
+        self.world = world
 
     def train(self) -> float:
         """One optimizer step on random tokens; its seconds."""
@@ -76,7 +77,7 @@ class _Rank:
         self.step += 1
         t0 = time.perf_counter()
         train_step(self.model, self.opt, [(x, x.roll(-1, 1))], lr=1e-3, grad_clip=1.0, grad_sync=self.sync,
-                   grad_norm_fn=self.norm)
+                   grad_norm_fn=self.norm, total_micro_batches=self.world)  # one micro-batch per rank
         return time.perf_counter() - t0
 
     def held(self) -> dict:

@@ -19,6 +19,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -407,6 +408,41 @@ def padding_passes(num_micro: int, world: int, rank: int) -> int:
     ceil(num_micro / world) passes per step (the most any rank has): the collectives inside a pass (the MoE
     all-to-alls, FSDP's gathers) need every rank of their group."""
     return -(-num_micro // world) - len(micro_batch_assignment(num_micro, world, rank))
+
+
+def rank_window_starts(starts_G: np.ndarray, micro_batch: int, world: int, rank: int) -> tuple[np.ndarray, int]:
+    """(window starts, padding passes) of rank ``rank``: the windows of its micro-batches of ``starts_G`` (whole
+    micro-batches of ``micro_batch`` windows, :func:`micro_batch_assignment`), then ``micro_batch`` windows for
+    each of its :func:`padding_passes`: a repeat of its first micro-batch (the first of all when it has none),
+    real text, so a padding pass loads the experts as a real one does."""
+    _check_nonneg_int("micro_batch", micro_batch, 1)
+    if len(starts_G) % micro_batch:
+        raise ValueError(f"micro_batch={micro_batch} must divide the {len(starts_G)} windows")
+    n_micro = len(starts_G) // micro_batch
+    mine = micro_batch_assignment(n_micro, world, rank)
+    padding = padding_passes(n_micro, world, rank)
+    first = mine.start if len(mine) else 0
+    pad = np.tile(starts_G[first * micro_batch:(first + 1) * micro_batch], padding)
+    return np.concatenate([starts_G[mine.start * micro_batch:mine.stop * micro_batch], pad]), padding
+
+
+class RankPasses(NamedTuple):
+    """A rank's passes of one step (:func:`rank_micro_batches`)."""
+
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (x_BT, y_BT) per pass: its micro-batches, then padding
+    first: int  # index in the global batch of its first micro-batch (router noise seeds)
+    padding: int  # padding passes at the end of ``batches``
+
+
+def rank_micro_batches(split_ds: TokenDataset, seed: int, step: int, rank: int, world: int, global_batch: int,
+                       micro_batch: int, block_size: int, device: str | torch.device = "cpu") -> RankPasses:
+    """Rank ``rank``'s passes of the global batch of ``step`` (:func:`rank_window_starts`): the training loop's
+    data for any world size."""
+    starts_G = global_batch_starts(seed, step, global_batch, split_ds.num_windows(block_size), split_ds.name)
+    rows, padding = rank_window_starts(starts_G, micro_batch, world, rank)
+    x, y = windows_from_starts(split_ds, rows, block_size, device)
+    first = micro_batch_assignment(global_batch // micro_batch, world, rank).start
+    return RankPasses(list(zip(x.split(micro_batch), y.split(micro_batch))), first, padding)
 
 
 def sample_batch(

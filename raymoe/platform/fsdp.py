@@ -6,13 +6,14 @@ The model stays single-device; :func:`apply_sharding` wraps it after it is built
 - ``cluster.expert_sharding: shard``: each MoE layer's ``GroupedExperts`` is one FSDP unit over the layer's
   expert-data-parallel (EDP) group, a 1-D mesh of the ranks that hold the same experts (sharded along the
   experts, or along the model dim when there are fewer local experts than ranks in the group). Its gradients are
-  reduce-scattered over that group and divided by the WORLD size, not the group size: the all-to-all backward
-  already summed the EP group's contributions (see :mod:`raymoe.platform.parallel`), so the factor is 1/W as in
-  the replicated path. A layer with EDP size 1 (EP = world) has nothing to shard over and stays whole.
+  reduce-scattered over that group as a SUM, not FSDP's default average: each rank's gradients are already
+  weighted by 1 / the global batch's micro-batches and the all-to-all backward already summed the EP group's
+  contributions (see :mod:`raymoe.platform.parallel`), as in the replicated path. A layer with EDP size 1
+  (EP = world) has nothing to shard over and stays whole.
 - ``cluster.dense_sharding: shard``: every transformer block is a unit over the whole world (its expert
   weights excluded: they are their own unit or stay whole), and the root holds the embeddings, the final norm
-  and the head (tied weights stay in one unit). FSDP's default average over the world is the 1/W of the
-  replicated path.
+  and the head (tied weights stay in one unit). Reduced as a sum over the world, as the replicated path (so a
+  world that does not divide the micro-batches, whose ranks run unequal shares, still gets the global mean).
 
 Everything FSDP does not manage (replicated dense or experts, expert-load counters) is still synchronised by
 :class:`raymoe.platform.parallel.GradSync`, which skips sharded (DTensor) parameters; the grad norm counts each
@@ -71,17 +72,25 @@ def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate"
             continue
         mesh = DeviceMesh.from_group(groups.edp[layout.ep_size(moe.layer_id)], device.type)
         fully_shard(moe.experts, mesh=mesh, shard_placement_fn=_expert_placement(edp))
-        moe.experts.set_gradient_divide_factor(float(W))  # 1/W, not 1/edp: see the module docstring
-        moe.experts.set_force_sum_reduction_for_comms(True)  # a sum, then * 1/W (gloo has no pre-scaled sum)
+        _sum_gradients(moe.experts)
         register_fsdp_forward_method(moe.experts, "forward_capacity")  # capacity mode calls it, not forward
         sharded_any = True
     if shard_dense:
         mesh = DeviceMesh.from_group(groups.world, device.type)
         for block in model.blocks:
             fully_shard(block, mesh=mesh, ignored_params=whole & set(block.parameters()))
+            _sum_gradients(block)
         fully_shard(model, mesh=mesh, ignored_params=whole)
+        _sum_gradients(model)
         sharded_any = True
     return sharded_any
+
+
+def _sum_gradients(module: FSDPModule) -> None:
+    """Reduce ``module``'s gradients as a plain sum over its mesh, not FSDP's average (see the module
+    docstring): divide factor 1 and sum-only collectives (gloo has no pre-scaled sum)."""
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)
 
 
 def _expert_placement(edp: int):

@@ -6,19 +6,26 @@ ranks holding the same experts (strided ranks) form an expert-data-parallel (EDP
 
 Equivalence with EP=1 data parallelism (the tests check it to 1e-5):
 
-- Gradients: rank q's loss is L_q (mean over its micro-batches); EP=1 data parallelism applies
-  (1/W) * sum_q dL_q/dθ. Dense grads: all-reduce (sum) over the world, times 1/W. Expert grads: the
+- Gradients: the step's loss is the mean over the N micro-batches of the global batch, however they are spread
+  over the ranks (``data.micro_batch_assignment``: counts differing by at most one). Each rank weights each of
+  its micro-batch losses by 1/N (``train_step(total_micro_batches=N)``), so the sum over the ranks is the
+  gradient of the mean. Dense grads: all-reduce (sum) over the world, no other factor. Expert grads: the
   all-to-all backward already delivers to the owner of expert e the contributions of every rank of its EP
-  group, sum_{q in EP} dL_q/dθ_e; the all-reduce over the EDP group (one rank per EP group) completes the sum
-  over all W ranks, so the factor is again 1/W (= 1 / (ep * edp)), not 1/edp.
+  group; the all-reduce (sum) over the EDP group (one rank per EP group) completes the sum over all W ranks,
+  again with no factor, whatever the EP size.
+- Lockstep: each pass (forward + backward) runs collectives on the EP groups (and FSDP's on its meshes), so
+  every rank runs the same number of passes, ceil(N / W); a rank with fewer micro-batches runs padding passes
+  of weight 0 (``train_step(padding=...)``) that add nothing to gradients, metrics or expert loads. Capacity
+  is per source rank and pass, so a peer's padding tokens never change which of a real micro-batch's tokens
+  are dropped.
 - Gradient norm: dense norm^2 + the norm^2 of every expert counted once (each EDP replica contributes 1/edp).
 - Expert-bias buffers (aux-loss-free balancing): ``update_expert_bias`` uses the loads accumulated since the
   last update; the gradient sync all-reduces those loads (``expert_load``, sum over the world) first, so every
   rank applies the same update as an EP=1 run seeing the whole global batch, and the biases stay identical.
 - Router noise (jitter, gumbel, RTS priorities) comes from torch's global RNG. :func:`seed_router_noise`
-  reseeds it per micro-batch with ``micro_batch_seed(seed, step, rank * micro_batches + i)``: the index of the
-  micro-batch in the global batch (``data.sample_batch`` gives rank r the contiguous rows r*B..), so a rank
-  of an EP=2 run, an EP=1 run and a world-1 run accumulating the same micro-batches draw the same numbers.
+  reseeds it per micro-batch with ``micro_batch_seed(seed, step, first + i)``: ``first`` is the index in the
+  global batch of the rank's first micro-batch (``data.micro_batch_assignment``), so a rank of an EP=2 run, an
+  EP=1 run, a world of 3 and a world-1 run accumulating the same micro-batches draw the same numbers.
 
 The exchange itself (flat all_to_all_single + re-sort, point-to-point segments, hierarchical two-phase) is
 :class:`raymoe.platform.moe.comm.AllToAllDispatcher`. Nothing here imports ray; the actors call these
@@ -312,14 +319,12 @@ def _buckets(params: list[nn.Parameter], cap_numel: int) -> list[list[nn.Paramet
 
 
 @torch.no_grad()
-def _all_reduce_grads(params: list[nn.Parameter], group, scale: float, cap_numel: int) -> None:
+def _all_reduce_grads(params: list[nn.Parameter], group, cap_numel: int) -> None:
     for bucket in _buckets(params, cap_numel):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
         flat = torch.cat([g.reshape(-1) for g in grads])
         if group is not None:
             dist.all_reduce(flat, group=group)
-        if scale != 1.0:
-            flat.mul_(scale)
         off = 0
         for p in bucket:
             n = p.numel()
@@ -333,9 +338,10 @@ def _all_reduce_grads(params: list[nn.Parameter], group, scale: float, cap_numel
 
 
 class GradSync:
-    """``train_step(grad_sync=...)``: dense grads averaged over the world, expert grads summed over the
-    layer's EDP group and scaled by 1/world (see the module docstring), expert loads summed over the world.
-    Parameters sharded by FSDP (:mod:`raymoe.platform.fsdp`) are reduced by FSDP with the same factors."""
+    """``train_step(grad_sync=...)``: dense grads summed over the world, expert grads summed over the layer's
+    EDP group (each rank's grads are already weighted by 1 / the global batch's micro-batches, see the module
+    docstring), expert loads summed over the world. Parameters sharded by FSDP (:mod:`raymoe.platform.fsdp`)
+    are reduced by FSDP the same way (a sum)."""
 
     def __init__(self, model: nn.Module, layout: ParallelLayout, groups: ProcessGroups,
                  bucket_cap_mb: float = 64.0, sync_expert_load: bool = True):
@@ -349,9 +355,9 @@ class GradSync:
         W = self.layout.world_size
         if W == 1:
             return
-        _all_reduce_grads(self.dense, self.groups.world, 1.0 / W, self.cap_numel)
+        _all_reduce_grads(self.dense, self.groups.world, self.cap_numel)
         for ep, params in self.expert_by_ep.items():
-            _all_reduce_grads(params, self.groups.edp[ep], 1.0 / W, self.cap_numel)
+            _all_reduce_grads(params, self.groups.edp[ep], self.cap_numel)
         if self.sync_expert_load:
             self._sync_loads()
 
@@ -427,25 +433,28 @@ class _NoiseSeeder:
 
 
 def seed_router_noise(seed: int, step: int, rank: int, *, model: nn.Module | None = None,
-                      micro_batches: int | None = None) -> None:
+                      micro_batches: int | None = None, first: int | None = None) -> None:
     """Seed the router noise of this rank for ``step`` (call before each ``train_step``).
 
     Without ``model``: seeds torch's RNG once with ``micro_batch_seed(seed, step, rank)``; EP=1 and EP=N runs
     of the same world then draw the same numbers on every rank. With ``model`` and ``micro_batches`` (this
-    rank's forwards per step): forward i of the step is seeded with
-    ``micro_batch_seed(seed, step, rank * micro_batches + i)``, the micro-batch's index in the global batch,
-    so the draws are also independent of the world size (world 1 accumulating the same micro-batches).
+    rank's micro-batches per step): forward i of the step is seeded with ``micro_batch_seed(seed, step,
+    first + i)``, ``first`` being the index in the global batch of this rank's first micro-batch
+    (``data.micro_batch_assignment(...).start``; default ``rank * micro_batches``, the even split), so the draws
+    are also independent of the world size (world 1 accumulating the same micro-batches). Padding passes
+    after the rank's micro-batches draw from later seeds; their draws change nothing.
     """
     if model is None:
         torch.manual_seed(micro_batch_seed(seed, step, rank))
         return
-    if micro_batches is None or micro_batches < 1:
-        raise ValueError(f"micro_batches={micro_batches!r}: must be an int >= 1 when model is given")
+    if micro_batches is None or micro_batches < 0:
+        raise ValueError(f"micro_batches={micro_batches!r}: must be an int >= 0 when model is given")
     seeder = getattr(model, "_raymoe_noise_seeder", None)
     if seeder is None:
         seeder = _NoiseSeeder(model)
         model._raymoe_noise_seeder = seeder
-    seeder.seed, seeder.step, seeder.first, seeder.count = seed, step, rank * micro_batches, 0
+    seeder.seed, seeder.step, seeder.count = seed, step, 0
+    seeder.first = rank * micro_batches if first is None else first
 
 
 # -- full (EP=1) state dicts -------------------------------------------------------------------------------

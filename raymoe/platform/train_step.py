@@ -75,56 +75,77 @@ class StepResult:
     l_aux: list[float] = field(default_factory=list)
 
 
-def _moe_summaries(stats_per_micro: list[list]) -> tuple[list[list[int]], list[float], list[float]]:
-    if not stats_per_micro or not stats_per_micro[0]:
+def _moe_summaries(stats_per_pass: list[list], real: int, total: int) -> tuple[list[list[int]], list[float], list[float]]:
+    """Per MoE layer: expert counts summed over the first ``real`` passes (the others are padding), and the
+    dropped fraction and l_aux summed over them divided by ``total`` (this rank's share of the step's mean)."""
+    if not stats_per_pass or not stats_per_pass[0]:
         return [], [], []
-    n_micro = len(stats_per_micro)
     counts, dropped, l_aux = [], [], []
-    for layer in range(len(stats_per_micro[0])):
-        per = [micro[layer] for micro in stats_per_micro]
-        counts.append([int(c) for c in sum(s.exp_counts.detach().cpu().long() for s in per).tolist()])
-        dropped.append(sum(float(s.dropped_fraction) for s in per) / n_micro)
-        l_aux.append(sum(float(s.l_aux.detach()) for s in per) / n_micro)
+    for layer in range(len(stats_per_pass[0])):
+        per = [micro[layer] for micro in stats_per_pass[:real]]
+        zero = torch.zeros_like(stats_per_pass[0][layer].exp_counts, device="cpu", dtype=torch.long)
+        counts.append([int(c) for c in sum((s.exp_counts.detach().cpu().long() for s in per), zero).tolist()])
+        dropped.append(sum(float(s.dropped_fraction) for s in per) / total)
+        l_aux.append(sum(float(s.l_aux.detach()) for s in per) / total)
     return counts, dropped, l_aux
+
+
+@contextlib.contextmanager
+def _keeping_expert_loads(model: torch.nn.Module, keep: bool):
+    """Inside (``keep``): what forwards add to the MoE layers' expert loads (aux-loss-free balancing) is undone
+    on exit, so padding passes leave the loads as the real micro-batches made them."""
+    moes = getattr(model, "moe_modules", lambda: [])() if keep else []
+    saved = [m.expert_load.clone() for m in moes]
+    try:
+        yield
+    finally:
+        for m, load in zip(moes, saved):
+            m.expert_load.copy_(load)
+
+
+@dataclass
+class _Sums:
+    loss: float = 0.0
+    ce: float = 0.0
+    aux: float = 0.0
+    tokens: int = 0
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Iterable[Batch], *,
                lr: float, grad_clip: float = 0.0, autocast_dtype: torch.dtype | None = None,
                kd: KDSettings | None = None,
                grad_sync: Callable[[torch.nn.Module], None] | None = None,
-               grad_norm_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> StepResult:
+               grad_norm_fn: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+               total_micro_batches: int | None = None, padding: int = 0) -> StepResult:
     """Run one optimizer step over ``micro_batches`` (their mean loss is the step's loss).
 
-    ``grad_sync`` is called after the backward passes and before clipping; distributed training passes a
-    function that all-reduces dense and expert gradients over the right groups, and ``grad_norm_fn`` for the
-    global gradient norm (each expert counted once although it lives on one shard).
+    Distributed (a world of ranks, each with its share of the global batch): ``total_micro_batches`` is the
+    number of micro-batches of the whole global batch; each micro-batch's loss is weighted by 1/total, so
+    ``grad_sync`` SUMS the ranks' gradients (dense over the world, expert grads over their expert-data-parallel
+    group, see :mod:`raymoe.platform.parallel`) into the mean over the global batch, however unevenly the
+    micro-batches are spread; the loss, aux loss, dropped fraction and l_aux of the result are this rank's
+    share of the step's mean (their sum over the ranks is the mean). Default: ``len(micro_batches)`` (a world
+    of one: the mean). The last ``padding`` entries of ``micro_batches`` are padding passes: run forward and
+    backward with weight 0 so that every rank runs the same number of passes (each MoE layer's all-to-alls and
+    FSDP's gathers need every rank of their group); they add nothing to the loss, gradients, metrics, expert
+    counts or expert loads. ``grad_norm_fn`` gives the global gradient norm (each expert counted once although
+    it lives on one shard); ``grad_sync`` is called after the backward passes and before clipping.
     """
     batches = list(micro_batches)
-    n = len(batches)
-    if n == 0:
-        raise ValueError("train_step needs at least one micro-batch")
+    real = len(batches) - padding
+    total = real if total_micro_batches is None else total_micro_batches
+    if not batches or padding < 0 or real < 0 or total < max(real, 1):
+        raise ValueError(f"train_step got {len(batches)} passes, padding={padding}, total_micro_batches="
+                         f"{total_micro_batches}: needs at least one pass, 0 <= padding <= passes and "
+                         f"this rank's micro-batches <= total_micro_batches >= 1")
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    device_type = next(model.parameters()).device.type
-    loss_sum = ce_sum = aux_sum = 0.0
-    tokens = 0
-    stats = []
-    for i, (x, y) in enumerate(batches):
-        gradient_sync(model, last=i == n - 1)  # FSDP: one reduction per step, as the replicated path
-        with autocast_context(device_type, autocast_dtype):
-            out = model(x, y)
-            loss, ce = out.loss, out.ce_loss
-            if kd is not None:
-                with torch.no_grad():
-                    teacher_logits = kd.teacher(x).logits
-                kd_total = kd_loss(out.logits, teacher_logits, y, beta=kd.beta, temperature=kd.temperature,
-                                   direction=kd.direction)
-                loss = loss - ce + kd_total
-        (loss / n).backward()
-        loss_sum += float(loss.detach())
-        ce_sum += float(ce.detach())
-        aux_sum += float(out.aux_loss.detach()) if torch.is_tensor(out.aux_loss) else float(out.aux_loss)
-        tokens += y.numel()
+    sums, stats = _Sums(), []
+    for i, batch in enumerate(batches):
+        gradient_sync(model, last=i == len(batches) - 1)  # FSDP: one reduction per step, as the replicated path
+        with _keeping_expert_loads(model, keep=i >= real):
+            out = _pass(model, batch, kd if i < real else None, autocast_dtype, total if i < real else None,
+                        sums if i < real else _Sums())
         stats.append(list(out.stats))
     if grad_sync is not None:
         grad_sync(model)
@@ -138,10 +159,31 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     optimizer.step()
     for moe in getattr(model, "moe_modules", lambda: [])():
         moe.update_expert_bias()
-    counts, dropped, l_aux = _moe_summaries(stats)
-    return StepResult(loss=loss_sum / n, ce_loss=ce_sum / n, aux_loss=aux_sum / n, grad_norm=grad_norm, lr=lr,
-                      tokens=tokens, kd_active=kd is not None, expert_counts=counts, dropped_fraction=dropped,
-                      l_aux=l_aux)
+    counts, dropped, l_aux = _moe_summaries(stats, real, total)
+    return StepResult(loss=sums.loss / total, ce_loss=sums.ce / total, aux_loss=sums.aux / total,
+                      grad_norm=grad_norm, lr=lr, tokens=sums.tokens, kd_active=kd is not None,
+                      expert_counts=counts, dropped_fraction=dropped, l_aux=l_aux)
+
+
+def _pass(model, batch: Batch, kd: KDSettings | None, autocast_dtype, divisor: int | None, sums: _Sums):
+    """One forward and backward of ``batch`` with its loss divided by ``divisor`` (None: a padding pass, weight
+    0, whose backward still runs every collective and adds exact zeros); adds the unweighted losses to ``sums``."""
+    x, y = batch
+    with autocast_context(next(model.parameters()).device.type, autocast_dtype):
+        out = model(x, y)
+        loss, ce = out.loss, out.ce_loss
+        if kd is not None:
+            with torch.no_grad():
+                teacher_logits = kd.teacher(x).logits
+            kd_total = kd_loss(out.logits, teacher_logits, y, beta=kd.beta, temperature=kd.temperature,
+                               direction=kd.direction)
+            loss = loss - ce + kd_total
+    (loss / divisor if divisor is not None else loss * 0.0).backward()
+    sums.loss += float(loss.detach())
+    sums.ce += float(ce.detach())
+    sums.aux += float(out.aux_loss.detach()) if torch.is_tensor(out.aux_loss) else float(out.aux_loss)
+    sums.tokens += y.numel()
+    return out
 
 
 def local_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -13,9 +13,12 @@ optional stop step) and the ranks stay in lockstep through their collectives. Wh
 - :class:`StepHooks` called before each step and each checkpoint write (fault injection in tests).
 
 Which windows a rank reads is a pure function of (seed, step, rank, world): the global batch of a step is the
-same for any world size, rank r takes the r-th contiguous slice, and the router noise of every micro-batch is
-seeded by its index in the global batch, so one rank accumulating all micro-batches and N ranks each running
-their slice give the same losses.
+same for any world size, its N micro-batches are spread over the ranks in contiguous runs whose counts differ
+by at most one (`data.micro_batch_assignment`; any world size, the ranks with fewer run weight-0 padding passes
+so every rank runs ceil(N / W) passes in lockstep), every micro-batch's loss is weighted by 1/N and the ranks'
+gradients and metrics are summed, and the router noise of every micro-batch is seeded by its index in the
+global batch, so one rank accumulating all micro-batches and W ranks each running their share give the same
+losses.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import torch.distributed as dist
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import fsdp, storage
-from raymoe.platform.data import (build_dataset, eval_window_starts, global_batch_starts, window_bytes,
-                                  windows_from_starts)
+from raymoe.platform.data import (build_dataset, eval_window_starts, rank_micro_batches, rank_window_starts,
+                                  window_bytes, windows_from_starts)
 from raymoe.platform.distill import KDSchedule
 from raymoe.platform.parallel import reset_comm_stats, seed_router_noise, total_comm_seconds
 from raymoe.platform.train_step import KDSettings, StepResult, autocast_context, lr_at, train_step
@@ -120,19 +123,23 @@ def load_teacher(cfg: RaymoeConfig, device: torch.device):
 # -- evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def window_loss_sums(model, split_ds, starts, *, block_size: int, micro_batch: int, device="cpu",
-                     autocast_dtype: torch.dtype | None = None) -> tuple[float, int]:
+                     autocast_dtype: torch.dtype | None = None, padding: int = 0) -> tuple[float, int]:
     """(summed cross-entropy, token count) over the windows at ``starts``, in forwards of ``micro_batch``
-    windows (each forward sees the capacity it sees in training)."""
+    windows (each forward sees the capacity it sees in training); the last ``padding`` forwards are padding
+    passes (``data.rank_window_starts``), run for the collectives inside them and not counted."""
     x, y = windows_from_starts(split_ds, np.asarray(starts, dtype=np.int64), block_size, device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for xb, yb in zip(x.split(micro_batch), y.split(micro_batch)):
+        forwards = list(zip(x.split(micro_batch), y.split(micro_batch)))
+        for i, (xb, yb) in enumerate(forwards):
             # DeepSpeed's eval routing may draw (top-2 second-expert sampling, top-1 RTS); validation does not,
             # so its loss is the same at every run and expert-parallel size
             with autocast_context(torch.device(device).type, autocast_dtype), model.deterministic_routing():
                 logits = model(xb).logits
+            if i >= len(forwards) - padding:
+                continue
             total += float(torch.nn.functional.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), yb.view(-1), reduction="sum"))
             count += yb.numel()
@@ -230,16 +237,15 @@ class Trainer:
         self.last_record: dict | None = None
 
     # -- one step ----------------------------------------------------------------------------------------
-    def micro_batches(self, step: int) -> list[Batch]:
-        """This rank's share of the global batch of ``step``, split into micro-batches (router noise seeded)."""
-        t, block, p = self.cfg.train, self.cfg.model.block_size, self.place
-        starts = global_batch_starts(self.cfg.run.seed, step, t.global_batch_size,
-                                     self.train_ds.num_windows(block), self.train_ds.name)
-        mine = np.array_split(starts, p.world)[p.rank]
-        x, y = windows_from_starts(self.train_ds, mine, block, self.device)
-        batches = list(zip(x.split(self.micro), y.split(self.micro)))
-        seed_router_noise(self.cfg.run.seed, step, p.rank, model=self.model, micro_batches=len(batches))
-        return batches
+    def micro_batches(self, step: int) -> tuple[list[Batch], int]:
+        """This rank's passes of ``step``: its micro-batches of the global batch (router noise seeded by their
+        indices in it), then its padding passes; returns (passes, padding passes). See the module docstring."""
+        t, p = self.cfg.train, self.place
+        passes = rank_micro_batches(self.train_ds, self.cfg.run.seed, step, p.rank, p.world, t.global_batch_size,
+                                    self.micro, self.cfg.model.block_size, self.device)
+        seed_router_noise(self.cfg.run.seed, step, p.rank, model=self.model,
+                          micro_batches=len(passes.batches) - passes.padding, first=passes.first)
+        return passes.batches, passes.padding
 
     def step(self, step: int) -> dict:
         """Run optimizer step ``step`` (0-based) on this rank; returns the step's record for the whole world."""
@@ -249,14 +255,16 @@ class Trainer:
             d = self.cfg.distill
             kd = KDSettings(self.teacher, d.beta, d.temperature, d.kl_direction)
         lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
-        batches = self.micro_batches(step)
+        batches, padding = self.micro_batches(step)
         if self.hooks is not None:
             self.hooks.before_step(step, self, len(batches))
         reset_comm_stats(self.model)
         t0 = time.perf_counter()
         res = train_step(self.model, self.optimizer, batches, lr=lr, grad_clip=t.grad_clip,
-                         autocast_dtype=self.dtype, kd=kd, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm_fn)
-        return self._reduce(step, res, t0, total_comm_seconds(self.model), self._target_bytes(batches))
+                         autocast_dtype=self.dtype, kd=kd, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm_fn,
+                         total_micro_batches=t.global_batch_size // self.micro, padding=padding)
+        return self._reduce(step, res, t0, total_comm_seconds(self.model),
+                            self._target_bytes(batches[:len(batches) - padding]))
 
     def _target_bytes(self, batches: list[Batch]) -> float:
         """UTF-8 bytes of this rank's target tokens (0 when the tokenizer is unknown: no bits per byte)."""
@@ -268,8 +276,11 @@ class Trainer:
     def _reduce(self, step: int, res: StepResult, t0: float, comm_s: dict[int, float],
                 num_bytes: float = 0.0) -> dict:
         """Sum this rank's results over the world (one all-reduce) and build the step's record; the stop
-        flag travels with it, so every rank agrees on where a requested stop happens. ``step_s`` is the
-        step's wall time on this rank from ``t0``, the reduction included."""
+        flag travels with it, so every rank agrees on where a requested stop happens. The means (loss, aux
+        loss, dropped fraction, l_aux) arrive as each rank's share (weighted by its micro-batches, see
+        ``train_step``), so their sum is the step's mean however unevenly the ranks split it; all-to-all
+        seconds are averaged over the ranks. ``step_s`` is the step's wall time on this rank from ``t0``, the
+        reduction included."""
         W = self.place.world
         counts = [c for layer in res.expert_counts for c in layer]
         vec = [res.loss, res.ce_loss, res.aux_loss, res.tokens, float(self.stop_requested), num_bytes, *counts,
@@ -280,10 +291,10 @@ class Trainer:
             vec = buf.tolist()
         step_s = time.perf_counter() - t0
         loss, ce, aux, tokens, stop, num_bytes = vec[:6]
-        rec = {"step": step + 1, "loss": loss / W, "ce_loss": ce / W, "aux_loss": aux / W, "lr": res.lr,
+        rec = {"step": step + 1, "loss": loss, "ce_loss": ce, "aux_loss": aux, "lr": res.lr,
                "grad_norm": res.grad_norm, "tokens": int(round(tokens)), "step_s": step_s,
                "tokens_per_s": tokens / step_s if step_s > 0 else 0.0, "kd": res.kd_active, "world": W}
-        if (bpb := bits_per_byte(ce / W * tokens, int(round(num_bytes)))) is not None:
+        if (bpb := bits_per_byte(ce * tokens, int(round(num_bytes)))) is not None:
             rec["bpb"] = bpb  # of the cross-entropy (the router's aux loss is not part of the text's code length)
         rest = vec[6:]
         if res.expert_counts:
@@ -293,8 +304,8 @@ class Trainer:
             for layer in res.expert_counts:
                 rec["expert_counts"].append([int(round(c)) for c in flat[i:i + len(layer)]])
                 i += len(layer)
-            rec["dropped_fraction"] = [v / W for v in rest[:n_layers]]
-            rec["l_aux"] = [v / W for v in rest[n_layers:2 * n_layers]]
+            rec["dropped_fraction"] = rest[:n_layers]
+            rec["l_aux"] = rest[n_layers:2 * n_layers]
             rest = rest[2 * n_layers:]
         if comm_s:
             rec["all_to_all_s"] = {str(k): v / W for k, v in zip(comm_s, rest)}
@@ -302,14 +313,15 @@ class Trainer:
         return rec
 
     def evaluate(self) -> dict[str, float]:
-        """Validation loss over the run's evaluation windows, split over the ranks (contiguous slices)."""
+        """Validation loss over the run's evaluation windows, split over the ranks as the training batches are
+        (whole micro-batches, counts differing by at most one, padding passes for the ranks with fewer)."""
         t, block, p = self.cfg.train, self.cfg.model.block_size, self.place
         starts = eval_window_starts(self.val_ds, block, t.global_batch_size, t.eval_batches)
         if self._eval_bytes is None:  # the same windows at every evaluation: their bytes once
             self._eval_bytes = window_bytes(self.val_ds, starts, block) or 0
-        total, count = window_loss_sums(self.model, self.val_ds, np.array_split(starts, p.world)[p.rank],
-                                        block_size=block, micro_batch=self.micro, device=self.device,
-                                        autocast_dtype=self.dtype)
+        mine, padding = rank_window_starts(starts, self.micro, p.world, p.rank)
+        total, count = window_loss_sums(self.model, self.val_ds, mine, block_size=block, micro_batch=self.micro,
+                                        device=self.device, autocast_dtype=self.dtype, padding=padding)
         if p.world > 1:
             buf = torch.tensor([total, count], dtype=torch.float64, device=self.device)
             dist.all_reduce(buf, group=p.group)

@@ -90,22 +90,23 @@ class _Run:
 
     def steps(self, start: int, stop: int) -> None:
         from raymoe.platform import parallel
-        from raymoe.platform.data import sample_batch
+        from raymoe.platform.data import rank_micro_batches
         from raymoe.platform.train_step import train_step
 
         t, world = self.t, self.world
-        n_micro = t["global_batch"] // world // t["micro_batch"]
         for step in range(start, stop):
-            x, y = sample_batch(self.train_ds, t["seed"], step, self.rank, world, t["global_batch"],
-                                self.cfg.block_size)
-            micro = list(zip(x.split(t["micro_batch"]), y.split(t["micro_batch"])))
-            parallel.seed_router_noise(t["seed"], step, self.rank, model=self.model, micro_batches=n_micro)
-            res = train_step(self.model, self.opt, micro, lr=t["lr"], grad_clip=t["grad_clip"],
-                             grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm)
-            loss = torch.tensor([res.loss], dtype=torch.float64)
+            # this rank's micro-batches (any world size: counts differing by at most one), then padding passes
+            batches, first, padding = rank_micro_batches(self.train_ds, t["seed"], step, self.rank, world,
+                                                         t["global_batch"], t["micro_batch"], self.cfg.block_size)
+            parallel.seed_router_noise(t["seed"], step, self.rank, model=self.model,
+                                       micro_batches=len(batches) - padding, first=first)
+            res = train_step(self.model, self.opt, batches, lr=t["lr"], grad_clip=t["grad_clip"],
+                             grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm,
+                             total_micro_batches=t["global_batch"] // t["micro_batch"], padding=padding)
+            loss = torch.tensor([res.loss], dtype=torch.float64)  # this rank's share of the step's mean
             if world > 1:
                 dist.all_reduce(loss)
-            self.losses.append(float(loss) / world)
+            self.losses.append(float(loss))
             self.norms.append(res.grad_norm)
             self.dropped.append(res.dropped_fraction)
 
@@ -146,7 +147,9 @@ def train(rank: int, world: int, job: dict) -> dict:
     params = list(run.model.parameters())
     held = {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
             "optim": local_bytes(v for st in run.opt.state.values() for v in st.values() if v.dim())}
-    eval_loss = run.eval_loss()  # a no_grad forward of the (maybe sharded) model; the state is gathered after it
+    # a no_grad forward of the (maybe sharded) model; the state is gathered after it. One forward of this
+    # rank's rows: equal sizes on every rank only where the world divides the global batch
+    eval_loss = run.eval_loss() if run.t["global_batch"] % world == 0 else None
     return {"routes": routes, "losses": run.losses, "grad_norms": run.norms, "state": run.full_state(),
             "comm_seconds": comm, "dropped_fraction": run.dropped, "init": run.init, "bytes": held,
             "eval_loss": eval_loss}
