@@ -205,3 +205,49 @@ def test_serve_follows_a_run_live(serve_url, ray_cluster, tmp_path):
         serve.delete("live")
     assert statuses and all(s == 200 for s in statuses), statuses
     assert steps == sorted(steps) and HOLD in steps and steps[-1] == 9
+
+
+@pytest.mark.slow
+def test_an_expert_parallel_replica_swaps_in_published_weights(ray_cluster, tmp_path):
+    """An EP=2 replica (LLMServer in this process, shards on the session's Ray) following a run live: each shard
+    loads the dense part and its own experts of the published version, and the replica then generates what the
+    published model generates."""
+    import ray
+
+    from raymoe.actors.weight_registry import start_registry
+    from raymoe.deployments.engine import Engine
+    from raymoe.deployments.engine_config import EngineConfig
+    from raymoe.deployments.protocol import SamplingParams
+    from raymoe.deployments.server import LLMServer
+
+    root = tmp_path / "eprun" / "checkpoints"
+    first = save_model(root, spicy_model(0), step=1)
+    newer = spicy_model(1)
+    registry = start_registry("eprun", str(root), newer.config.to_dict(), newer.config.experts_per_layer())
+    for rank, parts in enumerate(_published(newer)):  # what two training shards would put and register
+        assert ray.get(registry.register.remote(5, rank, 2, {n: ray.put(t) for n, t in parts.items()}),
+                       timeout=T) == (rank == 1)
+    server = LLMServer("raymoe.deployments.engine:Engine", {"ep_size": 2, "config": EngineConfig(max_batch_size=2)},
+                       str(first), observer=None)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+
+    async def scenario():
+        await server.reconfigure({"follow": str(root), "follow_live": True, "follow_interval_s": 0.1})
+        deadline = asyncio.get_running_loop().time() + T
+        while server.engine.step != 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return (await server.engine.generate("after", greedy)).token_ids
+
+    try:
+        tokens = asyncio.run(asyncio.wait_for(scenario(), T + 5))
+        info = server.engine.info()
+        assert info["step"] == 5 and info["checkpoint"] == "live:eprun@step_00000005"
+    finally:
+        server.shutdown(5)
+        ray.kill(registry)
+    reference = Engine(model=newer, config=EngineConfig(max_batch_size=1))
+    reference.start()
+    try:
+        assert tokens == reference.generate_sync("after", greedy, T).token_ids
+    finally:
+        reference.shutdown(5)
