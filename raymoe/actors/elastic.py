@@ -22,7 +22,6 @@ import ray
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import metrics as M
-from raymoe.platform.training import micro_batch_size
 
 from .shard_group import SHARD_FAILURES, ShardGroup
 
@@ -45,16 +44,19 @@ class Elastic:
         self._no_growth_until = 0.0  # after a growth that placed nobody, wait before trying again
 
     def choose_world(self, available: int) -> int:
-        """Largest world size <= ``available`` within [min_workers, max_workers] that splits the global batch
-        into whole micro-batches per shard (the global batch never changes)."""
+        """Largest world size <= ``available`` within [min_workers, max_workers]: the fewest shards left out.
+        Any size splits the global batch (each shard runs a contiguous run of the step's micro-batches, counts
+        differing by at most one, see ``raymoe.platform.data.micro_batch_assignment``) and finds an
+        expert-parallel size for every layer (an elastic run's ``cluster.ep_size`` falls back to auto); with
+        ``cluster.ranks_per_node`` set, the size is a multiple of it (its EP groups are made of whole nodes)."""
         c = self.cfg.cluster
-        per_step = self.cfg.train.global_batch_size // micro_batch_size(self.cfg)
+        per_node = c.ranks_per_node or 1
         for w in range(min(available, c.max_workers or c.num_workers), c.min_workers - 1, -1):
-            if per_step % w == 0:
+            if w % per_node == 0:
                 return w
-        raise RuntimeError(f"cannot continue with {available} shard(s): need between cluster.min_workers="
-                           f"{c.min_workers} and cluster.max_workers shards that divide the {per_step} "
-                           f"micro-batches of a step")
+        raise RuntimeError(f"cannot continue with {available} shard(s): need at least cluster.min_workers="
+                           f"{c.min_workers}" + (f", a multiple of cluster.ranks_per_node={per_node}" if per_node > 1
+                                                 else ""))
 
     def configure(self, shards: list, parts_ref=None, step: int = 0, ckpt_path: str | None = None,
                   during: str = "start") -> dict:
