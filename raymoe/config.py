@@ -506,13 +506,16 @@ class RaymoeConfig(_Section):
                              f"cluster.max_workers={top} must hold")
 
     def _check_distributed_batch(self) -> None:
+        """Any number of shards splits a step's micro-batches (counts differing by at most one); only the
+        default micro-batch, one per shard (global batch / num_workers), needs num_workers to divide the batch."""
         world, t = self.cluster.num_workers, self.train
-        micro = t.micro_batch_size or t.global_batch_size // world
-        if t.global_batch_size % (world * micro):
+        gb = t.global_batch_size
+        if t.micro_batch_size is None and gb % world:
+            allowed = [d for d in range(1, gb + 1) if gb % d == 0]
             raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} must be a multiple of cluster.num_workers={world} "
-                f"x train.micro_batch_size={micro} so every shard runs the same number of micro-batches"
-            )
+                f"train.micro_batch_size is unset (default: train.global_batch_size / cluster.num_workers) and "
+                f"cluster.num_workers={world} does not divide train.global_batch_size={gb}: set "
+                f"train.micro_batch_size to one of {allowed}, or num_workers to a divisor of {gb}")
 
 
 def moe_layer_ids(cfg: RaymoeConfig) -> list[int]:

@@ -100,3 +100,14 @@ def test_train_step_rejects_bad_counts(train_ds):
         train_step(model, opt, batches, lr=1e-2, total_micro_batches=1)
     with pytest.raises(ValueError, match="padding"):
         train_step(model, opt, batches, lr=1e-2, padding=3)
+
+
+def test_config_allows_any_world_and_names_the_field_when_the_default_micro_batch_cannot_split():
+    from raymoe.config import load_config
+
+    # 3 shards, 4 micro-batches of 2: fine (2, 1 and 1 per shard)
+    load_config(None, ["cluster.mode=ray", "cluster.num_workers=3", "train.global_batch_size=8",
+                       "train.micro_batch_size=2"])
+    with pytest.raises(ValueError, match=r"train.micro_batch_size is unset.*num_workers=3 does not divide "
+                                         r"train.global_batch_size=8.*one of \[1, 2, 4, 8\]"):
+        load_config(None, ["cluster.mode=ray", "cluster.num_workers=3", "train.global_batch_size=8"])
