@@ -50,6 +50,9 @@ SCENARIOS = {
     # of everything; in-memory copies every step restore it (0-2 lost steps); a checkpoint written sharded
     "remove_node_sharded": ["cluster.num_workers=2", "cluster.ep_size=1", "cluster.buddy_interval=1",
                             "cluster.dense_sharding=shard", "cluster.expert_sharding=shard", "checkpoint.interval=2"],
+    # 3 shards (EP auto: 1 at 3 shards, 2 at 2) and 3 micro-batches a step; one's node is removed: the 2 left run
+    # 2 and 1 micro-batches (the second a padding pass besides), in lockstep through the EP=2 all-to-alls
+    "remove_node_uneven": ["cluster.num_workers=3", "train.global_batch_size=6"],
     # the same loss without in-memory copies: the lost experts come back from the last checkpoint
     # (more steps: the removed node's shard may keep answering for a few steps before it is gone)
     "remove_node_checkpoint": ["cluster.num_workers=2", "cluster.ep_size=2", "cluster.buddy_interval=0",
@@ -156,7 +159,7 @@ def main(scenario: str, out: Path) -> dict:
             ray.get(coord.inject_fault.remote(1, "train_step", 3), timeout=30)
             ray.get(coord.inject_join_fault.remote(1), timeout=30)
         hold = {"grow_then_kill": 3, "remove_node": 3, "remove_node_family": 3, "remove_node_checkpoint": 3,
-                "remove_node_sharded": 3, "all_lost": 6}.get(scenario)
+                "remove_node_sharded": 3, "remove_node_uneven": 3, "all_lost": 6}.get(scenario)
         if hold is not None:
             # hold the run before a step and change the cluster while it waits: deterministic, not a race
             ray.get(coord.hold_before_step.remote(hold), timeout=30)
@@ -187,7 +190,8 @@ def main(scenario: str, out: Path) -> dict:
             for info in infos:
                 os.kill(info["pid"], signal.SIGKILL)
             ray.get(coord.release.remote(), timeout=30)
-        elif scenario in ("remove_node", "remove_node_family", "remove_node_checkpoint", "remove_node_sharded"):
+        elif scenario in ("remove_node", "remove_node_family", "remove_node_checkpoint", "remove_node_sharded",
+                          "remove_node_uneven"):
             victim = next(n for n in nodes if n.node_id == infos[1]["node_id"])
             cluster.remove_node(victim, allow_graceful=False)
             ray.get(coord.release.remote(), timeout=30)
