@@ -268,7 +268,9 @@ class TrainConfig(_Section):
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     global_batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (all workers together).")
     micro_batch_size: int | None = Field(
-        None, ge=1, description="Sequences per forward pass; default = global_batch_size (no accumulation)."
+        None, ge=1, description="Sequences per forward pass; default = global_batch_size / cluster.num_workers "
+        "(ray) or global_batch_size (local: no accumulation). Fixed for the run: any number of shards splits the "
+        "step's micro-batches, counts differing by at most one."
     )
     lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr: float = Field(3e-4, ge=0, description="Final learning rate of the cosine schedule.")
