@@ -111,3 +111,16 @@ def test_config_allows_any_world_and_names_the_field_when_the_default_micro_batc
     with pytest.raises(ValueError, match=r"train.micro_batch_size is unset.*num_workers=3 does not divide "
                                          r"train.global_batch_size=8.*one of \[1, 2, 4, 8\]"):
         load_config(None, ["cluster.mode=ray", "cluster.num_workers=3", "train.global_batch_size=8"])
+
+
+def test_elastic_keeps_the_largest_world_whether_or_not_it_divides_the_micro_batches():
+    from raymoe.actors.elastic import Elastic
+    from raymoe.config import load_config
+
+    base = ["cluster.mode=ray", "cluster.num_workers=16", "train.global_batch_size=16", "cluster.min_workers=2"]
+    elastic = Elastic(load_config(None, base), None, {}, None, None, None)
+    assert [elastic.choose_world(n) for n in (20, 16, 15, 7, 2)] == [16, 16, 15, 7, 2]  # losing 1 of 16 keeps 15
+    with pytest.raises(RuntimeError, match="cluster.min_workers=2"):
+        elastic.choose_world(1)
+    per_node = Elastic(load_config(None, base + ["cluster.ranks_per_node=4"]), None, {}, None, None, None)
+    assert per_node.choose_world(15) == 12  # EP groups of whole nodes
