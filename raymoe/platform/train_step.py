@@ -75,7 +75,8 @@ class StepResult:
     l_aux: list[float] = field(default_factory=list)
 
 
-def _moe_summaries(stats_per_pass: list[list], real: int, total: int) -> tuple[list[list[int]], list[float], list[float]]:
+def _moe_summaries(stats_per_pass: list[list], real: int,
+                   total: int) -> tuple[list[list[int]], list[float], list[float]]:
     """Per MoE layer: expert counts summed over the first ``real`` passes (the others are padding), and the
     dropped fraction and l_aux summed over them divided by ``total`` (this rank's share of the step's mean)."""
     if not stats_per_pass or not stats_per_pass[0]:
