@@ -354,13 +354,16 @@ def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, 
     only): Ray Serve's throughput-optimized mode, see :func:`direct_ingress_env`; the proxy still answers on
     ``port``. Shutdown: Serve stops routing new requests, drains each replica
     (``graceful_shutdown_wait_loop_s``), then calls `LLMServer.__del__`, whose engine shutdown lets running
-    generations finish.
+    generations finish. A local Ray gets `raymoe.deployments.proxy_errors.PROXY_ERRORS_ENV`, so the HTTP proxy
+    answers its own failures with OpenAI error bodies (on a cluster: set it on every node before ``ray start``).
     """
     import os
     import time
 
     import ray
     from ray import serve
+
+    from raymoe.deployments.proxy_errors import PROXY_ERRORS_ENV
 
     app = build_app(args)  # argument errors before anything starts
     if direct_ingress and (address != "local" or ray.is_initialized()):
@@ -370,6 +373,8 @@ def run_blocking(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, 
         os.environ.update(direct_ingress_env(port))
     if not ray.is_initialized():
         if address == "local":
+            for k, v in PROXY_ERRORS_ENV.items():  # the proxy's own failures as OpenAI errors (it reads this at start)
+                os.environ.setdefault(k, v)
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
         elif num_cpus is not None:
             raise ValueError(f"--num-cpus applies to a local Ray instance only, not to address={address!r}")

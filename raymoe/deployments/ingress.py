@@ -12,9 +12,11 @@ not implement...), 401 missing or wrong API key (with ``api_key_sha256`` set: ev
 needs ``Authorization: Bearer <key>``, compared in constant time; the key itself never reaches the replica),
 404 unknown model or route, 415 a body that is not declared ``application/json``, 429 overloaded (the engine
 queue is full, or more than ``max_queued_requests`` calls wait for LLMServer replicas: Serve's
-BackPressureError), 503 no healthy replica, a replica or expert-parallel shard that died, or shutting down,
-500 an engine failure of that request only. 429 and 503 carry ``Retry-After``. Messages never carry
-internals (exception text, pids, addresses): those go to the replica's log.
+BackPressureError), 503 no healthy replica, a replica or expert-parallel shard that died, shutting down, or
+the engine failed that request (retrying may succeed), 500 a bug in these routes. 429 and 503 carry
+``Retry-After``. Messages never carry internals (exception text, pids, addresses): those go to the replica's
+log. Failures the HTTP proxy answers itself (the replica holding the request died, no replica, the proxy's
+queue full) get the same bodies from `raymoe.deployments.proxy_errors`.
 """
 
 

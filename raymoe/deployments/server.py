@@ -12,7 +12,7 @@ Calls from the ingress carry one "job" (one choice): ``{"prompt": str | [ids]}``
 (a chat, rendered by the engine with the model's chat template), plus ``"params": {...}``, ``"param": "prompt" |
 "messages"`` and ``"echo"`` (the result then carries ``prompt_text``, the prompt as text). Results are plain
 dicts; failures are returned (not raised) as ``{"status": http_status, "error": {OpenAI error}}`` so the ingress
-can answer with the right code.
+can answer with the right code (`error_result`: a request the engine failed is a 503, as is a dead engine).
 
 Expert-parallel replicas (``ep_size`` > 1 in `raymoe.deployments.app.ServeArgs`): the engine's runner starts
 ``ep_size`` `InferenceShard` actors in the last bundles of this replica's placement group (the deployment's
@@ -55,9 +55,11 @@ def error_result(exc: BaseException) -> dict:
         return {"status": 429, **error_body(str(exc), "rate_limit_error", None, "rate_limit_exceeded")}
     if isinstance(exc, EngineShutdownError):  # our own messages: no internals
         return {"status": 503, **error_body(str(exc), "service_unavailable", None, "engine_unavailable")}
-    logger.exception("request failed in the engine", exc_info=exc)  # the details go to the log, not the client
-    return {"status": 500, **error_body("internal error (details in the server log)", "server_error", None,
-                                        "internal_error")}
+    # the engine failed this request (a failed step, an engine process that did not answer): a 503 the client
+    # may retry (Retry-After); the details go to the log, not the client
+    logger.exception("request failed in the engine", exc_info=exc)
+    return {"status": 503, **error_body("the engine failed to run this request; retry later (details in the "
+                                        "server log)", "service_unavailable", None, "engine_error")}
 
 
 def _resolved(path: Optional[str]) -> Optional[str]:

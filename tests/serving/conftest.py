@@ -4,9 +4,16 @@ Ray tests use the session's Ray (tests/conftest.py) and one Serve instance (127.
 deploys its apps under its own route prefix and deletes them afterwards; every wait is bounded.
 """
 
+import os
+
 import pytest
 
+from raymoe.deployments.proxy_errors import PROXY_ERRORS_ENV
 from serving_helpers import free_port, save_model, spicy_model
+
+# the session's Ray (tests/conftest.py) starts after collection: its Serve proxy answers its own failures with
+# OpenAI error bodies, as `raymoe serve` sets it up
+os.environ.update(PROXY_ERRORS_ENV)
 
 
 @pytest.fixture(scope="session")

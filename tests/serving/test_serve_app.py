@@ -183,7 +183,8 @@ def test_bad_input_is_a_4xx_with_openai_error(fake, path, body, status, param, c
 
 def test_request_failure_is_isolated(fake):
     bad = post(fake, "/v1/completions", {"prompt": "x<<fail>>", "max_tokens": 5})
-    assert_error(bad, 500, code="internal_error")
+    assert_error(bad, 503, code="engine_error")  # the engine failed it: a retry may succeed
+    assert bad.headers["Retry-After"] == "2" and "injected" not in bad.text  # no internals
     stream = post(fake, "/v1/completions", {"prompt": "x<<fail>>", "max_tokens": 5, "stream": True}, stream=True)
     assert "error" in sse_events(stream)[-1]  # headers were sent: the error is the last event
     assert post(fake, "/v1/completions", {"prompt": "ok", "max_tokens": 2}).json()["choices"][0]["text"] == "ok"
