@@ -518,6 +518,11 @@ class RaymoeConfig(_Section):
                 f"train.micro_batch_size is unset (default: train.global_batch_size / cluster.num_workers) and "
                 f"cluster.num_workers={world} does not divide train.global_batch_size={gb}: set "
                 f"train.micro_batch_size to one of {allowed}, or num_workers to a divisor of {gb}")
+        per_node = self.cluster.ranks_per_node
+        if per_node is not None and world % per_node:
+            raise ValueError(f"cluster.ranks_per_node={per_node} must divide cluster.num_workers={world} (EP groups "
+                             f"are made of whole nodes); allowed: {[d for d in range(1, world + 1) if world % d == 0]} "
+                             "or null (from the placement)")
 
 
 def moe_layer_ids(cfg: RaymoeConfig) -> list[int]:

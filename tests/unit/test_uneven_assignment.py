@@ -111,6 +111,9 @@ def test_config_allows_any_world_and_names_the_field_when_the_default_micro_batc
     with pytest.raises(ValueError, match=r"train.micro_batch_size is unset.*num_workers=3 does not divide "
                                          r"train.global_batch_size=8.*one of \[1, 2, 4, 8\]"):
         load_config(None, ["cluster.mode=ray", "cluster.num_workers=3", "train.global_batch_size=8"])
+    with pytest.raises(ValueError, match=r"cluster.ranks_per_node=2 must divide cluster.num_workers=3.*\[1, 3\]"):
+        load_config(None, ["cluster.mode=ray", "cluster.num_workers=3", "train.micro_batch_size=2",
+                           "cluster.ranks_per_node=2"])
 
 
 def test_elastic_keeps_the_largest_world_whether_or_not_it_divides_the_micro_batches():
