@@ -74,12 +74,14 @@ def main() -> None:
     from ray import serve
 
     from raymoe.deployments.app import build_app
+    from raymoe.deployments.proxy_errors import PROXY_ERRORS_ENV
 
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
         ckpt = make_checkpoint(tmp)
+        os.environ.update(PROXY_ERRORS_ENV)  # the proxy's own failures as OpenAI errors, as `raymoe serve` runs it
         ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})

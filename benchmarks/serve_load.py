@@ -193,12 +193,14 @@ def start_serve(ckpt: str, a) -> dict[str, str]:
     from ray import serve
 
     from raymoe.deployments.app import build_app, direct_ingress_env, direct_ingress_urls
+    from raymoe.deployments.proxy_errors import PROXY_ERRORS_ENV
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if a.ingress != "proxy":  # read by the Serve processes when they start: before ray.init
         os.environ.update(direct_ingress_env(port))
+    os.environ.update(PROXY_ERRORS_ENV)  # the proxy's own failures as OpenAI errors, as `raymoe serve` runs it
     # Ray starts workers at nice 15; the in-process baseline runs at the caller's priority, so on a shared
     # machine the comparison would measure priority, not Serve. Same priority for both: niceness 0.
     ray.init(address="local", num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False,
