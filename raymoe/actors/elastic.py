@@ -1,14 +1,16 @@
 """Membership changes: recover from lost shards, grow when resources appear.
 
 Recovery keeps the survivors' state instead of restarting from disk. Every survivor tells how far the world got
-(the last step whose record every rank holds); a survivor that already applied the next step's update undoes
-it. The state the new layout needs is exported by the survivors as checkpoint files in memory (any expert
+(the last step whose record a rank holds); a survivor that already applied the next step's update undoes it.
+The state the new layout needs is exported by the survivors as checkpoint files in memory (any expert
 placement loads them), the shards re-form a process group with expert-parallel sizes for the new world, and
 training resumes at that step with the same global batch (each shard runs more or fewer micro-batches).
-Experts with no live replica come from the in-memory copies (own + buddy, every ``cluster.buddy_interval``
-steps), else from the last checkpoint. With FSDP sharding (``cluster.dense_sharding`` / ``expert_sharding``:
-shard) a lost shard takes its part of the state with it, so recovery always uses the in-memory copies
-(``buddy_interval: 1``: 0-2 lost steps, usually 0 or 1) or the checkpoint.
+When no survivor holds a replica of a lost rank's part (its experts at EP = world, or its FSDP shards with
+``cluster.dense_sharding`` / ``expert_sharding``: shard), each rank's buddy (the next rank) holds a copy of that
+rank's shards, taken every ``cluster.buddy_interval`` steps right after the update: the survivors' own shards
+and the lost ranks' copies, all at one step, are put back together into the whole state
+(:func:`raymoe.platform.reshard.full_parts`). With ``buddy_interval: 1`` that loses no step unless a rank and
+its buddy are both lost; then, or without copies, the last checkpoint (the event says which ranks had none).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import ray
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import metrics as M
+from raymoe.platform.reshard import full_parts
 
 from .shard_group import SHARD_FAILURES, ShardGroup
 
@@ -117,21 +120,22 @@ class Elastic:
         if not alive:
             return self._restart_all(error, logged_step, t0), None
         states = g.gather([s.sync_state.remote() for s in alive])
-        step = min(st["last_synced"] for st in states) + 1  # the first step not done everywhere
+        # the first step whose record no survivor holds: a record that reached one rank needed every rank's
+        # part, sent after its update, so every survivor applied that step's update
+        step = max(st["last_synced"] for st in states) + 1
         record = next((st["record"] for st in states if st["record"] and st["record"]["step"] == step), None)
         self._recoveries_at[step] = self._recoveries_at.get(step, 0) + 1
         if not c.elastic or self._recoveries_at[step] > MAX_RECOVERIES_PER_STEP:
             raise error
         alive_sets = [g.expert_sets[g.shards.index(s)] for s in alive]
         g.gather([s.rollback.remote(step) for s in alive])
-        resume, source, parts_ref, path = step, "replicas", None, None
-        # FSDP-sharded state died with the lost shard: the survivors hold no complete copy, the snapshots do
+        resume, source, parts_ref, path, found = step, "replicas", None, None, {}
+        # an FSDP-sharded state died in part with the lost shard: no survivor holds a replica of its shards
         sharded = "shard" in (c.dense_sharding, c.expert_sharding)
         if not sharded and self._all_experts() <= set().union(*alive_sets):
             parts_ref = self._export_state(alive, alive_sets, step)
-        elif (snap := self._snapshot_parts(alive)) is not None:
-            (resume, parts), source = snap, "buddy"
-            parts_ref = ray.put(parts)
+        elif "parts" in (found := self._from_copies(alive, step)):
+            resume, source, parts_ref = found.pop("step"), "buddy", ray.put(found.pop("parts"))
         else:
             path = ckpt.latest_checkpoint(self.ckpt_dir)
             resume, source = (ckpt.read_manifest(path)["step"], "checkpoint") if path else (0, "scratch")
@@ -142,7 +146,7 @@ class Elastic:
         secs = time.monotonic() - t0
         self._event({"event": "recovery", "step": step, "resume_step": resume, "lost_steps": step - resume,
                      "lost_shards": lost_shards, "source": source, "world": g.world, "ep_sizes": g.ep_sizes,
-                     "seconds": secs, "error": type(error).__name__})
+                     "seconds": secs, "error": type(error).__name__, **found})
         self.metrics.inc(M.RECOVERIES_TOTAL)
         self.metrics.observe(M.RECOVERY_SECONDS, secs)
         self.metrics.inc(M.LOST_STEPS_TOTAL, step - resume)
@@ -178,17 +182,28 @@ class Elastic:
         print(f"membership: {event}", flush=True)
         self.on_event(event)
 
-    def _snapshot_parts(self, alive: list) -> tuple[int, dict] | None:
-        """The newest complete in-memory snapshot among the survivors' own and buddy copies, if any."""
-        by_step: dict[int, dict[str, bytes]] = {}
-        for snaps in self.group.gather([s.snapshots.remote() for s in alive]):
-            for step, parts in snaps.values():
-                by_step.setdefault(step, {}).update(parts)
-        needed = {ckpt.expert_file_name(lid, g) for lid, g in self._all_experts()} | {ckpt.DENSE}
-        for step in sorted(by_step, reverse=True):
-            if needed <= by_step[step].keys():
-                return step, by_step[step]
-        return None
+    def _from_copies(self, alive: list, step: int) -> dict:
+        """The lost world's state rebuilt from copies of its ranks' shards, all at one step: the survivors'
+        live shards (at ``step``, after the rollback) and their own copies, the lost ranks' copies at their
+        buddies. The newest step with a copy of every rank wins: {"step", "parts" (checkpoint files), "copies":
+        which ranks came from where}; without one, {"copies_missing": the ranks with no copy at ``step``}."""
+        g = self.group
+        held = g.gather([s.copies_held.remote() for s in alive])
+        by_step: dict[int, dict[int, tuple]] = {}  # step -> rank -> (kind, holder)
+        order = ("live", "own", "buddy")  # a rank's own state rather than a copy sent elsewhere
+        for s, cp in sorted(((s, cp) for s, copies in zip(alive, held) for cp in copies),
+                            key=lambda x: order.index(x[1]["kind"])):
+            by_step.setdefault(cp["step"], {}).setdefault(cp["rank"], (cp["kind"], s))
+        ranks = set(range(len(g.shards)))
+        for at in sorted((s for s in by_step if s <= step), reverse=True):
+            if ranks <= by_step[at].keys():
+                where = by_step[at]
+                copies = dict(zip(sorted(ranks), g.gather([where[r][1].copy_of.remote(where[r][0], r, at)
+                                                           for r in sorted(ranks)])))
+                kinds = {k: sorted(r for r in ranks if where[r][0] == k) for k in order}
+                return {"step": at, "parts": full_parts(copies, at),
+                        "copies": {"step": at, **{k: v for k, v in kinds.items() if v}}}
+        return {"copies_missing": sorted(ranks - by_step.get(step, {}).keys())}
 
     # -- growth -------------------------------------------------------------------------------------------
     def growth_target(self) -> int:

@@ -8,7 +8,7 @@ Rank 0 reports each step's record (summed over the world) to the coordinator wit
 it to commit each checkpoint once every rank wrote its part; the coordinator is off the per-step path.
 
 The actor is threaded: while ``run`` trains, the coordinator can still ask for a stop at the next step
-boundary, check health, and peers can hand over their in-memory copies (``keep_snapshot``).
+boundary, check health, and peers can hand over their in-memory copies of their shards (``keep_snapshot``).
 """
 
 from __future__ import annotations
@@ -56,9 +56,7 @@ class _ShardReporter:
 
     def step_done(self, step: int) -> None:
         s = self.shard
-        interval = s.cfg.cluster.buddy_interval
-        if interval and step % interval == 0:
-            s.keep_copies(step)
+        s.prune_copies(step)
         publish = s.cfg.cluster.publish_interval
         if publish and step % publish == 0:  # live weights for serving (raymoe.actors.weight_registry)
             place = s.trainer.place
@@ -86,7 +84,9 @@ class ExpertShard:
         self.publisher = Publisher(self.cfg.run.name)
         self._run_lock = threading.Lock()
         self._splits = self._teacher = None
-        self._snapshots: dict[str, tuple[int, dict[str, bytes]]] = {}
+        self.world_id: str | None = None  # the rendezvous address of the world this shard is part of
+        self._copies: list[dict] = []  # in-memory copies of shards (own and a peer's): see keep_copies
+        self._copied: tuple | None = None  # (world, step) of the last copy this shard handed over
 
     # -- placement / rendezvous ---------------------------------------------------------------------------
     def node_info(self) -> dict:
@@ -110,6 +110,7 @@ class ExpertShard:
         join_world(init_method, rank, world, backend=c.backend, device=device, timeout_s=c.collective_timeout_s)
         self.faults.after_join()
         self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
+        self.world_id = init_method
         model_config = gpt_config_from(self.cfg)
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)
         try:
@@ -124,6 +125,9 @@ class ExpertShard:
                   f"cluster.memory_per_worker_gb={c.memory_per_worker_gb:g}", flush=True)
         if parts:
             self.state.load_parts(parts, step, model_config.experts_per_layer())
+        self.state.started_at(step)
+        if c.buddy_interval:
+            self.state.after_update = self._after_update
         if self._splits is None:  # the data and the frozen teacher outlive a re-formed world
             self._splits = build_splits(self.cfg)
             self._teacher = load_teacher(self.cfg, device)
@@ -139,6 +143,7 @@ class ExpertShard:
         t = self.trainer
         with fsdp.gathered(t.model, t.optimizer, write_back=True):
             info = ckpt.load_checkpoint(path, t.model, t.optimizer, restore_rng=False)
+        self.state.started_at(int(info["step"]))
         return int(info["step"])
 
     # -- training -------------------------------------------------------------------------------------------
@@ -147,6 +152,8 @@ class ExpertShard:
         next step. Every rank of the world runs it at once."""
         with self._run_lock:
             try:
+                if self.cfg.cluster.buddy_interval and self._copied != (self.world_id, start):
+                    self.keep_copies(start)  # the state this world starts from (loaded, not yet copied)
                 return self.trainer.run(start, stop_at)
             finally:
                 self.trainer.stop_requested = False
@@ -176,27 +183,62 @@ class ExpertShard:
         """This shard's state as checkpoint files in memory (see ShardState.export_parts)."""
         return self.state.export_parts(step, dense, experts)
 
+    def _after_update(self, done: int) -> None:
+        if done % self.cfg.cluster.buddy_interval == 0:
+            self.keep_copies(done)
+
     def keep_copies(self, step: int) -> None:
-        """Keep this shard's state after ``step`` steps and hand a copy to the buddy (the next rank)."""
-        parts = self.state.export_parts(step, self.rank == 0)
-        self.keep_snapshot("own", step, parts)
+        """Copy this shard's state after ``step`` steps (its shards, :meth:`ShardState.shard_copy`) to the buddy
+        (the next rank), and keep one itself when copies are taken every few steps (every step, its live
+        state is that copy).
+
+        Taken right after the update, before the step's record goes round: a record that reached any rank
+        means every rank's copy of that step is at its buddy. So whatever step recovery resumes at (the
+        first one whose record no rank holds), a lost shard's copy at that step is at its buddy: the buddy
+        keeps the copies it received until its own record of that step went round (:meth:`prune_copies`)."""
+        c = self.cfg.cluster
+        copy = {**self.state.shard_copy(), "step": step, "rank": self.rank, "world_id": self.world_id}
+        if c.buddy_interval > 1:
+            self.keep_snapshot("own", copy)
         if self.buddy is not None:
-            ray.get(self.buddy.keep_snapshot.remote("buddy", step, parts),
-                    timeout=self.cfg.cluster.collective_timeout_s)
+            ray.get(self.buddy.keep_snapshot.remote("buddy", copy), timeout=c.collective_timeout_s)
+        self._copied = (self.world_id, step)
 
-    def keep_snapshot(self, kind: str, step: int, parts: dict[str, bytes]) -> int:
-        """Hold an in-memory copy: "own" (this shard's state) or "buddy" (a peer's), taken at ``step``.
+    def keep_snapshot(self, kind: str, copy: dict) -> int:
+        """Hold an in-memory copy of a shard: "own" (this shard's) or "buddy" (the previous rank's). Copies of
+        an earlier world are dropped (its ranks are numbered anew)."""
+        self._copies = [c for c in self._copies if c["world_id"] == copy["world_id"]
+                        and (c["kind"], c["step"]) != (kind, copy["step"])] + [{**copy, "kind": kind}]
+        return copy["step"]
 
-        The previous copy of each kind is kept too: a peer that dies after this shard took its own copy of
-        step n but before its buddy copy of step n arrived leaves only step n - interval complete everywhere."""
-        if kind in self._snapshots:
-            self._snapshots[f"{kind}_prev"] = self._snapshots[kind]
-        self._snapshots[kind] = (step, parts)
-        return step
+    def prune_copies(self, step: int) -> None:
+        """After ``step`` steps, every rank's record of them went round: of each kind, copies older than the
+        newest one taken at or before ``step`` are no longer needed."""
+        for kind in ("own", "buddy"):
+            steps = [c["step"] for c in self._copies if c["kind"] == kind and c["step"] <= step]
+            if steps:
+                self._copies = [c for c in self._copies if c["kind"] != kind or c["step"] >= max(steps)]
 
-    def snapshots(self) -> dict[str, tuple[int, dict[str, bytes]]]:
-        """The in-memory copies this shard holds (they outlive a re-formed world)."""
-        return self._snapshots
+    def copies_held(self) -> list[dict]:
+        """(kind, rank, step) of the copies this shard holds of the world it is part of (they outlive a failed
+        run), and of its live state ("live", after :meth:`rollback`)."""
+        held = [{"kind": c["kind"], "rank": c["rank"], "step": c["step"]} for c in self._copies
+                if c["world_id"] == self.world_id]
+        if self.state is not None and self.state.last_completed is not None:
+            held.append({"kind": "live", "rank": self.rank, "step": self.state.last_completed + 1})
+        return held
+
+    def copy_of(self, kind: str, rank: int, step: int) -> dict:
+        """The copy of ``rank``'s shard at ``step`` this shard holds ("live": its own state now)."""
+        if kind == "live":
+            assert self.state.last_completed + 1 == step, (self.state.last_completed, step)
+            return {**self.state.shard_copy(), "step": step, "rank": self.rank, "world_id": self.world_id}
+        return next(c for c in self._copies if (c["kind"], c["rank"], c["step"]) == (kind, rank, step))
+
+    def copies_bytes(self) -> int:
+        """Bytes of tensors in the copies this shard holds (tests and benchmarks measure them)."""
+        return sum(t.numel() * t.element_size() for c in self._copies for part in ("tensors", "opt")
+                   for t in c[part].values() if torch.is_tensor(t))
 
     def inject_fault(self, where: str, step: int) -> None:
         """Test hook: exit the process abruptly inside the step (mid all-to-all) or the checkpoint write."""

@@ -69,6 +69,7 @@ class ShardGroup:
         self.world = 0
         self.ep_sizes: dict[int, int] = {}
         self.expert_sets: list[set] = []
+        self.world_id: str | None = None  # the rendezvous address the world formed at (shards tag copies with it)
         self.pg = None
         self.extra_pgs: list = []
         self._slot_of: dict[str, tuple] = {}  # actor id -> (placement group, bundle index) it was placed in
@@ -230,6 +231,7 @@ class ShardGroup:
         port = ray.get(shards[0].free_port.remote(), timeout=c.start_timeout_s)
         init_method = f"tcp://{infos[0]['ip']}:{port}"
         self.shards, self.infos, self.world, self.ep_sizes = shards, infos, world, ep_sizes
+        self.world_id = init_method
         self._used_slots |= {self._slot_of.get(s._actor_id.hex()) for s in shards}
         buddies = [shards[(r + 1) % world] if c.buddy_interval and world > 1 else None for r in range(world)]
         started = self.gather([s.start.remote(init_method, r, world, ep_sizes, ranks_per_node, parts_ref, step,

@@ -6,9 +6,9 @@ a grown world, re-form with a new layout from what the old one exports.
 
 With FSDP sharding (``cluster.dense_sharding`` / ``expert_sharding``) the undo copy holds this rank's shards
 only (the model's state_dict and the optimizer's state are DTensors), and the exported files are gathered to
-full tensors first, which is collective: every rank of a live world exports at once (the in-memory copies at
-each step boundary, growth). A world that lost a rank has lost that rank's shards, so recovery then reads the
-in-memory copies or the checkpoint, never the survivors' live state (:mod:`raymoe.actors.elastic`).
+full tensors first, which is collective: every rank of a live world exports at once (growth). A world that lost a
+rank has lost that rank's shards, so recovery rebuilds the files from every rank's :meth:`ShardState.shard_copy`
+(the survivors' live ones and the lost rank's at its buddy; no communication, :mod:`raymoe.actors.elastic`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from __future__ import annotations
 import copy
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import fsdp
+from raymoe.platform.reshard import checkpoint_parts, local_shards
 
 
 def memory_limit(cfg) -> int | None:
@@ -41,10 +43,18 @@ class ShardState:
         self._undo: dict | None = None
         self._pending_step: int | None = None
         self._limit, self._rank, self._measured = memory_limit, rank, False
+        # called with the number of steps done right after each update, before the step's record goes round
+        # (the in-memory copies: see ExpertShard.keep_copies)
+        self.after_update: Callable[[int], None] | None = None
         self.check_memory()
         if keep_undo:  # a state copy per step, only needed to undo a step that failed on another shard
             optimizer.register_step_pre_hook(self._remember)
         optimizer.register_step_post_hook(self._applied)
+
+    def started_at(self, step: int) -> None:
+        """The state now is that after ``step`` steps (loaded, or built at step 0)."""
+        if self.keep_undo:
+            self.last_completed = step - 1
 
     def begin_step(self, step: int) -> None:
         self._pending_step = step
@@ -75,6 +85,8 @@ class ShardState:
             self.check_memory()
         if self.keep_undo:
             self.last_completed = self._pending_step
+        if self.after_update is not None and self._pending_step is not None:
+            self.after_update(self._pending_step + 1)
 
     def _live(self) -> dict:
         """This rank's local tensors of the model's state (tied entries once) and of the optimizer's state,
@@ -149,17 +161,14 @@ class ShardState:
 
     def export_parts(self, step: int, dense: bool, experts: list[tuple[int, int]] | None = None) -> dict[str, bytes]:
         """This shard's state as checkpoint files: the dense part if ``dense``, and the expert files of
-        ``experts`` ((layer, global id) pairs; None = all it holds)."""
-        with tempfile.TemporaryDirectory() as tmp, fsdp.gathered(self.model, self.optimizer):
-            path = ckpt.save_checkpoint(tmp, step, self.model, self.optimizer, write_dense=dense, rng=False,
-                                        write_manifest=False)
-            wanted = None if experts is None else {ckpt.expert_file_name(lid, g) for lid, g in experts}
-            parts = {}
-            for p in sorted(path.rglob("*")):
-                rel = p.relative_to(path).as_posix()
-                if p.is_file() and (wanted is None or not rel.startswith(ckpt.EXPERT_DIR + "/") or rel in wanted):
-                    parts[rel] = p.read_bytes()
-            return parts
+        ``experts`` ((layer, global id) pairs; None = all it holds). Collective when sharded (every rank)."""
+        with fsdp.gathered(self.model, self.optimizer):
+            return checkpoint_parts(self.model, self.optimizer, step, dense, experts)
+
+    def shard_copy(self) -> dict:
+        """A CPU copy of what this rank holds (its shards; see :func:`raymoe.platform.reshard.local_shards`):
+        no communication, its size is this rank's parameters, buffers and AdamW state."""
+        return local_shards(self.model, self.optimizer)
 
     def load_parts(self, parts: dict[str, bytes], step: int, experts_per_layer: dict[int, int]) -> None:
         """Load exported files (complete: every expert of every layer) into this shard's model and optimizer."""
