@@ -15,7 +15,8 @@ Engine settings: ``engine`` (`raymoe.deployments.engine_config.EngineConfig`, or
 Backpressure. The engine's queue (``engine.max_waiting``) answers 429 with an OpenAI body. Single
 layout: a replica takes ``ingress_max_ongoing_requests`` HTTP requests (keep it > max_batch_size +
 max_waiting so the engine queue answers first), the proxy queues ``ingress_max_queued_requests`` more and
-answers ``ingress_backpressure_status`` (plain text) beyond. Split layout: an LLMServer replica takes at most
+answers ``ingress_backpressure_status`` beyond (plain text; an OpenAI body with the proxy middleware of
+`raymoe.deployments.proxy_errors`, which `run_blocking` installs). Split layout: an LLMServer replica takes at most
 ``max_ongoing_requests`` calls (>= max_batch_size + max_waiting so the batch fills); beyond that up to
 ``max_queued_requests`` calls wait at each caller, and more are answered 429 by the ingress (OpenAI body);
 the ingress deployment has the ``ingress_*`` limits, past which the proxy answers as above.

@@ -8,7 +8,11 @@ being written has no manifest yet and is never seen; one that fails to load is l
 weights keep serving) until a newer one commits.
 
 The follower pins a step directory, never the run's root: every expert-parallel shard then reads the same step
-even if training commits another one meanwhile. This module imports neither Ray nor torch.
+even if training commits another one meanwhile.
+
+``--live`` (`LiveFollower`): on the training run's Ray cluster, also the weights the run publishes in memory
+(`raymoe.actors.weight_registry`); each poll serves the newest step of the two sources, never an older one.
+This module imports Ray only there, inside the call.
 """
 
 from __future__ import annotations
