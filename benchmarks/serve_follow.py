@@ -11,8 +11,8 @@ Printed, per app, measured in this run:
 
 - staleness: the training step (the run's last logged step) minus the served step (``/v1/models``), sampled
   every ``--sample`` seconds while training runs: mean and max;
-- time to swap: from the moment a step was committed (its manifest's mtime; the ckpt app) or published (the
-  registry's completion time; the live app, or its commit time for a step it took from a checkpoint) to the
+- time to swap: from the moment a step was in a source the app follows (committed: its manifest's mtime;
+  published: the registry's completion time; the live app follows both, so the earlier of the two) to the
   first sample at which the app serves it (so within ``--sample`` seconds): median
   and max over the steps the app served;
 - the steps served, and the client's answers by status (any non-200 is a failed request);
@@ -190,7 +190,9 @@ def main() -> None:
         t.join(60)
     assert "error" not in done, done
     committed = committed_at(run_dir / "checkpoints")
-    made_at = {"ckpt": committed, "live": {**committed, **published}}
+    # a step exists for an app from the first moment one of the sources it follows has it
+    made_at = {"ckpt": committed, "live": {s: min(t for t in (committed.get(s), published.get(s)) if t is not None)
+                                           for s in set(committed) | set(published)}}
     rows = [summarize(n, samples[n], {s: t for s, t in first_seen[n].items() if s > first_step},
                       made_at[n], statuses[n]) for n in urls]
     print(f"model d={args.d_model} layers={args.layers} experts={args.experts}, {args.workers} shards, "

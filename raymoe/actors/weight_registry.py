@@ -249,16 +249,23 @@ class Publisher:
     def publish(self, model, step: int, rank: int, world: int, dense: bool, experts: bool) -> None:
         """Put this rank's parts of ``model`` (the dense part if ``dense``, its experts if ``experts``) and
         register them under ``step`` (not waiting for the registry). Collective when the model is
-        FSDP-sharded."""
+        FSDP-sharded. Best effort: a failure to put or register is printed and training goes on (that step
+        is then never complete in the registry; consumers keep the previous version)."""
+        with fsdp.gathered(model):  # every rank, whatever happens after
+            dense_t, expert_t = model_parts(model)
+            tensors = {ckpt.DENSE: _cpu_copy(dense_t)} if dense else {}
+            if experts:
+                tensors.update({name: _cpu_copy(t) for name, t in expert_t.items()})
+        try:
+            self._register(step, rank, world, tensors)
+        except Exception as exc:  # noqa: BLE001 - serving fresh weights must never stop training
+            print(f"shard {rank}: publishing step {step} failed ({exc!r}); training goes on", flush=True)
+
+    def _register(self, step: int, rank: int, world: int, tensors: dict) -> None:
         import ray
 
-        with fsdp.gathered(model):
-            dense_t, expert_t = model_parts(model)
-            parts = {ckpt.DENSE: ray.put(_cpu_copy(dense_t))} if dense else {}
-            if experts:
-                parts.update({name: ray.put(_cpu_copy(t)) for name, t in expert_t.items()})
         if self._registry is None:
             self._registry = find_registry(self.run)
-        if self._registry is None:  # the coordinator started none (publish_interval was 0 there)
-            raise RuntimeError(f"cluster.publish_interval is set but run {self.run!r} has no weight registry")
-        self._registry.register.remote(step, rank, world, parts)
+        if self._registry is None:
+            raise RuntimeError(f"run {self.run!r} has no weight registry")
+        self._registry.register.remote(step, rank, world, {name: ray.put(t) for name, t in tensors.items()})
