@@ -224,7 +224,7 @@ class Elastic:
         if target <= g.world:
             return
         new = g.add(target - g.world)
-        if g.world + len(new) != target:  # fewer bundles than hoped: use only what keeps batches whole
+        if g.world + len(new) != target:  # fewer bundles than hoped: keep what choose_world allows
             keep = self.choose_world(g.world + len(new)) - g.world
             g.kill(new[keep:])
             new = new[:keep]
