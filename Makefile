@@ -21,7 +21,7 @@ train: install
 	$(BIN)/raymoe train --config cluster_configs/local_tiny.yaml
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
