@@ -173,7 +173,10 @@ def _swap_optimizer(optimizer, sharded: dict, full: dict) -> dict:
         group["params"] = [full.get(id(q), q) for q in group["params"]]
     kept = {k: optimizer.state.pop(p) for k, p in sharded.items() if p in optimizer.state}
     for k, st in kept.items():
-        optimizer.state[full[k]] = {s: v.full_tensor() if isinstance(v, DTensor) else v for s, v in st.items()}
+        # in one order on every rank (sorted names): each full_tensor is a collective, and a state loaded into
+        # a re-formed world may list its entries in another order than AdamW made them on a peer
+        optimizer.state[full[k]] = {s: st[s].full_tensor() if isinstance(st[s], DTensor) else st[s]
+                                    for s in sorted(st)}
     return kept
 
 
