@@ -104,7 +104,8 @@ TINY = ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_mod
         "train.micro_batch_size=2", "train.warmup_steps=1", "train.eval_interval=1000", "train.log_interval=1",
         "train.progress=false", "train.threads=1", "sample.max_new_tokens=0", "cluster.mode=ray",
         "cluster.num_workers=2", "cluster.ep_size=2", "cluster.cpus_per_worker=1", "cluster.collective_timeout_s=60",
-        "checkpoint.keep_last=10", "cluster.publish_interval=1", "checkpoint.interval=3", "train.steps=9"]
+        "checkpoint.keep_last=10", "cluster.publish_interval=1", "checkpoint.interval=3", "train.steps=9",
+        "cluster.dense_sharding=shard"]  # FSDP: the dense part is gathered to publish it (collective)
 HOLD = 7  # training stops before this step until the test releases it
 
 
@@ -125,7 +126,8 @@ def _card(url: str) -> dict:
 
 @pytest.mark.slow
 def test_serve_follows_a_run_live(serve_url, ray_cluster, tmp_path):
-    """Training (2 shards, EP=2, publishing every step, checkpoints every 3) and a Serve app (the default engine
+    """Training (2 shards, EP=2, dense part FSDP-sharded, publishing every step, checkpoints every 3) and a Serve
+    app (the default engine
     process) following it live on one Ray instance: the served step goes past the last checkpoint (published
     weights only), requests never fail, the served model generates what the published weights generate, and a
     published version holds the same tensors as the checkpoint of its step."""
