@@ -127,10 +127,9 @@ def _card(url: str) -> dict:
 @pytest.mark.slow
 def test_serve_follows_a_run_live(serve_url, ray_cluster, tmp_path):
     """Training (2 shards, EP=2, dense part FSDP-sharded, publishing every step, checkpoints every 3) and a Serve
-    app (the default engine
-    process) following it live on one Ray instance: the served step goes past the last checkpoint (published
-    weights only), requests never fail, the served model generates what the published weights generate, and a
-    published version holds the same tensors as the checkpoint of its step."""
+    app (the default engine process) following it live on one Ray instance: the served step goes past the last
+    checkpoint (published weights only), requests never fail, the served model generates what the published
+    weights generate, and a published version holds the same tensors as the checkpoint of its step."""
     import ray
     from ray import serve
 
