@@ -66,6 +66,12 @@ def test_follow_args(tmp_path):
     assert args.checkpoint == str(ckpt) and args.follow == str(tmp_path / "run" / "checkpoints")
     with pytest.raises(ValueError, match="follow_interval_s"):
         ServeArgs(follow=str(tmp_path / "run"), follow_interval_s=0)
+    assert ServeArgs(follow=str(tmp_path / "run"), follow_live=True).follow_live
+    with pytest.raises(ValueError, match="follow_live needs follow"):
+        ServeArgs(checkpoint=str(ckpt), follow_live=True)
+    save_model(tmp_path / "ckpts", spicy_model(0), step=1)  # a folder of checkpoints, not a run's: no run name
+    with pytest.raises(ValueError, match="training run's folder"):
+        ServeArgs(follow=str(tmp_path / "ckpts"), follow_live=True)
 
 
 TINY = ["model.block_size=32", "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.d_ff=64",
@@ -160,6 +166,11 @@ def test_cli_serve_follow_and_replication_flags(monkeypatch, tmp_path):
     assert (a.ep_size, a.ep_redundant_experts, a.ep_replan_interval_steps) == (2, 1, 8)
     assert app.engine_args_of(a)["ep_options"]["redundant_experts"] == 1
     assert main(["serve", "--follow", str(tmp_path / "nothing")]) == 2  # no committed checkpoint: one clear line
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve", "--follow", str(tmp_path / "run"), "--live", "--address", "auto"]) == 0
+    assert seen["args"].follow_live and app.llm_server_deployment(seen["args"]).user_config["follow_live"]
+    assert main(["serve", "--follow", str(tmp_path / "run"), "--live"]) == 2  # a new local Ray has no training
+    assert main(["serve", "--checkpoint", str(ckpt), "--live", "--address", "auto"]) == 2  # --live needs --follow
     assert main(["serve", "--checkpoint", str(ckpt), "--redundant-experts", "1"]) == 2  # needs --ep-size > 1
 
 
