@@ -2,9 +2,9 @@
 
 One local Ray instance trains a small MoE on Ray (``--workers`` shards, expert-parallel) that commits a
 checkpoint every ``--checkpoint-interval`` steps and publishes its weights every ``--publish-interval`` steps
-(``cluster.publish_interval``), and serves it with two Serve apps at once, both following the run with the same poll interval: ``ckpt`` (``follow``: the
-committed checkpoints) and ``live`` (``follow`` + ``follow_live``: whichever is newer of the checkpoints and
-the weights in the object store). One closed-loop client per app sends greedy completions throughout.
+(``cluster.publish_interval``), and serves it with two Serve apps at once, both following the run with the
+same poll interval: ``ckpt`` (``follow``: the committed checkpoints) and ``live`` (``follow`` +
+``follow_live``: whichever is newer of the checkpoints and the weights in the object store). One closed-loop client per app sends greedy completions throughout.
 Training holds after its first checkpoint until both apps serve it, then runs ``--steps`` steps.
 
 Printed, per app, measured in this run:
