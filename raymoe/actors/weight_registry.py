@@ -145,14 +145,17 @@ class WeightRegistry:
         self.run, self.checkpoints, self.config, self.keep = run, checkpoints, config, keep
         self.expected = {ckpt.DENSE} | {ckpt.expert_file_name(int(lid), g)
                                         for lid, n in experts_per_layer.items() for g in range(n)}
-        self._pending: dict[int, dict[int, dict]] = {}  # step -> rank -> parts
+        self._pending: dict[int, tuple[str, dict[int, dict]]] = {}  # step -> (world id, rank -> parts)
         self._versions: dict[int, LiveWeights] = {}  # complete versions, oldest first
-        self.published_at: dict[int, float] = {}  # step -> wall time it completed (benchmarks: time to swap)
+        self.published_at: dict[int, float] = {}  # held step -> wall time it completed (benchmarks)
 
-    def register(self, step: int, rank: int, world: int, parts: dict) -> bool:
+    def register(self, step: int, rank: int, world: int, parts: dict, world_id: str = "") -> bool:
         """Rank ``rank`` of ``world`` published its ``parts`` {name: ObjectRef} of ``step``; True once the step
-        is a complete version."""
-        ranks = self._pending.setdefault(step, {})
+        is a complete version. ``world_id`` names the world's formation: after a recovery re-formed it, the
+        parts an earlier world registered for that step are not mixed in."""
+        if self._pending.get(step, (world_id,))[0] != world_id:
+            del self._pending[step]
+        ranks = self._pending.setdefault(step, (world_id, {}))[1]
         ranks[rank] = parts
         if len(ranks) < world:
             return False
@@ -162,13 +165,21 @@ class WeightRegistry:
             print(f"weight registry {self.run}: step {step} is incomplete (missing "
                   f"{sorted(self.expected - merged.keys())[:4]}); dropped", flush=True)
             return False
+        # versions after this step come from before a recovery rolled training back: their weights were
+        # replaced (and their owners may be gone)
+        for stale in [s for s in self._versions if s >= step]:
+            self._drop(stale)
         self._versions[step] = LiveWeights(self.run, step, self.config, merged)
         self.published_at[step] = time.time()
         for old in sorted(self._versions)[:-self.keep]:
-            del self._versions[old]  # its refs go: the owners free the objects
+            self._drop(old)
         for old in [s for s in self._pending if s < step]:  # a world that re-formed never completes these
             del self._pending[old]
         return True
+
+    def _drop(self, step: int) -> None:
+        del self._versions[step]  # its refs go: the owners free the objects
+        del self.published_at[step]
 
     def latest(self, after: int = -1, checkpoints: Optional[str] = None) -> Optional[LiveWeights]:
         """The newest complete version if its step is > ``after``, else None; None as well when
@@ -185,7 +196,7 @@ class WeightRegistry:
     def info(self) -> dict:
         """The run, its checkpoint folder, the steps held, and when each held one completed (wall time)."""
         return {"run": self.run, "checkpoints": self.checkpoints, "steps": sorted(self._versions),
-                "published_at": {s: self.published_at[s] for s in self._versions}}
+                "published_at": dict(self.published_at)}
 
     def check_health(self) -> bool:
         return True
@@ -244,6 +255,7 @@ class Publisher:
 
     def __init__(self, run: str):
         self.run = run
+        self.world_id = ""  # the formation of the world this shard is in (set when it joins one)
         self._registry = None
 
     def publish(self, model, step: int, rank: int, world: int, dense: bool, experts: bool) -> None:
@@ -268,4 +280,5 @@ class Publisher:
             self._registry = find_registry(self.run)
         if self._registry is None:
             raise RuntimeError(f"run {self.run!r} has no weight registry")
-        self._registry.register.remote(step, rank, world, {name: ray.put(t) for name, t in tensors.items()})
+        self._registry.register.remote(step, rank, world, {name: ray.put(t) for name, t in tensors.items()},
+                                       self.world_id)

@@ -40,10 +40,17 @@ def test_registry_keeps_complete_versions_only():
     assert not reg.register(1, 0, 2, p0) and reg.latest() is None  # one rank of two: not a version yet
     assert reg.register(1, 1, 2, p1) and reg.latest().step == 1
     assert not reg.register(2, 0, 1, p0) and reg.latest().step == 1  # experts missing: never served
+    assert not reg.register(5, 1, 2, p1, world_id="tcp://a") and not reg.register(5, 0, 2, p0, world_id="tcp://b")
+    assert reg.latest().step == 1  # a re-formed world (another id) does not complete the old world's step
     for step in (3, 4):
         reg.register(step, 1, 2, p1)
         reg.register(step, 0, 2, p0)
     assert reg.info()["steps"] == [3, 4] and reg.version(1) is None  # the latest two are kept
+    reg.register(3, 0, 1, {**p0, **p1})  # training rolled back to step 2 and redid step 3: 4 is stale
+    assert reg.info()["steps"] == [3] and reg.latest().parts[DENSE] is p0[DENSE]
+    for step in (3, 4):
+        reg.register(step, 1, 2, p1)
+        reg.register(step, 0, 2, p0)
     assert reg.latest(after=4) is None and reg.latest(checkpoints="/runs/other/checkpoints") is None
     live = reg.latest(checkpoints="/runs/r/checkpoints")
     assert str(live) == "live:r@step_00000004"
