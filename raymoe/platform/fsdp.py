@@ -32,6 +32,7 @@ directly, outside any FSDP hook) and make sharded numerics differ from replicate
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterator
 
 import torch
@@ -70,13 +71,13 @@ def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate"
         if not (shard_experts and edp > 1):
             whole.update(moe.experts.parameters())
             continue
-        mesh = DeviceMesh.from_group(groups.edp[layout.ep_size(moe.layer_id)], device.type)
+        mesh = _mesh(groups.edp[layout.ep_size(moe.layer_id)], device)
         fully_shard(moe.experts, mesh=mesh, shard_placement_fn=_expert_placement(edp))
         _sum_gradients(moe.experts)
         register_fsdp_forward_method(moe.experts, "forward_capacity")  # capacity mode calls it, not forward
         sharded_any = True
     if shard_dense:
-        mesh = DeviceMesh.from_group(groups.world, device.type)
+        mesh = _mesh(groups.world, device)
         for block in model.blocks:
             fully_shard(block, mesh=mesh, ignored_params=whole & set(block.parameters()))
             _sum_gradients(block)
@@ -91,6 +92,16 @@ def _sum_gradients(module: FSDPModule) -> None:
     docstring): divide factor 1 and sum-only collectives (gloo has no pre-scaled sum)."""
     module.set_gradient_divide_factor(1.0)
     module.set_force_sum_reduction_for_comms(True)
+
+
+_meshes_made = itertools.count()
+
+
+def _mesh(group, device: torch.device) -> DeviceMesh:
+    """A 1-D mesh over ``group``, named apart from every mesh this process made before: meshes compare equal by
+    their ranks and names, and DTensor keeps plans (with the mesh, so this rank's coordinate in it) for equal
+    meshes, so a re-formed world's mesh over the same ranks would run on the old world's coordinates."""
+    return DeviceMesh.from_group(group, device.type, mesh_dim_names=(f"fsdp{next(_meshes_made)}",))
 
 
 def _expert_placement(edp: int):

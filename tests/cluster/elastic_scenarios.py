@@ -50,15 +50,14 @@ SCENARIOS = {
     # of everything; in-memory copies every step restore it (0-2 lost steps); a checkpoint written sharded
     "remove_node_sharded": ["cluster.num_workers=2", "cluster.ep_size=1", "cluster.buddy_interval=1",
                             "cluster.dense_sharding=shard", "cluster.expert_sharding=shard", "checkpoint.interval=2"],
-    # FSDP2 (dense and experts sharded, EP=1) over 3 shards (12 samples a step: worlds 2 and 3 split it): the
-    # last shard dies inside the checkpoint write of step 4, after the step's record went round and before anything
-    # of the next step; the survivors' shards and the dead shard's copy at its buddy (every step) are at step 4.
-    # Its replacement then joins in the bundle it left: the sharded world grows 2 -> 3 and runs step 5 (5 steps:
-    # KNOWN BUG, not fixed yet: a sharded world of 3 re-formed from exported state gives NaN losses from its second
-    # step on the Ray path, before this change too; the gloo tests of the same load do not)
-    "sharded_save_fault": ["cluster.num_workers=3", "cluster.ep_size=1", "cluster.buddy_interval=1",
-                           "cluster.dense_sharding=shard", "cluster.expert_sharding=shard", "checkpoint.interval=2",
-                           "train.global_batch_size=12", "train.steps=5"],
+    # FSDP2 (dense and experts sharded, EP=1) over 2 shards with room for 3 (12 samples a step: worlds 2 and 3 split
+    # it): a node joins while the run is held before step 3 (the sharded world grows 2 -> 3), then shard 1 dies
+    # inside the checkpoint write of step 4, after the step's record went round and before anything of the next
+    # step: the survivors' shards and the dead shard's copy at its buddy (every step) are at step 4. Its
+    # replacement then joins in the bundle it left (2 -> 3 again)
+    "sharded_grow_save_fault": ["cluster.num_workers=2", "cluster.max_workers=3", "cluster.ep_size=1",
+                                "cluster.buddy_interval=1", "cluster.dense_sharding=shard",
+                                "cluster.expert_sharding=shard", "checkpoint.interval=2", "train.global_batch_size=12"],
     # 3 shards (EP auto: 1 at 3 shards, 2 at 2) and 3 micro-batches a step; one's node is removed: the 2 left run
     # 2 and 1 micro-batches (the second a padding pass besides), in lockstep through the EP=2 all-to-alls
     "remove_node_uneven": ["cluster.num_workers=3", "train.global_batch_size=6"],
@@ -164,13 +163,13 @@ def main(scenario: str, out: Path) -> dict:
         infos = ray.get(coord.shard_info.remote(), timeout=30)
         if scenario == "save_fault":
             ray.get(coord.inject_fault.remote(1, "save", 4), timeout=30)
-        if scenario == "sharded_save_fault":
-            ray.get(coord.inject_fault.remote(2, "save", 4), timeout=30)
+        if scenario == "sharded_grow_save_fault":
+            ray.get(coord.inject_fault.remote(1, "save", 4), timeout=30)
         if scenario == "kill_replacement":
             ray.get(coord.inject_fault.remote(1, "train_step", 3), timeout=30)
             ray.get(coord.inject_join_fault.remote(1), timeout=30)
-        hold = {"grow_then_kill": 3, "remove_node": 3, "remove_node_family": 3, "remove_node_checkpoint": 3,
-                "remove_node_sharded": 3, "remove_node_uneven": 3, "all_lost": 6}.get(scenario)
+        hold = {"grow_then_kill": 3, "sharded_grow_save_fault": 3, "remove_node": 3, "remove_node_family": 3,
+                "remove_node_checkpoint": 3, "remove_node_sharded": 3, "remove_node_uneven": 3, "all_lost": 6}.get(scenario)
         if hold is not None:
             # hold the run before a step and change the cluster while it waits: deterministic, not a race
             ray.get(coord.hold_before_step.remote(hold), timeout=30)
@@ -185,6 +184,10 @@ def main(scenario: str, out: Path) -> dict:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the run did not reach step {hold}")
                 time.sleep(0.1)
+        if scenario == "sharded_grow_save_fault":
+            cluster.add_node(num_cpus=1)
+            cluster.wait_for_nodes()
+            ray.get(coord.release.remote(), timeout=30)
         if scenario == "grow_then_kill":
             cluster.add_node(num_cpus=1)
             cluster.wait_for_nodes()
