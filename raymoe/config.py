@@ -394,9 +394,10 @@ class ClusterConfig(_Section):
     min_workers: int = Field(1, ge=1, description="Elastic: fewest shards to continue with.")
     max_workers: int | None = Field(None, ge=1, description="Elastic: most shards to grow to (null = num_workers).")
     buddy_interval: int = Field(
-        0, ge=0, description="Elastic: every this many steps each shard's state is copied into its own and a "
-        "peer's memory (the latest two copies are kept), restoring experts that have no live replica (0 = off: "
-        "fall back to the last checkpoint).",
+        0, ge=0, description="Elastic: every this many steps, right after the update, each shard hands a copy of "
+        "what it holds (its FSDP shards, or its experts and dense replica) to its buddy, the next rank (and keeps "
+        "one itself when > 1); recovery rebuilds what no survivor holds from them: with 1 no step is lost unless a "
+        "shard and its buddy are lost together (0 = off: fall back to the last checkpoint).",
     )
     publish_interval: int = Field(
         0, ge=0, description="Every this many steps each shard puts its weights into Ray's object store, expert "
