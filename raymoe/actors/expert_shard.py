@@ -60,7 +60,8 @@ class _ShardReporter:
         publish = s.cfg.cluster.publish_interval
         if publish and step % publish == 0:  # live weights for serving (raymoe.actors.weight_registry)
             place = s.trainer.place
-            s.publisher.publish(s.trainer.model, step, s.rank, s.world, place.writes_dense, place.writes_experts)
+            s.publisher.publish(s.trainer.model, step, s.rank, s.world, place.writes_dense, place.writes_experts,
+                                s.world_id)
 
     def flush(self) -> None:
         if self._sent:
@@ -110,7 +111,6 @@ class ExpertShard:
         join_world(init_method, rank, world, backend=c.backend, device=device, timeout_s=c.collective_timeout_s)
         self.faults.after_join()
         self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
-        self.publisher.world_id = init_method  # a new address for every formation of the world
         self.world_id = init_method
         model_config = gpt_config_from(self.cfg)
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)

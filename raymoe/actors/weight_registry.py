@@ -255,12 +255,12 @@ class Publisher:
 
     def __init__(self, run: str):
         self.run = run
-        self.world_id = ""  # the formation of the world this shard is in (set when it joins one)
         self._registry = None
 
-    def publish(self, model, step: int, rank: int, world: int, dense: bool, experts: bool) -> None:
+    def publish(self, model, step: int, rank: int, world: int, dense: bool, experts: bool, world_id: str) -> None:
         """Put this rank's parts of ``model`` (the dense part if ``dense``, its experts if ``experts``) and
-        register them under ``step`` (not waiting for the registry). Collective when the model is
+        register them under ``step`` (not waiting for the registry); ``world_id`` names the formation of the
+        world (its rendezvous address: a new one after every re-formation). Collective when the model is
         FSDP-sharded. Best effort: a failure to put or register is printed and training goes on (that step
         is then never complete in the registry; consumers keep the previous version)."""
         with fsdp.gathered(model):  # every rank, whatever happens after
@@ -269,11 +269,11 @@ class Publisher:
             if experts:
                 tensors.update({name: _cpu_copy(t) for name, t in expert_t.items()})
         try:
-            self._register(step, rank, world, tensors)
+            self._register(step, rank, world, tensors, world_id)
         except Exception as exc:  # noqa: BLE001 - serving fresh weights must never stop training
             print(f"shard {rank}: publishing step {step} failed ({exc!r}); training goes on", flush=True)
 
-    def _register(self, step: int, rank: int, world: int, tensors: dict) -> None:
+    def _register(self, step: int, rank: int, world: int, tensors: dict, world_id: str) -> None:
         import ray
 
         if self._registry is None:
@@ -281,4 +281,4 @@ class Publisher:
         if self._registry is None:
             raise RuntimeError(f"run {self.run!r} has no weight registry")
         self._registry.register.remote(step, rank, world, {name: ray.put(t) for name, t in tensors.items()},
-                                       self.world_id)
+                                       world_id)
