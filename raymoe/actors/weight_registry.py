@@ -11,9 +11,10 @@ through the driver or the coordinator.
 
 The registry is a named actor, one per run (:func:`registry_name`, namespace :data:`NAMESPACE`), started by
 the coordinator and dying with it. A step becomes a version (`LiveWeights`) once every rank of the world
-registered it and the dense part and every expert of every layer are there: never a partial version. It
-keeps the latest :data:`KEEP` versions and drops the refs of older ones, so the store holds at most KEEP
-versions of the weights plus one being registered.
+registered it and the dense part and every expert of every layer are there: never a partial version, and
+never one mixed from two formations of the world (a recovery re-forms it). It keeps the latest :data:`KEEP`
+versions and drops the refs of older ones, so the store holds at most KEEP versions of the weights plus one
+being registered; a step completed again after a recovery rolled training back drops the newer versions.
 
 Owner semantics: an object belongs to the shard that put it and is lost when that shard dies (Ray does not
 reconstruct ``ray.put`` objects). A consumer that cannot fetch a version keeps what it serves and falls back
