@@ -16,8 +16,9 @@ never one mixed from two formations of the world (a recovery re-forms it). It ke
 versions and drops the refs of older ones, so the store holds at most KEEP versions of the weights plus one
 being registered; a step completed again after a recovery rolled training back drops the newer versions.
 
-Owner semantics: an object belongs to the shard that put it and is lost when that shard dies (Ray does not
-reconstruct ``ray.put`` objects). A consumer that cannot fetch a version keeps what it serves and falls back
+Owner semantics: an object belongs to the shard that put it and may be lost when that shard dies (Ray does not
+reconstruct ``ray.put`` objects; a copy still in the store of the consumer's node was readable in a trial on
+one node, Ray 2.60). A consumer that cannot fetch a version keeps what it serves and falls back
 to the previous version or to the run's checkpoints (`raymoe.deployments.follow.LiveFollower` does both).
 
 Consumers: `LiveWeights.load_into` fills a whole model or an expert-parallel shard (only its own experts are
