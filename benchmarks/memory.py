@@ -3,8 +3,11 @@
 For world 1, 2, 4 each rank builds the GPT-MoE with its experts (EP ``--ep``, capped at the world), applies
 the sharding, trains a few steps through ``train_step`` with the elastic per-step undo copy on
 (``raymoe.actors.shard_state.ShardState``), and reports what it holds: bytes of parameters, gradients and AdamW
-state, dense and expert parts apart, the undo copy, its RSS after the steps (as is, and live: after
-malloc_trim) and its peak RSS. Each (world, mode) runs in fresh processes, so RSS is that configuration's own.
+state, dense and expert parts apart, the undo copy, the copy of its shards its buddy keeps for elastic recovery
+(``ShardState.shard_copy``), its RSS after the steps (as is, and live: after malloc_trim) and its peak RSS
+(``ru_maxrss``). RSS includes the process's runtime (Python, torch, gloo: the baseline, measured after joining
+the process group and before building the model), which dominates for small models, so the peak is also
+printed less that baseline (after the steps, live, and at the peak). Each (world, mode) runs in fresh processes, so RSS is that configuration's own.
 Speed is measured apart, in one world holding both models, their steps alternating (both see the same load on
 a shared machine). Printed as ratios to world 1 (one process holds everything; the largest rank), with the
 issue's targets checked:
@@ -114,11 +117,15 @@ def _measure(rank: int, world: int, args, mode: str) -> dict:
     """Memory of one mode, alone in this process: bytes held after a few steps and the peak RSS. Mode "speed":
     both modes in this process, steps alternating between them, median step seconds of each."""
     if mode != "speed":
+        base = _rss()
         r = _Rank(rank, world, args, mode)
         for _ in range(args.warmup + 1):
             r.train()
-        return {**r.held(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss": _rss(),
-                "live_rss": _rss(trim=True)}
+        out = {**r.held(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss": _rss(),
+               "live_rss": _rss(trim=True), "base_rss": base}
+        copy = r.undo.shard_copy()  # after the peak was read: the copy lives at the buddy, not here
+        return {**out, "copy": sum(t.numel() * t.element_size() for part in ("tensors", "opt")
+                                   for t in copy[part].values() if torch.is_tensor(t))}
     ranks = {m: _Rank(rank, world, args, m) for m in ("replicate", "shard")}
     times: dict[str, list[float]] = {m: [] for m in ranks}
     for i in range(args.warmup + args.steps):
@@ -176,8 +183,8 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
     """The table (the largest rank, as ratios to world 1) and the targets, as printed lines."""
     base = results[(1, "replicate")][0]
     lines = [f"{'world':>5} {'EP':>3} {'mode':<10} {'dense/w1':>8} {'expert/w1':>9} {'params/w1':>9} "
-             f"{'grads/w1':>8} {'optim/w1':>8} {'undo/w1':>8} {'RSS/w1':>7} {'live/w1':>7} {'peak/w1':>7} "
-             f"{'tok/s sh/rep':>12}"]
+             f"{'grads/w1':>8} {'optim/w1':>8} {'undo/w1':>8} {'copy/w1':>8} {'RSS/w1':>7} {'live/w1':>7} "
+             f"{'peak/w1':>7} {'live-base/w1':>12} {'peak-base/w1':>12} {'tok/s sh/rep':>12}"]
     checks = []
     for world in worlds:
         e = min(ep, world)
@@ -195,17 +202,20 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
                 speed = max(r["replicate_step_s"] for r in sp) / max(r["shard_step_s"] for r in sp)
             cols = [ratio(lambda r, k=k: _bytes(r, kinds=(k,))) for k in KINDS]
             lines.append(f"{world:>5} {e:>3} {mode:<10} {dense:>8.3f} {expert:>9.3f} {cols[0]:>9.3f} {cols[1]:>8.3f} "
-                         f"{cols[2]:>8.3f} {ratio(lambda r: r['undo']):>8.3f} {ratio(lambda r: r['rss']):>7.2f} "
-                         f"{ratio(lambda r: r['live_rss']):>7.2f} {ratio(lambda r: r['peak_rss']):>7.2f} "
+                         f"{cols[2]:>8.3f} {ratio(lambda r: r['undo']):>8.3f} {ratio(lambda r: r['copy']):>8.3f} "
+                         f"{ratio(lambda r: r['rss']):>7.2f} {ratio(lambda r: r['live_rss']):>7.2f} "
+                         f"{ratio(lambda r: r['peak_rss']):>7.2f} {ratio(lambda r: r['live_rss'] - r['base_rss']):>12.2f} "
+                         f"{ratio(lambda r: r['peak_rss'] - r['base_rss']):>12.2f} "
                          f"{'' if speed is None else f'{speed:.2f}':>12}")
             if mode == "shard" and world > 1:
                 checks += _checks(world, e, dense, expert, rs, speed)
-    mb = {k: base[k] / 2**20 for k in ("rss", "live_rss", "peak_rss")}
+    mb = {k: base[k] / 2**20 for k in ("rss", "live_rss", "peak_rss", "base_rss", "copy")}
     state = {k: _bytes(base, kinds=(k,)) / 2**20 for k in KINDS}
     lines.append(f"world 1: parameters {state['params']:.1f} MiB, gradients {state['grads']:.1f} MiB, AdamW "
                  f"{state['optim']:.1f} MiB ({_bytes(base, ('expert',)) / _bytes(base):.0%} of it experts); RSS after "
                  f"the steps {mb['rss']:.0f} MiB, live (after malloc_trim) {mb['live_rss']:.0f} MiB, peak "
-                 f"{mb['peak_rss']:.0f} MiB (every rank builds the full model once at start, as build_rank does)")
+                 f"{mb['peak_rss']:.0f} MiB, baseline before the model {mb['base_rss']:.0f} MiB (every rank builds the "
+                 f"full model once at start, as build_rank does); the copy a buddy keeps {mb['copy']:.1f} MiB")
     return lines + [""] + checks
 
 
