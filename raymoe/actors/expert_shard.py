@@ -13,6 +13,7 @@ boundary, check health, and peers can hand over their in-memory copies of their 
 
 from __future__ import annotations
 
+import resource
 import threading
 
 import ray
@@ -116,14 +117,17 @@ class ExpertShard:
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)
         try:
             self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic,
-                                    memory_limit=memory_limit(self.cfg), rank=rank)
+                                    memory_limit=memory_limit(self.cfg), rank=rank,
+                                    copies=(c.buddy_interval > 0) + (c.buddy_interval > 1))  # the buddy's (+ own)
         except ValueError:  # over the memory limit: leave the world as a healthy shard, so the coordinator
             self.rank = -1  # reports this error instead of recovering from a lost shard
             leave_world()
             raise
         if c.memory_per_worker_gb is not None:  # it fits (the check passed): show by how much
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
             print(f"shard {rank}: training state {self.state.state_bytes() / 2**30:.3f} GiB of "
-                  f"cluster.memory_per_worker_gb={c.memory_per_worker_gb:g}", flush=True)
+                  f"cluster.memory_per_worker_gb={c.memory_per_worker_gb:g} (process peak RSS so far "
+                  f"{peak / 2**30:.3f} GiB: the runtime and building the model included)", flush=True)
         if parts:
             self.state.load_parts(parts, step, model_config.experts_per_layer())
         self.state.started_at(step)

@@ -35,10 +35,12 @@ def memory_limit(cfg) -> int | None:
 class ShardState:
     """Step undo and the in-memory checkpoint files of one shard's model and optimizer."""
 
-    def __init__(self, model, optimizer, *, keep_undo: bool, memory_limit: int | None = None, rank: int = 0):
+    def __init__(self, model, optimizer, *, keep_undo: bool, memory_limit: int | None = None, rank: int = 0,
+                 copies: int = 0):
         """``memory_limit``: bytes this rank's training state may take (checked now, projected, and after the
-        first optimizer step, measured; see :meth:`check_memory`)."""
-        self.model, self.optimizer, self.keep_undo = model, optimizer, keep_undo
+        first optimizer step, measured; see :meth:`check_memory`); ``copies``: how many copies of a shard (about
+        this rank's, see :meth:`shard_copy`) this rank holds between steps for elastic recovery."""
+        self.model, self.optimizer, self.keep_undo, self.copies = model, optimizer, keep_undo, copies
         self.last_completed: int | None = None  # the last step whose optimizer update this shard applied
         self._undo: dict | None = None
         self._pending_step: int | None = None
@@ -115,16 +117,17 @@ class ShardState:
 
     def state_bytes(self) -> int:
         """Bytes of this rank's training state at its peak: parameters and buffers, gradients (one per
-        parameter), AdamW state and the undo copy. Before the first step, what AdamW (two tensors per parameter)
-        and the undo copy will take."""
+        parameter), AdamW state, the undo copy and the shard copies it holds (each the size of its own share).
+        Before the first step, what AdamW (two tensors per parameter) and the copies will take."""
         params = list({id(p): p for p in self.model.parameters()}.values())
         param_ids = {id(p) for p in params}
         p_bytes = fsdp.local_bytes(params)
         buffers = fsdp.local_bytes(b for b in self.model.state_dict(keep_vars=True).values() if id(b) not in param_ids)
         adam = [v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
         adam_bytes = fsdp.local_bytes(adam) if adam else 2 * p_bytes
-        undo = p_bytes + buffers + adam_bytes if self.keep_undo else 0  # (the first step's copy has no AdamW)
-        return 2 * p_bytes + buffers + adam_bytes + undo
+        share = p_bytes + buffers + adam_bytes
+        undo = share if self.keep_undo else 0  # (the first step's copy has no AdamW)
+        return 2 * p_bytes + buffers + adam_bytes + undo + self.copies * share
 
     def check_memory(self) -> None:
         """Fail when this rank's training state (:meth:`state_bytes`) exceeds the memory limit, if one is set."""
@@ -134,9 +137,9 @@ class ShardState:
         if (need := self.state_bytes()) > limit:
             raise ValueError(
                 f"shard {self._rank}: training state {need / 2**30:.3f} GiB (parameters, gradients, AdamW state"
-                f"{', elastic undo copy' if self.keep_undo else ''}) exceeds cluster.memory_per_worker_gb="
-                f"{limit / 2**30:g}; shard it (cluster.dense_sharding=shard, cluster.expert_sharding=shard), "
-                "use more shards, or raise the limit")
+                f"{', elastic undo copy' if self.keep_undo else ''}{', shard copies' if self.copies else ''}) "
+                f"exceeds cluster.memory_per_worker_gb={limit / 2**30:g}; shard it (cluster.dense_sharding=shard, "
+                "cluster.expert_sharding=shard), use more shards, or raise the limit")
 
     def rollback(self, step: int) -> int | None:
         """Undo the update of ``step`` if this shard applied it (the step failed on another shard)."""
