@@ -6,8 +6,9 @@ the sharding, trains a few steps through ``train_step`` with the elastic per-ste
 state, dense and expert parts apart, the undo copy, the copy of its shards its buddy keeps for elastic recovery
 (``ShardState.shard_copy``), its RSS after the steps (as is, and live: after malloc_trim) and its peak RSS
 (``ru_maxrss``). RSS includes the process's runtime (Python, torch, gloo: the baseline, measured after joining
-the process group and before building the model), which dominates for small models, so the peak is also
-printed less that baseline (after the steps, live, and at the peak). Each (world, mode) runs in fresh processes, so RSS is that configuration's own.
+the process group and before building the model), which dominates for small models, so RSS is also printed less
+that baseline (after the steps, live, and at the peak). Each (world, mode) runs in fresh processes, so RSS is
+that configuration's own.
 Speed is measured apart, in one world holding both models, their steps alternating (both see the same load on
 a shared machine). Printed as ratios to world 1 (one process holds everything; the largest rank), with the
 issue's targets checked:
@@ -204,7 +205,8 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
             lines.append(f"{world:>5} {e:>3} {mode:<10} {dense:>8.3f} {expert:>9.3f} {cols[0]:>9.3f} {cols[1]:>8.3f} "
                          f"{cols[2]:>8.3f} {ratio(lambda r: r['undo']):>8.3f} {ratio(lambda r: r['copy']):>8.3f} "
                          f"{ratio(lambda r: r['rss']):>7.2f} {ratio(lambda r: r['live_rss']):>7.2f} "
-                         f"{ratio(lambda r: r['peak_rss']):>7.2f} {ratio(lambda r: r['live_rss'] - r['base_rss']):>12.2f} "
+                         f"{ratio(lambda r: r['peak_rss']):>7.2f} "
+                         f"{ratio(lambda r: r['live_rss'] - r['base_rss']):>12.2f} "
                          f"{ratio(lambda r: r['peak_rss'] - r['base_rss']):>12.2f} "
                          f"{'' if speed is None else f'{speed:.2f}':>12}")
             if mode == "shard" and world > 1:

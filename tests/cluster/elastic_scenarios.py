@@ -169,7 +169,8 @@ def main(scenario: str, out: Path) -> dict:
             ray.get(coord.inject_fault.remote(1, "train_step", 3), timeout=30)
             ray.get(coord.inject_join_fault.remote(1), timeout=30)
         hold = {"grow_then_kill": 3, "sharded_grow_save_fault": 3, "remove_node": 3, "remove_node_family": 3,
-                "remove_node_checkpoint": 3, "remove_node_sharded": 3, "remove_node_uneven": 3, "all_lost": 6}.get(scenario)
+                "remove_node_checkpoint": 3, "remove_node_sharded": 3, "remove_node_uneven": 3,
+                "all_lost": 6}.get(scenario)
         if hold is not None:
             # hold the run before a step and change the cluster while it waits: deterministic, not a race
             ray.get(coord.hold_before_step.remote(hold), timeout=30)
