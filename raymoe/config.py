@@ -353,8 +353,9 @@ class ClusterConfig(_Section):
     memory_per_worker_gb: float | None = Field(
         None, gt=0, description="Memory limit per shard in GiB (null = none): reserved as Ray's `memory` resource "
         "in each shard's bundle, and checked in the shard: its training state (parameters, gradients, AdamW state "
-        "and the elastic undo copy, this rank's shards only) must fit, or the run fails naming this setting. "
-        "Activations and the runtime (~350 MiB) are not counted.",
+        "the elastic undo copy and the shard copies held for cluster.buddy_interval, this rank's shards only) must "
+        "fit, or the run fails naming this setting. Activations, the runtime (~300 MiB) and the start-up peak "
+        "(every shard builds the whole model once) are not counted: benchmarks/memory.py prints RSS.",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend: auto = nccl with GPUs, gloo on CPU."
