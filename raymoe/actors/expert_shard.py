@@ -240,11 +240,6 @@ class ExpertShard:
             return {**self.state.shard_copy(), "step": step, "rank": self.rank, "world_id": self.world_id}
         return next(c for c in self._copies if (c["kind"], c["rank"], c["step"]) == (kind, rank, step))
 
-    def copies_bytes(self) -> int:
-        """Bytes of tensors in the copies this shard holds (tests and benchmarks measure them)."""
-        return sum(t.numel() * t.element_size() for c in self._copies for part in ("tensors", "opt")
-                   for t in c[part].values() if torch.is_tensor(t))
-
     def inject_fault(self, where: str, step: int) -> None:
         """Test hook: exit the process abruptly inside the step (mid all-to-all) or the checkpoint write."""
         self.faults.arm(where, step)

@@ -46,10 +46,6 @@ SCENARIOS = {
                            "model.mlp=swiglu", "moe.k=2", "moe.router=sigmoid_group", "moe.n_group=2",
                            "moe.topk_group=1", "moe.norm_topk_prob=true", "moe.shared_expert_ffn=16",
                            "moe.expert_bias=true", "moe.expert_bias_update_rate=0.01"],
-    # remove_node with FSDP2: dense and expert state sharded over both shards (EP=1), so the survivor holds half
-    # of everything; in-memory copies every step restore it (0-2 lost steps); a checkpoint written sharded
-    "remove_node_sharded": ["cluster.num_workers=2", "cluster.ep_size=1", "cluster.buddy_interval=1",
-                            "cluster.dense_sharding=shard", "cluster.expert_sharding=shard", "checkpoint.interval=2"],
     # FSDP2 (dense and experts sharded, EP=1) over 2 shards with room for 3 (12 samples a step: worlds 2 and 3 split
     # it): a node joins while the run is held before step 3 (the sharded world grows 2 -> 3), then shard 1 dies
     # inside the checkpoint write of step 4, after the step's record went round and before anything of the next
@@ -169,8 +165,7 @@ def main(scenario: str, out: Path) -> dict:
             ray.get(coord.inject_fault.remote(1, "train_step", 3), timeout=30)
             ray.get(coord.inject_join_fault.remote(1), timeout=30)
         hold = {"grow_then_kill": 3, "sharded_grow_save_fault": 3, "remove_node": 3, "remove_node_family": 3,
-                "remove_node_checkpoint": 3, "remove_node_sharded": 3, "remove_node_uneven": 3,
-                "all_lost": 6}.get(scenario)
+                "remove_node_checkpoint": 3, "remove_node_uneven": 3, "all_lost": 6}.get(scenario)
         if hold is not None:
             # hold the run before a step and change the cluster while it waits: deterministic, not a race
             ray.get(coord.hold_before_step.remote(hold), timeout=30)
@@ -205,8 +200,7 @@ def main(scenario: str, out: Path) -> dict:
             for info in infos:
                 os.kill(info["pid"], signal.SIGKILL)
             ray.get(coord.release.remote(), timeout=30)
-        elif scenario in ("remove_node", "remove_node_family", "remove_node_checkpoint", "remove_node_sharded",
-                          "remove_node_uneven"):
+        elif scenario in ("remove_node", "remove_node_family", "remove_node_checkpoint", "remove_node_uneven"):
             victim = next(n for n in nodes if n.node_id == infos[1]["node_id"])
             cluster.remove_node(victim, allow_graceful=False)
             ray.get(coord.release.remote(), timeout=30)
