@@ -88,6 +88,7 @@ class ExpertShard:
         self._splits = self._teacher = None
         self.world_id: str | None = None  # the rendezvous address of the world this shard is part of
         self._copies: list[dict] = []  # in-memory copies of shards (own and a peer's): see keep_copies
+        self._copies_lock = threading.Lock()  # a peer hands its copy over while this shard's loop prunes
         self._copied: tuple | None = None  # (world, step) of the last copy this shard handed over
 
     # -- placement / rendezvous ---------------------------------------------------------------------------
@@ -212,17 +213,19 @@ class ExpertShard:
     def keep_snapshot(self, kind: str, copy: dict) -> int:
         """Hold an in-memory copy of a shard: "own" (this shard's) or "buddy" (the previous rank's). Copies of
         an earlier world are dropped (its ranks are numbered anew)."""
-        self._copies = [c for c in self._copies if c["world_id"] == copy["world_id"]
-                        and (c["kind"], c["step"]) != (kind, copy["step"])] + [{**copy, "kind": kind}]
+        with self._copies_lock:
+            self._copies = [c for c in self._copies if c["world_id"] == copy["world_id"]
+                            and (c["kind"], c["step"]) != (kind, copy["step"])] + [{**copy, "kind": kind}]
         return copy["step"]
 
     def prune_copies(self, step: int) -> None:
         """After ``step`` steps, every rank's record of them went round: of each kind, copies older than the
         newest one taken at or before ``step`` are no longer needed."""
-        for kind in ("own", "buddy"):
-            steps = [c["step"] for c in self._copies if c["kind"] == kind and c["step"] <= step]
-            if steps:
-                self._copies = [c for c in self._copies if c["kind"] != kind or c["step"] >= max(steps)]
+        with self._copies_lock:
+            for kind in ("own", "buddy"):
+                steps = [c["step"] for c in self._copies if c["kind"] == kind and c["step"] <= step]
+                if steps:
+                    self._copies = [c for c in self._copies if c["kind"] != kind or c["step"] >= max(steps)]
 
     def copies_held(self) -> list[dict]:
         """(kind, rank, step) of the copies this shard holds of the world it is part of (they outlive a failed
