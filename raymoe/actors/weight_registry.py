@@ -53,7 +53,7 @@ def registry_name(run: str) -> str:
 def model_parts(model) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """(dense state entries, {expert file name: {entry: that expert's row}}) of ``model`` (whole or a shard);
     the same split and names as a checkpoint (`raymoe.platform.checkpoint`)."""
-    dense, containers = ckpt._split_state(model)
+    dense, containers = ckpt.split_state(model)
     experts = {ckpt.expert_file_name(lid, int(g)): {ln: t[i] for ln, t in entries.items()}
                for lid, (_, mod, entries) in containers.items() for i, g in enumerate(mod.global_expert_ids)}
     return dense, experts

@@ -82,7 +82,7 @@ def record_written(ckpt_dir, rank: int | None, written: dict[str, dict]) -> None
     storage.write_bytes(storage.location(ckpt_dir) / _written_file(rank), json.dumps(written, indent=1).encode())
 
 
-def _split_state(model: nn.Module):
+def split_state(model: nn.Module):
     """-> (dense state entries, {layer_id: (prefix, module, {local name: tensor})}) of model.state_dict()."""
     containers: dict[int, tuple[str, nn.Module, dict]] = {}
     for name, mod in model.named_modules():
@@ -181,7 +181,7 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
     ckpt = storage.location(root) / step_dir_name(step)
     storage.remove_file(ckpt / MANIFEST)
     written: dict[str, dict] = {}
-    dense, containers = _split_state(model)
+    dense, containers = split_state(model)
     dense_opt, expert_opt, groups = _optimizer_payload(model, optimizer, containers)
     if write_dense:
         stored, aliases, seen = {}, {}, {}
@@ -372,7 +372,7 @@ def load_checkpoint(path_or_root, model: nn.Module, optimizer: torch.optim.Optim
     """
     manifest = read_manifest(path_or_root)
     ckpt, files = manifest["path"], manifest["files"]
-    dense, containers = _split_state(model)
+    dense, containers = split_state(model)
     if dense and (DENSE in files or strict):
         tensors, meta = _read(manifest, DENSE)
         aliases = json.loads(meta.get("aliases", "{}")).items()
