@@ -49,8 +49,6 @@ class ShardState:
         # (the in-memory copies: see ExpertShard.keep_copies)
         self.after_update: Callable[[int], None] | None = None
         self.check_memory()
-        if keep_undo:  # a state copy per step, only needed to undo a step that failed on another shard
-            optimizer.register_step_pre_hook(self._remember)
         optimizer.register_step_post_hook(self._applied)
 
     def started_at(self, step: int) -> None:
@@ -59,9 +57,14 @@ class ShardState:
             self.last_completed = step - 1
 
     def begin_step(self, step: int) -> None:
+        """Step ``step`` is about to run: with ``keep_undo``, copy the state it will change (taken here, not
+        at the optimizer step: buffers the step moves outside the optimizer, such as the routers' expert bias
+        and load counts, must be copied as they were before the step's forwards)."""
         self._pending_step = step
+        if self.keep_undo:  # a state copy per step, only needed to undo a step that failed on another shard
+            self._remember()
 
-    def _remember(self, optimizer, args, kwargs) -> None:
+    def _remember(self) -> None:
         # Copied into buffers kept from the previous step, not a fresh clone + deepcopy of the whole state
         # every step (18-51 vs 9-16 ms a step for benchmarks/ep_scaling.py's model, one thread, loaded box).
         live = self._live()
@@ -73,7 +76,7 @@ class ShardState:
                 if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                     buf = torch.empty_like(t)
                 copies[k] = buf.copy_(t)
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         states = self._opt_states()
         present = {i for i, st in enumerate(states) if st is not None}  # AdamW creates its state at the first step
         others = {(i, name): copy.deepcopy(v) for i in present for name, v in states[i].items()
