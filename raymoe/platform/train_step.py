@@ -157,9 +157,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     grad_norm = float(norm)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    optimizer.step()
+    # the bias update reads only the step's expert loads, AdamW only the gradients: the order changes nothing, but
+    # done first, the step's whole state is there when the optimizer's step hooks run (elastic's shard copies)
     for moe in getattr(model, "moe_modules", lambda: [])():
         moe.update_expert_bias()
+    optimizer.step()
     counts, dropped, l_aux = _moe_summaries(stats, real, total)
     return StepResult(loss=sums.loss / total, ce_loss=sums.ce / total, aux_loss=sums.aux / total,
                       grad_norm=grad_norm, lr=lr, tokens=sums.tokens, kd_active=kd is not None,
