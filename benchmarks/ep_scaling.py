@@ -107,8 +107,8 @@ def ray_scaling(workers: list[int], steps: int, cache: str) -> dict:
 
 
 def undo_overhead(steps: int, cache: str) -> dict:
-    """Median step time with the elastic undo copy (the optimizer hooks every shard registers with
-    ``cluster.elastic``) / without, same model and data in this process with one thread, steps alternating."""
+    """Median step time with the elastic undo copy (taken by ``ShardState.begin_step`` in every shard of a world
+    of two or more with ``cluster.elastic``) / without, same model and data in this process with one thread, steps alternating."""
     from raymoe.actors.shard_state import ShardState
 
     torch.set_num_threads(1)
@@ -124,8 +124,8 @@ def undo_overhead(steps: int, cache: str) -> dict:
     for step in range(steps + 2):
         x, y = sample_batch(ds, seed=0, step=step, rank=0, world=1, global_batch=16, block_size=128)
         for name, (model, opt, state) in runs.items():
-            state.begin_step(step)
             t0 = time.perf_counter()
+            state.begin_step(step)  # the undo copy is taken here, before the step's forwards
             train_step(model, opt, [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)], lr=1e-3, grad_clip=1.0)
             if step >= 2:
                 times[name].append(time.perf_counter() - t0)
@@ -135,7 +135,8 @@ def undo_overhead(steps: int, cache: str) -> dict:
 
 def ray_overhead(steps: int, cache: str, repeats: int) -> list[dict]:
     """Tokens/s of the same run in this process (one thread) and on one ExpertShard (one thread), alternating
-    ``repeats`` times; Ray is running. Both read the step time the loop records (the undo copy is inside it)."""
+    ``repeats`` times; Ray is running. Both read the step time the loop records (a world of one shard takes no
+    undo copy)."""
     from raymoe.actors.launch import train_on_ray
     from raymoe.platform.host_memory import tune_malloc
     from raymoe.platform.trainer import LocalTrainer

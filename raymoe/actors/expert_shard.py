@@ -117,9 +117,11 @@ class ExpertShard:
         model_config = gpt_config_from(self.cfg)
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)
         try:
-            self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic,
+            # the undo copy serves survivors of a lost peer: a world of one has none (losing its shard restarts
+            # from the checkpoint), so it skips the copy's cost every step (a world that grows starts anew)
+            self.state = ShardState(parts_built.model, parts_built.optimizer, keep_undo=c.elastic and world > 1,
                                     memory_limit=memory_limit(self.cfg), rank=rank,
-                                    copies=(c.buddy_interval > 0) + (c.buddy_interval > 1))  # the buddy's (+ own)
+                                    copies=((c.buddy_interval > 0) + (c.buddy_interval > 1)) * (world > 1))
         except ValueError:  # over the memory limit: leave the world as a healthy shard, so the coordinator
             self.rank = -1  # reports this error instead of recovering from a lost shard
             leave_world()
