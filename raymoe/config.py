@@ -352,7 +352,7 @@ class ClusterConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per shard (1 on GPU clusters, 0 on CPU).")
     memory_per_worker_gb: float | None = Field(
         None, gt=0, description="Memory limit per shard in GiB (null = none): reserved as Ray's `memory` resource "
-        "in each shard's bundle, and checked in the shard: its training state (parameters, gradients, AdamW state "
+        "in each shard's bundle, and checked in the shard: its training state (parameters, gradients, AdamW state, "
         "the elastic undo copy and the shard copies held for cluster.buddy_interval, this rank's shards only) must "
         "fit, or the run fails naming this setting. Activations, the runtime (~300 MiB) and the start-up peak "
         "(every shard builds the whole model once) are not counted: benchmarks/memory.py prints RSS.",
