@@ -134,7 +134,7 @@ class ExpertShard:
         if parts:
             self.state.load_parts(parts, step, model_config.experts_per_layer())
         self.state.started_at(step)
-        if c.buddy_interval:
+        if c.buddy_interval and buddy is not None:  # a world of one has no buddy, and no survivor to help
             self.state.after_update = self._after_update
         if self._splits is None:  # the data and the frozen teacher outlive a re-formed world
             self._splits = build_splits(self.cfg)
@@ -160,7 +160,7 @@ class ExpertShard:
         next step. Every rank of the world runs it at once."""
         with self._run_lock:
             try:
-                if self.cfg.cluster.buddy_interval and self._copied != (self.world_id, start):
+                if self.state.after_update is not None and self._copied != (self.world_id, start):
                     self.keep_copies(start)  # the state this world starts from (loaded, not yet copied)
                 return self.trainer.run(start, stop_at)
             finally:
