@@ -256,10 +256,10 @@ class Trainer:
             kd = KDSettings(self.teacher, d.beta, d.temperature, d.kl_direction)
         lr = lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         batches, padding = self.micro_batches(step)
+        t0 = time.perf_counter()  # the step's time includes what the hooks do first (e.g. elastic's undo copy)
         if self.hooks is not None:
             self.hooks.before_step(step, self, len(batches))
         reset_comm_stats(self.model)
-        t0 = time.perf_counter()
         res = train_step(self.model, self.optimizer, batches, lr=lr, grad_clip=t.grad_clip,
                          autocast_dtype=self.dtype, kd=kd, grad_sync=self.grad_sync, grad_norm_fn=self.grad_norm_fn,
                          total_micro_batches=t.global_batch_size // self.micro, padding=padding)
