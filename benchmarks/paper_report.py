@@ -190,7 +190,7 @@ def setup_lines(size: dict, seeds: list[int], results: dict, meta: dict) -> list
         f"after the last step; curves use {s['eval_batches']} batches every {s['eval_interval']} steps on the "
         "first of those windows, a harder stretch of the text, so the curves end above the tables' values.",
         f"- Machine: {meta['machine']}; each run is one process"
-        + (f" with {'/'.join(map(str, threads))} thread(s)" if threads else "") + ". Other jobs shared the "
+        + (f" with {'/'.join(map(str, threads))} torch thread{'s' if threads != [1] else ''}" if threads else "") + ". Other jobs shared the "
         "cores" + (f" (1-minute load average {min(loads):.1f} to {max(loads):.1f} at the end of the {len(loads)} "
                    "runs that recorded it)" if loads else "") + ", so wall time is not comparable between runs: "
         "speed is compared in CPU time (training steps per CPU-second of the run's process, final validation "
@@ -291,6 +291,20 @@ def _fit_verdict(summary: dict, v: str, base: str) -> str:
     return f"{LABELS[v]} is not higher than {LABELS[base]} on validation on average ({va - va0:+.3f})."
 
 
+def _drop_verdict(vs_drop: S.Interval, vs_dense: S.Interval) -> str:
+    """What the dropless first half says about dropped tokens as the cause of its gap to the dense model."""
+    if vs_drop.hi < 0 and vs_dense.hi < 0:
+        return "Dropped tokens explain the gap: without them first-half MoE beats the dense model."
+    if vs_drop.hi < 0:
+        return "Dropped tokens explain part of the gap."
+    if vs_dense.lo > 0:
+        return ("Dropped tokens do not explain the gap: without them first-half MoE is still above the dense model. "
+                "What stays measured is its routing: its routers are less balanced than the second half's (table "
+                "below), so its experts train on less even shares of the tokens; whether that is the cause is not "
+                "tested here.")
+    return "Whether dropped tokens explain the gap is not decided at this many seeds."
+
+
 def first_half_lines(results: dict, seeds: list[int], summary: dict) -> list[str]:
     """Why first-half MoE trails the dense model: training vs validation loss, dropped tokens, dropless."""
     pair = lambda v, b: paired(results, seeds, v, b)  # noqa: E731
@@ -304,9 +318,10 @@ def first_half_lines(results: dict, seeds: list[int], summary: dict) -> list[str
         lines.append("- Training bits/byte over the last 10% of steps (on the batches trained) against validation "
                      "(mean over seeds): " + "; ".join(fits) + ". " + _fit_verdict(summary, "first_half", "dense"))
     if "first_half_dropless" in summary:
+        vs_drop, vs_dense = pair("first_half_dropless", "first_half"), pair("first_half_dropless", "dense")
         lines.append("- The same first-half model without dropping tokens (dropless: capacity set by the busiest "
-                     f"expert): against First-half MoE {_direction(pair('first_half_dropless', 'first_half'), 'lower', 'higher')}; "
-                     f"against Dense {_direction(pair('first_half_dropless', 'dense'), 'lower', 'higher')}.")
+                     f"expert): against First-half MoE {_direction(vs_drop, 'lower', 'higher')}; "
+                     f"against Dense {_direction(vs_dense, 'lower', 'higher')}. " + _drop_verdict(vs_drop, vs_dense))
     lines += ["", "Routing over the second half of training (mean over seeds), per MoE layer: the fraction of "
               "token-choices dropped at capacity (they skip the expert and keep only the residual stream) and the "
               "busiest expert's load / the mean load.", "",
