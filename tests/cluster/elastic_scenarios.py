@@ -55,8 +55,10 @@ SCENARIOS = {
                                 "cluster.buddy_interval=1", "cluster.dense_sharding=shard",
                                 "cluster.expert_sharding=shard", "checkpoint.interval=2", "train.global_batch_size=12"],
     # 3 shards (EP auto: 1 at 3 shards, 2 at 2) and 3 micro-batches a step; one's node is removed: the 2 left run
-    # 2 and 1 micro-batches (the second a padding pass besides), in lockstep through the EP=2 all-to-alls
-    "remove_node_uneven": ["cluster.num_workers=3", "train.global_batch_size=6"],
+    # 2 and 1 micro-batches (the second a padding pass besides), in lockstep through the EP=2 all-to-alls (more
+    # steps: the removed node's shard may keep answering for a few steps before it is gone, and at EP=1 nothing
+    # waits for its all-to-alls)
+    "remove_node_uneven": ["cluster.num_workers=3", "train.global_batch_size=6", "train.steps=24"],
     # the same loss without in-memory copies: the lost experts come back from the last checkpoint
     # (more steps: the removed node's shard may keep answering for a few steps before it is gone)
     "remove_node_checkpoint": ["cluster.num_workers=2", "cluster.ep_size=2", "cluster.buddy_interval=0",
@@ -203,6 +205,7 @@ def main(scenario: str, out: Path) -> dict:
         elif scenario in ("remove_node", "remove_node_family", "remove_node_checkpoint", "remove_node_uneven"):
             victim = next(n for n in nodes if n.node_id == infos[1]["node_id"])
             cluster.remove_node(victim, allow_graceful=False)
+            _wait_gone(infos[1]["pid"])  # else a loaded machine may finish the run before the shard is gone
             ray.get(coord.release.remote(), timeout=30)
         summary = ray.get(run, timeout=300)
         ray.get(coord.shutdown.remote(), timeout=60)
@@ -210,6 +213,19 @@ def main(scenario: str, out: Path) -> dict:
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _wait_gone(pid: int, timeout_s: float = 60.0) -> None:
+    """Wait until the process ``pid`` (a shard on a removed node) has exited."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the removed node's shard (pid {pid}) still runs after {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def _finish(result: dict, summary: dict, run_dir: Path, out: Path) -> dict:
