@@ -240,7 +240,7 @@ def _line(r: dict) -> str:
 def train_everything(args, size: dict, seeds: list[int], mode: str) -> tuple[dict, dict]:
     """Train all runs (in a temp folder unless --runs-dir); returns the results and the run's metadata."""
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="paper_runs_"))
-    t0, load_start = time.perf_counter(), os.getloadavg()[0]
+    t0 = time.perf_counter()
     print(f"training {len(seeds) * (len(LABELS) - 1) + 1} runs ({size['steps']} steps each) under {runs_dir}",
           flush=True)
     try:
@@ -250,9 +250,11 @@ def train_everything(args, size: dict, seeds: list[int], mode: str) -> tuple[dic
         if not args.runs_dir:
             shutil.rmtree(runs_dir, ignore_errors=True)
     first = results[("moe", seeds[0])]
-    meta = {"mode": mode, "date": time.strftime("%Y-%m-%d"), "jobs": args.jobs,
+    # how busy the machine was and with how many threads is recorded per run (runs may come from earlier
+    # invocations with another --jobs)
+    meta = {"mode": mode, "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
-            "load_start": load_start, "load_end": os.getloadavg()[0], "wall_s": time.perf_counter() - t0,
+            "wall_s": time.perf_counter() - t0,
             "val_tokens": first["val_tokens"], "val_bytes": first["val_bytes"], "train_tokens": train_tokens}
     return results, meta
 

@@ -165,13 +165,19 @@ def _interval_cell(r: dict) -> str:
     return f"{r['mean']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]"
 
 
+def passes_over_split(size: dict, meta: dict) -> float | None:
+    """How many times one run reads the training split (None when its length was not recorded)."""
+    return size["steps"] * size["batch"] * size["block"] / meta["train_tokens"] if meta.get("train_tokens") else None
+
+
 def setup_lines(size: dict, seeds: list[int], results: dict, meta: dict) -> list[str]:
     s = size
     tokens = s["steps"] * s["batch"] * s["block"]
+    passes = passes_over_split(size, meta)
     loads = [r["load_after"] for r in results.values() if "load_after" in r]
     threads = sorted({r["threads"] for r in results.values() if "threads" in r})
     walls = [r["wall_s"] for r in results.values()]
-    epochs = f" ({tokens / meta['train_tokens']:.1f} passes over the training split)" if meta.get("train_tokens") else ""
+    epochs = f" ({passes:.1f} passes over the training split)" if passes else ""
     return [
         "## Setup", "",
         f"- Base model: GPT, {s['n_layer']} blocks, d_model {s['d_model']}, {s['n_head']} heads, FFN {s['d_ff']}, "
@@ -408,7 +414,7 @@ def render_markdown(size: dict, seeds: list[int], results: dict, summary: dict, 
         lines += comparison_lines(key, title, claim, variants, base, results, seeds, summary, verdict)
     lines += investigation_lines(results, seeds, summary)
     spread = max(max(r["per_seed"]) - min(r["per_seed"]) for r in summary.values() if len(r["per_seed"]) > 1)
-    passes = meta.get("train_tokens") and size["steps"] * size["batch"] * size["block"] / meta["train_tokens"]
+    passes = passes_over_split(size, meta)
     lines += ["", "## Caveats", "", CAVEATS, "",
               f"- One variant's runs differ by up to {spread:.3f} bits/byte from seed to seed, more than most effects "
               "measured here; that is why most intervals contain 0. More seeds or larger batches would narrow them."]
