@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import fsdp
-from raymoe.platform.reshard import checkpoint_parts, local_shards
+from raymoe.platform.reshard import checkpoint_parts, local_shards, local_tensor
 
 
 def memory_limit(cfg) -> int | None:
@@ -98,15 +97,15 @@ class ShardState:
         by a stable key; writing into them changes the model and the optimizer."""
         out, seen = {}, set()
         for name, v in self.model.state_dict().items():
-            t = (v.to_local() if isinstance(v, DTensor) else v).detach()
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else name
+            t = local_tensor(v)
+            key = ckpt.memory_key(t) if t.numel() else name
             if key not in seen:
                 seen.add(key)
                 out[("model", name)] = t
         for i, state in enumerate(self._opt_states()):
             for name, v in (state or {}).items():
                 if torch.is_tensor(v):
-                    out[("opt", i, name)] = (v.to_local() if isinstance(v, DTensor) else v).detach()
+                    out[("opt", i, name)] = local_tensor(v)
         return out
 
     def _opt_states(self) -> list[dict | None]:

@@ -82,6 +82,11 @@ def record_written(ckpt_dir, rank: int | None, written: dict[str, dict]) -> None
     storage.write_bytes(storage.location(ckpt_dir) / _written_file(rank), json.dumps(written, indent=1).encode())
 
 
+def memory_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors that are the same memory (tied weights: one tensor under two names)."""
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
 def split_state(model: nn.Module):
     """-> (dense state entries, {layer_id: (prefix, module, {local name: tensor})}) of model.state_dict()."""
     containers: dict[int, tuple[str, nn.Module, dict]] = {}
@@ -186,7 +191,7 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
     if write_dense:
         stored, aliases, seen = {}, {}, {}
         for k, t in dense.items():  # tied weights (wte/lm_head) are stored once
-            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+            key = memory_key(t)
             if t.numel() and key in seen:
                 aliases[k] = seen[key]
             else:

@@ -70,7 +70,8 @@ def _placement(v) -> dict | None:
     return {"ranks": v.device_mesh.mesh.flatten().tolist(), "dim": placement.dim, "shape": list(v.shape)}
 
 
-def _local(v) -> torch.Tensor:
+def local_tensor(v) -> torch.Tensor:
+    """This rank's part of ``v`` (a DTensor's local shard, else ``v``), detached."""
     return (v.to_local() if isinstance(v, DTensor) else v).detach()
 
 
@@ -86,8 +87,8 @@ def local_shards(model: nn.Module, optimizer) -> dict:
            "groups": [], "experts": {}}
     seen: dict = {}
     for name, v in model.state_dict(keep_vars=True).items():
-        t = _local(v)
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else name
+        t = local_tensor(v)
+        key = ckpt.memory_key(t) if t.numel() else name
         out["order"].append(name)
         if key in seen:
             out["aliases"][name] = seen[key]
@@ -100,7 +101,7 @@ def local_shards(model: nn.Module, optimizer) -> dict:
         for p in g["params"]:
             for s, v in optimizer.state.get(p, {}).items():
                 key = (names[id(p)], s)
-                out["opt"][key] = _local(v).to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
+                out["opt"][key] = local_tensor(v).to("cpu", copy=True) if torch.is_tensor(v) else copy.deepcopy(v)
                 out["opt_layout"][key] = _placement(v)
         out["groups"].append({**{k: copy.deepcopy(v) for k, v in g.items() if k not in ("params", "param_names")},
                               "params": [names[id(p)] for p in g["params"]]})
