@@ -16,8 +16,8 @@ import torch.distributed as dist
 from raymoe.config import RaymoeConfig
 from raymoe.platform import fsdp, parallel
 from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
+from raymoe.platform.init import materialize, meta_model
 from raymoe.platform.model import GPT, GPTConfig
-from raymoe.platform.model_io import init_weights
 from raymoe.platform.train_step import build_optimizer
 from raymoe.platform.training import RankInfo
 
@@ -61,32 +61,28 @@ def build_rank(cfg: RaymoeConfig, model_config: GPTConfig, rank: int, world: int
                ranks_per_node: int | None, device: torch.device) -> RankParts:
     """Build this rank's training parts (the process group must be joined).
 
-    Every rank builds the same full (EP=1) model from ``run.seed`` and keeps its experts' rows, so the dense
-    replicas agree and each expert starts exactly as it would without expert parallelism.
+    The model is built on the meta device with this rank's experts only, activation checkpointing and FSDP2
+    are applied to it, and only then is this rank's part allocated on ``device`` and initialised
+    (:func:`raymoe.platform.init.materialize`): from ``run.seed`` as a function of each parameter's name and
+    global expert id, so every layout starts from the weights the single-process trainer starts from, and no
+    rank ever holds the whole model; or from ``model.init_from``.
     """
     t = cfg.train
     layout = parallel.ParallelLayout(world, {int(k): v for k, v in ep_sizes.items()}, model_config.experts_per_layer())
     groups = parallel.build_process_groups(layout, rank, ranks_per_node=ranks_per_node)
-    torch.manual_seed(cfg.run.seed)
-    # from scratch, every rank builds the whole model to start from the same weights; model.init_from gives
-    # them instead (each rank reads only its own experts)
-    full_state = None if cfg.model.init_from else GPT(model_config).state_dict()
-    model = GPT(model_config, moe_kwargs=parallel.make_moe_kwargs(
+    torch.manual_seed(cfg.run.seed)  # the process's RNG (dropout) starts from the seed, as in a local run
+    model = meta_model(model_config, moe_kwargs=parallel.make_moe_kwargs(
         layout, groups, hierarchical=cfg.cluster.hierarchical_all_to_all, ranks_per_node=ranks_per_node,
         uniform_tokens=True))  # every rank runs the same micro-batch and evaluation sizes
-    if full_state is None:
-        init_weights(model, cfg)
-    else:
-        parallel.load_full_state_dict(model, full_state)
-    del full_state
     apply_activation_checkpointing(model, t.activation_checkpointing)
-    model.to(device)
-    # cluster.dense_sharding / expert_sharding: FSDP2 around the loaded model, before the optimizer holds it
+    # cluster.dense_sharding / expert_sharding: FSDP2 around the meta model, so a rank only ever allocates its shards
     c = cfg.cluster
-    if fsdp.apply_sharding(model, layout, groups, dense=c.dense_sharding, experts=c.expert_sharding, device=device):
-        if rank == 0:
-            print(f"FSDP2 over {world} shards: dense {c.dense_sharding}, experts {c.expert_sharding} "
-                  f"({fsdp.local_bytes(model.parameters())} parameter bytes on rank 0)", flush=True)
+    sharded = fsdp.apply_sharding(model, layout, groups, dense=c.dense_sharding, experts=c.expert_sharding,
+                                  device=device)
+    materialize(model, device, cfg)
+    if sharded and rank == 0:
+        print(f"FSDP2 over {world} shards: dense {c.dense_sharding}, experts {c.expert_sharding} "
+              f"({fsdp.local_bytes(model.parameters())} parameter bytes on rank 0)", flush=True)
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                                 device_type=device.type)
     # the dense part comes from rank 0; experts from the first expert-data-parallel replica of any layer (with

@@ -122,10 +122,17 @@ class GPT(nn.Module):
         )
         self.ln_f = make_norm(config.norm, config.d_model, config.norm_eps, config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.wte.weight
+        self.tie_weights()
+        # GPT-2's init; training from scratch uses raymoe.platform.init instead (the same distributions, drawn
+        # per parameter name and global expert id, so every layout starts from the same weights)
         self.apply(self._init_weights)
         self._init_residual_projections()
+
+    def tie_weights(self) -> None:
+        """The head shares the token embedding's weight (``tie_embeddings``); called again after ``to_empty``,
+        which gives each module its own new parameter."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
 
     def _moe_args(self, layer_id: int, num_experts: int, extra: MoEKwargs) -> dict:
         c = self.config

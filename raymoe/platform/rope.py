@@ -151,8 +151,13 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"RoPE needs an even number of rotary dims; got {dim}")
-        inv_freq_R2, self.attention_scaling = rope_inv_freq(dim, theta, scaling, max_positions)
+        self._freq_args = (dim, theta, scaling, max_positions)
+        inv_freq_R2, self.attention_scaling = rope_inv_freq(*self._freq_args)
         self.register_buffer("inv_freq", inv_freq_R2, persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute ``inv_freq`` (a model materialised from the meta device: raymoe.platform.init)."""
+        self.inv_freq.copy_(rope_inv_freq(*self._freq_args)[0])
 
     @torch.no_grad()
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

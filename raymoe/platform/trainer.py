@@ -18,8 +18,8 @@ from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import storage
 from raymoe.platform.activation_checkpoint import apply_activation_checkpointing
-from raymoe.platform.model import GPT
-from raymoe.platform.model_io import gpt_config_from, init_weights
+from raymoe.platform.init import materialize, meta_model
+from raymoe.platform.model_io import gpt_config_from
 from raymoe.platform.run_log import RunLog
 from raymoe.platform.train_step import build_optimizer
 from raymoe.platform.training import (Trainer, build_splits, commit_checkpoint, load_teacher, resolve_device,
@@ -56,11 +56,11 @@ class LocalTrainer:
         self.run_dir = self.outputs.local
         torch.manual_seed(cfg.run.seed)
         train_ds, val_ds = build_splits(cfg)
-        # the model is initialised right after seeding, as every shard does (building the teacher draws too)
-        self.model = GPT(gpt_config_from(cfg))
-        init_weights(self.model, cfg)  # model.init_from (a resumed checkpoint replaces these below)
+        # built as every shard builds its part (raymoe.platform.init): the same initial weights whatever the
+        # layout, or model.init_from's (a resumed checkpoint replaces these below)
+        self.model = meta_model(gpt_config_from(cfg))
         apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
-        self.model.to(self.device)
+        materialize(self.model, self.device, cfg)
         teacher, kd_schedule = load_teacher(cfg, self.device)
         t = cfg.train
         self.optimizer = build_optimizer(self.model, lr=t.lr, weight_decay=t.weight_decay,

@@ -191,6 +191,11 @@ class MoE(nn.Module):
                        "it to top-1 gating only (Jitter works for every k)")
         return ffn
 
+    def reset_buffers(self) -> None:
+        """Zero the expert-load counters, as built (a model materialised from the meta device:
+        raymoe.platform.init)."""
+        self.expert_load.zero_()
+
     # -- run-time switches -------------------------------------------------------------------------------
     def set_dropless(self, dropless: bool, *, deterministic: bool | None = None) -> None:
         """Dropless routing (capacity = max count, nothing dropped) on or off. It is the inference switch that

@@ -221,6 +221,10 @@ class TopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32),
                              persistent=self.selection_bias)
 
+    def reset_buffers(self) -> None:
+        """The expert bias as built: zeros (a model materialised from the meta device: raymoe.platform.init)."""
+        self.expert_bias.zero_()
+
     def logits(self, x_SD: Tensor, noise: RouterNoise, *, training: bool, noisy_gate_policy) -> Tensor:
         """fp32 logits [S, E]; jitter is applied to the gate's input only."""
         with torch.autocast(device_type=x_SD.device.type, enabled=False):
