@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -85,17 +85,16 @@ def param_seed(seed: int, name: str, expert: int | None = None) -> int:
 
 
 @torch.no_grad()
-def init_parameters(model: GPT, seed: int, *, on_draw: Callable[[torch.Tensor], None] | None = None) -> None:
+def init_parameters(model: GPT, seed: int) -> None:
     """Fill every parameter of ``model`` (whole, expert-parallel, FSDP-sharded) as a function of (``seed``,
-    its name, the global expert id) only; see the module docstring. ``on_draw`` sees every tensor drawn
-    before its part is kept (tests count the bytes a rank generates)."""
+    its name, the global expert id) only; see the module docstring."""
     resid_std = INIT_STD / math.sqrt(2 * model.config.n_layer)
     for name, mod, leaf, p in _named_parameters(model):
         kind, std = _spec(name, mod, leaf, resid_std)
         if isinstance(mod, GroupedExperts):
-            _fill_experts(p, mod.global_expert_ids, seed, name, std, on_draw)
+            _fill_experts(p, mod.global_expert_ids, seed, name, std)
         else:
-            _fill(p, _draw(tuple(p.shape), kind, std, param_seed(seed, name), on_draw))
+            _fill(p, _draw(tuple(p.shape), kind, std, param_seed(seed, name)))
 
 
 def _named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
@@ -125,16 +124,15 @@ def _spec(name: str, mod: nn.Module, leaf: str, resid_std: float) -> Spec:
                     "raymoe.platform.init._spec")
 
 
-def _draw(shape: tuple[int, ...], kind: str, std: float | None, seed: int, on_draw) -> torch.Tensor:
-    """A whole tensor of ``shape`` (fp32, CPU) drawn from its own generator."""
+def _draw(shape: tuple[int, ...], kind: str, std: float | None, seed: int) -> torch.Tensor:
+    """A whole tensor of ``shape`` (fp32, CPU) drawn from its own generator (every tensor a rank generates
+    passes here: tests count them)."""
     if kind == "ones":
         t = torch.ones(shape)
     elif kind == "zeros":
         t = torch.zeros(shape)
     else:
         t = torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-    if on_draw is not None:
-        on_draw(t)
     return t
 
 
@@ -163,7 +161,7 @@ def _fill(p: torch.Tensor, full: torch.Tensor) -> None:
     local.copy_(full)
 
 
-def _fill_experts(p: torch.Tensor, global_ids: list[int], seed: int, name: str, std: float, on_draw) -> None:
+def _fill_experts(p: torch.Tensor, global_ids: list[int], seed: int, name: str, std: float) -> None:
     """Expert weights [E_local, ...], one expert at a time from its own generator: only the experts (or, sharded
     along the model dim, the slice of each expert) this rank holds."""
     local = p.to_local() if isinstance(p, DTensor) else p
@@ -176,5 +174,5 @@ def _fill_experts(p: torch.Tensor, global_ids: list[int], seed: int, name: str, 
         else:  # sharded inside each expert: draw the expert whole, keep the slice
             inner = (dim - 1, start, stop - start)
     for i, row in enumerate(rows):
-        w = _draw(tuple(p.shape[1:]), "normal", std, param_seed(seed, name, global_ids[row]), on_draw)
+        w = _draw(tuple(p.shape[1:]), "normal", std, param_seed(seed, name, global_ids[row]))
         local[i].copy_(w if inner is None else w.narrow(*inner))
