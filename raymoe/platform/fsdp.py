@@ -44,7 +44,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 SHARDING_MODES = ("replicate", "shard")
 
-__all__ = ["SHARDING_MODES", "apply_sharding", "gathered", "gradient_sync", "local_bytes"]
+__all__ = ["SHARDING_MODES", "apply_sharding", "gathered", "gradient_sync", "local_bytes", "reshard"]
 
 
 def _check_mode(field: str, value: str) -> bool:
@@ -143,6 +143,13 @@ def _shard_of(full: torch.Tensor, like: DTensor) -> DTensor:
                               shape=like.shape, stride=like.stride())
 
 
+def reshard(model: nn.Module) -> None:
+    """Register ``model``'s sharded parameters as their shards (DTensors), as after a training step: an
+    evaluation forward leaves the root unit's gathered. No communication; a no-op if nothing is sharded."""
+    for m in _fsdp_modules(model):
+        m.reshard()
+
+
 @contextlib.contextmanager
 def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
              write_back: bool = False) -> Iterator[None]:
@@ -150,12 +157,10 @@ def gathered(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *
     checkpoint code reads and writes them as for an unsharded model. Collective: every rank enters, in the
     same order. ``write_back``: what was loaded into them is sharded back on exit (else the shards are left as
     they were). No-op if nothing is sharded."""
-    fsdp = _fsdp_modules(model)
-    if not fsdp:
+    if not _fsdp_modules(model):
         yield
         return
-    for m in fsdp:
-        m.reshard()  # parameters registered as their shards (after an eval forward too)
+    reshard(model)
     slots = [(mod, name, p) for mod in model.modules() for name, p in mod._parameters.items()
              if isinstance(p, DTensor)]
     sharded = {id(p): p for _, _, p in slots}  # tied weights appear twice: gathered once
