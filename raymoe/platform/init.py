@@ -47,9 +47,9 @@ def meta_model(config: GPTConfig, *, moe_kwargs: MoEKwargs = None) -> GPT:
 
 def materialize(model: GPT, device: torch.device | str, cfg) -> None:
     """Allocate ``model``'s parameters (only this rank's shards and experts) on ``device``, recompute its
-    buffers, then fill its weights: from ``cfg.model.init_from`` if the run has one (through
+    buffers, then fill its weights: from the run's ``model.init_from`` if it has one (through
     :func:`raymoe.platform.model_io.init_weights`, the whole tensors gathered around the load for a sharded
-    model), else :func:`init_parameters` from ``cfg.run.seed``."""
+    model), else :func:`init_parameters` from ``run.seed``. ``cfg``: the run's :class:`~raymoe.config.RaymoeConfig`."""
     from raymoe.platform import fsdp
     from raymoe.platform.model_io import init_weights
 

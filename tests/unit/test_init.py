@@ -5,12 +5,11 @@ tests/unit/test_hf_models.py)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
+from raymoe.config import load_config
 from raymoe.platform import init
 from raymoe.platform.model import GPT, GPTConfig
 
@@ -53,7 +52,7 @@ def _config(family: str) -> GPTConfig:
 
 
 def _run_cfg(seed: int = 3):
-    return SimpleNamespace(model=SimpleNamespace(init_from=None), run=SimpleNamespace(seed=seed))
+    return load_config(None, [f"run.seed={seed}"])
 
 
 def _built(config: GPTConfig, seed: int = 3, **kw) -> GPT:
