@@ -13,7 +13,6 @@ boundary, check health, and peers can hand over their in-memory copies of their 
 
 from __future__ import annotations
 
-import resource
 import threading
 
 import ray
@@ -22,6 +21,7 @@ import torch
 from raymoe.config import RaymoeConfig, config_from_dict
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import fsdp
+from raymoe.platform import metrics as M
 from raymoe.platform.distributed import build_rank, join_world, leave_world, local_experts, shard_device
 from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model_io import gpt_config_from
@@ -29,7 +29,8 @@ from raymoe.platform.training import Trainer, build_splits, load_teacher
 
 from . import rendezvous
 from .faults import FaultPlan
-from .shard_state import ShardState, memory_limit
+from .shard_state import ShardState, memory_limit, peak_rss, rss_baseline
+from .telemetry import RayMetrics
 from .weight_registry import Publisher
 
 
@@ -115,6 +116,7 @@ class ExpertShard:
         self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
         self.world_id = init_method
         model_config = gpt_config_from(self.cfg)
+        rss_baseline()  # the runtime (Python, torch, Ray, the process group), before this process builds a model
         parts_built = build_rank(self.cfg, model_config, rank, world, ep_sizes, ranks_per_node, device)
         try:
             # the undo copy serves survivors of a lost peer: a world of one has none (losing its shard restarts
@@ -127,10 +129,12 @@ class ExpertShard:
             leave_world()
             raise
         if c.memory_per_worker_gb is not None:  # it fits (the check passed): show by how much
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
             print(f"shard {rank}: training state {self.state.state_bytes() / 2**30:.3f} GiB of "
-                  f"cluster.memory_per_worker_gb={c.memory_per_worker_gb:g} (process peak RSS so far "
-                  f"{peak / 2**30:.3f} GiB: the runtime and building the model included)", flush=True)
+                  f"cluster.memory_per_worker_gb={c.memory_per_worker_gb:g}; peak RSS above the process baseline "
+                  f"after building {(peak_rss() - rss_baseline()) / 2**30:.3f} GiB (baseline "
+                  f"{rss_baseline() / 2**30:.3f} GiB; compared with the limit after the first step)", flush=True)
+            gauge = RayMetrics((M.SHARD_PEAK_RSS,), {"run": self.cfg.run.name})
+            self.state.on_peak_rss = lambda b, r=rank: gauge.set(M.SHARD_PEAK_RSS, b, shard=r)
         if parts:
             self.state.load_parts(parts, step, model_config.experts_per_layer())
         self.state.started_at(step)

@@ -14,6 +14,8 @@ rank has lost that rank's shards, so recovery rebuilds the files from every rank
 from __future__ import annotations
 
 import copy
+import resource
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,24 @@ def memory_limit(cfg) -> int | None:
     """``cluster.memory_per_worker_gb`` in bytes (None: no limit)."""
     gb = cfg.cluster.memory_per_worker_gb
     return None if gb is None else int(gb * 2**30)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+_rss_baseline: int | None = None
+
+
+def rss_baseline() -> int:
+    """The process's runtime before any model was built (Python, torch, the Ray worker, the process group):
+    its peak RSS at the first call, which the shard makes before it builds its first model. The memory check
+    compares the peak RSS above it with the limit."""
+    global _rss_baseline
+    if _rss_baseline is None:
+        _rss_baseline = peak_rss()
+    return _rss_baseline
 
 
 class ShardState:
@@ -47,6 +67,8 @@ class ShardState:
         # called with the number of steps done right after each update, before the step's record goes round
         # (the in-memory copies: see ExpertShard.keep_copies)
         self.after_update: Callable[[int], None] | None = None
+        # called with the peak RSS above the process baseline (bytes) when it is checked (see check_memory)
+        self.on_peak_rss: Callable[[int], None] | None = None
         self.check_memory()
         optimizer.register_step_post_hook(self._applied)
 
@@ -132,7 +154,11 @@ class ShardState:
         return 2 * p_bytes + buffers + adam_bytes + undo + self.copies * share
 
     def check_memory(self) -> None:
-        """Fail when this rank's training state (:meth:`state_bytes`) exceeds the memory limit, if one is set."""
+        """Fail when this rank's training state (:meth:`state_bytes`) exceeds the memory limit, if one is set.
+        Once measured (after the first optimizer step), also compare the process's peak RSS above its baseline
+        (:func:`rss_baseline`) with the limit: printed, passed to :attr:`on_peak_rss`, and a warning when over
+        (not an error: RSS also holds the step's transient buffers and the allocator's slack, 2-3.5x the state
+        in docs/benchmarks.md's measurements, and a shard failing inside a step would be taken for a lost one)."""
         limit = self._limit
         if limit is None:
             return
@@ -142,6 +168,23 @@ class ShardState:
                 f"{', elastic undo copy' if self.keep_undo else ''}{', shard copies' if self.copies else ''}) "
                 f"exceeds cluster.memory_per_worker_gb={limit / 2**30:g}; shard it (cluster.dense_sharding=shard, "
                 "cluster.expert_sharding=shard), use more shards, or raise the limit")
+        if self._measured:
+            self._check_rss(limit, need)
+
+    def _check_rss(self, limit: int, need: int) -> None:
+        rss = peak_rss() - rss_baseline()
+        if self.on_peak_rss is not None:
+            self.on_peak_rss(rss)
+        line = (f"shard {self._rank}: peak RSS {rss / 2**30:.3f} GiB above the process baseline "
+                f"({rss_baseline() / 2**30:.3f} GiB) after the first step, training state {need / 2**30:.3f} GiB, "
+                f"cluster.memory_per_worker_gb={limit / 2**30:g}")
+        if rss <= limit:
+            print(line, flush=True)
+            return
+        print(f"WARNING: {line}: the process is over the limit (the rest is the step's activations, gathered "
+              "FSDP units and unsharded gradients, optimizer temporaries and allocator slack); shard it, use more "
+              "shards, a smaller train.micro_batch_size or activation checkpointing, or raise the limit",
+              file=sys.stderr, flush=True)
 
     def rollback(self, step: int) -> int | None:
         """Undo the update of ``step`` if this shard applied it (the step failed on another shard)."""

@@ -63,11 +63,16 @@ RECOVERY_SECONDS = MetricDef(
     "raymoe_recovery_seconds", "histogram", "Time from a lost worker to training again.", RUN, _SECONDS_BUCKETS
 )
 LOST_STEPS_TOTAL = MetricDef("raymoe_lost_steps_total", "counter", "Optimizer steps redone after a failure.", RUN)
+SHARD_PEAK_RSS = MetricDef(
+    "raymoe_shard_peak_rss_over_baseline_bytes", "gauge",
+    "A shard's peak RSS above its process baseline (the runtime before the model was built), measured after the "
+    "first optimizer step when cluster.memory_per_worker_gb is set (compare with it).", (*RUN, "shard"),
+)
 
 TRAINING_METRICS = (
     TRAIN_LOSS, TRAIN_CE_LOSS, VAL_LOSS, AUX_LOSS, LEARNING_RATE, GRAD_NORM, TOKENS_PER_SECOND, TOKENS_TOTAL,
     STEPS_TOTAL, STEP_SECONDS, ALL_TO_ALL_SECONDS, EXPERT_LOAD, EXPERT_LOAD_MAX_OVER_MEAN, DROPPED_FRACTION,
-    WORLD_SIZE, RECOVERIES_TOTAL, RECOVERY_SECONDS, LOST_STEPS_TOTAL,
+    WORLD_SIZE, RECOVERIES_TOTAL, RECOVERY_SECONDS, LOST_STEPS_TOTAL, SHARD_PEAK_RSS,
 )
 
 # --- serving (raymoe.deployments; exported by Serve replicas through ray.util.metrics) -----------------
