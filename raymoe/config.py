@@ -354,8 +354,10 @@ class ClusterConfig(_Section):
         None, gt=0, description="Memory limit per shard in GiB (null = none): reserved as Ray's `memory` resource "
         "in each shard's bundle, and checked in the shard: its training state (parameters, gradients, AdamW state, "
         "the elastic undo copy and the shard copies held for cluster.buddy_interval, this rank's shards only) must "
-        "fit, or the run fails naming this setting. Activations, the runtime (~300 MiB) and the start-up peak "
-        "(every shard builds the whole model once) are not counted: benchmarks/memory.py prints RSS.",
+        "fit, or the run fails naming this setting. After the first optimizer step the shard also compares its "
+        "peak RSS above its process baseline (the runtime before the model, ~300 MiB) with it: printed, exported "
+        "(raymoe_shard_peak_rss_over_baseline_bytes) and a warning when over, not an error (it holds activations, "
+        "transient FSDP buffers and allocator slack too; see docs/design.md).",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend: auto = nccl with GPUs, gloo on CPU."
