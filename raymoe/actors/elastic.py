@@ -2,15 +2,23 @@
 
 Recovery keeps the survivors' state instead of restarting from disk. Every survivor tells how far the world got
 (the last step whose record a rank holds); a survivor that already applied the next step's update undoes it.
-The state the new layout needs is exported by the survivors as checkpoint files in memory (any expert
-placement loads them), the shards re-form a process group with expert-parallel sizes for the new world, and
-training resumes at that step with the same global batch (each shard runs more or fewer micro-batches).
+The shards re-form a process group with expert-parallel sizes for the new world, and training resumes at that
+step with the same global batch (each shard runs more or fewer micro-batches).
 When no survivor holds a replica of a lost rank's part (its experts at EP = world, or its FSDP shards with
 ``cluster.dense_sharding`` / ``expert_sharding``: shard), each rank's buddy (the next rank) holds a copy of that
 rank's shards, taken every ``cluster.buddy_interval`` steps right after the update: the survivors' own shards
-and the lost ranks' copies, all at one step, are put back together into the whole state
-(:func:`raymoe.platform.reshard.full_parts`). With ``buddy_interval: 1`` that loses no step unless a rank and
-its buddy are both lost; then, or without copies, the last checkpoint (the event says which ranks had none).
+and the lost ranks' copies, all at one step, are the whole state. With ``buddy_interval: 1`` that loses no step
+unless a rank and its buddy are both lost; then, or without copies, the last checkpoint (the event says which
+ranks had none).
+
+How state moves, on every membership change (recovery, growth, replacement): the old world's state stays where
+it is, as copies of its ranks' parts (a survivor's live state, its own copy, a lost rank's copy at its buddy).
+The coordinator only learns which copy of which old rank at which step is where and what pieces each holds
+(:meth:`Elastic._publish`): it picks one holder for every distinct piece (replicas once), each holder puts its
+pieces into the object store itself (one per tensor, one per expert row of an expert entry), and the
+coordinator hands every new shard the pieces' descriptions and references. Each new shard, built at its own
+layout, fetches only the pieces that overlap its own tensors (:func:`raymoe.platform.reshard.assemble`). No
+process ever holds the whole state, except a new world of one, whose share is the whole.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import ray
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import metrics as M
-from raymoe.platform.reshard import full_parts
+from raymoe.platform.reshard import choose_sources, published
 
 from .shard_group import SHARD_FAILURES, ShardGroup
 
@@ -61,15 +69,16 @@ class Elastic:
                            f"{c.min_workers}" + (f", a multiple of cluster.ranks_per_node={per_node}" if per_node > 1
                                                  else ""))
 
-    def configure(self, shards: list, parts_ref=None, step: int = 0, ckpt_path: str | None = None,
+    def configure(self, shards: list, state_ref=None, step: int = 0, ckpt_path: str | None = None,
                   during: str = "start") -> dict:
         """Form the world from ``shards``, surviving shards that die while it forms: the survivors re-form from
-        the same exported state (or checkpoint) until it succeeds or too few shards are left. ``during`` names
-        the membership change in the "reform" event of such a loss (start, recovery, restart, replace, grow)."""
+        the same published state (:meth:`_publish`; or checkpoint) until it succeeds or too few shards are
+        left. ``during`` names the membership change in the "reform" event of such a loss (start, recovery,
+        restart, replace, grow)."""
         g = self.group
         for attempt in range(MAX_RECOVERIES_PER_STEP + 1):
             try:
-                info = g.form(shards, self.experts_per_layer, parts_ref, step, ckpt_path)
+                info = g.form(shards, self.experts_per_layer, state_ref, step, ckpt_path)
                 self.metrics.set(M.WORLD_SIZE, g.world)
                 return info
             except SHARD_FAILURES as err:
@@ -93,17 +102,32 @@ class Elastic:
     def _all_experts(self) -> set:
         return {(lid, g) for lid, n in self.experts_per_layer.items() for g in range(n)}
 
-    def _export_state(self, shards: list, expert_sets: list[set], step: int):
-        """ObjectRef of the merged checkpoint files of ``shards`` (each expert from its first holder)."""
-        holder: dict = {}
-        for i, experts in enumerate(expert_sets):
-            for e in experts:
-                holder.setdefault(e, i)
-        parts: dict[str, bytes] = {}
-        for p in self.group.gather([s.export_parts.remote(step, i == 0, [e for e, h in holder.items() if h == i])
-                                    for i, s in enumerate(shards)]):
-            parts.update(p)
-        return ray.put(parts)
+    def _publish(self, sources: list[tuple]):
+        """ObjectRef of an old world's state as the new shards fetch it. ``sources``: (holder, kind, old rank,
+        step) of copies that together hold all of it. Each holder describes its copy's pieces; the first holder
+        of each distinct piece (replicas once) yields it, one object each, stored on the holder's node; only
+        the descriptions and references come here. The coordinator owns the pieces (returned to it), so they
+        outlive a holder that dies while the new world forms, and go when this reference does."""
+        g = self.group
+        layouts = g.gather([h.copy_layout.remote(kind, r, at) for h, kind, r, at in sources])
+        which = choose_sources([layout["pieces"] for layout in layouts])
+        gens = [h.publish_copy.remote(kind, r, at, w) for (h, kind, r, at), w in zip(sources, which)]
+        g.track(gens)
+        return ray.put([published(layout, w, self._items(gen))
+                        for layout, w, gen in zip(layouts, which, gens)])
+
+    def _items(self, gen) -> list:
+        """The references a shard's generator call yields, each wait bounded by the collective timeout."""
+        refs = []
+        while True:
+            ready, _ = ray.wait([gen], timeout=self.cfg.cluster.collective_timeout_s)
+            if not ready:
+                raise ray.exceptions.GetTimeoutError("a shard publishing its pieces did not answer within "
+                                                     f"{self.cfg.cluster.collective_timeout_s}s")
+            try:
+                refs.append(next(gen))
+            except StopIteration:
+                return refs
 
     # -- recovery -----------------------------------------------------------------------------------------
     def recover(self, error: BaseException, logged_step: int) -> tuple[int, dict | None]:
@@ -129,20 +153,20 @@ class Elastic:
             raise error
         alive_sets = [g.expert_sets[g.shards.index(s)] for s in alive]
         g.gather([s.rollback.remote(step) for s in alive])
-        resume, source, parts_ref, path, found = step, "replicas", None, None, {}
+        resume, source, state_ref, path, found = step, "replicas", None, None, {}
         # an FSDP-sharded state died in part with the lost shard: no survivor holds a replica of its shards
         sharded = "shard" in (c.dense_sharding, c.expert_sharding)
         if not sharded and self._all_experts() <= set().union(*alive_sets):
-            parts_ref = self._export_state(alive, alive_sets, step)
-        elif "parts" in (found := self._from_copies(alive, step)):
-            resume, source, parts_ref = found.pop("step"), "buddy", ray.put(found.pop("parts"))
+            state_ref = self._publish([(s, "live", g.shards.index(s), step) for s in alive])
+        elif "sources" in (found := self._from_copies(alive, step)):
+            resume, source, state_ref = found.pop("step"), "buddy", self._publish(found.pop("sources"))
         else:
             path = ckpt.latest_checkpoint(self.ckpt_dir)
             resume, source = (ckpt.read_manifest(path)["step"], "checkpoint") if path else (0, "scratch")
         lost_shards = len(g.shards) - len(alive)
         world = self.choose_world(len(alive))
         g.kill(alive[world:])
-        self.configure(alive[:world], parts_ref, resume, path, during="recovery")
+        self.configure(alive[:world], state_ref, resume, path, during="recovery")
         secs = time.monotonic() - t0
         self._event({"event": "recovery", "step": step, "resume_step": resume, "lost_steps": step - resume,
                      "lost_shards": lost_shards, "source": source, "world": g.world, "ep_sizes": g.ep_sizes,
@@ -183,10 +207,11 @@ class Elastic:
         self.on_event(event)
 
     def _from_copies(self, alive: list, step: int) -> dict:
-        """The lost world's state rebuilt from copies of its ranks' shards, all at one step: the survivors'
+        """Where the lost world's state is as copies of its ranks' shards, all at one step: the survivors'
         live shards (at ``step``, after the rollback) and their own copies, the lost ranks' copies at their
-        buddies. The newest step with a copy of every rank wins: {"step", "parts" (checkpoint files), "copies":
-        which ranks came from where}; without one, {"copies_missing": the ranks with no copy at ``step``}."""
+        buddies. The newest step with a copy of every rank wins: {"step", "sources" ((holder, kind, rank, step)
+        of each rank, for :meth:`_publish`), "copies": which ranks came from where}; without one,
+        {"copies_missing": the ranks with no copy at ``step``}."""
         g = self.group
         held = g.gather([s.copies_held.remote() for s in alive])
         by_step: dict[int, dict[int, tuple]] = {}  # step -> rank -> (kind, holder)
@@ -198,10 +223,8 @@ class Elastic:
         for at in sorted((s for s in by_step if s <= step), reverse=True):
             if ranks <= by_step[at].keys():
                 where = by_step[at]
-                copies = dict(zip(sorted(ranks), g.gather([where[r][1].copy_of.remote(where[r][0], r, at)
-                                                           for r in sorted(ranks)])))
                 kinds = {k: sorted(r for r in ranks if where[r][0] == k) for k in order}
-                return {"step": at, "parts": full_parts(copies, at),
+                return {"step": at, "sources": [(where[r][1], where[r][0], r, at) for r in sorted(ranks)],
                         "copies": {"step": at, **{k: v for k, v in kinds.items() if v}}}
         return {"copies_missing": sorted(ranks - by_step.get(step, {}).keys())}
 
@@ -233,9 +256,9 @@ class Elastic:
             return
         t0 = time.monotonic()
         kind = "replace" if all(g.is_replacement(s) for s in new) else "grow"
-        parts_ref = self._export_state(g.shards, g.expert_sets, step)
+        state_ref = self._publish([(s, "live", r, step) for r, s in enumerate(g.shards)])
         old = g.world
-        self.configure(g.shards + new, parts_ref, step, during=kind)
+        self.configure(g.shards + new, state_ref, step, during=kind)
         if g.world > old:
             self._event({"event": kind, "step": step, "from_world": old, "world": g.world,
                          "ep_sizes": g.ep_sizes, "seconds": time.monotonic() - t0})

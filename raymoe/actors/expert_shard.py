@@ -9,6 +9,9 @@ it to commit each checkpoint once every rank wrote its part; the coordinator is 
 
 The actor is threaded: while ``run`` trains, the coordinator can still ask for a stop at the next step
 boundary, check health, and peers can hand over their in-memory copies of their shards (``keep_snapshot``).
+After a membership change a shard publishes the copies it holds as pieces in the object store
+(``copy_layout``, ``publish_copy``) and each shard of the new world fetches only the pieces it needs
+(``start``'s ``state``; see :mod:`raymoe.actors.elastic`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from raymoe.platform import metrics as M
 from raymoe.platform.distributed import build_rank, join_world, leave_world, local_experts, shard_device
 from raymoe.platform.host_memory import tune_malloc
 from raymoe.platform.model_io import gpt_config_from
+from raymoe.platform.reshard import describe, piece_data
 from raymoe.platform.training import Trainer, build_splits, load_teacher
 
 from . import rendezvous
@@ -102,10 +106,11 @@ class ExpertShard:
         return rendezvous.free_port()
 
     def start(self, init_method: str, rank: int, world: int, ep_sizes: dict[int, int], ranks_per_node: int | None,
-              parts: dict[str, bytes] | None = None, step: int = 0, coordinator=None, buddy=None) -> dict:
+              state: list[dict] | None = None, step: int = 0, coordinator=None, buddy=None) -> dict:
         """Join the process group, build EP/EDP groups, the model with this rank's experts, the optimizer and
-        the training loop. Called again after a membership change: ``parts`` (checkpoint files exported by
-        the shards that hold the state) restore the weights and optimizer state of this rank's experts.
+        the training loop. Called again after a membership change: ``state`` (the old world's copies as
+        pieces, :meth:`publish_copy`) fills this rank's part of the weights and optimizer state, each
+        of its tensors from the pieces that overlap it.
         ``coordinator`` receives rank 0's reports; ``buddy`` (the next rank) keeps a copy of this shard's state."""
         c = self.cfg.cluster
         device = shard_device(c.gpus_per_worker)
@@ -135,8 +140,11 @@ class ExpertShard:
                   f"{rss_baseline() / 2**30:.3f} GiB; compared with the limit after the first step)", flush=True)
             gauge = RayMetrics((M.SHARD_PEAK_RSS,), {"run": self.cfg.run.name})
             self.state.on_peak_rss = lambda b, r=rank: gauge.set(M.SHARD_PEAK_RSS, b, shard=r)
-        if parts:
-            self.state.load_parts(parts, step, model_config.experts_per_layer())
+        if state:
+            got = self.state.assemble(state, lambda refs: ray.get(refs, timeout=c.collective_timeout_s))
+            print(f"shard {rank}: state at step {step} assembled from {got['fetched_pieces']} pieces, "
+                  f"{got['fetched_bytes'] / 2**20:.1f} MiB fetched for a share of {got['share_bytes'] / 2**20:.1f} "
+                  "MiB", flush=True)
         self.state.started_at(step)
         if c.buddy_interval and buddy is not None:  # a world of one has no buddy, and no survivor to help
             self.state.after_update = self._after_update
@@ -191,10 +199,6 @@ class ExpertShard:
         """Undo the update of ``step`` if this shard applied it (the step failed on another shard)."""
         return self.state.rollback(step)
 
-    def export_parts(self, step: int, dense: bool, experts: list[tuple[int, int]] | None = None) -> dict[str, bytes]:
-        """This shard's state as checkpoint files in memory (see ShardState.export_parts)."""
-        return self.state.export_parts(step, dense, experts)
-
     def _after_update(self, done: int) -> None:
         if done % self.cfg.cluster.buddy_interval == 0:
             self.keep_copies(done)
@@ -242,12 +246,25 @@ class ExpertShard:
             held.append({"kind": "live", "rank": self.rank, "step": self.state.last_completed + 1})
         return held
 
-    def copy_of(self, kind: str, rank: int, step: int) -> dict:
-        """The copy of ``rank``'s shard at ``step`` this shard holds ("live": its own state now)."""
+    def _copy_of(self, kind: str, rank: int, step: int) -> dict:
+        """The copy of ``rank``'s shard at ``step`` this shard holds ("live": its own state now, not copied)."""
         if kind == "live":
-            assert self.state.last_completed + 1 == step, (self.state.last_completed, step)
-            return {**self.state.shard_copy(), "step": step, "rank": self.rank, "world_id": self.world_id}
+            done = self.state.last_completed  # None: no undo kept (a world of one), its state is at ``step``
+            assert done is None or done + 1 == step, (done, step)
+            return self.state.shard_copy(live=True)
         return next(c for c in self._copies if (c["kind"], c["rank"], c["step"]) == (kind, rank, step))
+
+    def copy_layout(self, kind: str, rank: int, step: int) -> dict:
+        """A copy this shard holds (see :meth:`_copy_of`) described: its pieces (key, region, bytes, dtype), its
+        scalars and param groups (``reshard.describe``); the coordinator picks which holder publishes each
+        piece (``reshard.choose_sources``)."""
+        return describe(self._copy_of(kind, rank, step))
+
+    def publish_copy(self, kind: str, rank: int, step: int, which: list[int]):
+        """Yield the pieces ``which`` (indices into :meth:`copy_layout`'s) of a copy this shard holds, one at a
+        time: each becomes an object of the caller (the coordinator), stored on this node, so the pieces
+        outlive this shard if it dies while the new world forms and go when the coordinator drops them."""
+        yield from piece_data(self._copy_of(kind, rank, step), which)
 
     def inject_fault(self, where: str, step: int) -> None:
         """Test hook: exit the process abruptly inside the step (mid all-to-all) or the checkpoint write."""

@@ -212,11 +212,11 @@ class ShardGroup:
             ray.kill(s, no_restart=True)
 
     # -- forming the world --------------------------------------------------------------------------------
-    def form(self, shards: list, experts_per_layer: dict[int, int], parts_ref=None, step: int = 0,
+    def form(self, shards: list, experts_per_layer: dict[int, int], state_ref=None, step: int = 0,
              ckpt_path: str | None = None) -> dict:
         """(Re)form the world from ``shards``: ranks ordered by node, EP sizes for this world size, a fresh
-        rendezvous; ``parts_ref`` (an ObjectRef of exported checkpoint files) or ``ckpt_path`` restores the
-        state. Raises a SHARD_FAILURES error if a shard dies meanwhile."""
+        rendezvous; ``state_ref`` (an ObjectRef of the old world's published pieces, see
+        ``Elastic._publish``: each shard fetches those it needs) or ``ckpt_path`` restores the state. Raises a SHARD_FAILURES error if a shard dies meanwhile."""
         c = self.cfg.cluster
         infos = ray.get([s.node_info.remote() for s in shards], timeout=c.start_timeout_s)
         order = rank_order(infos)
@@ -234,7 +234,7 @@ class ShardGroup:
         self.world_id = init_method
         self._used_slots |= {self._slot_of.get(s._actor_id.hex()) for s in shards}
         buddies = [shards[(r + 1) % world] if c.buddy_interval and world > 1 else None for r in range(world)]
-        started = self.gather([s.start.remote(init_method, r, world, ep_sizes, ranks_per_node, parts_ref, step,
+        started = self.gather([s.start.remote(init_method, r, world, ep_sizes, ranks_per_node, state_ref, step,
                                               self.coordinator, buddies[r])
                                for r, s in enumerate(shards)], timeout=c.start_timeout_s)
         if ckpt_path is not None:

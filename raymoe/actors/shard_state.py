@@ -1,14 +1,12 @@
-"""An expert shard's recoverable state for elastic training: undoing one step, and its state as checkpoint
-files in memory (exported for peers after a membership change, or kept as in-memory copies).
+"""An expert shard's recoverable state for elastic training: undoing one step, and what it holds as a copy
+(kept for a peer, or published piece by piece after a membership change) or assembles from an old world's
+copies.
 
-Any expert placement loads these files (experts are keyed by global id), so the survivors of a lost shard, or
-a grown world, re-form with a new layout from what the old one exports.
-
-With FSDP sharding (``cluster.dense_sharding`` / ``expert_sharding``) the undo copy holds this rank's shards
-only (the model's state_dict and the optimizer's state are DTensors), and the exported files are gathered to
-full tensors first, which is collective: every rank of a live world exports at once (growth). A world that lost a
-rank has lost that rank's shards, so recovery rebuilds the files from every rank's :meth:`ShardState.shard_copy`
-(the survivors' live ones and the lost rank's at its buddy; no communication, :mod:`raymoe.actors.elastic`).
+With FSDP sharding (``cluster.dense_sharding`` / ``expert_sharding``) the undo copy and the shard copy hold this
+rank's shards only (the model's state_dict and the optimizer's state are DTensors). After a membership change
+each rank of the new world, built at its own layout, fetches only the pieces of the old world's copies that
+overlap its tensors (:func:`raymoe.platform.reshard.assemble`; the copies are the survivors' live state and the
+lost ranks' copies at their buddies, :mod:`raymoe.actors.elastic`): no process gathers or holds whole tensors.
 """
 
 from __future__ import annotations
@@ -16,15 +14,13 @@ from __future__ import annotations
 import copy
 import resource
 import sys
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform import fsdp
-from raymoe.platform.reshard import checkpoint_parts, local_shards, local_tensor
+from raymoe.platform.reshard import assemble, local_shards, local_tensor
 
 
 def memory_limit(cfg) -> int | None:
@@ -52,7 +48,7 @@ def rss_baseline() -> int:
 
 
 class ShardState:
-    """Step undo and the in-memory checkpoint files of one shard's model and optimizer."""
+    """Step undo of one shard's model and optimizer, their copies, and their assembly from an old world's."""
 
     def __init__(self, model, optimizer, *, keep_undo: bool, memory_limit: int | None = None, rank: int = 0,
                  copies: int = 0):
@@ -207,25 +203,14 @@ class ShardState:
         for g, saved in zip(self.optimizer.param_groups, undo["groups"]):
             g.update(saved)
 
-    def export_parts(self, step: int, dense: bool, experts: list[tuple[int, int]] | None = None) -> dict[str, bytes]:
-        """This shard's state as checkpoint files: the dense part if ``dense``, and the expert files of
-        ``experts`` ((layer, global id) pairs; None = all it holds). Collective when sharded (every rank)."""
-        with fsdp.gathered(self.model, self.optimizer):
-            return checkpoint_parts(self.model, self.optimizer, step, dense, experts)
-
-    def shard_copy(self) -> dict:
+    def shard_copy(self, live: bool = False) -> dict:
         """A CPU copy of what this rank holds (its shards; see :func:`raymoe.platform.reshard.local_shards`):
-        no communication, its size is this rank's parameters, buffers and AdamW state."""
-        return local_shards(self.model, self.optimizer)
+        no communication, its size is this rank's parameters, buffers and AdamW state. ``live``: the local
+        tensors themselves, not copied (published piece by piece, each piece copied on its own)."""
+        return local_shards(self.model, self.optimizer, live=live)
 
-    def load_parts(self, parts: dict[str, bytes], step: int, experts_per_layer: dict[int, int]) -> None:
-        """Load exported files (complete: every expert of every layer) into this shard's model and optimizer."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / ckpt.step_dir_name(step)
-            for rel, data in parts.items():
-                (path / rel).parent.mkdir(parents=True, exist_ok=True)
-                (path / rel).write_bytes(data)
-            ckpt.finalize_checkpoint(path, step=step, expected_experts=experts_per_layer, update_latest=False)
-            with fsdp.gathered(self.model, self.optimizer, write_back=True):
-                ckpt.load_checkpoint(path, self.model, self.optimizer, restore_rng=False)
-
+    def assemble(self, published: list[dict], fetch: Callable[[list], list]) -> dict:
+        """Fill this rank's new model and optimizer from an old world's published copies, fetching only the
+        pieces that overlap its own tensors (``fetch``: references -> tensors); see
+        :func:`raymoe.platform.reshard.assemble`, whose counts it returns."""
+        return assemble(self.model, self.optimizer, published, fetch)

@@ -1,63 +1,138 @@
-"""Elastic recovery's in-memory copies of a rank's shards (raymoe.platform.reshard.local_shards): every rank's
-copy, put back together without a process group (full_parts), gives the same checkpoint files as the
-collective export of the live world: uneven FSDP shards (257 embedding rows over 4 ranks), experts sharded over
-their EDP group at EP=2, dense-only sharding (one spawned gloo world of 4)."""
+"""A membership change moves shards, not whole models (raymoe.platform.reshard): every rank of an old world
+keeps its copy (local_shards); the copies are published as pieces (each distinct piece once: choose_sources,
+piece_data); each rank of a new world of another size, EP layout and sharding mode, built at its layout, fetches
+only the pieces overlapping its own tensors and copies them in (assemble). Its parameters and AdamW state then
+equal the old world's gathered state exactly, and it fetched its share plus the rest of the pieces it overlaps,
+never the whole state. Old and new worlds are spawned gloo worlds; the object store is a list in this process."""
 
 from __future__ import annotations
 
 import pytest
-from safetensors.torch import load as st_load
+import torch
 
 import ep_harness as H
 from raymoe.platform import reshard
 
 SHARD = {"dense": "shard", "experts": "shard"}
-CASES = {"ep1s": dict(ep=1, sharding=SHARD), "ep2s": dict(ep=2, sharding=SHARD),
-         "ep2d": dict(ep=2, sharding={"dense": "shard"})}
+# name: (old world, new world); every case trains 2 steps of k1_drop (4 experts a layer) in the old world
+CASES = {
+    # expert-sharded at EP=2 -> 3 ranks, EP=1, experts replicated, dense sharded unevenly (257 rows over 3)
+    "2to3": (dict(world=2, ep=2, sharding=SHARD), dict(world=3, ep=1, sharding={"dense": "shard"})),
+    # 4 experts sharded over 3 ranks (2, 2 and none) -> replicated at EP=2
+    "3to2": (dict(world=3, ep=1, sharding=SHARD), dict(world=2, ep=2)),
+    # 2 experts over 4 ranks (sharded along the model dim) -> EP=2, one expert a rank, dense sharded
+    "4to2": (dict(world=4, ep=1, sharding=SHARD, model={"num_experts": 2}),
+             dict(world=2, ep=2, sharding=SHARD, model={"num_experts": 2})),
+}
 
 
-def copies_job(rank: int, world: int, job: dict) -> dict:
-    """Two steps; then this rank's copy of its shards, the files it exports with the others (collective), and
-    the bytes of the training state it holds."""
-    from raymoe.actors.shard_state import ShardState
+def _layout_free(run) -> dict:
+    """Every entry of the model's state and of AdamW's, whole (gathered): dense ones by key, expert entries
+    one row per global expert id."""
+    from raymoe.platform import fsdp
+
+    out = {}
+    with fsdp.gathered(run.model, run.opt):
+        rows = {f"{n}.": list(m.global_expert_ids) for n, m in run.model.named_modules()
+                if hasattr(m, "global_expert_ids")}
+        names = {id(p): n for n, p in run.model.named_parameters()}
+        entries = [(("model", n), t) for n, t in run.model.state_dict().items()]
+        entries += [(("opt", names[id(p)], s), v) for p, st in run.opt.state.items() for s, v in st.items()]
+        for key, t in entries:
+            ids = next((ids for prefix, ids in rows.items() if key[1].startswith(prefix)), None)
+            if ids is not None and t.dim() and t.shape[0] == len(ids):
+                out.update({(*key, int(g)): t[j].detach().clone() for j, g in enumerate(ids)})
+            else:
+                out[key] = t.detach().clone()
+    return out
+
+
+def old_job(rank: int, world: int, job: dict) -> dict:
+    """Two steps; then this rank's copy of what it holds, its layout-free state and the bytes it holds."""
     from raymoe.platform.fsdp import local_bytes
 
     run = H._Run(rank, world, job)
     run.steps(0, 2)
-    state = ShardState(run.model, run.opt, keep_undo=False)
     held = local_bytes(run.model.state_dict().values()) + local_bytes(
         v for st in run.opt.state.values() for v in st.values())
-    return {"copy": state.shard_copy(), "parts": state.export_parts(2, dense=rank == 0), "held_bytes": held}
+    return {"copy": reshard.local_shards(run.model, run.opt), "state": _layout_free(run), "held_bytes": held}
+
+
+def new_job(rank: int, world: int, job: dict) -> dict:
+    """A fresh model at the new layout filled from the published copies; without old rank 1's pieces first,
+    which must fail (its shards are nowhere else)."""
+    run = H._Run(rank, world, job)
+    store = job["store"]
+    fetch = lambda handles: [store[h] for h in handles]  # noqa: E731
+    partial = [c if i != 1 else {**c, "pieces": []} for i, c in enumerate(job["published"])]
+    try:
+        reshard.assemble(run.model, run.opt, partial, fetch)
+        incomplete = None
+    except ValueError as exc:
+        incomplete = str(exc)
+    run.opt.state.clear()
+    stats = reshard.assemble(run.model, run.opt, job["published"], fetch)
+    return {"state": _layout_free(run), "stats": stats, "incomplete": incomplete}
+
+
+def _publish(copies: list[dict]) -> tuple[list[dict], list]:
+    """The copies' pieces put in a list (the object store), each distinct piece once: as the holders do."""
+    store: list = []
+    layouts = [reshard.describe(c) for c in copies]
+    out = []
+    for c, layout, which in zip(copies, layouts, reshard.choose_sources([lay["pieces"] for lay in layouts])):
+        refs = []
+        for t in reshard.piece_data(c, which):
+            refs.append(len(store))
+            store.append(t)
+        out.append(reshard.published(layout, which, refs))
+    return out, store
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     d = H.token_file(tmp_path_factory)
-    per_rank = H.gloo_world.spawn(4, copies_job, [dict(config="k1_drop", data=d, **kw) for kw in CASES.values()],
-                                  timeout=300)
-    return {name: [r[i] for r in per_rank] for i, name in enumerate(CASES)}
+    job = lambda spec: dict(config="k1_drop", data=d, **{k: v for k, v in spec.items() if k != "world"})  # noqa
+    old = {name: [r[0] for r in H.gloo_world.spawn(o["world"], old_job, [job(o)], timeout=240)]
+           for name, (o, _) in CASES.items()}
+    out = {}
+    for name, (_, new) in CASES.items():
+        published, store = _publish([r["copy"] for r in old[name]])
+        ranks = H.gloo_world.spawn(new["world"], new_job, [dict(job(new), published=published, store=store)],
+                                   timeout=240)
+        out[name] = {"old": old[name], "new": [r[0] for r in ranks], "store_bytes": sum(
+            t.numel() * t.element_size() for t in store)}
+    return out
 
 
 def _copy_bytes(copy: dict) -> int:
-    return sum(t.numel() * t.element_size() for part in ("tensors", "opt") for t in copy[part].values())
+    return sum(t.numel() * t.element_size() for part in ("tensors", "opt") for t in copy[part].values()
+               if torch.is_tensor(t))
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_copies_of_every_rank_rebuild_the_exported_files(results, name):
-    ranks = results[name]
-    rebuilt = reshard.full_parts({r: res["copy"] for r, res in enumerate(ranks)}, 2)
-    expected: dict[str, bytes] = {}
-    for res in ranks:
-        expected.update(res["parts"])
-    assert sorted(rebuilt) == sorted(expected)
-    for file in (f for f in expected if f.endswith(".safetensors")):
-        want, got = st_load(expected[file]), st_load(rebuilt[file])
-        assert want.keys() == got.keys(), file
-        assert all(want[k].equal(got[k]) for k in want), file
+def test_a_new_world_assembles_the_old_worlds_state_from_pieces(results, name):
+    res = results[name]
+    want: dict = {}
+    for r in res["old"]:  # the old world's whole state (replicas agree: any rank's)
+        for k, t in r["state"].items():
+            want.setdefault(k, t)
+    assert any(k[0] == "opt" for k in want)  # AdamW state (exp_avg, exp_avg_sq, step) is compared too
+    got: dict = {}
+    for rank, r in enumerate(res["new"]):
+        for k, t in r["state"].items():
+            assert k in want, (rank, k)
+            assert t.dtype == want[k].dtype and torch.equal(t, want[k]), (name, rank, k)
+            got[k] = t
+    assert got.keys() == want.keys()  # every expert of every layer is somewhere in the new world
+    for rank, r in enumerate(res["new"]):
+        st = r["stats"]
+        # its share, plus the parts of the pieces it overlaps that other ranks need; not the whole state
+        assert st["share_bytes"] <= st["fetched_bytes"] <= 3 * st["share_bytes"], (rank, st)
+        assert st["fetched_bytes"] < res["store_bytes"], (rank, st, res["store_bytes"])
+        # old rank 1's shards are in no other copy
+        assert r["incomplete"] is not None and "cover" in r["incomplete"], r["incomplete"]
     # a copy is what its rank holds of the parameters, buffers and AdamW state: a fraction of the whole
-    sizes = [_copy_bytes(res["copy"]) for res in ranks]
-    assert all(s <= res["held_bytes"] for s, res in zip(sizes, ranks))
-    assert max(sizes) < 0.5 * sum(sizes)
-    # without a lost rank's copy there is nothing to rebuild its shards from
-    with pytest.raises(ValueError, match=r"no copy of rank\(s\) \[1\]: their shards are lost"):
-        reshard.full_parts({r: res["copy"] for r, res in enumerate(ranks) if r != 1}, 2)
+    sizes = [_copy_bytes(r["copy"]) for r in res["old"]]
+    assert all(s <= r["held_bytes"] for s, r in zip(sizes, res["old"]))
+    assert max(sizes) < 0.75 * sum(sizes)

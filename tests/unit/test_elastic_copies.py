@@ -1,4 +1,4 @@
-"""Which copies elastic recovery rebuilds a lost world's state from (Elastic._from_copies), with fake shards:
+"""Which copies elastic recovery takes a lost world's state from (Elastic._from_copies), with fake shards:
 the survivors' live state and own copies, the lost ranks' copies at their buddies, all at one step."""
 
 from __future__ import annotations
@@ -20,31 +20,32 @@ class _Shard:
         self.held = [{"kind": "live", "rank": rank, "step": live}] + [
             {"kind": k, "rank": r, "step": s} for k, r, s in held]
         self.copies_held = _Call(lambda: self.held)
-        self.copy_of = _Call(lambda kind, rank, step: {"kind": kind, "rank": rank, "step": step})
 
 
-def _elastic(world: int, alive: list, monkeypatch) -> E.Elastic:
-    monkeypatch.setattr(E, "full_parts", lambda copies, step: {"from": sorted(copies), "step": step})
+def _elastic(world: int, alive: list) -> E.Elastic:
     group = SimpleNamespace(shards=[None] * world, gather=lambda refs, timeout=None: refs)
     return E.Elastic(None, group, {1: 4}, None, None, lambda event: None)
 
 
-def test_the_lost_shard_comes_from_its_buddy_at_the_step_the_survivors_are_at(monkeypatch):
+def test_the_lost_shard_comes_from_its_buddy_at_the_step_the_survivors_are_at():
     # world 3, rank 1 lost at step 4: rank 2 (its buddy) holds its copy of step 4 and, for a moment, of step 5
     alive = [_Shard(0, 4, [("buddy", 2, 4)]), _Shard(2, 4, [("buddy", 1, 4), ("buddy", 1, 5)])]
-    found = _elastic(3, alive, monkeypatch)._from_copies(alive, 4)
-    assert found["step"] == 4 and found["parts"] == {"from": [0, 1, 2], "step": 4}
+    found = _elastic(3, alive)._from_copies(alive, 4)
+    assert found["step"] == 4
+    assert found["sources"] == [(alive[0], "live", 0, 4), (alive[1], "buddy", 1, 4), (alive[1], "live", 2, 4)]
     assert found["copies"] == {"step": 4, "live": [0, 2], "buddy": [1]}
 
 
-def test_a_shard_lost_with_its_buddy_leaves_no_complete_set(monkeypatch):
+def test_a_shard_lost_with_its_buddy_leaves_no_complete_set():
     # world 3, ranks 1 and 2 lost: rank 1's copy was at rank 2; rank 0 holds only rank 2's
     alive = [_Shard(0, 4, [("buddy", 2, 4)])]
-    assert _elastic(3, alive, monkeypatch)._from_copies(alive, 4) == {"copies_missing": [1]}
+    assert _elastic(3, alive)._from_copies(alive, 4) == {"copies_missing": [1]}
 
 
-def test_copies_every_few_steps_go_back_to_the_newest_step_every_rank_has(monkeypatch):
+def test_copies_every_few_steps_go_back_to_the_newest_step_every_rank_has():
     # buddy_interval 2: the survivors are at step 3, the copies (own and buddy) at step 2
     alive = [_Shard(0, 3, [("own", 0, 2), ("buddy", 2, 2)]), _Shard(2, 3, [("own", 2, 2), ("buddy", 1, 2)])]
-    found = _elastic(3, alive, monkeypatch)._from_copies(alive, 3)
-    assert found["step"] == 2 and found["copies"] == {"step": 2, "own": [0, 2], "buddy": [1]}
+    found = _elastic(3, alive)._from_copies(alive, 3)
+    assert found["step"] == 2 and [s[1:] for s in found["sources"]] == [("own", 0, 2), ("buddy", 1, 2),
+                                                                        ("own", 2, 2)]
+    assert found["copies"] == {"step": 2, "own": [0, 2], "buddy": [1]}
