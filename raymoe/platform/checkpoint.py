@@ -21,6 +21,9 @@ entries have E_local leading rows. Nothing is unpickled: tensors go through safe
 Distributed: each shard calls ``save_checkpoint(..., write_dense=rank == 0, write_manifest=False, rank=r)``;
 then the coordinator calls ``finalize_checkpoint(dir, writer_ranks=range(world), ...)``, which reads every file
 the writers list back from the storage, checks its size and sha256 against what the writer wrote, and commits.
+FSDP2-sharded state (DTensors) is written as the same files, each sharded tensor gathered alone where it is
+written and streamed into its files (:mod:`raymoe.platform.sharded_io`), and loaded by reading each rank's
+slices only (:mod:`raymoe.platform.checkpoint_load`): no rank ever holds the whole state.
 
 ``root`` may be a local path or a storage URI (``s3://bucket/run/checkpoints``, see
 :mod:`raymoe.platform.storage`): every file is written whole or not at all (local: tmp + fsync + rename; an
@@ -31,20 +34,26 @@ locations and :class:`~raymoe.platform.storage.RemotePath` otherwise.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import random
 import re
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save_file
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from raymoe.platform import storage
+from raymoe.platform import fsdp, sharded_io, storage
+
+__all__ = ["DENSE", "EXPERT_DIR", "FORMAT_VERSION", "LATEST", "MANIFEST", "OPTIM_DENSE", "CheckpointError",
+           "expert_file_name", "fetch_files", "finalize_checkpoint", "inspect_checkpoint", "latest_checkpoint",
+           "list_checkpoints", "load_checkpoint", "memory_key", "read_manifest", "record_written",
+           "remove_checkpoint", "save_checkpoint", "split_state", "step_dir_name", "verify_files"]
 
 FORMAT_VERSION = 1
 MANIFEST, LATEST, DENSE, OPTIM_DENSE, EXPERT_DIR = "manifest.json", "latest", "dense.safetensors", \
@@ -111,17 +120,13 @@ def split_state(model: nn.Module):
     return dense, containers
 
 
-def _write_safetensors(path, tensors: dict, metadata: dict[str, str]) -> dict:
-    """Write a safetensors file whole (see `storage.write_file`); returns its {"size", "sha256"}."""
-    out, ptrs = {}, set()
-    for k, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in ptrs:
-            t = t.clone()  # safetensors refuses tensors sharing memory
-        ptrs.add(t.untyped_storage().data_ptr())
-        out[k] = t
-    size, sha = storage.write_file(path, lambda tmp: save_file(out, str(tmp), metadata=metadata))
-    return {"size": size, "sha256": sha}
+def _write(written: dict, ckpt, rel: str, tensors: dict, metadata: dict, write: bool = True) -> None:
+    """Write file ``rel`` of ``tensors`` (``write`` False: only take part in gathering its sharded tensors, see
+    `sharded_io.write_files`) and record its {"size", "sha256"} in ``written``."""
+    if write:
+        written[rel] = sharded_io.write_files([ckpt / rel], tensors, [metadata])[0]
+    else:
+        sharded_io.write_files(None, tensors, [metadata])
 
 
 def _header(path, buf: bytes | None = None) -> dict:
@@ -169,6 +174,11 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
                     rank: int | None = None, tokenizer=None):
     """Write ``model`` [+ ``optimizer`` state, RNG state] to ``<root>/step_{step:08d}/``; return that dir.
 
+    An FSDP-sharded model (DTensor parameters and AdamW state) is written as the same files as a whole one:
+    each sharded tensor is gathered alone, when its file is written, and dropped right after, so a rank holds
+    at most one whole tensor beyond its shards. This makes the call a collective for a sharded model: every
+    rank calls it, each with its own ``write_*`` flags (a rank that writes nothing still takes part).
+
     ``write_dense``/``write_experts`` pick the parts this process writes; ``write_manifest`` commits here
     (else a coordinator calls ``finalize_checkpoint`` once every writer returned). ``extra`` and ``config``
     must be JSON-serializable (they go into the manifest). ``rank`` names a per-rank RNG file. ``tokenizer``
@@ -186,38 +196,53 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
     ckpt = storage.location(root) / step_dir_name(step)
     storage.remove_file(ckpt / MANIFEST)
     written: dict[str, dict] = {}
+    fsdp.reshard(model)
     dense, containers = split_state(model)
     dense_opt, expert_opt, groups = _optimizer_payload(model, optimizer, containers)
-    if write_dense:
-        stored, aliases, seen = {}, {}, {}
-        for k, t in dense.items():  # tied weights (wte/lm_head) are stored once
-            key = memory_key(t)
-            if t.numel() and key in seen:
-                aliases[k] = seen[key]
-            else:
-                seen[key], stored[k] = k, t
-        written[DENSE] = _write_safetensors(ckpt / DENSE, stored, {"aliases": json.dumps(aliases)})
-        if optimizer is not None:
-            written[OPTIM_DENSE] = _write_safetensors(ckpt / OPTIM_DENSE, dense_opt, {"param_groups": groups})
-    for lid, (_, mod, entries) in containers.items() if write_experts else ():
-        for i, gid in enumerate(mod.global_expert_ids):
-            tensors, shared = {ln: t[i] for ln, t in entries.items()}, []
-            for ln, states in expert_opt.get(lid, {}).items():
-                for sname, v in states.items():
-                    # per-element state gets row i; the rest (AdamW's scalar step) is copied to every expert
-                    tensors[f"{sname}.{ln}"] = v[i] if v.shape == entries[ln].shape else v
-                    shared += [] if v.shape == entries[ln].shape else [f"{sname}.{ln}"]
-            meta = {"layer_id": str(lid), "global_expert_id": str(gid),
-                    "params": json.dumps(sorted(entries)), "shared": json.dumps(shared)}
-            rel = expert_file_name(lid, int(gid))
-            written[rel] = _write_safetensors(ckpt / rel, tensors, meta)
+    _write(written, ckpt, DENSE, *_dense_payload(model, dense), write_dense)
+    if optimizer is not None:
+        _write(written, ckpt, OPTIM_DENSE, dense_opt, {"param_groups": groups}, write_dense)
+    for lid, (_, mod, entries) in containers.items():
+        _write_experts(written, ckpt, lid, mod, entries, expert_opt.get(lid, {}), write_experts)
     if rng:
-        written[_rng_file(rank)] = _write_safetensors(ckpt / _rng_file(rank), *_rng_payload())
+        _write(written, ckpt, _rng_file(rank), *_rng_payload())
     record_written(ckpt, rank, written)
     if write_manifest:
         finalize_checkpoint(ckpt, step=step, config=config, extra=extra, tokenizer=tokenizer,
                             writer_ranks=[rank or 0])
     return ckpt
+
+
+def _dense_payload(model: nn.Module, dense: dict) -> tuple[dict, dict]:
+    """(the dense entries to store, the dense file's metadata): tied weights (wte/lm_head) are stored once, the
+    other names listed as aliases. A sharded tensor is tied by its parameter (its local part may be empty,
+    and every rank must agree on what is gathered); a whole one by its memory."""
+    params = {k: id(p) for k, p in model.named_parameters(remove_duplicate=False)}
+    stored, aliases, seen = {}, {}, {}
+    for k, t in dense.items():
+        key = ("param", params[k]) if isinstance(t, DTensor) else memory_key(t)
+        if t.numel() and key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key], stored[k] = k, t
+    return stored, {"aliases": json.dumps(aliases)}
+
+
+def _write_experts(written: dict, ckpt, lid: int, mod, entries: dict, states: dict, write: bool) -> None:
+    """The files of the experts of container ``mod`` (layer ``lid``): expert i's file holds row i of every
+    entry and of its per-element optimizer state; the rest (AdamW's scalar step) is copied to every file.
+    All of the layer's files are written at once, so each sharded tensor is gathered once."""
+    tensors, rows, shared = dict(entries), set(entries), []
+    for ln, per_state in states.items():
+        for sname, v in per_state.items():
+            tensors[f"{sname}.{ln}"] = v
+            (rows.add if v.shape == entries[ln].shape else shared.append)(f"{sname}.{ln}")
+    ids = [int(g) for g in mod.global_expert_ids]
+    rels = [expert_file_name(lid, g) for g in ids]
+    metas = [{"layer_id": str(lid), "global_expert_id": str(g), "params": json.dumps(sorted(entries)),
+              "shared": json.dumps(sorted(shared))} for g in ids]
+    infos = sharded_io.write_files([ckpt / r for r in rels] if write else None, tensors, metas, rows)
+    written.update(zip(rels, infos))
 
 
 def _optimizer_payload(model, optimizer, containers):
@@ -304,29 +329,41 @@ def read_manifest(path_or_root) -> dict:
     return {**manifest, "path": path.parent}
 
 
-def _read(manifest: dict, rel: str, parse: bool = True):
-    """Verified (tensors, metadata) of safetensors file ``rel`` (its bytes if not ``parse``): it must be
-    listed in the manifest, present, and match its size and sha256."""
+def _verified(manifest: dict, rel: str, dest: Path | None = None):
+    """The file ``rel`` of a committed checkpoint once it is checked: listed in the manifest, present, its
+    size and sha256 as listed (streamed: never held in memory whole). With ``dest``, copied there first (and
+    checked as it is copied); returns the path that was checked."""
     path, entry = manifest["path"] / rel, manifest["files"].get(rel)
     if entry is None:
         raise CheckpointError(f"{path}: not listed in {manifest['path'] / MANIFEST}")
     try:
-        data = storage.read_bytes(path)
+        size, digest = storage.digest(path) if dest is None else storage.download(path, dest)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: listed in the manifest but missing") from None
-    if len(data) != entry["size"]:
-        raise CheckpointError(f"{path}: {len(data)} bytes but the manifest says {entry['size']} "
-                              "(truncated or overwritten)")
-    if (digest := hashlib.sha256(data).hexdigest()) != entry["sha256"]:
-        raise CheckpointError(f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}: "
-                              "the file is corrupted")
-    if not parse:
-        return data
-    meta = _header(path, data).get("__metadata__") or {}
-    try:
-        return st_load(data), meta
-    except Exception as e:  # safetensors raises its own error type
-        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from e
+    problem = (f"{size} bytes but the manifest says {entry['size']} (truncated or overwritten)"
+               if size != entry["size"] else
+               f"sha256 {digest} does not match the manifest's {entry['sha256']}: the file is corrupted"
+               if digest != entry["sha256"] else None)
+    if problem:
+        if dest is not None:
+            dest.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: {problem}")
+    return path if dest is None else dest
+
+
+@contextlib.contextmanager
+def _opened(manifest: dict, rel: str):
+    """(open safetensors file, its metadata) of the checked file ``rel``, to read tensors or slices of them
+    (only those bytes are read); a file at a storage URI is copied to a local temporary folder first."""
+    remote = isinstance(manifest["path"], storage.RemotePath)
+    with tempfile.TemporaryDirectory() if remote else contextlib.nullcontext() as tmp:
+        local = _verified(manifest, rel, Path(tmp) / "file" if remote else None)
+        try:
+            f = safe_open(str(local), framework="pt")
+        except Exception as e:  # safetensors raises its own error type
+            raise CheckpointError(f"{manifest['path'] / rel}: not a valid safetensors file ({e})") from e
+        with f:
+            yield f, f.metadata() or {}
 
 
 def fetch_files(path_or_root, names, dest) -> Path:
@@ -334,8 +371,7 @@ def fetch_files(path_or_root, names, dest) -> Path:
     readers that need local files, such as a tokenizer, when the checkpoint is at a storage URI)."""
     manifest, dest = read_manifest(path_or_root), Path(dest)
     for rel in [n for n in names if n in manifest["files"]]:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dest / rel).write_bytes(_read(manifest, rel, parse=False))
+        _verified(manifest, rel, dest / rel)
     return dest
 
 
@@ -344,139 +380,7 @@ def verify_files(ckpt_dir, names) -> None:
     listed in its manifest and matches its size and sha256."""
     manifest = read_manifest(ckpt_dir)
     for rel in names:
-        _read(manifest, rel, parse=False)
-
-
-def _copy(path, key: str, src: torch.Tensor, dst: torch.Tensor, strict: bool) -> None:
-    if src.shape != dst.shape:
-        raise CheckpointError(f"{path}: {key!r} has shape {list(src.shape)} in the checkpoint but "
-                              f"{list(dst.shape)} in the model")
-    if strict and src.dtype != dst.dtype:
-        raise CheckpointError(f"{path}: {key!r} has dtype {src.dtype} in the checkpoint but {dst.dtype} "
-                              "in the model (strict=False casts)")
-    with torch.no_grad():
-        dst.copy_(src)
-
-
-def _check_keys(path, missing, unexpected) -> None:
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: entries do not match the model: missing {sorted(missing)[:8]}, "
-                              f"unexpected {sorted(unexpected)[:8]}")
-
-
-def load_checkpoint(path_or_root, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                    strict: bool = True, restore_rng: bool = True, rank: int | None = None) -> dict:
-    """Load a committed checkpoint (a step dir, or a root: its latest) into ``model`` [and ``optimizer``].
-
-    Every file read is checked against the manifest (size, sha256), every entry by name, shape and dtype;
-    problems raise ``CheckpointError`` naming the file. Expert containers get the rows of the global experts
-    they hold, whatever placement wrote the checkpoint. Optimizer state (AdamW exp_avg, exp_avg_sq, step)
-    and param_group hyperparameters are restored exactly, so training continues bit-identically.
-    ``strict=False`` tolerates missing/unexpected entries, missing experts and dtype casts.
-    Returns ``{"step", "extra", "config", "path"}``.
-    """
-    manifest = read_manifest(path_or_root)
-    ckpt, files = manifest["path"], manifest["files"]
-    dense, containers = split_state(model)
-    if dense and (DENSE in files or strict):
-        tensors, meta = _read(manifest, DENSE)
-        aliases = json.loads(meta.get("aliases", "{}")).items()
-        saved = {**tensors, **{a: tensors[s] for a, s in aliases if s in tensors}}
-        if strict:
-            _check_keys(ckpt / DENSE, dense.keys() - saved.keys(), saved.keys() - dense.keys())
-        for k in [k for k in dense if k in saved]:
-            _copy(ckpt / DENSE, k, saved[k], dense[k], strict)
-    expert_files = {}
-    for lid, (_, mod, entries) in containers.items():
-        for i, gid in enumerate(mod.global_expert_ids):
-            if (rel := expert_file_name(lid, gid)) not in files:
-                if not strict:
-                    continue
-                raise CheckpointError(f"{ckpt / rel}: not in the checkpoint; the model holds layer {lid} expert "
-                                      f"{gid}, the checkpoint has {manifest.get('experts', {}).get(str(lid))}")
-            tensors, meta = _read(manifest, rel)
-            if (meta.get("layer_id"), meta.get("global_expert_id")) != (str(lid), str(gid)):
-                raise CheckpointError(f"{ckpt / rel}: metadata says layer {meta.get('layer_id')} expert "
-                                      f"{meta.get('global_expert_id')}")
-            names = set(json.loads(meta.get("params", "[]")))
-            if strict:
-                _check_keys(ckpt / rel, entries.keys() - names, names - entries.keys())
-            for ln in [ln for ln in entries if ln in names]:
-                _copy(ckpt / rel, ln, tensors[ln], entries[ln][i], strict)
-            expert_files[(lid, gid)] = (rel, tensors, meta, names)
-    if optimizer is not None:
-        _load_optimizer(manifest, model, optimizer, containers, expert_files, strict)
-    if restore_rng and _rng_file(rank) in files:
-        _restore_rng(*_read(manifest, _rng_file(rank)))
-    return {"step": manifest["step"], "extra": manifest.get("extra"), "config": manifest.get("config"),
-            "path": ckpt}
-
-
-def _expert_param_state(ckpt, mod, lid, ln, expert_files, strict) -> dict:
-    """Optimizer state of expert param ``ln`` of layer ``lid``: rows stacked in this module's expert order."""
-    rows: dict[str, list] = {}
-    state: dict[str, torch.Tensor] = {}
-    for rel, tensors, meta, names in [expert_files[(lid, g)] for g in mod.global_expert_ids
-                                      if (lid, g) in expert_files]:
-        shared = set(json.loads(meta.get("shared", "[]")))
-        for key, v in tensors.items():
-            sname, _, kln = key.partition(".")
-            if key in names or kln != ln:
-                continue
-            if key not in shared:
-                rows.setdefault(sname, []).append(v)
-            elif state.setdefault(sname, v) is not v and not torch.equal(state[sname], v):
-                raise CheckpointError(f"{ckpt / rel}: {key!r} differs from the other experts' files")
-    for sname, vs in rows.items():
-        if len(vs) != len(mod.global_expert_ids):
-            if not strict:
-                return {}
-            raise CheckpointError(f"{ckpt}: layer {lid} {ln!r}: optimizer state {sname!r} is missing from some "
-                                  f"of the files of experts {mod.global_expert_ids}")
-        state[sname] = torch.stack(vs)
-    return state
-
-
-def _load_optimizer(manifest, model, optimizer, containers, expert_files, strict) -> None:
-    ckpt = manifest["path"]
-    saved_groups = (manifest.get("optimizer") or {}).get("param_groups")
-    if saved_groups is None:
-        if not strict:
-            return
-        raise CheckpointError(f"{ckpt}: no optimizer state ({OPTIM_DENSE} not in the manifest) but an "
-                              "optimizer was passed (strict=False skips it)")
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise CheckpointError(f"{ckpt / MANIFEST}: {len(saved_groups)} optimizer param groups, the optimizer "
-                              f"has {len(optimizer.param_groups)}")
-    per_param: dict[str, dict] = {}
-    for key, v in _read(manifest, OPTIM_DENSE)[0].items():
-        sname, _, pname = key.partition(".")
-        per_param.setdefault(pname, {})[sname] = v
-    for lid, (prefix, mod, _) in containers.items():
-        for ln, _p in mod.named_parameters():
-            if state := _expert_param_state(ckpt, mod, lid, ln, expert_files, strict):
-                per_param[prefix + ln] = state
-    names = {id(p): n for n, p in model.named_parameters()}
-    index, groups = {}, []
-    for gi, (g, sg) in enumerate(zip(optimizer.param_groups, saved_groups)):
-        gnames = [names.get(id(p), "?") for p in g["params"]]
-        if gnames != sg.get("params"):
-            raise CheckpointError(f"{ckpt / MANIFEST}: optimizer param group {gi} holds {len(gnames)} params "
-                                  f"{gnames[:3]}..., the checkpoint's {sg.get('params', [])[:3]}...")
-        new = {k: v for k, v in g.items() if k != "params"}
-        for k, v in sg.items():
-            cur = g.get(k)
-            if v is not None and k != "params":
-                v = torch.tensor(v, dtype=cur.dtype, device=cur.device) if torch.is_tensor(cur) else v
-                new[k] = tuple(v) if isinstance(cur, tuple) else v
-        new["params"] = list(range(len(index), len(index) + len(gnames)))
-        index.update(zip(gnames, new["params"]))
-        groups.append(new)
-    if strict and per_param.keys() - index.keys():
-        raise CheckpointError(f"{ckpt / OPTIM_DENSE}: optimizer state for params the optimizer does not hold: "
-                              f"{sorted(per_param.keys() - index.keys())[:8]}")
-    state = {index[n]: st for n, st in per_param.items() if n in index}
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+        _verified(manifest, rel)
 
 
 def inspect_checkpoint(path, *, verify: bool = False) -> dict:
@@ -486,7 +390,7 @@ def inspect_checkpoint(path, *, verify: bool = False) -> dict:
     manifest = read_manifest(path)
     ckpt, files = manifest["path"], manifest["files"]
     for rel in files if verify else ():
-        _read(manifest, rel, parse=False)
+        _verified(manifest, rel)
 
     def numel(rel, keep=lambda k: True) -> int:
         header = _header(ckpt / rel)
@@ -518,5 +422,6 @@ def inspect_checkpoint(path, *, verify: bool = False) -> dict:
             "config": manifest.get("config"), "extra": manifest.get("extra")}
 
 
-# the commit protocol lives in its own module; it is part of this module's API
+# the commit protocol and the loader live in their own modules; they are part of this module's API
 from raymoe.platform.checkpoint_commit import finalize_checkpoint  # noqa: E402
+from raymoe.platform.checkpoint_load import load_checkpoint  # noqa: E402

@@ -20,11 +20,13 @@ Everything FSDP does not manage (replicated dense or experts, expert-load counte
 sharded element once. Micro-batches accumulate unsharded gradients and reduce once per step
 (:func:`gradient_sync`), as the replicated path does.
 
-Checkpoints stay layout-free: :func:`gathered` swaps the sharded parameters and their AdamW state for full
-tensors (a collective: every rank enters it), so ``checkpoint.save_checkpoint`` / ``load_checkpoint`` and the
-elastic exports read and write the same files as an unsharded model; on a load the full tensors are sharded
-back. Mixed precision stays what ``train.dtype`` gives the replicated path: fp32 master weights (the shards),
-fp32 all-gathers and gradient reductions, bf16 compute by autocast on GPU (the router in fp32), fp32 on CPU.
+Checkpoints stay layout-free without whole copies of the state: ``checkpoint.save_checkpoint`` gathers one
+sharded tensor at a time where it is written and ``load_checkpoint`` reads each rank's slices straight into
+its shards (see :mod:`raymoe.platform.sharded_io`); both first call :func:`reshard`. :func:`gathered` swaps
+every sharded parameter and its AdamW state for full tensors at once (a collective: every rank enters it),
+for code that needs the whole model on every rank (the elastic exports, publishing weights). Mixed precision
+stays what ``train.dtype`` gives the replicated path: fp32 master weights (the shards), fp32 all-gathers and
+gradient reductions, bf16 compute by autocast on GPU (the router in fp32), fp32 on CPU.
 FSDP's bf16 ``param_dtype`` is not used: it would round the router's weights to bf16 (the gate reads its weight
 directly, outside any FSDP hook) and make sharded numerics differ from replicated ones.
 """

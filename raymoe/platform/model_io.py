@@ -19,7 +19,7 @@ from torch import nn
 
 from raymoe.config import RaymoeConfig, resolved_d_ff
 from raymoe.platform import checkpoint as ckpt
-from raymoe.platform import hf, storage
+from raymoe.platform import fsdp, hf, storage
 from raymoe.platform.model import GPT, GPTConfig
 
 
@@ -71,8 +71,8 @@ def _init_from_config(cfg: RaymoeConfig) -> GPTConfig:
 
 
 def init_weights(model: nn.Module, cfg: RaymoeConfig) -> bool:
-    """Load ``model.init_from``'s weights into ``model`` (whole or an expert-parallel shard) when the run has
-    one; True if it did."""
+    """Load ``model.init_from``'s weights into ``model`` (whole, an expert-parallel shard, FSDP-sharded: see
+    :func:`load_weights`) when the run has one; True if it did."""
     if not cfg.model.init_from:
         return False
     load_weights(model, cfg.model.init_from)
@@ -112,9 +112,14 @@ def checkpoint_dir(checkpoint: str | Path) -> storage.Location:
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """Fill ``model`` (whole or an expert-parallel shard: only its experts are read) from a native checkpoint
-    (no optimizer, no RNG) or a Hugging Face folder (tensors converted to the model's dtype)."""
+    (no optimizer, no RNG) or a Hugging Face folder (tensors converted to the model's dtype).
+
+    An FSDP-sharded model reads a native checkpoint straight into its shards (each rank only its slices, no
+    communication); a Hugging Face folder is read into its whole parameters, gathered for it and sharded back
+    (``fsdp.gathered``: a collective, every rank calls)."""
     if is_hf_folder(checkpoint):
-        hf.load_weights(model, checkpoint)
+        with fsdp.gathered(model, write_back=True):  # a no-op for an unsharded model
+            hf.load_weights(model, checkpoint)
     else:
         ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
 

@@ -259,20 +259,41 @@ def write_bytes(loc: Location, data: bytes) -> None:
         f.write(data)
 
 
-def write_file(loc: Location, write) -> tuple[int, str]:
-    """Write the file at ``loc`` with ``write(local_path)`` (e.g. a library's save_file), whole or not at all;
-    returns its (size, sha256), hashed while it is published. Local: written under a temporary name beside
-    ``loc``, hashed, fsynced and renamed. Remote: written to a local temporary file, then streamed up as one
-    object (never held in memory whole)."""
-    if isinstance(loc, RemotePath):
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "part"
-            write(src)
-            return _copy_hashed(src, loc)
-    with _staged(loc) as tmp:
-        write(tmp)
-        found = digest(tmp)
-    return found
+class HashedOutput:
+    """A binary stream that hashes what goes through it: ``size`` and ``sha256`` of everything written."""
+
+    def __init__(self, f):
+        self._f, self._hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self._f.write(data)
+        self._hash.update(data)
+        self.size += n
+        return n
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+@contextmanager
+def write_file(loc: Location) -> Iterator[HashedOutput]:
+    """A binary stream (a :class:`HashedOutput`: its ``size`` and ``sha256`` are the file's once the block
+    ends) whose content becomes the file at ``loc`` whole or not at all, written as it comes (never held in
+    memory whole). Local: under a temporary name beside ``loc``, fsynced and renamed. Remote: to a local
+    temporary file, then streamed up as one object (a writer keeping several files open buffers none of them)."""
+    if not isinstance(loc, RemotePath):
+        with open_output(loc) as f:
+            yield HashedOutput(f)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "part"
+        with open(src, "wb") as f:
+            out = HashedOutput(f)
+            yield out
+        if _copy_hashed(src, loc) != (out.size, out.sha256):
+            raise OSError(f"{loc}: the local copy changed while it was uploaded")
 
 
 def _copy_hashed(src: Path, loc: Location) -> tuple[int, str]:
@@ -286,11 +307,12 @@ def upload(src: Path, loc: Location) -> None:
         shutil.copyfileobj(fin, fout, _CHUNK)
 
 
-def download(loc: Location, dst: Path) -> None:
-    """Copy the file at ``loc`` to the local file ``dst``, streamed."""
+def download(loc: Location, dst: Path) -> tuple[int, str]:
+    """Copy the file at ``loc`` to the local file ``dst``, streamed; returns its (size, sha256), hashed as it
+    is copied."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open_input(loc) as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, _CHUNK)
+        return _hashed_copy(fin, fout)
 
 
 def list_files(loc: Location) -> dict[str, int]:

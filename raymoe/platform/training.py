@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from raymoe.config import RaymoeConfig
 from raymoe.platform import checkpoint as ckpt
-from raymoe.platform import fsdp, storage
+from raymoe.platform import storage
 from raymoe.platform.data import (build_dataset, eval_window_starts, rank_micro_batches, rank_window_starts,
                                   window_bytes, windows_from_starts)
 from raymoe.platform.distill import KDSchedule
@@ -334,10 +334,10 @@ class Trainer:
         p = self.place
         if self.hooks is not None:
             self.hooks.before_save(step, self, self.ckpt_dir)
-        with fsdp.gathered(self.model, self.optimizer):  # FSDP-sharded: every rank gathers, the writers write
-            return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, write_dense=p.writes_dense,
-                                        write_experts=p.writes_experts, write_manifest=False,
-                                        rank=p.rank if p.world > 1 else None)
+        # FSDP-sharded: every rank takes part in gathering one tensor at a time, the writers write it
+        return ckpt.save_checkpoint(self.ckpt_dir, step, self.model, self.optimizer, write_dense=p.writes_dense,
+                                    write_experts=p.writes_experts, write_manifest=False,
+                                    rank=p.rank if p.world > 1 else None)
 
     def checkpoint(self, step: int) -> None:
         """Every rank writes its part; once all did (a barrier), the reporter commits the checkpoint, and no rank

@@ -163,22 +163,18 @@ def relayout(rank: int, world: int, job: dict) -> dict:
     from torch.distributed.tensor import DTensor
 
     from raymoe.platform import checkpoint as ckpt
-    from raymoe.platform import fsdp
     from raymoe.platform.fsdp import local_bytes
 
     step, losses, norms = 0, [], []
     for i, phase in enumerate(job["phases"]):
         run = _Run(rank, world, {**job, **phase})
-        if i:
-            with fsdp.gathered(run.model, run.opt, write_back=True):
-                ckpt.load_checkpoint(f"{job['dir']}/{ckpt.step_dir_name(step)}", run.model, run.opt,
-                                     restore_rng=False)
+        if i:  # a sharded model reads its slices straight into its shards
+            ckpt.load_checkpoint(f"{job['dir']}/{ckpt.step_dir_name(step)}", run.model, run.opt, restore_rng=False)
         run.steps(step, step + phase["steps"])
         step += phase["steps"]
         losses, norms = losses + run.losses, norms + run.norms
-        with fsdp.gathered(run.model, run.opt):
-            path = ckpt.save_checkpoint(job["dir"], step, run.model, run.opt, rng=False, write_manifest=False,
-                                        write_dense=rank == 0, write_experts=run.groups.is_first_expert_replica)
+        path = ckpt.save_checkpoint(job["dir"], step, run.model, run.opt, rng=False, write_manifest=False,
+                                    write_dense=rank == 0, write_experts=run.groups.is_first_expert_replica)
         dist.barrier()
         if rank == 0:
             ckpt.finalize_checkpoint(path, step=step, expected_experts=run.cfg.experts_per_layer())
