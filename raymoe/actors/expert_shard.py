@@ -159,10 +159,9 @@ class ExpertShard:
 
     def load(self, path: str) -> int:
         """Load weights + optimizer state from a checkpoint (any EP layout: experts are keyed by global id;
-        FSDP-sharded state: every shard loads at once, see ``fsdp.gathered``)."""
+        FSDP-sharded state: each shard reads only its slices, see ``checkpoint.load_checkpoint``)."""
         t = self.trainer
-        with fsdp.gathered(t.model, t.optimizer, write_back=True):
-            info = ckpt.load_checkpoint(path, t.model, t.optimizer, restore_rng=False)
+        info = ckpt.load_checkpoint(path, t.model, t.optimizer, restore_rng=False)
         self.state.started_at(int(info["step"]))
         return int(info["step"])
 
