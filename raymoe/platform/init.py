@@ -48,17 +48,15 @@ def meta_model(config: GPTConfig, *, moe_kwargs: MoEKwargs = None) -> GPT:
 def materialize(model: GPT, device: torch.device | str, cfg) -> None:
     """Allocate ``model``'s parameters (only this rank's shards and experts) on ``device``, recompute its
     buffers, then fill its weights: from the run's ``model.init_from`` if it has one (through
-    :func:`raymoe.platform.model_io.init_weights`, the whole tensors gathered around the load for a sharded
-    model), else :func:`init_parameters` from ``run.seed``. ``cfg``: the run's :class:`~raymoe.config.RaymoeConfig`."""
-    from raymoe.platform import fsdp
+    :func:`raymoe.platform.model_io.init_weights`: a sharded model reads only its slices of a native checkpoint),
+    else :func:`init_parameters` from ``run.seed``. ``cfg``: the run's :class:`~raymoe.config.RaymoeConfig`."""
     from raymoe.platform.model_io import init_weights
 
     model.to_empty(device=device)
     model.tie_weights()  # to_empty unties plain parameters (FSDP2 keeps its shared DTensor tied)
     reset_buffers(model)
     if cfg.model.init_from:
-        with fsdp.gathered(model, write_back=True):
-            init_weights(model, cfg)
+        init_weights(model, cfg)
     else:
         init_parameters(model, cfg.run.seed)
 
