@@ -3,7 +3,8 @@ models of tests/distributed/ep_harness.py.
 
 ``save`` trains a (sharded) run two steps, writes checkpoint 2 and trains two more (the uninterrupted run);
 ``resume`` loads checkpoint 2 into another world, layout and sharding, writes it again elsewhere (its files
-must be byte-identical: the same state) and trains the same two steps. Both count what a rank holds and reads
+must be byte-identical: the same state) and trains the same two steps; ``init_from`` builds a sharded rank with
+``build_rank`` from it as ``model.init_from`` and writes its weights again. Both count what a rank holds and reads
 meanwhile: the whole tensors gathered at once while saving (``DTensor.full_tensor`` results alive together),
 the bytes read from the files while loading; ``fsdp.gathered`` must not be entered.
 """
@@ -128,7 +129,7 @@ def _save(run, rank: int, root: str) -> dict:
     _barrier(run.world)
     if rank == 0:
         ckpt.finalize_checkpoint(path, step=STEP, expected_experts=run.cfg.experts_per_layer(),
-                                 writer_ranks=range(run.world))
+                                 extra={"model_config": run.cfg.to_dict()}, writer_ranks=range(run.world))
     _barrier(run.world)
     return probe.stats()
 
@@ -162,7 +163,31 @@ def resume(rank: int, world: int, job: dict) -> dict:
     return {"losses": run.losses, "load": loaded, "save": saved, "held": held}
 
 
-JOBS = {"save": save, "resume": resume}
+def init_from(rank: int, world: int, job: dict) -> dict:
+    """``build_rank`` of a run with ``model.init_from`` = checkpoint 2 of ``job["dir"]``, dense and experts
+    sharded at EP ``job["ep"]``: the weights written again (no optimizer) under ``job["out"]``."""
+    from raymoe.config import load_config
+    from raymoe.platform import checkpoint as ckpt
+    from raymoe.platform.distributed import build_rank
+    from raymoe.platform.fsdp import local_bytes
+    from raymoe.platform.model_io import gpt_config_from
+
+    cfg = load_config(None, ["model.block_size=16", "tokenizer.kind=byte", "cluster.dense_sharding=shard",
+                             "cluster.expert_sharding=shard", f"model.init_from={job['dir']}/step_{STEP:08d}"])
+    model_config = gpt_config_from(cfg)
+    ep_sizes = {layer: job["ep"] for layer in model_config.experts_per_layer()}
+    with probed() as probe:
+        parts = build_rank(cfg, model_config, rank, world, ep_sizes, None, torch.device("cpu"))
+    path = ckpt.save_checkpoint(job["out"], STEP, parts.model, None, rng=False, write_manifest=False,
+                                write_dense=rank == 0, write_experts=parts.place.writes_experts, rank=rank)
+    _barrier(world)
+    if rank == 0:
+        ckpt.finalize_checkpoint(path, step=STEP, writer_ranks=range(world))
+    _barrier(world)
+    return {"load": probe.stats(), "state": local_bytes(parts.model.state_dict().values())}
+
+
+JOBS = {"save": save, "resume": resume, "init_from": init_from}
 
 
 def _run_job(rank: int, world: int, job: dict):

@@ -5,12 +5,13 @@ and sharded) and 4 (EP=4 and EP=2, sharded) load it, write it again and train th
 continues with the uninterrupted run's losses and writes byte-identical files (the same weights and AdamW
 state: the files are layout-free); while saving, a rank holds at most one whole tensor beyond its shards, and
 while loading it reads only the bytes of what it holds. Experts sharded along the model dim (one local expert,
-two replicas) are written and read too.
+two replicas) are written and read too, and ``model.init_from`` loads into a sharded rank (build_rank) the same way.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import ckpt_harness as C
 import ep_harness as H
@@ -30,7 +31,8 @@ def runs(tmp_path_factory):
         return name, dict(kind="resume", config="k1_drop", data=data, dir=src, out=d(name.replace("/", "_")), **kw)
 
     world2 = [("save", dict(kind="save", config="k1_drop", data=data, dir=src, ep=2, sharding=SHARD)),
-              resume("w2/ep1"), resume("w2/ep1s", sharding=SHARD)]
+              resume("w2/ep1"), resume("w2/ep1s", sharding=SHARD),
+              ("w2/init_from", dict(kind="init_from", dir=src, out=d("init_from"), ep=1))]
     world1 = [resume("w1/ep1")]
     world4 = [resume("w4/ep4s", ep=4, sharding=SHARD), resume("w4/ep2s", ep=2, sharding=SHARD),
               # one local expert and two replicas: experts sharded along the model dim, saved and loaded so
@@ -48,6 +50,24 @@ def runs(tmp_path_factory):
 
 
 LOADS = ["w2/ep1", "w2/ep1s", "w1/ep1", "w4/ep4s", "w4/ep2s", "w4/e2"]
+
+
+def test_init_from_reads_only_the_slices_of_a_sharded_rank(runs):
+    # build_rank with model.init_from, dense and experts sharded over 2 ranks (EP 1): no gather, each rank reads
+    # the bytes of its shards only, and the weights it holds are the checkpoint's
+    from safetensors.torch import load_file
+
+    results, dirs = runs
+    for r in results["w2/init_from"]:
+        assert r["load"]["gathers"] == 0 and r["state"] - 1024 <= r["load"]["reads"] <= r["state"] + 1024, r
+    src, out = (_files(x) for x in dirs["w2/init_from"])
+    assert out["dense.safetensors"] == src["dense.safetensors"]
+    experts = [rel for rel in src if rel.startswith("experts/")]
+    assert experts and sorted(experts) == sorted(rel for rel in out if rel.startswith("experts/"))
+    for rel in experts:
+        want, got = load_file(f"{dirs['w2/init_from'][0]}/step_00000002/{rel}"), \
+            load_file(f"{dirs['w2/init_from'][1]}/step_00000002/{rel}")
+        assert got.keys() == {"w1", "w2"} and all(torch.equal(got[k], want[k]) for k in got), rel
 
 
 def _files(root: str) -> dict[str, bytes]:
