@@ -8,6 +8,7 @@ import socket
 import sys
 
 import torch
+import torch.distributed as dist
 
 from raymoe.platform.distributed import join_world, leave_world
 
@@ -32,3 +33,25 @@ def gloo_rank(rank: int, world: int, port: int, timeout_s: float = 300.0):
         yield
     finally:
         leave_world()
+
+
+def _report(rank: int, world: int, port: int, measure, args: tuple, results) -> None:
+    with gloo_rank(rank, world, port):
+        results.put((rank, measure(rank, world, *args)))
+        dist.barrier()
+
+
+def run_world(world: int, measure, *args, timeout_s: float = 600.0) -> list:
+    """``measure(rank, world, *args)`` (a module-level function) in each rank of a fresh spawned gloo world of
+    ``world`` processes; every rank's result, in rank order."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").Queue()
+    procs = mp.start_processes(_report, args=(world, free_port(), measure, args, results), nprocs=world,
+                               join=False, start_method="spawn")
+    got = dict(results.get(timeout=timeout_s) for _ in range(world))
+    try:
+        procs.join(timeout=60)
+    except mp.ProcessExitedException as e:  # every rank reported; a gloo teardown abort changes nothing
+        print(f"(world {world}: a worker died during process-group teardown after reporting: {e})")
+    return [got[r] for r in range(world)]
