@@ -53,6 +53,14 @@ def test_checkpoint_storage_quick():
     assert "save/floor" in _run("checkpoint_storage.py", "--quick")
 
 
+@pytest.mark.slow
+def test_checkpoint_memory_quick_prints_both_ways_per_world():
+    text = _run("checkpoint_memory.py", "--quick", "--worlds", "1", "2", timeout=600)
+    assert "streamed/gathered" in text
+    assert [line.split()[:2] for line in text.splitlines() if line.split()[:1] in (["1"], ["2"])] == \
+        [["1", "save"], ["1", "load"], ["2", "save"], ["2", "load"]]
+
+
 def test_serve_load_clients_start_staggered(monkeypatch):
     # serve_load's closed-loop clients: client i's first request goes out i * stagger_s after the start, so
     # the arrivals are spread in every mode (with 0 they start together)
