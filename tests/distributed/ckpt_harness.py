@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 import ep_harness as H
-import gloo_world
 
 STEP = 2
 
@@ -190,20 +189,6 @@ def init_from(rank: int, world: int, job: dict) -> dict:
 JOBS = {"save": save, "resume": resume, "init_from": init_from}
 
 
-def _run_job(rank: int, world: int, job: dict):
+def run_job(rank: int, world: int, job: dict):
+    """One job of this module (for ``ep_harness.spawn`` / ``run_local``)."""
     return JOBS[job["kind"]](rank, world, job)
-
-
-def spawn(world: int, jobs: list[dict], timeout: float = gloo_world.SPAWN_TIMEOUT_S) -> list[list[dict]]:
-    """Run ``jobs`` in a fresh gloo world of ``world`` processes; results[rank][job]."""
-    return gloo_world.spawn(world, _run_job, jobs, timeout)
-
-
-def run_local(jobs: list[dict]) -> list[dict]:
-    """World 1 in this process (no process group)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return [JOBS[job["kind"]](0, 1, job) for job in jobs]
-    finally:
-        torch.set_num_threads(threads)

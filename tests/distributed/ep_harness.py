@@ -315,16 +315,18 @@ def _run_job(rank: int, world: int, job: dict):
     return JOBS[job["kind"]](rank, world, job)
 
 
-def spawn(world: int, jobs: list[dict], timeout: float = gloo_world.SPAWN_TIMEOUT_S) -> list[list[dict]]:
-    """Run ``jobs`` in a fresh gloo world of ``world`` processes; results[rank][job]."""
-    return gloo_world.spawn(world, _run_job, jobs, timeout)
+def spawn(world: int, jobs: list[dict], timeout: float = gloo_world.SPAWN_TIMEOUT_S,
+          run_job=_run_job) -> list[list[dict]]:
+    """Run ``jobs`` in a fresh gloo world of ``world`` processes; results[rank][job]. ``run_job(rank, world,
+    job)``: a module-level function running one job (default: this module's jobs)."""
+    return gloo_world.spawn(world, run_job, jobs, timeout)
 
 
-def run_local(jobs: list[dict]) -> list[dict]:
+def run_local(jobs: list[dict], run_job=_run_job) -> list[dict]:
     """World 1 in this process (no process group): gradient accumulation over the same micro-batches."""
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # same as the workers; shared 2-core machines punish OpenMP spinning
     try:
-        return [JOBS[job["kind"]](0, 1, job) for job in jobs]
+        return [run_job(0, 1, job) for job in jobs]
     finally:
         torch.set_num_threads(torch_threads)

@@ -40,10 +40,10 @@ def runs(tmp_path_factory):
               ("w4/e2", dict(kind="resume", config="k1_drop", data=data, dir=src2, out=d("e2"), ep=1,
                              sharding=SHARD, model=two))]
     out = {}
-    per_rank = C.spawn(2, [j for _, j in world2], timeout=240)
+    per_rank = H.spawn(2, [j for _, j in world2], timeout=240, run_job=C.run_job)
     out.update({name: [r[i] for r in per_rank] for i, (name, _) in enumerate(world2)})
-    out.update({name: [r] for (name, _), r in zip(world1, C.run_local([j for _, j in world1]))})
-    per_rank = C.spawn(4, [j for _, j in world4], timeout=240)
+    out.update({name: [r] for (name, _), r in zip(world1, H.run_local([j for _, j in world1], run_job=C.run_job))})
+    per_rank = H.spawn(4, [j for _, j in world4], timeout=240, run_job=C.run_job)
     out.update({name: [r[i] for r in per_rank] for i, (name, _) in enumerate(world4)})
     jobs = dict(world2 + world1 + world4)
     return out, {name: (jobs[name]["dir"], jobs[name].get("out")) for name in jobs}
