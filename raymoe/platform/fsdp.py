@@ -17,8 +17,10 @@ The model stays single-device; :func:`apply_sharding` wraps it after it is built
 
 Everything FSDP does not manage (replicated dense or experts, expert-load counters) is still synchronised by
 :class:`raymoe.platform.parallel.GradSync`, which skips sharded (DTensor) parameters; the grad norm counts each
-sharded element once. Micro-batches accumulate unsharded gradients and reduce once per step
-(:func:`gradient_sync`), as the replicated path does.
+sharded element once. A sharded unit reduce-scatters its gradients after every micro-batch's backward and
+accumulates them sharded (torchtitan's choice): deferring the reduction to the step's last micro-batch, as the
+replicated path does, would hold every unit's whole unsharded gradients (and parameters) between micro-batches,
+so a rank running several micro-batches would need the whole dense part's gradients, not its shard.
 
 Checkpoints stay layout-free without whole copies of the state: ``checkpoint.save_checkpoint`` gathers one
 sharded tensor at a time where it is written and ``load_checkpoint`` reads each rank's slices straight into
@@ -116,15 +118,6 @@ def _expert_placement(edp: int):
 
 def _fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def gradient_sync(model: nn.Module, last: bool) -> None:
-    """Before each micro-batch: reduce the gradients only in the last one's backward (earlier ones accumulate
-    unsharded gradients and keep their parameters gathered after their backward, saving the next forward's
-    gathers); a no-op for an unsharded model."""
-    for m in _fsdp_modules(model):
-        m.set_requires_gradient_sync(last, recurse=False)
-        m.set_reshard_after_backward(last, recurse=False)
 
 
 def local_bytes(tensors) -> int:

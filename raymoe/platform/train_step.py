@@ -16,7 +16,6 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from raymoe.platform.distill import kd_loss
-from raymoe.platform.fsdp import gradient_sync
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -143,7 +142,6 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     optimizer.zero_grad(set_to_none=True)
     sums, stats = _Sums(), []
     for i, batch in enumerate(batches):
-        gradient_sync(model, last=i == len(batches) - 1)  # FSDP: one reduction per step, as the replicated path
         with _keeping_expert_loads(model, keep=i >= real):
             out = _pass(model, batch, kd if i < real else None, autocast_dtype, total if i < real else None,
                         sums if i < real else _Sums())
