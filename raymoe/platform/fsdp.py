@@ -48,7 +48,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 SHARDING_MODES = ("replicate", "shard")
 
-__all__ = ["SHARDING_MODES", "apply_sharding", "gathered", "gradient_sync", "local_bytes", "reshard"]
+__all__ = ["SHARDING_MODES", "apply_sharding", "gathered", "local_bytes", "reshard"]
 
 
 def _check_mode(field: str, value: str) -> bool:
