@@ -112,7 +112,6 @@ class Elastic:
         layouts = g.gather([h.copy_layout.remote(kind, r, at) for h, kind, r, at in sources])
         which = choose_sources([layout["pieces"] for layout in layouts])
         gens = [h.publish_copy.remote(kind, r, at, w) for (h, kind, r, at), w in zip(sources, which)]
-        g.track(gens)
         return ray.put([published(layout, w, self._items(gen))
                         for layout, w, gen in zip(layouts, which, gens)])
 

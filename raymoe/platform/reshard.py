@@ -272,15 +272,15 @@ def assemble(model: nn.Module, optimizer, copies: list[dict], fetch: Callable[[l
             if key[0] == "model":
                 t.copy_(values[key])
         for key, regions in mine.items():
-            src = [p for p in by_key[key] if any(_intersect(r, p["region"]) for r, _ in regions)]
-            for p, got in zip(src, fetch([p["ref"] for p in src])):
-                for region, view in regions:
-                    if (hit := _intersect(region, p["region"])) is not None:
-                        view[hit[0]].copy_(got[hit[1]])
-            covered = sum(hit[2] for r, _ in regions for p in src if (hit := _intersect(r, p["region"])))
-            if covered != sum(v.numel() for _, v in regions):
-                raise ValueError(f"{key}: the old world's copies cover {covered} of this rank's "
-                                 f"{sum(v.numel() for _, v in regions)} elements")
-            stats["fetched_bytes"] += sum(p["nbytes"] for p in src)
-            stats["fetched_pieces"] += len(src)
+            hits = [(p, [(view, hit) for region, view in regions if (hit := _intersect(region, p["region"]))])
+                    for p in by_key[key]]
+            hits = [(p, on) for p, on in hits if on]  # only the pieces that overlap this rank's parts
+            for (p, on), got in zip(hits, fetch([p["ref"] for p, _ in hits])):
+                for view, (dst, src, _) in on:
+                    view[dst].copy_(got[src])
+            covered, need = sum(hit[2] for _, on in hits for _, hit in on), sum(v.numel() for _, v in regions)
+            if covered != need:
+                raise ValueError(f"{key}: the old world's copies cover {covered} of this rank's {need} elements")
+            stats["fetched_bytes"] += sum(p["nbytes"] for p, _ in hits)
+            stats["fetched_pieces"] += len(hits)
     return stats

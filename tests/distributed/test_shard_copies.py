@@ -89,20 +89,36 @@ def _publish(copies: list[dict]) -> tuple[list[dict], list]:
     return out, store
 
 
+def world_job(rank: int, world: int, job: dict) -> dict:
+    """An "old" or a "new" job (one spawned world runs jobs of both kinds)."""
+    return (old_job if job["kind"] == "old" else new_job)(rank, world, job)
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     d = H.token_file(tmp_path_factory)
-    job = lambda spec: dict(config="k1_drop", data=d, **{k: v for k, v in spec.items() if k != "world"})  # noqa
-    old = {name: [r[0] for r in H.gloo_world.spawn(o["world"], old_job, [job(o)], timeout=240)]
-           for name, (o, _) in CASES.items()}
-    out = {}
-    for name, (_, new) in CASES.items():
-        published, store = _publish([r["copy"] for r in old[name]])
-        ranks = H.gloo_world.spawn(new["world"], new_job, [dict(job(new), published=published, store=store)],
-                                   timeout=240)
-        out[name] = {"old": old[name], "new": [r[0] for r in ranks], "store_bytes": sum(
-            t.numel() * t.element_size() for t in store)}
-    return out
+    old: dict = {}
+
+    def spec(name: str, kind: str) -> dict:
+        o, n = CASES[name]
+        s = o if kind == "old" else n
+        out = dict(kind=kind, config="k1_drop", data=d, **{k: v for k, v in s.items() if k != "world"})
+        if kind == "new":
+            out["published"], out["store"] = _publish([r["copy"] for r in old[name]])
+        return out
+
+    def run(world: int, jobs: list[tuple[str, str]]) -> list:
+        ranks = H.gloo_world.spawn(world, world_job, [spec(name, kind) for name, kind in jobs], timeout=240)
+        return [[r[i] for r in ranks] for i in range(len(jobs))]
+
+    # four worlds, each running the jobs of its size whose inputs are there
+    (old["2to3"],) = run(2, [("2to3", "old")])
+    old["3to2"], new_2to3 = run(3, [("3to2", "old"), ("2to3", "new")])
+    (old["4to2"],) = run(4, [("4to2", "old")])
+    new = dict(zip(("3to2", "4to2"), run(2, [("3to2", "new"), ("4to2", "new")])), **{"2to3": new_2to3})
+    return {name: {"old": old[name], "new": new[name],
+                   "store_bytes": sum(t.numel() * t.element_size() for t in _publish(
+                       [r["copy"] for r in old[name]])[1])} for name in CASES}
 
 
 def _copy_bytes(copy: dict) -> int:
