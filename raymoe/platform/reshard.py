@@ -11,7 +11,7 @@ experts' weights and AdamW state, or whole replicas where nothing is sharded, wi
 layout-free whole (the mesh, the sharded dim and offset, an expert entry's global ids). On a membership change
 (:mod:`raymoe.actors.elastic`) every copy of the old world (a survivor's live state, a lost rank's copy at its
 buddy) stays with its holder, which stores it as pieces (:func:`piece_data`: one per tensor, one per expert
-row of an expert entry; replicas once, :func:`choose_sources`); each rank of the new world, once built at its
+row of an expert entry; replicas once, spread over their holders: :func:`choose_sources`); each rank of the new world, once built at its
 layout, fetches only the pieces that overlap its own local tensors and copies the overlaps in
 (:func:`assemble`). No process holds the whole state (unless the new world is one rank: its share is the
 whole), and no process group is needed across the two worlds.
@@ -159,16 +159,20 @@ def copy_pieces(state: dict) -> tuple[list[tuple[dict, torch.Tensor]], dict]:
 
 
 def choose_sources(layouts: list[list[dict]]) -> list[list[int]]:
-    """For the piece descriptions of several copies of one world (in order of preference), the pieces each
-    copy publishes: every distinct (key, region) once, from the first copy that holds it (replicas of the
-    dense part or of an expert are published once; shards are disjoint)."""
-    taken: set = set()
-    out = []
-    for pieces in layouts:
-        mine = [i for i, p in enumerate(pieces) if (p["key"], p["region"]) not in taken]
-        taken.update((pieces[i]["key"], pieces[i]["region"]) for i in mine)
-        out.append(mine)
-    return out
+    """For the piece descriptions of several copies of one world, the pieces each copy publishes: every
+    distinct (key, region) once (shards are disjoint; a replica of the dense part or of an expert is held by
+    several copies), from the copy with the fewest bytes to publish so far, so replicas are spread over
+    their holders (the work, and the object store's memory on each holder's node)."""
+    holders: dict = {}
+    for c, pieces in enumerate(layouts):
+        for i, p in enumerate(pieces):
+            holders.setdefault((p["key"], p["region"]), []).append((c, i, p["nbytes"]))
+    load, out = [0] * len(layouts), [[] for _ in layouts]
+    for options in holders.values():
+        c, i, n = min(options, key=lambda o: load[o[0]])
+        load[c] += n
+        out[c].append(i)
+    return [sorted(o) for o in out]
 
 
 def describe(state: dict) -> dict:

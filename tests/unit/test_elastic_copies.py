@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from raymoe.actors import elastic as E
+from raymoe.platform.reshard import choose_sources
 
 
 class _Call:
@@ -49,3 +50,16 @@ def test_copies_every_few_steps_go_back_to_the_newest_step_every_rank_has():
     assert found["step"] == 2 and [s[1:] for s in found["sources"]] == [("own", 0, 2), ("buddy", 1, 2),
                                                                         ("own", 2, 2)]
     assert found["copies"] == {"step": 2, "own": [0, 2], "buddy": [1]}
+
+
+def test_each_piece_is_published_once_and_replicas_are_spread_over_their_holders():
+    def piece(name, region, nbytes=8):
+        return {"key": ("model", name), "region": region, "nbytes": nbytes}
+    # two copies: a replicated tensor each holds whole (two of them), a sharded one split between them
+    a = [piece("r1", ((0, 4),)), piece("r2", ((0, 4),)), piece("s", ((0, 2),), 4)]
+    b = [piece("r1", ((0, 4),)), piece("r2", ((0, 4),)), piece("s", ((2, 4),), 4)]
+    which = choose_sources([a, b])
+    chosen = [(c, layout[i]["key"][1]) for c, (layout, w) in enumerate(zip([a, b], which)) for i in w]
+    assert sorted(name for _, name in chosen) == ["r1", "r2", "s", "s"]  # each replica once, both shards
+    assert {name for c, name in chosen if name != "s"} == {"r1", "r2"} and len({c for c, n in chosen
+                                                                               if n != "s"}) == 2
