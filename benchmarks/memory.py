@@ -1,14 +1,15 @@
 """Per-rank training memory, replicated vs FSDP2-sharded (cluster.dense_sharding / expert_sharding), CPU + gloo.
 
-For world 1, 2, 4 each rank builds the GPT-MoE with its experts (EP ``--ep``, capped at the world), applies
-the sharding, trains a few steps through ``train_step`` with the elastic per-step undo copy on
-(``raymoe.actors.shard_state.ShardState``), and reports what it holds: bytes of parameters, gradients and AdamW
-state, dense and expert parts apart, the undo copy, the copy of its shards its buddy keeps for elastic recovery
-(``ShardState.shard_copy``), its RSS after the steps (as is, and live: after malloc_trim) and its peak RSS
-(``ru_maxrss``). RSS includes the process's runtime (Python, torch, gloo: the baseline, measured after joining
-the process group and before building the model), which dominates for small models, so RSS is also printed less
-that baseline (after the steps, live, and at the peak). Each (world, mode) runs in fresh processes, so RSS is
-that configuration's own.
+For world 1, 2, 4 each rank builds the GPT-MoE with its experts (EP ``--ep``, capped at the world) as
+``build_rank`` does (on the meta device, sharded, then only its part allocated and initialised), trains a few
+steps through ``train_step`` with the elastic per-step undo copy on (``raymoe.actors.shard_state.ShardState``),
+and reports what it holds: bytes of parameters, gradients and AdamW state, dense and expert parts apart, the
+undo copy, the copy of its shards its buddy keeps for elastic recovery (``ShardState.shard_copy``), its RSS
+after the steps (as is, and live: after malloc_trim), its peak RSS (``ru_maxrss``) and its peak RSS right after
+building (the start-up peak). RSS includes the process's runtime (Python, torch, gloo: the baseline, measured
+after joining the process group and before building the model), which dominates for small models, so RSS is
+also printed less that baseline (after the steps, live, at the peak, after building). Each (world, mode) runs
+in fresh processes, so RSS is that configuration's own.
 Speed is measured apart, in one world holding both models, their steps alternating (both see the same load on
 a shared machine). Printed as ratios to world 1 (one process holds everything; the largest rank), with the
 issue's targets checked:
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import resource
 import statistics
 
 if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at process start
@@ -37,9 +37,9 @@ if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at 
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-from _gloo import free_port, gloo_rank  # noqa: E402
+from _gloo import run_world  # noqa: E402
+
+from raymoe.actors.shard_state import peak_rss  # noqa: E402
 
 MODEL = dict(vocab_size=2048, block_size=64, n_layer=4, n_head=4, d_model=384, d_ff=1536, expert_ffn=768,
              num_experts=8, expert_interval=2, k=1, capacity_factor=1.25, dropout=0.0)
@@ -52,19 +52,19 @@ class _Rank:
 
     def __init__(self, rank: int, world: int, args, mode: str):
         from raymoe.actors.shard_state import ShardState
+        from raymoe.config import load_config
         from raymoe.platform import fsdp, parallel
-        from raymoe.platform.model import GPT, GPTConfig
+        from raymoe.platform.init import materialize, meta_model
+        from raymoe.platform.model import GPTConfig
         from raymoe.platform.train_step import build_optimizer
 
         self.cfg = cfg = GPTConfig.from_dict(QUICK if args.quick else MODEL)
         layout = parallel.ParallelLayout.from_config(cfg, world, min(args.ep, world))
         groups = parallel.build_process_groups(layout, rank)
-        torch.manual_seed(0)
-        full = GPT(cfg).state_dict()
-        self.model = GPT(cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups, uniform_tokens=True))
-        parallel.load_full_state_dict(self.model, full)
-        del full
+        # as build_rank builds a rank: on the meta device, sharded, then only this rank's part allocated
+        self.model = meta_model(cfg, moe_kwargs=parallel.make_moe_kwargs(layout, groups, uniform_tokens=True))
         fsdp.apply_sharding(self.model, layout, groups, dense=mode, experts=mode)
+        materialize(self.model, "cpu", load_config(None, ["run.seed=0"]))
         self.opt = build_optimizer(self.model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
         self.undo = ShardState(self.model, self.opt, keep_undo=True)
         self.sync = parallel.make_grad_sync(self.model, layout, groups) if world > 1 else None
@@ -120,10 +120,11 @@ def _measure(rank: int, world: int, args, mode: str) -> dict:
     if mode != "speed":
         base = _rss()
         r = _Rank(rank, world, args, mode)
+        built = peak_rss()  # the start-up peak: building and initialising this rank's part
         for _ in range(args.warmup + 1):
             r.train()
-        out = {**r.held(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss": _rss(),
-               "live_rss": _rss(trim=True), "base_rss": base}
+        out = {**r.held(), "peak_rss": peak_rss(), "rss": _rss(), "live_rss": _rss(trim=True), "base_rss": base,
+               "build_peak_rss": built}
         copy = r.undo.shard_copy()  # after the peak was read: the copy lives at the buddy, not here
         return {**out, "copy": sum(t.numel() * t.element_size() for part in ("tensors", "opt")
                                    for t in copy[part].values() if torch.is_tensor(t))}
@@ -135,26 +136,6 @@ def _measure(rank: int, world: int, args, mode: str) -> dict:
             if i >= args.warmup:
                 times[m].append(t)
     return {f"{m}_step_s": statistics.median(t) for m, t in times.items()}
-
-
-def _worker(rank: int, world: int, port: int, args, mode: str, results) -> None:
-    with gloo_rank(rank, world, port):
-        results.put((rank, _measure(rank, world, args, mode)))
-        dist.barrier()
-
-
-def run_world(world: int, args, mode: str) -> list[dict]:
-    """Every rank's measurements for one (world, mode), in fresh processes."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = mp.start_processes(_worker, args=(world, free_port(), args, mode, results), nprocs=world, join=False,
-                               start_method="spawn")
-    got = dict(results.get(timeout=600) for _ in range(world))
-    try:
-        procs.join(timeout=60)
-    except mp.ProcessExitedException as e:  # every rank reported; a gloo teardown abort changes nothing
-        print(f"(world {world}: a worker died during process-group teardown after reporting: {e})")
-    return [got[r] for r in range(world)]
 
 
 def _bytes(r: dict, parts=("dense", "expert"), kinds=KINDS) -> int:
@@ -185,7 +166,7 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
     base = results[(1, "replicate")][0]
     lines = [f"{'world':>5} {'EP':>3} {'mode':<10} {'dense/w1':>8} {'expert/w1':>9} {'params/w1':>9} "
              f"{'grads/w1':>8} {'optim/w1':>8} {'undo/w1':>8} {'copy/w1':>8} {'RSS/w1':>7} {'live/w1':>7} "
-             f"{'peak/w1':>7} {'live-base/w1':>12} {'peak-base/w1':>12} {'tok/s sh/rep':>12}"]
+             f"{'peak/w1':>7} {'live-base/w1':>12} {'peak-base/w1':>12} {'build-base/w1':>13} {'tok/s sh/rep':>12}"]
     checks = []
     for world in worlds:
         e = min(ep, world)
@@ -208,16 +189,18 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
                          f"{ratio(lambda r: r['peak_rss']):>7.2f} "
                          f"{ratio(lambda r: r['live_rss'] - r['base_rss']):>12.2f} "
                          f"{ratio(lambda r: r['peak_rss'] - r['base_rss']):>12.2f} "
+                         f"{ratio(lambda r: r['build_peak_rss'] - r['base_rss']):>13.2f} "
                          f"{'' if speed is None else f'{speed:.2f}':>12}")
             if mode == "shard" and world > 1:
                 checks += _checks(world, e, dense, expert, rs, speed)
-    mb = {k: base[k] / 2**20 for k in ("rss", "live_rss", "peak_rss", "base_rss", "copy")}
+    mb = {k: base[k] / 2**20 for k in ("rss", "live_rss", "peak_rss", "base_rss", "copy", "build_peak_rss")}
     state = {k: _bytes(base, kinds=(k,)) / 2**20 for k in KINDS}
     lines.append(f"world 1: parameters {state['params']:.1f} MiB, gradients {state['grads']:.1f} MiB, AdamW "
                  f"{state['optim']:.1f} MiB ({_bytes(base, ('expert',)) / _bytes(base):.0%} of it experts); RSS after "
                  f"the steps {mb['rss']:.0f} MiB, live (after malloc_trim) {mb['live_rss']:.0f} MiB, peak "
-                 f"{mb['peak_rss']:.0f} MiB, baseline before the model {mb['base_rss']:.0f} MiB (every rank builds the "
-                 f"full model once at start, as build_rank does); the copy a buddy keeps {mb['copy']:.1f} MiB")
+                 f"{mb['peak_rss']:.0f} MiB, baseline before the model {mb['base_rss']:.0f} MiB, peak after building "
+                 f"{mb['build_peak_rss']:.0f} MiB (a rank builds only its part, as build_rank does); the copy a buddy "
+                 f"keeps {mb['copy']:.1f} MiB")
     return lines + [""] + checks
 
 
@@ -237,7 +220,7 @@ def main(argv=None) -> None:
     results = {}
     for world in worlds:
         for mode in ("replicate", "shard", "speed") if world > 1 else ("replicate",):
-            results[(world, mode)] = run_world(world, args, mode)
+            results[(world, mode)] = run_world(world, _measure, args, mode)
     print("\n".join(report(results, worlds, args.ep)))
 
 
