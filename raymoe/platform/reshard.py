@@ -252,7 +252,8 @@ def assemble(model: nn.Module, optimizer, copies: list[dict], fetch: Callable[[l
     old world published as ``copies`` (:func:`published`, together covering its whole state once). For each of
     this rank's local tensors, only the pieces overlapping it are fetched (``fetch``: handles -> tensors),
     one tensor's pieces at a time, and the overlaps copied in: this rank holds its own share plus one
-    tensor's pieces, never the whole state. Returns {"fetched_bytes", "fetched_pieces", "share_bytes"}."""
+    tensor's pieces, never the whole state. Returns {"fetched_bytes", "fetched_pieces", "share_bytes",
+    "largest_fetch_bytes" (the most fetched at once: one tensor's pieces)}."""
     if optimizer.state:
         raise ValueError("assemble fills a new optimizer: this one already has state")
     _restore_groups(model, optimizer, copies[0]["groups"])
@@ -270,7 +271,8 @@ def assemble(model: nn.Module, optimizer, copies: list[dict], fetch: Callable[[l
         str(k) for k in inline if k[0] == "model" and k not in values)
     if missing:
         raise ValueError(f"the old world's copies have no {missing[:4]}")
-    stats = {"fetched_bytes": 0, "fetched_pieces": 0, "share_bytes": sum(d["nbytes"] for d, _ in targets)}
+    stats = {"fetched_bytes": 0, "fetched_pieces": 0, "largest_fetch_bytes": 0,
+             "share_bytes": sum(d["nbytes"] for d, _ in targets)}
     with torch.no_grad():
         for key, t in inline.items():
             if key[0] == "model":
@@ -285,6 +287,8 @@ def assemble(model: nn.Module, optimizer, copies: list[dict], fetch: Callable[[l
             covered, need = sum(hit[2] for _, on in hits for _, hit in on), sum(v.numel() for _, v in regions)
             if covered != need:
                 raise ValueError(f"{key}: the old world's copies cover {covered} of this rank's {need} elements")
-            stats["fetched_bytes"] += sum(p["nbytes"] for p, _ in hits)
+            fetched = sum(p["nbytes"] for p, _ in hits)
+            stats["fetched_bytes"] += fetched
             stats["fetched_pieces"] += len(hits)
+            stats["largest_fetch_bytes"] = max(stats["largest_fetch_bytes"], fetched)
     return stats

@@ -141,8 +141,14 @@ def test_a_new_world_assembles_the_old_worlds_state_from_pieces(results, name):
             assert t.dtype == want[k].dtype and torch.equal(t, want[k]), (name, rank, k)
             got[k] = t
     assert got.keys() == want.keys()  # every expert of every layer is somewhere in the new world
+    whole: dict = {}  # bytes of each whole tensor (an expert entry: all its rows)
+    for k, t in want.items():
+        tensor = k[:2] if k[0] == "model" else k[:3]  # without the expert id
+        whole[tensor] = whole.get(tensor, 0) + t.numel() * t.element_size()
     for rank, r in enumerate(res["new"]):
         st = r["stats"]
+        # fetched one tensor's pieces at a time: at most one whole tensor beyond what it holds
+        assert 0 < st["largest_fetch_bytes"] <= max(whole.values()), (rank, st)
         # its share, plus the parts of the pieces it overlaps that other ranks need; not the whole state
         assert st["share_bytes"] <= st["fetched_bytes"] <= 3 * st["share_bytes"], (rank, st)
         assert st["fetched_bytes"] < res["store_bytes"], (rank, st, res["store_bytes"])
