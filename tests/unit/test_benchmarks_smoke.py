@@ -124,3 +124,11 @@ def test_prefix_cache_smoke_prints_ratios_and_identical_outputs():
                 "--max-tokens", "2")
     assert "uncached/cached: ttft p50" in text and "outputs identical: 3/3 requests" in text
     assert "prefix cache: 96/" in text  # 3 requests x the system prompt's 2 whole blocks of 16 tokens
+
+
+@pytest.mark.slow
+def test_reshard_memory_quick_prints_every_new_rank():
+    text = _run("reshard_memory.py", "--quick", "--moves", "1")
+    assert "fetched/share" in text and "whole state" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("       ")]
+    assert [row[0] for row in rows] == ["0", "1", "2"] and all(len(row) == 6 for row in rows)  # 3 new ranks
