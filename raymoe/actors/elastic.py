@@ -104,10 +104,12 @@ class Elastic:
 
     def _publish(self, sources: list[tuple]):
         """ObjectRef of an old world's state as the new shards fetch it. ``sources``: (holder, kind, old rank,
-        step) of copies that together hold all of it. Each holder describes its copy's pieces; the first holder
-        of each distinct piece (replicas once) yields it, one object each, stored on the holder's node; only
-        the descriptions and references come here. The coordinator owns the pieces (returned to it), so they
-        outlive a holder that dies while the new world forms, and go when this reference does."""
+        step) of copies that together hold all of it. Each holder describes its copy's pieces; one holder of
+        each distinct piece (a replica from the holder with the least to publish so far) yields it, one object
+        each, stored on the holder's node; only the descriptions and references come here (and pieces under
+        Ray's inline limit, 100 KiB, which travel with their reference). The coordinator owns the pieces
+        (returned to it), so they outlive a holder that dies while the new world forms, and go when this
+        reference does."""
         g = self.group
         layouts = g.gather([h.copy_layout.remote(kind, r, at) for h, kind, r, at in sources])
         which = choose_sources([layout["pieces"] for layout in layouts])
