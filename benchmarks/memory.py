@@ -11,15 +11,18 @@ after joining the process group and before building the model), which dominates 
 also printed less that baseline (after the steps, live, at the peak, after building). Each (world, mode) runs
 in fresh processes, so RSS is that configuration's own.
 Speed is measured apart, in one world holding both models, their steps alternating (both see the same load on
-a shared machine). Printed as ratios to world 1 (one process holds everything; the largest rank), with the
+a shared machine), once per ``--speed-seqs`` size (sequences per rank and step, one micro-batch): sharding costs
+a fixed amount per step (each block's parameters gathered in forward and again in backward, its gradients
+reduce-scattered, which gloo does as an all-reduce) while the compute grows with the tokens, so the ratio
+depends on the tokens per rank. Printed as ratios to world 1 (one process holds everything; the largest rank), with the
 issue's targets checked:
 
 - sharded dense state (params + grads + AdamW) per rank <= 1/N of the replicated one + 10%;
 - expert state per rank <= 1/EP of all experts;
 - the undo copy <= one rank's share of parameters + AdamW state (+ buffers);
-- tokens/s sharded / replicated at the same world, measured in this run (target >= 0.8 on CPU).
+- tokens/s sharded / replicated at the same world, measured in this run, per size (target >= 0.8 on CPU).
 
-    python benchmarks/memory.py [--quick] [--worlds 1 2 4] [--ep 2] [--steps 4]
+    python benchmarks/memory.py [--quick] [--worlds 1 2 4] [--ep 2] [--steps 4] [--speed-seqs 4 16]
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ KINDS = ("params", "grads", "optim")
 class _Rank:
     """This rank's GPT-MoE (its experts; sharded as ``mode`` says), AdamW, undo copy and gradient hooks."""
 
-    def __init__(self, rank: int, world: int, args, mode: str):
+    def __init__(self, rank: int, world: int, args, mode: str, mode_rows: int | None = None):
         from raymoe.actors.shard_state import ShardState
         from raymoe.config import load_config
         from raymoe.platform import fsdp, parallel
@@ -69,7 +72,8 @@ class _Rank:
         self.undo = ShardState(self.model, self.opt, keep_undo=True)
         self.sync = parallel.make_grad_sync(self.model, layout, groups) if world > 1 else None
         self.norm = parallel.make_grad_norm(self.model, layout, groups) if world > 1 else None
-        self.gen, self.rows, self.step = torch.Generator().manual_seed(rank), args.batch // world, 0
+        rows = args.batch // world if mode_rows is None else mode_rows
+        self.gen, self.rows, self.step = torch.Generator().manual_seed(rank), rows, 0
         self.world = world
 
     def train(self) -> float:
@@ -117,7 +121,7 @@ def _rss(trim: bool = False) -> int:
 def _measure(rank: int, world: int, args, mode: str) -> dict:
     """Memory of one mode, alone in this process: bytes held after a few steps and the peak RSS. Mode "speed":
     both modes in this process, steps alternating between them, median step seconds of each."""
-    if mode != "speed":
+    if not mode.startswith("speed"):
         base = _rss()
         r = _Rank(rank, world, args, mode)
         built = peak_rss()  # the start-up peak: building and initialising this rank's part
@@ -128,7 +132,8 @@ def _measure(rank: int, world: int, args, mode: str) -> dict:
         copy = r.undo.shard_copy()  # after the peak was read: the copy lives at the buddy, not here
         return {**out, "copy": sum(t.numel() * t.element_size() for part in ("tensors", "opt")
                                    for t in copy[part].values() if torch.is_tensor(t))}
-    ranks = {m: _Rank(rank, world, args, m) for m in ("replicate", "shard")}
+    rows = int(mode.removeprefix("speed"))  # sequences per rank and step
+    ranks = {m: _Rank(rank, world, args, m, rows) for m in ("replicate", "shard")}
     times: dict[str, list[float]] = {m: [] for m in ranks}
     for i in range(args.warmup + args.steps):
         for m, r in ranks.items():  # interleaved: both see the same machine load
@@ -142,7 +147,8 @@ def _bytes(r: dict, parts=("dense", "expert"), kinds=KINDS) -> int:
     return sum(r[f"{part}_{kind}"] for part in parts for kind in kinds)
 
 
-def _checks(world: int, ep: int, dense: float, expert: float, rs: list[dict], speed: float | None) -> list[str]:
+def _checks(world: int, ep: int, dense: float, expert: float, rs: list[dict], speeds: dict[int, float],
+            block: int) -> list[str]:
     """The issue's targets for one sharded world, as printed lines."""
     share = max(_bytes(r, kinds=("params", "optim")) + r["buffers"] for r in rs)
     undo = max(r["undo"] for r in rs) / share
@@ -156,12 +162,13 @@ def _checks(world: int, ep: int, dense: float, expert: float, rs: list[dict], sp
            f"{verdict(expert <= 1 / ep + 1e-9)}",
            f"world {world}: undo copy {undo:.3f} of one rank's parameters + AdamW state + buffers "
            f"(target <= 1; AdamW's scalar step counts aside): {verdict(undo <= 1.001)}"]
-    if speed is not None:
-        out.append(f"world {world}: tokens/s sharded / replicated {speed:.2f} (target >= 0.8): {verdict(speed >= 0.8)}")
+    for rows, speed in speeds.items():
+        out.append(f"world {world}: tokens/s sharded / replicated at {rows * block} tokens per rank and step {speed:.2f} "
+                   f"(target >= 0.8): {verdict(speed >= 0.8)}")
     return out
 
 
-def report(results: dict, worlds: list[int], ep: int) -> list[str]:
+def report(results: dict, worlds: list[int], ep: int, speed_rows: list[int], block: int) -> list[str]:
     """The table (the largest rank, as ratios to world 1) and the targets, as printed lines."""
     base = results[(1, "replicate")][0]
     lines = [f"{'world':>5} {'EP':>3} {'mode':<10} {'dense/w1':>8} {'expert/w1':>9} {'params/w1':>9} "
@@ -178,10 +185,10 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
                 return max(fn(r) for r in rs) / fn(base)
 
             dense, expert = ratio(lambda r: _bytes(r, ("dense",))), ratio(lambda r: _bytes(r, ("expert",)))
-            speed = None
-            if mode == "shard" and (world, "speed") in results:
-                sp = results[(world, "speed")]
-                speed = max(r["replicate_step_s"] for r in sp) / max(r["shard_step_s"] for r in sp)
+            speeds = {}
+            for rows in speed_rows if mode == "shard" else ():
+                sp = results[(world, f"speed{rows}")]
+                speeds[rows] = max(r["replicate_step_s"] for r in sp) / max(r["shard_step_s"] for r in sp)
             cols = [ratio(lambda r, k=k: _bytes(r, kinds=(k,))) for k in KINDS]
             lines.append(f"{world:>5} {e:>3} {mode:<10} {dense:>8.3f} {expert:>9.3f} {cols[0]:>9.3f} {cols[1]:>8.3f} "
                          f"{cols[2]:>8.3f} {ratio(lambda r: r['undo']):>8.3f} {ratio(lambda r: r['copy']):>8.3f} "
@@ -190,9 +197,9 @@ def report(results: dict, worlds: list[int], ep: int) -> list[str]:
                          f"{ratio(lambda r: r['live_rss'] - r['base_rss']):>12.2f} "
                          f"{ratio(lambda r: r['peak_rss'] - r['base_rss']):>12.2f} "
                          f"{ratio(lambda r: r['build_peak_rss'] - r['base_rss']):>13.2f} "
-                         f"{'' if speed is None else f'{speed:.2f}':>12}")
+                         f"{'/'.join(f'{v:.2f}' for v in speeds.values()):>12}")
             if mode == "shard" and world > 1:
-                checks += _checks(world, e, dense, expert, rs, speed)
+                checks += _checks(world, e, dense, expert, rs, speeds, block)
     mb = {k: base[k] / 2**20 for k in ("rss", "live_rss", "peak_rss", "base_rss", "copy", "build_peak_rss")}
     state = {k: _bytes(base, kinds=(k,)) / 2**20 for k in KINDS}
     lines.append(f"world 1: parameters {state['params']:.1f} MiB, gradients {state['grads']:.1f} MiB, AdamW "
@@ -210,18 +217,23 @@ def main(argv=None) -> None:
     p.add_argument("--ep", type=int, default=2, help="expert-parallel size (capped at the world)")
     p.add_argument("--steps", type=int, default=4, help="timed steps (median step time)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step) of the memory runs")
+    p.add_argument("--speed-seqs", type=int, nargs="+", default=[4, 16],
+                   help="sequences per rank and step of the speed runs, one run each (FSDP's cost per step is fixed "
+                        "while the compute grows with the tokens)")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 timed steps (smoke test)")
     p.add_argument("--no-reexec", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup = 2, 1
+        args.steps, args.warmup, args.speed_seqs = 2, 1, args.speed_seqs[:1]
     worlds = sorted(set(args.worlds) | {1})
     results = {}
     for world in worlds:
-        for mode in ("replicate", "shard", "speed") if world > 1 else ("replicate",):
+        speed = [f"speed{n}" for n in args.speed_seqs]
+        for mode in ("replicate", "shard", *speed) if world > 1 else ("replicate",):
             results[(world, mode)] = run_world(world, _measure, args, mode)
-    print("\n".join(report(results, worlds, args.ep)))
+    block = (QUICK if args.quick else MODEL)["block_size"]
+    print("\n".join(report(results, worlds, args.ep, args.speed_seqs, block)))
 
 
 if __name__ == "__main__":

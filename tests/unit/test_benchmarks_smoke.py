@@ -117,6 +117,7 @@ def test_memory_quick_prints_ratios_and_targets():
     # bytes are exact: FSDP2 halves the dense state per rank at world 2, and the undo copy is one rank's share
     assert "world 2: sharded dense state per rank 0.500 of world 1" in text
     assert "undo copy 1.000 of one rank's" in text
+    assert "world 2: tokens/s sharded / replicated at 128 tokens per rank and step" in text  # --quick: 4 x 32
 
 
 def test_prefix_cache_smoke_prints_ratios_and_identical_outputs():
