@@ -7,12 +7,15 @@ into the same model, two ways, alternating in each process:
             alone where it is written; a load reads only this rank's slices of each file
   gathered  the previous path, kept reachable for this comparison: the same calls inside fsdp.gathered (every
             sharded parameter and its AdamW state whole on every rank at once; written back on a load)
-Per rank: the peak RSS growth during each save and load (VmHWM after the call minus VmRSS before it, the peak
-reset first through /proc/self/clear_refs; Linux only) and their seconds. Printed per world: the worst rank's
-growth in MiB, its ratio to world 1's (the whole state in one process), streamed / gathered, and the median
-seconds of the rounds with streamed / gathered.
+A load goes into a fresh AdamW (as a resumed run: its state is allocated by the load). Per rank: the peak RSS
+growth during each save and load (VmHWM after the call minus VmRSS before it, the peak reset first through
+/proc/self/clear_refs; Linux only) and their seconds. Printed per world: the worst rank's growth in MiB (the
+largest over the rounds), as a fraction of the whole state (parameters + AdamW, all ranks'), against world 1's
+and against the gathered path's, and the time ratio (medians over the rounds).
 
-Usage: python benchmarks/checkpoint_memory.py [--worlds 1 2 4] [--rounds 2] [--quick]
+Runs under the shards' malloc settings (benchmarks/_host.py; --no-reexec: the environment's).
+
+Usage: python benchmarks/checkpoint_memory.py [--worlds 1 2 4] [--rounds 2] [--quick] [--no-reexec]
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+if __name__ == "__main__":  # before torch is imported: glibc reads MALLOC_* at process start
+    from _host import reexec_with_tuned_malloc
+
+    reexec_with_tuned_malloc()  # the shards' malloc settings (raymoe.platform.host_memory)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -84,6 +92,7 @@ def _measure(rank: int, world: int, args) -> dict:
 
     from raymoe.platform import checkpoint as ckpt
     from raymoe.platform import fsdp
+    from raymoe.platform.train_step import build_optimizer
 
     model, opt = _build(rank, world, args.quick)
     out = {f"{way}_{op}_{m}": [] for way in ("streamed", "gathered") for op in OPS for m in ("bytes", "s")}
@@ -93,12 +102,10 @@ def _measure(rank: int, world: int, args) -> dict:
             dist.broadcast_object_list(root, src=0)  # one folder for the world (one machine)
         for r in range(args.rounds):
             for way in ("streamed", "gathered"):
-                around = {"save": lambda: fsdp.gathered(model, opt),
-                          "load": lambda: fsdp.gathered(model, opt, write_back=True)} if way == "gathered" else {}
                 path = f"{root[0]}/{way}{r}"
 
                 def save():
-                    with around.get("save", contextlib.nullcontext)():
+                    with fsdp.gathered(model, opt) if way == "gathered" else contextlib.nullcontext():
                         d = ckpt.save_checkpoint(path, 1, model, opt, rng=False, write_manifest=False,
                                                  write_dense=rank == 0, write_experts=rank == 0, rank=rank)
                     if world > 1:
@@ -109,8 +116,11 @@ def _measure(rank: int, world: int, args) -> dict:
                         dist.barrier()
 
                 def load():
-                    with around.get("load", contextlib.nullcontext)():
-                        ckpt.load_checkpoint(path, model, opt, restore_rng=False)
+                    # as a resumed run: the model built, its optimizer without state yet
+                    fresh = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+                    with fsdp.gathered(model, fresh, write_back=True) if way == "gathered" else \
+                            contextlib.nullcontext():
+                        ckpt.load_checkpoint(path, model, fresh, restore_rng=False)
 
                 for op, fn in (("save", save), ("load", load)):
                     grown, secs = _peak_growth(fn)
@@ -124,21 +134,20 @@ def _measure(rank: int, world: int, args) -> dict:
 
 
 def report(results: dict[int, list[dict]]) -> list[str]:
-    """The table: per world and operation, the worst rank's peak growth, ratios, and seconds."""
-    MiB = 2 ** 20
-    one = results.get(1)
-    lines = ["peak RSS growth of the worst rank (MiB) and its ratios; state/rank: parameters + AdamW this rank holds",
-             "world op    state/rank  streamed  gathered  streamed/world1  gathered/world1  streamed/gathered  "
-             "time streamed/gathered"]
+    """The table: per world and operation, the worst rank's peak growth, its ratios, and the seconds."""
+    MiB, nan = 2 ** 20, float("nan")
+    lines = ["peak RSS growth of the worst rank, MiB; whole: the model's parameters + AdamW state (all ranks')",
+             "world op    whole  state/rank  streamed  gathered  streamed/whole  gathered/whole  streamed/world1  "
+             "streamed/gathered  time streamed/gathered"]
     for world, rs in sorted(results.items()):
+        whole = sum(r["state_bytes"] for r in rs)
         for op in OPS:
-            new = max(r[f"streamed_{op}_bytes"] for r in rs)
-            old = max(r[f"gathered_{op}_bytes"] for r in rs)
-            base = max(r[f"streamed_{op}_bytes"] for r in one) if one else None
+            new, old = (max(r[f"{way}_{op}_bytes"] for r in rs) for way in ("streamed", "gathered"))
+            one = max(r[f"streamed_{op}_bytes"] for r in results[1]) if 1 in results else nan
             secs = max(r[f"streamed_{op}_s"] for r in rs) / max(r[f"gathered_{op}_s"] for r in rs)
-            lines.append(f"{world:5d} {op:5s} {max(r['state_bytes'] for r in rs) / MiB:10.1f} {new / MiB:9.1f} "
-                         f"{old / MiB:9.1f} {new / base if base else float('nan'):16.2f} "
-                         f"{old / base if base else float('nan'):16.2f} {new / max(old, 1):18.2f} {secs:22.2f}")
+            lines.append(f"{world:5d} {op:5s} {whole / MiB:6.1f} {max(r['state_bytes'] for r in rs) / MiB:11.1f} "
+                         f"{new / MiB:9.1f} {old / MiB:9.1f} {new / whole:15.2f} {old / whole:15.2f} "
+                         f"{new / one:16.2f} {new / max(old, 1):18.2f} {secs:22.2f}")
     return lines
 
 
@@ -147,6 +156,7 @@ def main(argv=None) -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a tiny model, one round (a smoke run)")
+    ap.add_argument("--no-reexec", action="store_true", help="keep this environment's malloc settings")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds = 1
