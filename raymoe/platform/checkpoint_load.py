@@ -89,13 +89,46 @@ def load_checkpoint(path_or_root, model: nn.Module, optimizer: torch.optim.Optim
             "path": ckpt}
 
 
+class _ExpertState:
+    """The AdamW state of one expert container's parameters, file by file: this rank's rows of each
+    per-element state into a buffer laid out like the parameter's part, the scalars every file repeats."""
+
+    def __init__(self, entries: dict):
+        self.entries, self.rows, self.filled, self.shared = entries, {}, {}, {}
+
+    def add(self, path, f, key: str, row: int, common: bool) -> None:
+        sname, _, ln = key.partition(".")
+        if common:  # AdamW's step: the same in every file
+            v = f.get_tensor(key).clone()
+            if self.shared.setdefault((ln, sname), v) is not v and not torch.equal(self.shared[(ln, sname)], v):
+                raise CheckpointError(f"{path}: {key!r} differs from the other experts' files")
+        elif (got := _part(path, f, key, self.entries[ln], False, row=row)) is not None:
+            shape = sharded_io.layout(self.entries[ln])[0]
+            self.rows.setdefault((ln, sname), torch.empty(shape, dtype=got[1].dtype))[got[0]].copy_(got[1])
+            self.filled[(ln, sname)] = self.filled.get((ln, sname), 0) + 1
+
+    def result(self, prefix: str, held: list[int], strict: bool, where: str) -> dict:
+        """{param name: {state: tensor}}; a parameter whose state some held expert's file lacks gets none
+        (an error if ``strict``)."""
+        out, missing = {}, set()
+        for (ln, sname), buf in self.rows.items():
+            if self.filled[(ln, sname)] != sum(sharded_io.index(self.entries[ln], i) is not None for i in held):
+                if strict:
+                    raise CheckpointError(f"{where} {ln!r}: optimizer state {sname!r} is missing from some of "
+                                          "the files of its experts")
+                missing.add(ln)
+            out.setdefault(ln, {})[sname] = sharded_io.like(buf, self.entries[ln])
+        for (ln, sname), v in self.shared.items():
+            out.setdefault(ln, {})[sname] = v
+        return {prefix + ln: st for ln, st in out.items() if ln not in missing}
+
+
 def _load_experts(manifest, lid, prefix, mod, entries, want_state: bool, strict: bool) -> dict:
     """Load the rows of the experts of container ``mod`` this rank holds (of an FSDP shard: only its rows or
     columns; files of experts it holds nothing of are not read); returns their optimizer state, if
     ``want_state``: {param name: {state: tensor laid out like the parameter}}."""
     ckpt, files = manifest["path"], manifest["files"]
-    params = {ln for ln, _ in mod.named_parameters()}
-    rows, shared, filled = {}, {}, {}  # (param, state) -> local buffer / scalar / rows filled
+    params, state = {ln for ln, _ in mod.named_parameters()}, _ExpertState(entries)
     held = [i for i in range(len(mod.global_expert_ids))
             if any(sharded_io.index(t, i) is not None for t in entries.values())]
     for i in held:
@@ -116,32 +149,9 @@ def _load_experts(manifest, lid, prefix, mod, entries, want_state: bool, strict:
                 _load(ckpt / rel, f, ln, entries[ln], strict, row=i)
             common = set(json.loads(meta.get("shared", "[]")))
             for key in f.keys() if want_state else ():
-                sname, _, ln = key.partition(".")
-                if key in names or ln not in params:
-                    continue
-                if key in common:
-                    v = f.get_tensor(key).clone()
-                    if shared.setdefault((ln, sname), v) is not v and not torch.equal(shared[(ln, sname)], v):
-                        raise CheckpointError(f"{ckpt / rel}: {key!r} differs from the other experts' files")
-                elif (got := _part(ckpt / rel, f, key, entries[ln], False, row=i)) is not None:
-                    buf = rows.setdefault((ln, sname), torch.empty(sharded_io.layout(entries[ln])[0],
-                                                                   dtype=got[1].dtype))
-                    buf[got[0]].copy_(got[1])
-                    filled[(ln, sname)] = filled.get((ln, sname), 0) + 1
-    state: dict[str, dict] = {}
-    for (ln, sname), buf in rows.items():
-        covered = sum(sharded_io.index(entries[ln], i) is not None for i in held)
-        if filled[(ln, sname)] != covered:
-            if strict:
-                raise CheckpointError(f"{ckpt}: layer {lid} {ln!r}: optimizer state {sname!r} is missing from "
-                                      f"some of the files of experts {mod.global_expert_ids}")
-            state[prefix + ln] = None
-        elif (prev := state.setdefault(prefix + ln, {})) is not None:
-            prev[sname] = sharded_io.like(buf, entries[ln])
-    for (ln, sname), v in shared.items():
-        if (prev := state.setdefault(prefix + ln, {})) is not None:
-            prev[sname] = v
-    return {k: v for k, v in state.items() if v}
+                if key not in names and key.partition(".")[2] in params:
+                    state.add(ckpt / rel, f, key, i, key in common)
+    return state.result(prefix, held, strict, f"{ckpt}: layer {lid}")
 
 
 def _dense_optimizer_state(manifest, model: nn.Module) -> tuple[dict, set]:
