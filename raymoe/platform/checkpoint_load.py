@@ -103,8 +103,9 @@ class _ExpertState:
             if self.shared.setdefault((ln, sname), v) is not v and not torch.equal(self.shared[(ln, sname)], v):
                 raise CheckpointError(f"{path}: {key!r} differs from the other experts' files")
         elif (got := _part(path, f, key, self.entries[ln], False, row=row)) is not None:
-            shape = sharded_io.layout(self.entries[ln])[0]
-            self.rows.setdefault((ln, sname), torch.empty(shape, dtype=got[1].dtype))[got[0]].copy_(got[1])
+            shape, device = sharded_io.layout(self.entries[ln])[0], sharded_io.local(self.entries[ln]).device
+            buf = self.rows.setdefault((ln, sname), torch.empty(shape, dtype=got[1].dtype, device=device))
+            buf[got[0]].copy_(got[1])
             self.filled[(ln, sname)] = self.filled.get((ln, sname), 0) + 1
 
     def result(self, prefix: str, held: list[int], strict: bool, where: str) -> dict:

@@ -128,8 +128,9 @@ def index(t: torch.Tensor, row: int | None = None) -> tuple[int | None, tuple[sl
 
 
 def like(part: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``part`` (this rank's part, as :func:`layout` of ``t`` says) laid out like ``t``: a DTensor with
-    ``t``'s mesh and placements if ``t`` is one, else ``part``. No communication."""
+    """``part`` (this rank's part, as :func:`layout` of ``t`` says) laid out like ``t``, on its device: a DTensor
+    with ``t``'s mesh and placements if ``t`` is one, else a tensor. No communication."""
+    part = part.to(local(t).device)  # what a file gives is on the CPU
     if not isinstance(t, DTensor):
         return part
     return DTensor.from_local(part, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
