@@ -4,6 +4,8 @@ a time) and the experts it holds, never the whole model (spawned gloo world of 2
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ CASES = {  # name: (EP size, extra overrides)
     "ep2_sharded": (2, SHARD),  # EDP 1: experts whole on their rank, the dense part sharded
     "ep1_sharded": (1, SHARD),  # EDP 2: each rank holds (and draws) half the experts of every layer
     "ep2_replicated": (2, []),  # the dense part whole, this rank's experts only
+    "ep1_one_expert": (1, SHARD + ["moe.num_experts=1"]),  # fewer experts than ranks: each expert split along D
     "ep2_mixtral": (2, SHARD + ["model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false",
                                 "model.tie_embeddings=false", "moe.k=2", "moe.router=softmax_topk"]),
 }
@@ -32,6 +35,7 @@ def _build(rank: int, world: int, job: dict) -> dict:
     from raymoe.platform import fsdp, init, parallel
     from raymoe.platform.distributed import build_rank
     from raymoe.platform.model_io import gpt_config_from
+    from raymoe.platform.reshard import local_tensor
 
     cfg = _cfg(job["case"], job["tmp"])
     mcfg = gpt_config_from(cfg)
@@ -44,12 +48,15 @@ def _build(rank: int, world: int, job: dict) -> dict:
         init._draw = draw
     model = parts.model
     held_experts = sum(fsdp.local_bytes([m.experts.w1, m.experts.w2]) for m in model.moe_modules())
+    # the whole experts this rank holds all or a slice of (split along D: it draws each whole, keeps its slice)
+    touched = sum(local_tensor(w).shape[0] * w[0].numel() * 4 for m in model.moe_modules()
+                  for w in (m.experts.w1, m.experts.w2))
     layout = parallel.ParallelLayout(world, ep_sizes, mcfg.experts_per_layer())
     groups = parallel.build_process_groups(layout, rank)
     with fsdp.gathered(model):
         state = {k: v.clone() for k, v in parallel.gather_full_state_dict(model, layout, groups).items()}
     return {"state": state, "drawn": drawn, "params": fsdp.local_bytes(model.parameters()),
-            "experts": held_experts, "buffers": {k: v.clone() for k, v in model.named_buffers()}}
+            "experts": held_experts, "touched": touched, "buffers": {k: v.clone() for k, v in model.named_buffers()}}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +66,7 @@ def built(tmp_path_factory):
     return tmp, {c: [results[r][i] for r in range(2)] for i, c in enumerate(CASES)}
 
 
+@functools.cache
 def _local_trainer_model(case: str, tmp: str):
     from raymoe.platform.trainer import LocalTrainer
 
@@ -83,8 +91,8 @@ def test_every_layout_starts_from_the_single_process_weights(built, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_rank_never_generates_the_whole_model(built, case):
     """Every tensor a rank draws goes through init._draw: the dense tensors, each whole once, and the experts
-    it holds (those of a sharded layer: only its rows), never another rank's; its peak is its own parameters
-    plus one drawn tensor, below the whole model."""
+    it holds (of a layer sharded along the experts only its own; split along D, each whole once for its slice),
+    never another rank's; its peak is its own parameters plus one drawn tensor, below the whole model."""
     tmp, runs = built[0], built[1][case]
     ref = _local_trainer_model(case, tmp)
     whole = sum(p.numel() * 4 for p in ref.parameters())
@@ -92,7 +100,11 @@ def test_a_rank_never_generates_the_whole_model(built, case):
     dense = whole - experts
     for run in runs:
         assert run["experts"] <= experts // 2  # EP 2, or EP 1 with the experts sharded over the pair
-        assert sum(run["drawn"]) == dense + run["experts"] < whole
+        assert sum(run["drawn"]) == dense + run["touched"]
+        if case == "ep1_one_expert":  # the one expert is split along D: each rank draws it whole, once
+            assert run["touched"] == experts
+        else:
+            assert run["touched"] == run["experts"] and sum(run["drawn"]) < whole
         assert run["params"] + max(run["drawn"]) < whole
     if CASES[case][1]:  # sharded: each rank allocates about half the model
         assert all(run["params"] <= 0.6 * whole for run in runs)
