@@ -16,6 +16,7 @@ After a membership change a shard publishes the copies it holds as pieces in the
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import ray
@@ -116,9 +117,9 @@ class ExpertShard:
         device = shard_device(c.gpus_per_worker)
         if device.type == "cpu":
             torch.set_num_threads(max(1, int(c.cpus_per_worker)))
+        self._leave_old_world()
         join_world(init_method, rank, world, backend=c.backend, device=device, timeout_s=c.collective_timeout_s)
         self.faults.after_join()
-        self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
         self.world_id = init_method
         model_config = gpt_config_from(self.cfg)
         rss_baseline()  # the runtime (Python, torch, Ray, the process group), before this process builds a model
@@ -155,7 +156,18 @@ class ExpertShard:
                                reporter=self._reporter, place=parts_built.place, grad_sync=parts_built.grad_sync,
                                grad_norm_fn=parts_built.grad_norm, teacher=self._teacher[0],
                                kd_schedule=self._teacher[1], hooks=_StepTracker(self))
+        self.rank, self.world, self.coordinator, self.buddy = rank, world, coordinator, buddy
         return {"rank": rank, "experts": local_experts(parts_built.model), "device": str(device)}
+
+    def _leave_old_world(self) -> None:
+        """Drop the state of the world this shard was part of before it builds its part of a new one: what the
+        new world needs of it was published already (``publish_copy``: owned by the coordinator) or comes from
+        a checkpoint, so the shard never holds its old and new parts at once. Until ``start`` succeeds it is
+        in no world (rank -1), which ``check_health`` takes for a healthy shard without a model."""
+        self.rank, self.trainer, self.state = -1, None, None
+        with self._copies_lock:
+            self._copies = []
+        gc.collect()  # the model, its optimizer and their hooks refer to each other
 
     def load(self, path: str) -> int:
         """Load weights + optimizer state from a checkpoint (any EP layout: experts are keyed by global id;
