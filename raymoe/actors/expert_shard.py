@@ -224,8 +224,12 @@ class ExpertShard:
         first one whose record no rank holds), a lost shard's copy at that step is at its buddy: the buddy
         keeps the copies it received until its own record of that step went round (:meth:`prune_copies`)."""
         c = self.cfg.cluster
-        copy = {**self.state.shard_copy(), "step": step, "rank": self.rank, "world_id": self.world_id}
-        if c.buddy_interval > 1:
+        # every step's copy goes only to the buddy: sent from the live tensors (Ray serialises a call's
+        # arguments when it is made, before the next update), without a second copy of the share here
+        keep_own = c.buddy_interval > 1
+        copy = {**self.state.shard_copy(live=not keep_own), "step": step, "rank": self.rank,
+                "world_id": self.world_id}
+        if keep_own:
             self.keep_snapshot("own", copy)
         if self.buddy is not None:
             ray.get(self.buddy.keep_snapshot.remote("buddy", copy), timeout=c.collective_timeout_s)
