@@ -152,10 +152,12 @@ def resume(rank: int, world: int, job: dict) -> dict:
     """Load checkpoint 2 of ``job["dir"]`` (weights and AdamW state), write it again under ``job["out"]``, then
     train the two steps the uninterrupted run trained after it."""
     from raymoe.platform import checkpoint as ckpt
+    from raymoe.platform import storage
 
     run = H._Run(rank, world, job)
-    with probed() as probe:
-        ckpt.load_checkpoint(f"{job['dir']}/{ckpt.step_dir_name(STEP)}", run.model, run.opt, restore_rng=False)
+    with probed() as probe:  # job["dir"] may be a storage URI (its query after the path)
+        ckpt.load_checkpoint(storage.join(job["dir"], ckpt.step_dir_name(STEP)), run.model, run.opt,
+                             restore_rng=False)
     loaded, held = probe.stats(), _held(run)
     saved = _save(run, rank, job["out"])
     run.steps(STEP, STEP + 2)

@@ -5,10 +5,13 @@ and sharded) and 4 (EP=4 and EP=2, sharded) load it, write it again and train th
 continues with the uninterrupted run's losses and writes byte-identical files (the same weights and AdamW
 state: the files are layout-free); while saving, a rank holds at most one whole tensor beyond its shards, and
 while loading it reads only the bytes of what it holds. Experts sharded along the model dim (one local expert,
-two replicas) are written and read too, and ``model.init_from`` loads into a sharded rank (build_rank) the same way.
+two replicas) are written and read too, a copy at an S3 URI (tests/s3_server.py) loads sharded, and
+``model.init_from`` loads into a sharded rank (build_rank) the same way.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +19,14 @@ import torch
 import ckpt_harness as C
 import ep_harness as H
 
+from raymoe.platform import storage
+
 TOL = 1e-5
 SHARD = {"dense": "shard", "experts": "shard"}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, s3_server):
     data = H.token_file(tmp_path_factory)
     d = lambda name: str(tmp_path_factory.mktemp(name))  # noqa: E731
     src, src2 = d("written"), d("written_e2")
@@ -34,7 +39,10 @@ def runs(tmp_path_factory):
               resume("w2/ep1"), resume("w2/ep1s", sharding=SHARD),
               ("w2/init_from", dict(kind="init_from", dir=src, out=d("init_from"), ep=1))]
     world1 = [resume("w1/ep1")]
+    remote = s3_server.uri(s3_server.bucket(), "written")  # a copy of it at a storage URI, read sharded too
     world4 = [resume("w4/ep4s", ep=4, sharding=SHARD), resume("w4/ep2s", ep=2, sharding=SHARD),
+              ("w4/s3", dict(kind="resume", config="k1_drop", data=data, dir=remote, out=d("s3"), ep=2,
+                             sharding=SHARD)),
               # one local expert and two replicas: experts sharded along the model dim, saved and loaded so
               ("save_e2", dict(kind="save", config="k1_drop", data=data, dir=src2, ep=2, sharding=SHARD, model=two)),
               ("w4/e2", dict(kind="resume", config="k1_drop", data=data, dir=src2, out=d("e2"), ep=1,
@@ -42,14 +50,17 @@ def runs(tmp_path_factory):
     out = {}
     per_rank = H.spawn(2, [j for _, j in world2], timeout=240, run_job=C.run_job)
     out.update({name: [r[i] for r in per_rank] for i, (name, _) in enumerate(world2)})
+    for rel in storage.list_files(Path(src)):
+        storage.upload(Path(src) / rel, storage.join(remote, rel))
     out.update({name: [r] for (name, _), r in zip(world1, H.run_local([j for _, j in world1], run_job=C.run_job))})
     per_rank = H.spawn(4, [j for _, j in world4], timeout=240, run_job=C.run_job)
     out.update({name: [r[i] for r in per_rank] for i, (name, _) in enumerate(world4)})
     jobs = dict(world2 + world1 + world4)
-    return out, {name: (jobs[name]["dir"], jobs[name].get("out")) for name in jobs}
+    return out, {name: (src if jobs[name]["dir"] == remote else jobs[name]["dir"], jobs[name].get("out"))
+                 for name in jobs}
 
 
-LOADS = ["w2/ep1", "w2/ep1s", "w1/ep1", "w4/ep4s", "w4/ep2s", "w4/e2"]
+LOADS = ["w2/ep1", "w2/ep1s", "w1/ep1", "w4/ep4s", "w4/ep2s", "w4/e2", "w4/s3"]
 
 
 def test_init_from_reads_only_the_slices_of_a_sharded_rank(runs):
@@ -71,8 +82,6 @@ def test_init_from_reads_only_the_slices_of_a_sharded_rank(runs):
 
 
 def _files(root: str) -> dict[str, bytes]:
-    from pathlib import Path
-
     step = Path(root) / "step_00000002"
     return {p.relative_to(step).as_posix(): p.read_bytes() for p in sorted(step.rglob("*.safetensors"))}
 
@@ -100,7 +109,7 @@ def test_written_again_the_files_are_byte_identical(runs, name):
 @pytest.mark.parametrize("name", ["save", "save_e2", *LOADS])
 def test_a_rank_gathers_one_whole_tensor_at_a_time(runs, name):
     results, _ = runs
-    sharded = name in ("save", "save_e2", "w2/ep1s", "w4/ep4s", "w4/ep2s", "w4/e2")
+    sharded = name in ("save", "save_e2", "w2/ep1s", "w4/ep4s", "w4/ep2s", "w4/e2", "w4/s3")
     for r in results[name]:
         s, largest = r["save"], r["held"]["largest"]
         assert (s["gathers"] > 0) == sharded, (name, s)  # every rank takes part in the gathers, writer or not
