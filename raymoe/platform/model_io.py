@@ -114,12 +114,11 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """Fill ``model`` (whole or an expert-parallel shard: only its experts are read) from a native checkpoint
     (no optimizer, no RNG) or a Hugging Face folder (tensors converted to the model's dtype).
 
-    An FSDP-sharded model reads a native checkpoint straight into its shards (each rank only its slices, no
-    communication); a Hugging Face folder is read into its whole parameters, gathered for it and sharded back
-    (``fsdp.gathered``: a collective, every rank calls)."""
+    An FSDP-sharded model reads either straight into its shards: each rank only its slices of the files, no
+    communication."""
     if is_hf_folder(checkpoint):
-        with fsdp.gathered(model, write_back=True):  # a no-op for an unsharded model
-            hf.load_weights(model, checkpoint)
+        fsdp.reshard(model)  # parameters registered as their shards
+        hf.load_weights(model, checkpoint)
     else:
         ckpt.load_checkpoint(checkpoint, model, restore_rng=False)
 

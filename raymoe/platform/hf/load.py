@@ -8,6 +8,9 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from raymoe.platform.sharded_io import layout, local
 
 from raymoe.platform.model import GPT, GPTConfig
 
@@ -68,8 +71,11 @@ def load_weights(model: nn.Module, folder: str | Path) -> dict:
     cfg = model.config
     maps = weight_maps(model, family)
     state = model.state_dict(keep_vars=True)
+    # an FSDP-sharded entry is checked by its whole shape, without touching its shards (no collective)
+    shapes = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, DTensor) else v
+              for k, v in state.items()}
     with SafetensorsFolder(folder) as st:
-        _check_shapes(st, maps, state)
+        _check_shapes(st, maps, shapes)
         known = {n for m in maps for n in m.hf_names(all_experts=True)}
         extra = [k for k in st.keys() if k not in known and st.info(k).end > st.info(k).start  # empty: no content
                  and not ignorable(k, family, cfg.n_layer, cfg.tie_embeddings)]
@@ -80,6 +86,9 @@ def load_weights(model: nn.Module, folder: str | Path) -> dict:
         count = 0
         with torch.no_grad():
             for m in maps:
+                if isinstance(state[m.ours], DTensor):
+                    count += _read_shard(st, m, state[m.ours], shapes[m.ours])
+                    continue
                 for name, view in m.pieces(state[m.ours].detach()):
                     info = st.info(name)
                     if not m.transpose and view.is_contiguous() and view.dtype == info.dtype:
@@ -90,6 +99,38 @@ def load_weights(model: nn.Module, folder: str | Path) -> dict:
                         del src
                     count += 1
         return {"tensors": count, "bytes_read": st.bytes_read, "family": family}
+
+
+def _box(whole: torch.Tensor, view: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """The box (start, stop per dim) that ``view`` covers of the contiguous ``whole`` it was cut from (narrowed,
+    or one row of dim 0 unbound: that dim's extent is 1)."""
+    start, rest = [], view.storage_offset()
+    for stride in whole.stride():
+        coord, rest = divmod(rest, stride)
+        start.append(coord)
+    extent = ([1] if view.dim() < whole.dim() else []) + list(view.shape)
+    return tuple((a, a + n) for a, n in zip(start, extent))
+
+
+def _read_shard(st: SafetensorsFolder, m: TensorMap, param, whole: torch.Tensor) -> int:
+    """Fill this rank's part of the FSDP-sharded ``param`` (``whole``: a meta tensor of its whole shape) from
+    the blocks of the HF tensors that overlap it, reading only those blocks; returns the tensors touched."""
+    part, (shape, offset) = local(param).detach(), layout(param)
+    mine = tuple((o, o + n) for o, n in zip(offset, shape))
+    touched = 0
+    for name, view in m.pieces(whole):
+        box = _box(whole, view)
+        lo, hi = [max(a[0], b[0]) for a, b in zip(box, mine)], [min(a[1], b[1]) for a, b in zip(box, mine)]
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue  # another rank's part
+        src = tuple(slice(low - a[0], h - a[0]) for low, h, a in zip(lo, hi, box))
+        src = src[1:] if view.dim() < whole.dim() else src  # an expert row: HF holds it alone
+        block = st.read_block(name, src[::-1] if m.transpose else src)
+        block = block.t() if m.transpose else block
+        dst = tuple(slice(low - o[0], h - o[0]) for low, h, o in zip(lo, hi, mine))
+        part[dst].copy_(block.reshape([h - low for low, h in zip(lo, hi)]))
+        touched += 1
+    return touched
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import HFFormatError
@@ -84,6 +85,7 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         self.bytes_read = 0
         self._fds: dict[Path, int] = {}
+        self._slices: dict = {}  # file -> safe_open handle, for read_block
         self.tensors: dict[str, TensorInfo] = {}
         index = self.folder / INDEX
         if index.is_file():
@@ -121,6 +123,7 @@ class SafetensorsFolder:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._slices.clear()
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
@@ -132,6 +135,17 @@ class SafetensorsFolder:
         if key not in self.tensors:
             raise HFFormatError(f"{self.folder}: tensor {key!r} is missing from the safetensors files")
         return self.tensors[key]
+
+    def read_block(self, key: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """The block ``index`` (a slice per dim) of tensor ``key``, in its stored dtype: only the bytes of that
+        block are read (safetensors' memory-mapped slices), for a rank that holds part of a tensor."""
+        info = self.info(key)
+        handle = self._slices.get(info.file)
+        if handle is None:
+            handle = self._slices[info.file] = safe_open(str(info.file), framework="pt")
+        block = handle.get_slice(key)[index]
+        self.bytes_read += block.numel() * block.element_size()
+        return block
 
     def read(self, key: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tensor ``key`` (in its stored dtype); with ``out`` (contiguous, same dtype and shape) its bytes are
