@@ -48,8 +48,9 @@ def meta_model(config: GPTConfig, *, moe_kwargs: MoEKwargs = None) -> GPT:
 def materialize(model: GPT, device: torch.device | str, cfg) -> None:
     """Allocate ``model``'s parameters (only this rank's shards and experts) on ``device``, recompute its
     buffers, then fill its weights: from the run's ``model.init_from`` if it has one (through
-    :func:`raymoe.platform.model_io.init_weights`: a sharded model reads only its slices of a native checkpoint),
-    else :func:`init_parameters` from ``run.seed``. ``cfg``: the run's :class:`~raymoe.config.RaymoeConfig`."""
+    :func:`raymoe.platform.model_io.init_weights`: a sharded model reads only its slices of a native checkpoint
+    or a Hugging Face folder), else :func:`init_parameters` from ``run.seed``. ``cfg``: the run's
+    :class:`~raymoe.config.RaymoeConfig`."""
     from raymoe.platform.model_io import init_weights
 
     model.to_empty(device=device)
