@@ -163,8 +163,8 @@ def _checks(world: int, ep: int, dense: float, expert: float, rs: list[dict], sp
            f"world {world}: undo copy {undo:.3f} of one rank's parameters + AdamW state + buffers "
            f"(target <= 1; AdamW's scalar step counts aside): {verdict(undo <= 1.001)}"]
     for rows, speed in speeds.items():
-        out.append(f"world {world}: tokens/s sharded / replicated at {rows * block} tokens per rank and step {speed:.2f} "
-                   f"(target >= 0.8): {verdict(speed >= 0.8)}")
+        out.append(f"world {world}: tokens/s sharded / replicated at {rows * block} tokens per rank and step "
+                   f"{speed:.2f} (target >= 0.8): {verdict(speed >= 0.8)}")
     return out
 
 

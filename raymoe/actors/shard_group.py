@@ -216,7 +216,8 @@ class ShardGroup:
              ckpt_path: str | None = None) -> dict:
         """(Re)form the world from ``shards``: ranks ordered by node, EP sizes for this world size, a fresh
         rendezvous; ``state_ref`` (an ObjectRef of the old world's published pieces, see
-        ``Elastic._publish``: each shard fetches those it needs) or ``ckpt_path`` restores the state. Raises a SHARD_FAILURES error if a shard dies meanwhile."""
+        ``Elastic._publish``: each shard fetches those it needs) or ``ckpt_path`` restores the state. Raises a
+        SHARD_FAILURES error if a shard dies meanwhile."""
         c = self.cfg.cluster
         infos = ray.get([s.node_info.remote() for s in shards], timeout=c.start_timeout_s)
         order = rank_order(infos)

@@ -11,9 +11,9 @@ experts' weights and AdamW state, or whole replicas where nothing is sharded, wi
 layout-free whole (the mesh, the sharded dim and offset, an expert entry's global ids). On a membership change
 (:mod:`raymoe.actors.elastic`) every copy of the old world (a survivor's live state, a lost rank's copy at its
 buddy) stays with its holder, which stores it as pieces (:func:`piece_data`: one per tensor, one per expert
-row of an expert entry; replicas once, spread over their holders: :func:`choose_sources`); each rank of the new world, once built at its
-layout, fetches only the pieces that overlap its own local tensors and copies the overlaps in
-(:func:`assemble`). No process holds the whole state (unless the new world is one rank: its share is the
+row of an expert entry; replicas once, spread over their holders: :func:`choose_sources`); each rank of the
+new world, once built at its layout, fetches only the pieces that overlap its own local tensors and copies the
+overlaps in (:func:`assemble`). No process holds the whole state (unless the new world is one rank: its share is the
 whole), and no process group is needed across the two worlds.
 """
 
