@@ -106,9 +106,8 @@ def _configure(module: FSDPModule, device: torch.device) -> None:
 class _InPlaceAllGather(AllGather):
     """FSDP's all-gather on gloo as one broadcast per rank, each straight into that rank's chunk of FSDP's
     output buffer. gloo's all_gather_into_tensor gathers into a buffer of its own and copies it over: one more
-    whole copy of the unit per gather (memory and bytes moved). The same bytes arrive in the same places
-    (``benchmarks/memory.py``: tokens/s sharded / replicated 0.77 -> 0.80-0.83 at world 4, 256 tokens per rank,
-    in runs side by side)."""
+    whole copy of the unit per gather (memory and bytes moved); the same bytes arrive in the same places. Its
+    speed: docs/benchmarks.md, "Memory"."""
 
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
