@@ -26,7 +26,7 @@ Checkpoints stay layout-free without whole copies of the state: ``checkpoint.sav
 sharded tensor at a time where it is written and ``load_checkpoint`` reads each rank's slices straight into
 its shards (see :mod:`raymoe.platform.sharded_io`); both first call :func:`reshard`. :func:`gathered` swaps
 every sharded parameter and its AdamW state for full tensors at once (a collective: every rank enters it),
-for code that needs the whole model on every rank (the elastic exports, publishing weights). Mixed precision
+for code that needs the whole model on every rank (publishing live weights for serving, tests). Mixed precision
 stays what ``train.dtype`` gives the replicated path: fp32 master weights (the shards), fp32 all-gathers and
 gradient reductions, bf16 compute by autocast on GPU (the router in fp32), fp32 on CPU.
 FSDP's bf16 ``param_dtype`` is not used: it would round the router's weights to bf16 (the gate reads its weight
