@@ -198,7 +198,7 @@ def published(layout: dict, which: list[int], refs: list) -> dict:
     return {**layout, "pieces": [{**layout["pieces"][i], "ref": ref} for i, ref in zip(which, refs)]}
 
 
-def _intersect(dst: tuple, src: tuple) -> tuple[tuple, tuple, int] | None:
+def intersect(dst: tuple, src: tuple) -> tuple[tuple, tuple, int] | None:
     """(slices into ``dst``'s tensor, slices into ``src``'s, elements) of two regions' overlap, or None."""
     lo = [max(a[0], b[0]) for a, b in zip(dst, src)]
     hi = [min(a[1], b[1]) for a, b in zip(dst, src)]
@@ -278,7 +278,7 @@ def assemble(model: nn.Module, optimizer, copies: list[dict], fetch: Callable[[l
             if key[0] == "model":
                 t.copy_(values[key])
         for key, regions in mine.items():
-            hits = [(p, [(view, hit) for region, view in regions if (hit := _intersect(region, p["region"]))])
+            hits = [(p, [(view, hit) for region, view in regions if (hit := intersect(region, p["region"]))])
                     for p in by_key[key]]
             hits = [(p, on) for p, on in hits if on]  # only the pieces that overlap this rank's parts
             for (p, on), got in zip(hits, fetch([p["ref"] for p, _ in hits])):

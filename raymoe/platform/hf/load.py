@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from raymoe.platform.reshard import intersect
 from raymoe.platform.sharded_io import layout, local
 
 from raymoe.platform.model import GPT, GPTConfig
@@ -119,16 +120,13 @@ def _read_shard(st: SafetensorsFolder, m: TensorMap, param, whole: torch.Tensor)
     mine = tuple((o, o + n) for o, n in zip(offset, shape))
     touched = 0
     for name, view in m.pieces(whole):
-        box = _box(whole, view)
-        lo, hi = [max(a[0], b[0]) for a, b in zip(box, mine)], [min(a[1], b[1]) for a, b in zip(box, mine)]
-        if any(h <= low for low, h in zip(lo, hi)):
+        if (hit := intersect(mine, _box(whole, view))) is None:
             continue  # another rank's part
-        src = tuple(slice(low - a[0], h - a[0]) for low, h, a in zip(lo, hi, box))
+        dst, src, _ = hit
         src = src[1:] if view.dim() < whole.dim() else src  # an expert row: HF holds it alone
         block = st.read_block(name, src[::-1] if m.transpose else src)
         block = block.t() if m.transpose else block
-        dst = tuple(slice(low - o[0], h - o[0]) for low, h, o in zip(lo, hi, mine))
-        part[dst].copy_(block.reshape([h - low for low, h in zip(lo, hi)]))
+        part[dst].copy_(block.reshape(part[dst].shape))
         touched += 1
     return touched
 
