@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Shard
 from raymoe.platform import checkpoint as ckpt
 from raymoe.platform.checkpoint import CheckpointError, expert_file_name, inspect_checkpoint
 from raymoe.platform.parallel import ParallelLayout, expert_placement
+from raymoe.platform.sharded_io import layout
 
 
 def reshard_plan(path, world: int, ep_size: int | None = None) -> dict:
@@ -71,11 +72,8 @@ def _placement(v) -> dict | None:
     (placement,) = v.placements
     if not isinstance(placement, Shard):
         return None  # replicated: every rank of the mesh holds it whole
-    ranks = v.device_mesh.mesh.flatten().tolist()
-    (coord,) = v.device_mesh.get_coordinate()
-    n = v.shape[placement.dim]
-    return {"ranks": ranks, "dim": placement.dim, "shape": list(v.shape),
-            "offset": min(coord * -(-n // len(ranks)), n)}
+    return {"ranks": v.device_mesh.mesh.flatten().tolist(), "dim": placement.dim, "shape": list(v.shape),
+            "offset": layout(v)[1][placement.dim]}
 
 
 def local_tensor(v) -> torch.Tensor:
