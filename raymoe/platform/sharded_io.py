@@ -3,7 +3,8 @@
 Writing: :func:`header` is a file's header from the names, dtypes and shapes known up front (byte-identical to
 what ``safetensors.torch.save_file`` writes, with the metadata keys sorted: safetensors writes them in a
 random order), then each tensor's bytes go out in the file's order as they arrive (:func:`write_files`), so a
-sharded tensor is gathered whole only when it is written and dropped right after. Reading: :func:`layout`
+sharded tensor is gathered whole only when it is written, only by the rank that writes it, and dropped right
+after. Reading: :func:`layout`
 says which part of a tensor this rank holds, so a reader takes only those bytes from a file
 (``safetensors.safe_open(...).get_slice(name)[index]``) and :func:`like` makes them a DTensor laid out like
 the parameter (FSDP2's optimizer expects its state so).
@@ -17,7 +18,8 @@ import struct
 import sys
 
 import torch
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from raymoe.platform import storage
@@ -77,6 +79,41 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
+def _writing_members(t: DTensor, writes: bool) -> list[int]:
+    """The indices, in ``t``'s mesh, of the ranks that write files (a collective over the mesh)."""
+    group = t.device_mesh.get_group()
+    flags = [torch.zeros(1, dtype=torch.int32, device=t.device) for _ in range(group.size())]
+    dist.all_gather(flags, torch.tensor([int(writes)], dtype=torch.int32, device=t.device), group=group)
+    return [i for i, f in enumerate(flags) if f.item()]
+
+
+def gather_to(t: DTensor, dst: int) -> torch.Tensor | None:
+    """``t`` whole on the rank at index ``dst`` of its mesh, None on the others, which only send their part
+    (a collective over the mesh). FSDP2 splits as ``torch.chunk``: part i starts at i * ceil(n / mesh size) and
+    the last parts may be short or empty, so every part travels padded to that size."""
+    (placement,) = t.placements
+    if not isinstance(placement, Shard):
+        return t.to_local().detach()  # replicated: every rank of the mesh holds it whole
+    group, d = t.device_mesh.get_group(), placement.dim
+    n, size, part = group.size(), t.shape[placement.dim], t.to_local().detach()
+    chunk = -(-size // n)
+    if part.shape[d] != chunk:
+        padded = part.new_zeros(part.shape[:d] + (chunk,) + part.shape[d + 1:])
+        padded.narrow(d, 0, part.shape[d]).copy_(part)
+        part = padded
+    root = dist.get_global_rank(group, dst)
+    if group.rank() != dst:
+        dist.gather(part.contiguous(), None, dst=root, group=group)
+        return None
+    if d == 0:  # gather straight into the whole tensor's rows
+        out = part.new_empty((chunk * n,) + part.shape[1:])
+        dist.gather(part.contiguous(), list(out.chunk(n)), dst=root, group=group)
+        return out[:size]
+    parts = [torch.empty_like(part) for _ in range(n)]
+    dist.gather(part.contiguous(), parts, dst=root, group=group)
+    return torch.cat(parts, d).narrow(d, 0, size)
+
+
 def write_files(locations: list | None, tensors: dict[str, torch.Tensor], metadata: list[dict[str, str]],
                 rows: set[str] = frozenset()) -> list[dict]:
     """Write one safetensors file per entry of ``metadata`` at ``locations`` (each whole or not at all, see
@@ -86,18 +123,28 @@ def write_files(locations: list | None, tensors: dict[str, torch.Tensor], metada
     one at a time in the files' order, a DTensor gathered whole just then and dropped once written, so this
     rank holds at most one whole tensor beyond its shards. Collective for DTensors: every rank of their meshes
     calls with the same names, dtypes and shapes; with ``locations`` None it writes nothing, only takes part
-    in those gathers (a tensor it holds whole is not even read)."""
+    in those gathers (a tensor it holds whole is not even read). A DTensor is gathered whole only where it is
+    written: to the one rank of its mesh that writes (the others send their shards and never hold it whole),
+    to every rank when several write, not at all when none does."""
     specs = {k: (t.dtype, tuple(t.shape[1:] if k in rows else t.shape)) for k, t in tensors.items()}
+    writers: dict[int, list[int]] = {}  # id of a DTensor's mesh -> the indices of its ranks that write
     with contextlib.ExitStack() as stack:
         outs = [stack.enter_context(storage.write_file(loc)) for loc in locations or ()]
         for out, meta in zip(outs, metadata):
             out.write(header(specs, meta))
         for k in order(specs):
-            if outs or isinstance(tensors[k], DTensor):
-                full = whole(tensors[k])
+            t = tensors[k]
+            if isinstance(t, DTensor):
+                if id(t.device_mesh) not in writers:  # every rank of the mesh meets its first tensor here
+                    writers[id(t.device_mesh)] = _writing_members(t, bool(outs))
+                who = writers[id(t.device_mesh)]
+                full = None if not who else gather_to(t, who[0]) if len(who) == 1 else whole(t)
+            else:
+                full = t.detach() if outs else None
+            if full is not None:
                 for j, out in enumerate(outs):
                     out.write(tensor_bytes(full[j] if k in rows else full))
-                del full
+            del full
     return [{"size": out.size, "sha256": out.sha256} for out in outs]
 
 

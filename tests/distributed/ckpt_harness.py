@@ -5,8 +5,9 @@ models of tests/distributed/ep_harness.py.
 ``resume`` loads checkpoint 2 into another world, layout and sharding, writes it again elsewhere (its files
 must be byte-identical: the same state) and trains the same two steps; ``init_from`` builds a sharded rank with
 ``build_rank`` from it as ``model.init_from`` and writes its weights again. Both count what a rank holds and reads
-meanwhile: the whole tensors gathered at once while saving (``DTensor.full_tensor`` results alive together),
-the bytes read from the files while loading; ``fsdp.gathered`` must not be entered.
+meanwhile: the whole tensors gathered at once while saving (``DTensor.full_tensor`` and
+``sharded_io.gather_to`` results alive together), the shards sent to another rank's gather, the bytes read from
+the files while loading; ``fsdp.gathered`` must not be entered.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class _Probe:
 
     def __init__(self):
         self.live: list = []
-        self.gathers = self.max_live = self.reads = self.max_read = 0
+        self.gathers = self.sends = self.max_live = self.reads = self.max_read = 0
 
     def gathered(self, t: torch.Tensor) -> None:
         self.live = [r for r in self.live if r() is not None] + [weakref.ref(t)]
@@ -40,7 +41,8 @@ class _Probe:
         return t
 
     def stats(self) -> dict:
-        return {"gathers": self.gathers, "max_live": self.max_live, "reads": self.reads, "max_read": self.max_read}
+        return {"gathers": self.gathers, "sends": self.sends, "max_live": self.max_live, "reads": self.reads,
+                "max_read": self.max_read}
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -81,30 +83,39 @@ class _File:
 
 @contextlib.contextmanager
 def probed():
-    """Inside: every ``DTensor.full_tensor`` result and every tensor read from a checkpoint file is counted;
-    ``fsdp.gathered`` raises (checkpoints must not need it)."""
+    """Inside: every ``DTensor.full_tensor`` and ``sharded_io.gather_to`` result (or a shard only sent) and every
+    tensor read from a checkpoint file is counted; ``fsdp.gathered`` raises (checkpoints must not need it)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
     from raymoe.platform import checkpoint as ckpt
-    from raymoe.platform import fsdp
+    from raymoe.platform import fsdp, sharded_io
 
-    probe, full_tensor, gathered = _Probe(), DTensor.full_tensor, fsdp.gathered
+    probe, full_tensor, gathered, gather_to = _Probe(), DTensor.full_tensor, fsdp.gathered, sharded_io.gather_to
 
     def counted_full_tensor(self, *a, **kw):
         out = full_tensor(self, *a, **kw)
         probe.gathered(out)
         return out
 
+    def counted_gather_to(t, dst):
+        out = gather_to(t, dst)
+        if out is None:
+            probe.sends += 1
+        else:
+            probe.gathered(out)
+        return out
+
     def refused(*a, **kw):
         raise AssertionError("fsdp.gathered entered by a checkpoint")
 
-    DTensor.full_tensor, fsdp.gathered = counted_full_tensor, refused
+    DTensor.full_tensor, fsdp.gathered, sharded_io.gather_to = counted_full_tensor, refused, counted_gather_to
     ckpt.safe_open = lambda *a, **kw: _File(safe_open(*a, **kw), probe)
     try:
         yield probe
     finally:
         DTensor.full_tensor, fsdp.gathered, ckpt.safe_open = full_tensor, gathered, safe_open
+        sharded_io.gather_to = gather_to
 
 
 def _held(run) -> dict:
@@ -121,16 +132,16 @@ def _held(run) -> dict:
 def _save(run, rank: int, root: str) -> dict:
     from raymoe.platform import checkpoint as ckpt
 
+    writes = {"dense": rank == 0, "experts": run.groups.is_first_expert_replica}
     with probed() as probe:
         path = ckpt.save_checkpoint(root, STEP, run.model, run.opt, rng=False, write_manifest=False,
-                                    write_dense=rank == 0, write_experts=run.groups.is_first_expert_replica,
-                                    rank=rank)
+                                    write_dense=writes["dense"], write_experts=writes["experts"], rank=rank)
     _barrier(run.world)
     if rank == 0:
         ckpt.finalize_checkpoint(path, step=STEP, expected_experts=run.cfg.experts_per_layer(),
                                  extra={"model_config": run.cfg.to_dict()}, writer_ranks=range(run.world))
     _barrier(run.world)
-    return probe.stats()
+    return {**probe.stats(), "writes": any(writes.values())}
 
 
 def _barrier(world: int) -> None:

@@ -112,8 +112,18 @@ def test_a_rank_gathers_one_whole_tensor_at_a_time(runs, name):
     sharded = name in ("save", "save_e2", "w2/ep1s", "w4/ep4s", "w4/ep2s", "w4/e2", "w4/s3")
     for r in results[name]:
         s, largest = r["save"], r["held"]["largest"]
-        assert (s["gathers"] > 0) == sharded, (name, s)  # every rank takes part in the gathers, writer or not
+        assert (s["gathers"] + s["sends"] > 0) == sharded, (name, s)  # every rank takes part, writer or not
         assert s["max_live"] <= largest, (name, s, largest)
+        if not s["writes"]:  # a rank that writes no file sends its shards to the writer, never holds a whole one
+            assert s["gathers"] == 0, (name, s)
+
+
+def test_a_rank_that_writes_no_file_sends_its_shards_and_never_holds_a_whole_tensor(runs):
+    # EP 2 over 4 ranks: ranks 2 and 3 are the experts' second replicas and write nothing; every sharded tensor
+    # is gathered to the one rank that writes it (rank 0 for the dense file, the first replica for experts)
+    results, _ = runs
+    idle = [r["save"] for name in ("w4/ep2s", "w4/s3") for r in results[name] if not r["save"]["writes"]]
+    assert len(idle) == 4 and all(s["gathers"] == 0 and s["sends"] > 0 for s in idle), idle
 
 
 @pytest.mark.parametrize("name", LOADS)
