@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather  # set_custom_all_gather's interface
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # the custom-collective interfaces
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
@@ -96,11 +96,12 @@ def apply_sharding(model: nn.Module, layout, groups, *, dense: str = "replicate"
 def _configure(module: FSDPModule, device: torch.device) -> None:
     """Reduce ``module``'s gradients as a plain sum over its mesh, not FSDP's average (see the module
     docstring): divide factor 1 and sum-only collectives (gloo has no pre-scaled sum). On CPU (gloo), gather
-    its parameters with :class:`_InPlaceAllGather`."""
+    its parameters with :class:`_InPlaceAllGather` and reduce its gradients with :class:`_InPlaceReduceScatter`."""
     module.set_gradient_divide_factor(1.0)
     module.set_force_sum_reduction_for_comms(True)
     if device.type == "cpu":
         module.set_custom_all_gather(_InPlaceAllGather())
+        module.set_custom_reduce_scatter(_InPlaceReduceScatter())
 
 
 class _InPlaceAllGather(AllGather):
@@ -119,6 +120,22 @@ class _InPlaceAllGather(AllGather):
             mine.copy_(input_tensor)
         for src, chunk in zip(dist.get_process_group_ranks(group), chunks):
             dist.broadcast(chunk, src=src, group=group)
+        return None  # done: nothing for FSDP to wait for
+
+
+class _InPlaceReduceScatter(ReduceScatter):
+    """FSDP's reduce-scatter on gloo as an all-reduce in place on FSDP's input buffer (a copy of the unit's
+    gradients FSDP made for this reduction alone), then this rank's chunk copied out. With gloo's own
+    reduce_scatter_tensor the peak of a unit's backward is about one more copy of the unit's gradients higher
+    (gloo reduces through a buffer of its own). The same sums land in the same places. Its effect:
+    docs/benchmarks.md, "Memory"."""
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
+        dist.all_reduce(input_tensor, op=op, group=group)
+        output_tensor.copy_(input_tensor.view(group.size(), -1)[group.rank()])  # FSDP pads every chunk equally
         return None  # done: nothing for FSDP to wait for
 
 
