@@ -356,8 +356,9 @@ class ClusterConfig(_Section):
         "the elastic undo copy and the shard copies held for cluster.buddy_interval, this rank's shards only) must "
         "fit, or the run fails naming this setting. After the first optimizer step the shard also compares its "
         "peak RSS above its process baseline (the runtime before the model, ~300 MiB) with it: printed, exported "
-        "(raymoe_shard_peak_rss_over_baseline_bytes) and a warning when over, not an error (it holds activations, "
-        "transient FSDP buffers and allocator slack too; see docs/design.md).",
+        "(raymoe_shard_peak_rss_over_baseline_bytes, updated after every step) and a warning when over (once, at "
+        "the first step or whenever it first gets over), not an error (it holds activations, transient FSDP "
+        "buffers and allocator slack too; see docs/design.md).",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend: auto = nccl with GPUs, gloo on CPU."

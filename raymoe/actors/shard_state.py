@@ -59,11 +59,12 @@ class ShardState:
         self.last_completed: int | None = None  # the last step whose optimizer update this shard applied
         self._undo: dict | None = None
         self._pending_step: int | None = None
-        self._limit, self._rank, self._measured = memory_limit, rank, False
+        self._limit, self._rank, self._measured, self._warned = memory_limit, rank, False, False
         # called with the number of steps done right after each update, before the step's record goes round
         # (the in-memory copies: see ExpertShard.keep_copies)
         self.after_update: Callable[[int], None] | None = None
-        # called with the peak RSS above the process baseline (bytes) when it is checked (see check_memory)
+        # called with the peak RSS above the process baseline (bytes) after every optimizer step once measured
+        # (see check_memory)
         self.on_peak_rss: Callable[[int], None] | None = None
         self.check_memory()
         optimizer.register_step_post_hook(self._applied)
@@ -105,6 +106,8 @@ class ShardState:
         if self._limit is not None and not self._measured:  # the state is all there after one step
             self._measured = True
             self.check_memory()
+        elif self._limit is not None:
+            self._track_rss(self._limit)
         if self.keep_undo:
             self.last_completed = self._pending_step
         if self.after_update is not None and self._pending_step is not None:
@@ -154,7 +157,9 @@ class ShardState:
         Once measured (after the first optimizer step), also compare the process's peak RSS above its baseline
         (:func:`rss_baseline`) with the limit: printed, passed to :attr:`on_peak_rss`, and a warning when over
         (not an error: RSS also holds the step's transient buffers and the allocator's slack, 2-3.5x the state
-        in docs/benchmarks.md's measurements, and a shard failing inside a step would be taken for a lost one)."""
+        in docs/benchmarks.md's measurements, and a shard failing inside a step would be taken for a lost one).
+        After every later step the peak goes to :attr:`on_peak_rss` again, with one warning the first time it
+        is over the limit (later steps, checkpoints and evaluations can raise it)."""
         limit = self._limit
         if limit is None:
             return
@@ -177,10 +182,24 @@ class ShardState:
         if rss <= limit:
             print(line, flush=True)
             return
+        self._warn(line)
+
+    def _track_rss(self, limit: int) -> None:
+        rss = peak_rss() - rss_baseline()
+        if self.on_peak_rss is not None:
+            self.on_peak_rss(rss)
+        if rss > limit and not self._warned:
+            by = "" if self._pending_step is None else f" by step {self._pending_step + 1}"
+            self._warn(f"shard {self._rank}: peak RSS {rss / 2**30:.3f} GiB above the process baseline "
+                       f"({rss_baseline() / 2**30:.3f} GiB){by}, training state "
+                       f"{self.state_bytes() / 2**30:.3f} GiB, cluster.memory_per_worker_gb={limit / 2**30:g}")
+
+    def _warn(self, line: str) -> None:
+        self._warned = True
         print(f"WARNING: {line}: the process is over the limit (the rest is the step's activations, gathered "
-              "FSDP units and unsharded gradients, optimizer temporaries and allocator slack); shard it, use more "
-              "shards, a smaller train.micro_batch_size or activation checkpointing, or raise the limit",
-              file=sys.stderr, flush=True)
+              "FSDP units and unsharded gradients, optimizer temporaries, checkpoint writes and allocator slack); "
+              "shard it, use more shards, a smaller train.micro_batch_size or activation checkpointing, or raise "
+              "the limit", file=sys.stderr, flush=True)
 
     def rollback(self, step: int) -> int | None:
         """Undo the update of ``step`` if this shard applied it (the step failed on another shard)."""

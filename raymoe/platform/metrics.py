@@ -65,8 +65,8 @@ RECOVERY_SECONDS = MetricDef(
 LOST_STEPS_TOTAL = MetricDef("raymoe_lost_steps_total", "counter", "Optimizer steps redone after a failure.", RUN)
 SHARD_PEAK_RSS = MetricDef(
     "raymoe_shard_peak_rss_over_baseline_bytes", "gauge",
-    "A shard's peak RSS above its process baseline (the runtime before the model was built), measured after the "
-    "first optimizer step when cluster.memory_per_worker_gb is set (compare with it).", (*RUN, "shard"),
+    "A shard's peak RSS above its process baseline (the runtime before the model was built), measured after "
+    "every optimizer step when cluster.memory_per_worker_gb is set (compare with it).", (*RUN, "shard"),
 )
 
 TRAINING_METRICS = (

@@ -1,6 +1,7 @@
 """The shard's memory check (raymoe.actors.shard_state): the training state over cluster.memory_per_worker_gb is
 an error at once; after the first optimizer step the process's peak RSS above its baseline is measured, handed
-to ``on_peak_rss`` (the shard's metric) and printed, with a warning when it is over the limit."""
+to ``on_peak_rss`` (the shard's metric) and printed, with a warning when it is over the limit; after every later
+step it is handed on again, with one warning the first time it is over."""
 
 import pytest
 import torch
@@ -41,8 +42,28 @@ def test_peak_rss_above_the_baseline_is_checked_after_the_first_step(monkeypatch
     assert len(seen) == 1 and (seen[0] > limit) == over
     assert "shard 3: peak RSS" in (out.err if over else out.out)
     assert ("WARNING" in out.err and "over the limit" in out.err) == over
-    _first_step(model, opt)  # measured once
-    assert len(seen) == 1
+    _first_step(model, opt)  # every later step reports its peak again, warning at most once
+    out = capsys.readouterr()
+    assert len(seen) == 2 and "WARNING" not in out.err and "peak RSS" not in out.out
+
+
+def test_a_later_step_over_the_limit_warns_once(monkeypatch, capsys):
+    # under the limit after the first step; a later peak (a checkpoint write, an evaluation) goes over it
+    limit = 256 * 2**20
+    monkeypatch.setattr(shard_state, "_rss_baseline", peak_rss())
+    model, opt, state = _state(limit)
+    seen = []
+    state.on_peak_rss = seen.append
+    _first_step(model, opt)
+    assert "WARNING" not in capsys.readouterr().err
+    monkeypatch.setattr(shard_state, "_rss_baseline", peak_rss() - 2 * limit)
+    state.begin_step(1)
+    _first_step(model, opt)
+    state.begin_step(2)
+    _first_step(model, opt)
+    err = capsys.readouterr().err
+    assert len(seen) == 3 and seen[1] > limit and seen[2] > limit
+    assert err.count("WARNING") == 1 and "shard 3: peak RSS" in err and "by step 2" in err
 
 
 def test_training_state_over_the_limit_is_an_error():
