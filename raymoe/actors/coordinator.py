@@ -228,7 +228,7 @@ class Coordinator:
         try:
             while step < t.steps or t.steps not in self._committed:
                 self._maybe_hold(step)
-                self.elastic.maybe_grow(step)
+                step = self.elastic.maybe_grow(step)
                 self._stop_sent = False
                 try:
                     step = self._run_shards(step)

@@ -40,6 +40,17 @@ MAX_RECOVERIES_PER_STEP = 3
 GROWTH_RETRY_S = 60.0
 
 
+def _object_lost(err: BaseException) -> bool:
+    """Whether ``err`` (or, for a task's error, its cause) is an object Ray lost."""
+    lost = ray.exceptions.ObjectLostError
+    return isinstance(err, lost) or isinstance(getattr(err, "cause", None), lost)
+
+
+def _nodes_gone(node_ids: set[str]) -> bool:
+    """Whether any of ``node_ids`` is no longer an alive node of the cluster."""
+    return bool(node_ids - {n["NodeID"] for n in ray.nodes() if n.get("Alive")})
+
+
 class Elastic:
     """Recovery and growth of a :class:`ShardGroup` (see the module docstring).
 
@@ -53,6 +64,7 @@ class Elastic:
         self.ckpt_dir, self.metrics, self.on_event = ckpt_dir, metrics, on_event
         self._recoveries_at: dict[int, int] = {}
         self._no_growth_until = 0.0  # after a growth that placed nobody, wait before trying again
+        self._holder_nodes: set[str] = set()  # the nodes whose object stores hold the last published pieces
 
     def choose_world(self, available: int) -> int:
         """Largest world size <= ``available`` within [min_workers, max_workers]: the fewest shards left out.
@@ -74,27 +86,37 @@ class Elastic:
         """Form the world from ``shards``, surviving shards that die while it forms: the survivors re-form from
         the same published state (:meth:`_publish`; or checkpoint) until it succeeds or too few shards are
         left. ``during`` names the membership change in the "reform" event of such a loss (start, recovery,
-        restart, replace, grow)."""
-        g = self.group
+        restart, replace, grow). Published pieces lost meanwhile (a node that held some died: the old world's
+        shards already dropped their state, so nothing else has it) send the world back to the latest
+        checkpoint. Returns the world's info, with "step": the step it starts from, and "fallback":
+        "checkpoint" or "scratch" when it had to fall back, else None."""
+        g, fallback = self.group, None
         for attempt in range(MAX_RECOVERIES_PER_STEP + 1):
             try:
                 info = g.form(shards, self.experts_per_layer, state_ref, step, ckpt_path)
                 self.metrics.set(M.WORLD_SIZE, g.world)
-                return info
+                return {**info, "step": step, "fallback": fallback}
             except SHARD_FAILURES as err:
                 if not self.cfg.cluster.elastic or attempt == MAX_RECOVERIES_PER_STEP:
                     raise
                 g.settle(self.cfg.cluster.start_timeout_s)
                 survivors = g.alive(shards)
-                if len(survivors) == len(shards):
+                pieces_lost = state_ref is not None and (_object_lost(err) or _nodes_gone(self._holder_nodes))
+                if len(survivors) == len(shards) and not pieces_lost:
                     raise  # nobody died: a real error, not a membership change
                 if not survivors:
                     raise RuntimeError("every shard died while forming the world") from err
                 keep = self.choose_world(len(survivors))
                 g.kill(survivors[keep:])
-                self._event({"event": "reform", "during": during, "step": step, "joining": len(shards),
-                             "lost_shards": len(shards) - len(survivors), "world": keep,
-                             "error": type(err).__name__})
+                event = {"event": "reform", "during": during, "step": step, "joining": len(shards),
+                         "lost_shards": len(shards) - len(survivors), "world": keep, "error": type(err).__name__}
+                if pieces_lost:
+                    ckpt_path, state_ref = ckpt.latest_checkpoint(self.ckpt_dir), None
+                    fallback = "checkpoint" if ckpt_path else "scratch"
+                    lost_from, step = step, ckpt.read_manifest(ckpt_path)["step"] if ckpt_path else 0
+                    event.update(pieces_lost=True, resume_step=step, lost_steps=lost_from - step)
+                    self.metrics.inc(M.LOST_STEPS_TOTAL, lost_from - step)
+                self._event(event)
                 shards = survivors[:keep]
                 self.metrics.inc(M.RECOVERIES_TOTAL)
         raise AssertionError("unreachable")
@@ -111,6 +133,7 @@ class Elastic:
         (returned to it), so they outlive a holder that dies while the new world forms, and go when this
         reference does."""
         g = self.group
+        self._holder_nodes = {g.infos[g.shards.index(h)]["node_id"] for h, *_ in sources}
         layouts = g.gather([h.copy_layout.remote(kind, r, at) for h, kind, r, at in sources])
         which = choose_sources([layout["pieces"] for layout in layouts])
         gens = [h.publish_copy.remote(kind, r, at, w) for (h, kind, r, at), w in zip(sources, which)]
@@ -118,10 +141,12 @@ class Elastic:
                         for layout, w, gen in zip(layouts, which, gens)])
 
     def _items(self, gen) -> list:
-        """The references a shard's generator call yields, each wait bounded by the collective timeout."""
+        """The references a shard's generator call yields, each wait bounded by the collective timeout. The
+        pieces stay where they are (``fetch_local=False``): waiting would otherwise copy every one of them
+        into this node's object store, the whole state on one node."""
         refs = []
         while True:
-            ready, _ = ray.wait([gen], timeout=self.cfg.cluster.collective_timeout_s)
+            ready, _ = ray.wait([gen], timeout=self.cfg.cluster.collective_timeout_s, fetch_local=False)
             if not ready:
                 raise ray.exceptions.GetTimeoutError("a shard publishing its pieces did not answer within "
                                                      f"{self.cfg.cluster.collective_timeout_s}s")
@@ -167,14 +192,17 @@ class Elastic:
         lost_shards = len(g.shards) - len(alive)
         world = self.choose_world(len(alive))
         g.kill(alive[world:])
-        self.configure(alive[:world], state_ref, resume, path, during="recovery")
+        info = self.configure(alive[:world], state_ref, resume, path, during="recovery")
+        lost_here = step - resume  # (configure counts the steps a fallback to the checkpoint loses on top)
+        if info["fallback"]:  # the published pieces were lost while the world formed
+            resume, source = info["step"], info["fallback"]
         secs = time.monotonic() - t0
         self._event({"event": "recovery", "step": step, "resume_step": resume, "lost_steps": step - resume,
                      "lost_shards": lost_shards, "source": source, "world": g.world, "ep_sizes": g.ep_sizes,
                      "seconds": secs, "error": type(error).__name__, **found})
         self.metrics.inc(M.RECOVERIES_TOTAL)
         self.metrics.observe(M.RECOVERY_SECONDS, secs)
-        self.metrics.inc(M.LOST_STEPS_TOTAL, step - resume)
+        self.metrics.inc(M.LOST_STEPS_TOTAL, lost_here)
         return resume, record
 
     def _restart_all(self, error: BaseException, step: int, t0: float) -> int:
@@ -239,14 +267,15 @@ class Elastic:
         room = g.room()
         return self.choose_world(g.world + min(room, top - g.world)) if room > 0 else g.world
 
-    def maybe_grow(self, step: int) -> None:
+    def maybe_grow(self, step: int) -> int:
         """At a step boundary, add shards (up to max_workers) and redistribute experts: "replace" events for
         shards started in bundles that lost shards left, "grow" for shards on resources the run had not used.
-        Shards lost while they join leave only a "reform" event (the world did not change size)."""
+        Shards lost while they join leave only a "reform" event (the world did not change size). Returns the
+        step to run next: ``step``, or the latest checkpoint's if the published state was lost meanwhile."""
         g = self.group
         target = self.growth_target()
         if target <= g.world:
-            return
+            return step
         new = g.add(target - g.world)
         if g.world + len(new) != target:  # fewer bundles than hoped: keep what choose_world allows
             keep = self.choose_world(g.world + len(new)) - g.world
@@ -254,12 +283,13 @@ class Elastic:
             new = new[:keep]
         if not new:  # resources looked free but nothing could be placed: keep training, retry later
             self._no_growth_until = time.monotonic() + GROWTH_RETRY_S
-            return
+            return step
         t0 = time.monotonic()
         kind = "replace" if all(g.is_replacement(s) for s in new) else "grow"
         state_ref = self._publish([(s, "live", r, step) for r, s in enumerate(g.shards)])
         old = g.world
-        self.configure(g.shards + new, state_ref, step, during=kind)
+        info = self.configure(g.shards + new, state_ref, step, during=kind)
         if g.world > old:
             self._event({"event": kind, "step": step, "from_world": old, "world": g.world,
                          "ep_sizes": g.ep_sizes, "seconds": time.monotonic() - t0})
+        return info["step"]
