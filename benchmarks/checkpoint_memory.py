@@ -11,7 +11,8 @@ A load goes into a fresh AdamW (as a resumed run: its state is allocated by the 
 growth during each save and load (VmHWM after the call minus VmRSS before it, the peak reset first through
 /proc/self/clear_refs; Linux only) and their seconds. Printed per world: the worst rank's growth in MiB (the
 largest over the rounds), as a fraction of the whole state (parameters + AdamW, all ranks'), against world 1's
-and against the gathered path's, and the time ratio (medians over the rounds).
+and against the gathered path's, the time ratio (medians over the rounds), and the worst growth of the ranks
+that write no file (rank 0 writes them all: the others only send their shards to it when streamed).
 
 Runs under the shards' malloc settings (benchmarks/_host.py; --no-reexec: the environment's).
 
@@ -138,16 +139,17 @@ def report(results: dict[int, list[dict]]) -> list[str]:
     MiB, nan = 2 ** 20, float("nan")
     lines = ["peak RSS growth of the worst rank, MiB; whole: the model's parameters + AdamW state (all ranks')",
              "world op    whole  state/rank  streamed  gathered  streamed/whole  gathered/whole  streamed/world1  "
-             "streamed/gathered  time streamed/gathered"]
+             "streamed/gathered  time streamed/gathered  streamed, ranks writing nothing"]
     for world, rs in sorted(results.items()):
         whole = sum(r["state_bytes"] for r in rs)
         for op in OPS:
             new, old = (max(r[f"{way}_{op}_bytes"] for r in rs) for way in ("streamed", "gathered"))
             one = max(r[f"streamed_{op}_bytes"] for r in results[1]) if 1 in results else nan
             secs = max(r[f"streamed_{op}_s"] for r in rs) / max(r[f"gathered_{op}_s"] for r in rs)
+            idle = max((r[f"streamed_{op}_bytes"] for r in rs[1:]), default=nan)  # rank 0 writes every file
             lines.append(f"{world:5d} {op:5s} {whole / MiB:6.1f} {max(r['state_bytes'] for r in rs) / MiB:11.1f} "
                          f"{new / MiB:9.1f} {old / MiB:9.1f} {new / whole:15.2f} {old / whole:15.2f} "
-                         f"{new / one:16.2f} {new / max(old, 1):18.2f} {secs:22.2f}")
+                         f"{new / one:16.2f} {new / max(old, 1):18.2f} {secs:22.2f} {idle / MiB:31.1f}")
     return lines
 
 

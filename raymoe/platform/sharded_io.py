@@ -90,7 +90,8 @@ def _writing_members(t: DTensor, writes: bool) -> list[int]:
 def gather_to(t: DTensor, dst: int) -> torch.Tensor | None:
     """``t`` whole on the rank at index ``dst`` of its mesh, None on the others, which only send their part
     (a collective over the mesh). FSDP2 splits as ``torch.chunk``: part i starts at i * ceil(n / mesh size) and
-    the last parts may be short or empty, so every part travels padded to that size."""
+    the last parts may be short or empty, so every part travels padded to that size. Point to point, each part
+    straight into its place in the whole tensor (gloo's gather collects into a buffer of its own first)."""
     (placement,) = t.placements
     if not isinstance(placement, Shard):
         return t.to_local().detach()  # replicated: every rank of the mesh holds it whole
@@ -101,17 +102,20 @@ def gather_to(t: DTensor, dst: int) -> torch.Tensor | None:
         padded = part.new_zeros(part.shape[:d] + (chunk,) + part.shape[d + 1:])
         padded.narrow(d, 0, part.shape[d]).copy_(part)
         part = padded
-    root = dist.get_global_rank(group, dst)
     if group.rank() != dst:
-        dist.gather(part.contiguous(), None, dst=root, group=group)
+        dist.send(part.contiguous(), dst=dist.get_global_rank(group, dst), group=group)
         return None
-    if d == 0:  # gather straight into the whole tensor's rows
-        out = part.new_empty((chunk * n,) + part.shape[1:])
-        dist.gather(part.contiguous(), list(out.chunk(n)), dst=root, group=group)
-        return out[:size]
-    parts = [torch.empty_like(part) for _ in range(n)]
-    dist.gather(part.contiguous(), parts, dst=root, group=group)
-    return torch.cat(parts, d).narrow(d, 0, size)
+    out = part.new_empty(part.shape[:d] + (chunk * n,) + part.shape[d + 1:])
+    for i, place in enumerate(out.chunk(n, dim=d)):
+        if i == dst:
+            place.copy_(part)
+        elif d == 0:  # rows of the whole tensor: contiguous, received in place
+            dist.recv(place, src=dist.get_global_rank(group, i), group=group)
+        else:
+            got = torch.empty_like(part)
+            dist.recv(got, src=dist.get_global_rank(group, i), group=group)
+            place.copy_(got)
+    return out.narrow(d, 0, size)
 
 
 def write_files(locations: list | None, tensors: dict[str, torch.Tensor], metadata: list[dict[str, str]],
