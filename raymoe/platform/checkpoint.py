@@ -22,8 +22,8 @@ Distributed: each shard calls ``save_checkpoint(..., write_dense=rank == 0, writ
 then the coordinator calls ``finalize_checkpoint(dir, writer_ranks=range(world), ...)``, which reads every file
 the writers list back from the storage, checks its size and sha256 against what the writer wrote, and commits.
 FSDP2-sharded state (DTensors) is written as the same files, each sharded tensor gathered alone, to the rank
-that writes it, and streamed into its files (:mod:`raymoe.platform.sharded_io`), and loaded by reading each rank's
-slices only (:mod:`raymoe.platform.checkpoint_load`): no rank ever holds the whole state.
+that writes it, and streamed into its files (:mod:`raymoe.platform.sharded_io`), and loaded by reading each
+rank's slices only (:mod:`raymoe.platform.checkpoint_load`): no rank ever holds the whole state.
 
 ``root`` may be a local path or a storage URI (``s3://bucket/run/checkpoints``, see
 :mod:`raymoe.platform.storage`): every file is written whole or not at all (local: tmp + fsync + rename; an
@@ -176,8 +176,9 @@ def save_checkpoint(root, step: int, model: nn.Module, optimizer: torch.optim.Op
 
     An FSDP-sharded model (DTensor parameters and AdamW state) is written as the same files as a whole one:
     each sharded tensor is gathered alone, when its file is written, to the rank that writes it (the others
-    send their shards), and dropped right after, so a rank holds at most one whole tensor beyond its shards. This makes the call a collective for a sharded model: every
-    rank calls it, each with its own ``write_*`` flags (a rank that writes nothing still takes part).
+    send their shards), and dropped right after, so a rank holds at most one whole tensor beyond its shards.
+    This makes the call a collective for a sharded model: every rank calls it, each with its own ``write_*``
+    flags (a rank that writes nothing still takes part).
 
     ``write_dense``/``write_experts`` pick the parts this process writes; ``write_manifest`` commits here
     (else a coordinator calls ``finalize_checkpoint`` once every writer returned). ``extra`` and ``config``

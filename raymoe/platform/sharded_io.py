@@ -4,10 +4,9 @@ Writing: :func:`header` is a file's header from the names, dtypes and shapes kno
 what ``safetensors.torch.save_file`` writes, with the metadata keys sorted: safetensors writes them in a
 random order), then each tensor's bytes go out in the file's order as they arrive (:func:`write_files`), so a
 sharded tensor is gathered whole only when it is written, only by the rank that writes it, and dropped right
-after. Reading: :func:`layout`
-says which part of a tensor this rank holds, so a reader takes only those bytes from a file
-(``safetensors.safe_open(...).get_slice(name)[index]``) and :func:`like` makes them a DTensor laid out like
-the parameter (FSDP2's optimizer expects its state so).
+after. Reading: :func:`layout` says which part of a tensor this rank holds, so a reader takes only those bytes
+from a file (``safetensors.safe_open(...).get_slice(name)[index]``) and :func:`like` makes them a DTensor laid
+out like the parameter (FSDP2's optimizer expects its state so).
 """
 
 from __future__ import annotations
