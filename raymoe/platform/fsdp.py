@@ -45,6 +45,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # the custom-collective interfaces
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin  # buffers from torch.empty
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
@@ -104,14 +105,11 @@ def _configure(module: FSDPModule, device: torch.device) -> None:
         module.set_custom_reduce_scatter(_InPlaceReduceScatter())
 
 
-class _InPlaceAllGather(AllGather):
+class _InPlaceAllGather(DefaultAllocMixin, AllGather):
     """FSDP's all-gather on gloo as one broadcast per rank, each straight into that rank's chunk of FSDP's
     output buffer. gloo's all_gather_into_tensor gathers into a buffer of its own and copies it over: one more
     whole copy of the unit per gather (memory and bytes moved); the same bytes arrive in the same places. Its
     speed: docs/benchmarks.md, "Memory"."""
-
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, async_op: bool = False):
         chunks = output_tensor.chunk(group.size())  # FSDP pads every rank's shard to the same size
@@ -123,15 +121,12 @@ class _InPlaceAllGather(AllGather):
         return None  # done: nothing for FSDP to wait for
 
 
-class _InPlaceReduceScatter(ReduceScatter):
+class _InPlaceReduceScatter(DefaultAllocMixin, ReduceScatter):
     """FSDP's reduce-scatter on gloo as an all-reduce in place on FSDP's input buffer (a copy of the unit's
     gradients FSDP made for this reduction alone), then this rank's chunk copied out. With gloo's own
     reduce_scatter_tensor the peak of a unit's backward is about one more copy of the unit's gradients higher
     (gloo reduces through a buffer of its own). The same sums land in the same places. Its effect:
     docs/benchmarks.md, "Memory"."""
-
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group, op, async_op: bool = False):
         dist.all_reduce(input_tensor, op=op, group=group)
