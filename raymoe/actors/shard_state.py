@@ -107,7 +107,8 @@ class ShardState:
             self._measured = True
             self.check_memory()
         elif self._limit is not None:
-            self._track_rss(self._limit)
+            by = "" if self._pending_step is None else f" by step {self._pending_step + 1}"
+            self._report_rss(self._limit, by, first=False)
         if self.keep_undo:
             self.last_completed = self._pending_step
         if self.after_update is not None and self._pending_step is not None:
@@ -170,31 +171,22 @@ class ShardState:
                 f"exceeds cluster.memory_per_worker_gb={limit / 2**30:g}; shard it (cluster.dense_sharding=shard, "
                 "cluster.expert_sharding=shard), use more shards, or raise the limit")
         if self._measured:
-            self._check_rss(limit, need)
+            self._report_rss(limit, " after the first step", first=True)
 
-    def _check_rss(self, limit: int, need: int) -> None:
+    def _report_rss(self, limit: int, when: str, first: bool) -> None:
+        """Hand the peak RSS above the baseline to :attr:`on_peak_rss`; print it after the first step, and warn
+        when it is over the limit (once: at the first step, or at the first later step that gets over)."""
         rss = peak_rss() - rss_baseline()
         if self.on_peak_rss is not None:
             self.on_peak_rss(rss)
+        if not first and (rss <= limit or self._warned):
+            return
         line = (f"shard {self._rank}: peak RSS {rss / 2**30:.3f} GiB above the process baseline "
-                f"({rss_baseline() / 2**30:.3f} GiB) after the first step, training state {need / 2**30:.3f} GiB, "
+                f"({rss_baseline() / 2**30:.3f} GiB){when}, training state {self.state_bytes() / 2**30:.3f} GiB, "
                 f"cluster.memory_per_worker_gb={limit / 2**30:g}")
         if rss <= limit:
             print(line, flush=True)
             return
-        self._warn(line)
-
-    def _track_rss(self, limit: int) -> None:
-        rss = peak_rss() - rss_baseline()
-        if self.on_peak_rss is not None:
-            self.on_peak_rss(rss)
-        if rss > limit and not self._warned:
-            by = "" if self._pending_step is None else f" by step {self._pending_step + 1}"
-            self._warn(f"shard {self._rank}: peak RSS {rss / 2**30:.3f} GiB above the process baseline "
-                       f"({rss_baseline() / 2**30:.3f} GiB){by}, training state "
-                       f"{self.state_bytes() / 2**30:.3f} GiB, cluster.memory_per_worker_gb={limit / 2**30:g}")
-
-    def _warn(self, line: str) -> None:
         self._warned = True
         print(f"WARNING: {line}: the process is over the limit (the rest is the step's activations, gathered "
               "FSDP units and unsharded gradients, optimizer temporaries, checkpoint writes and allocator slack); "
